@@ -1,0 +1,208 @@
+"""Layer selection: a small spec grammar, freezing, and per-layer learning-rate parameter groups.
+
+Grammar: comma-separated terms, united.
+
+    all            every decoder layer            none           nothing (e.g. evaluate the base)
+    7              one layer (0-based)            3-9            a range, both ends included
+    middle:k       the k geometrically central layers: floor((L-k)/2) .. floor((L-k)/2)+k-1
+    frac:a-b       layers whose centre (l+0.5)/L lies in [a, b] (relative depth, 0 = first)
+    every:n        layers 0, n, 2n, ...
+    embed, head, norm   the embeddings, the output head, the final norm
+
+A layer is one decoder block (attention, MLP and their norms). Frozen layers still pass gradients
+through to the layers below them; only the selected tensors get ``requires_grad``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import OneLayerError
+from .models import LayerId, decoder_layers, head_is_tied, num_layers, parameter_layers
+
+EXTRAS = ("embed", "head", "norm")
+SPEC_FORMS = "all, none, 7, 3,7,11, 10-19, middle:k, frac:0.33-0.66, every:3, embed, head, norm"
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """The outcome of a spec on a model with ``num_layers`` decoder layers."""
+
+    spec: str
+    num_layers: int
+    layers: tuple[int, ...]
+    extras: tuple[str, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.layers and not self.extras
+
+    @property
+    def is_all(self) -> bool:
+        return len(self.layers) == self.num_layers
+
+    def describe(self) -> str:
+        parts = [_compact(self.layers)] if self.layers else []
+        return ", ".join(parts + list(self.extras)) or "nothing"
+
+
+def _compact(layers: tuple[int, ...]) -> str:
+    """``(1, 2, 3, 7)`` -> ``"1-3,7"``."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _bad(term: str, why: str, n: int) -> OneLayerError:
+    return OneLayerError(f"bad layer spec term '{term}': {why}; layers are 0-{n - 1}; valid forms: {SPEC_FORMS}")
+
+
+def _index(text: str, term: str, n: int) -> int:
+    if not re.fullmatch(r"\d+", text):
+        raise _bad(term, f"'{text}' is not a layer index", n)
+    value = int(text)
+    if value >= n:
+        raise _bad(term, f"layer {value} is out of range", n)
+    return value
+
+
+def _middle(arg: str, term: str, n: int) -> list[int]:
+    if not re.fullmatch(r"\d+", arg) or not 1 <= int(arg) <= n:
+        raise _bad(term, f"middle:k needs 1 <= k <= {n}", n)
+    k = int(arg)
+    start = (n - k) // 2
+    return list(range(start, start + k))
+
+
+def _frac(arg: str, term: str, n: int) -> list[int]:
+    match = re.fullmatch(r"(\d*\.?\d+)-(\d*\.?\d+)", arg)
+    if not match:
+        raise _bad(term, "frac:a-b needs two numbers in [0, 1], e.g. frac:0.33-0.66", n)
+    low, high = float(match[1]), float(match[2])
+    if not 0 <= low <= high <= 1:
+        raise _bad(term, "frac:a-b needs 0 <= a <= b <= 1", n)
+    chosen = [layer for layer in range(n) if low <= (layer + 0.5) / n <= high]
+    if not chosen:
+        raise _bad(term, "no layer centre falls in that depth interval; widen it", n)
+    return chosen
+
+
+def _every(arg: str, term: str, n: int) -> list[int]:
+    if not re.fullmatch(r"\d+", arg) or int(arg) < 1:
+        raise _bad(term, "every:n needs a whole number n >= 1", n)
+    return list(range(0, n, int(arg)))
+
+
+# Prefixed terms: one function each, so a new form is one entry here.
+PREFIXED: dict[str, Callable[[str, str, int], list[int]]] = {"middle": _middle, "frac": _frac, "every": _every}
+
+
+def parse_layer_spec(spec: str, n_layers: int) -> LayerSelection:
+    """Parse a layer spec for a model of ``n_layers`` decoder layers.
+
+    Raises :class:`OneLayerError` with the valid range and forms when the spec is malformed, out of
+    range, or selects nothing (other than ``none``).
+    """
+    if n_layers < 1:
+        raise OneLayerError(f"a model needs at least one layer, got {n_layers}")
+    terms = [t.strip().lower() for t in str(spec).split(",")]
+    if not spec or not str(spec).strip() or any(not t for t in terms):
+        raise OneLayerError(f"empty layer spec '{spec}': valid forms: {SPEC_FORMS}")
+    layers: set[int] = set()
+    extras: set[str] = set()
+    for term in terms:
+        if term == "all":
+            layers.update(range(n_layers))
+        elif term == "none":
+            continue
+        elif term in EXTRAS:
+            extras.add(term)
+        elif ":" in term:
+            kind, _, arg = term.partition(":")
+            if kind not in PREFIXED:
+                raise _bad(term, f"unknown form '{kind}:'", n_layers)
+            layers.update(PREFIXED[kind](arg, term, n_layers))
+        elif re.fullmatch(r"\d+-\d+", term):
+            low, high = (_index(x, term, n_layers) for x in term.split("-"))
+            if low > high:
+                raise _bad(term, "a range needs start <= end", n_layers)
+            layers.update(range(low, high + 1))
+        else:
+            layers.add(_index(term, term, n_layers))
+    return LayerSelection(str(spec), n_layers, tuple(sorted(layers)), tuple(e for e in EXTRAS if e in extras))
+
+
+def select_layers(model: nn.Module, spec: str) -> LayerSelection:
+    """Parse ``spec`` against ``model``'s layer count."""
+    return parse_layer_spec(spec, num_layers(model.config))
+
+
+def _wanted_ids(model: nn.Module, selection: LayerSelection) -> set[LayerId]:
+    wanted: set[LayerId] = set(selection.layers) | set(selection.extras)
+    if "head" in wanted and head_is_tied(model):
+        wanted.add("embed")  # a tied head *is* the embedding matrix
+    return wanted
+
+
+def parameter_counts(model: nn.Module, selection: LayerSelection) -> dict:
+    """Trainable parameter counts of a selection: per selected layer id, in total, and the model's."""
+    layer_of = parameter_layers(model)
+    wanted = _wanted_ids(model, selection)
+    per_layer: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        if layer_of[name] in wanted:
+            key = str(layer_of[name])
+            per_layer[key] = per_layer.get(key, 0) + param.numel()
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(per_layer.values())
+    return {"per_layer": per_layer, "trainable": trainable, "total": total,
+            "trainable_fraction": trainable / total if total else 0.0}
+
+
+def apply_selection(
+    model: nn.Module,
+    selection: LayerSelection,
+    weight_decay: float = 0.0,
+    lr_scales: Mapping[LayerId, float] | None = None,
+) -> list[dict]:
+    """Freeze everything but ``selection`` and return optimizer parameter groups.
+
+    One group per (layer id, decays?) pair. Each group carries ``layer`` and ``lr_scale`` (the factor
+    the training loop multiplies the scheduled learning rate by; 1.0 unless ``lr_scales`` says
+    otherwise) and ``names``. Weight decay applies to matrices only, not to norms and biases.
+    """
+    if selection.num_layers != len(decoder_layers(model)[1]):
+        raise OneLayerError(f"the selection was made for {selection.num_layers} layers, the model has "
+                            f"{len(decoder_layers(model)[1])}: parse the spec against this model")
+    layer_of = parameter_layers(model)
+    wanted = _wanted_ids(model, selection)
+    lr_scales = dict(lr_scales or {})
+    groups: dict[tuple, dict] = {}
+    for name, param in model.named_parameters():
+        layer = layer_of[name]
+        param.requires_grad_(layer in wanted)
+        if layer not in wanted:
+            continue
+        scale = float(lr_scales.get(layer, 1.0))
+        if not math.isfinite(scale) or scale < 0:
+            raise OneLayerError(f"learning-rate scale {scale} for layer {layer} must be finite and >= 0")
+        decay = weight_decay if param.ndim >= 2 else 0.0
+        group = groups.setdefault((str(layer), decay), {
+            "params": [], "names": [], "layer": layer, "lr_scale": scale, "weight_decay": decay})
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that currently require gradients."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]

