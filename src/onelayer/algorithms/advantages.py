@@ -1,0 +1,41 @@
+"""Advantages: how much better each completion did than its group.
+
+Rewards arrive flat, ``[num_prompts * group_size]``, the ``group_size`` completions of one prompt
+contiguous (the order rollouts produce them in).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    if rewards.ndim != 1 or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
+    return rewards.float().view(-1, group_size)
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): ``(r - mean(r)) / (std(r) + eps)`` within each group.
+
+    ``std`` is the unbiased sample std (Bessel's correction), as in TRL's and verl's GRPO. A group of
+    one has no spread and gets advantage 0.
+    """
+    grouped = _grouped(rewards, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if group_size == 1:
+        return centred.view(-1)
+    return (centred / (grouped.std(dim=1, keepdim=True) + eps)).view(-1)
+
+
+def dr_grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025): ``r - mean(r)``; no division by the std, which up-weights
+    too-easy and too-hard prompts."""
+    grouped = _grouped(rewards, group_size)
+    return (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+
+
+def zero_signal_fraction(rewards: torch.Tensor, group_size: int) -> float:
+    """Fraction of groups whose rewards are all equal: their advantages are 0, so they teach nothing."""
+    grouped = _grouped(rewards, group_size)
+    return (grouped == grouped[:, :1]).all(dim=1).float().mean().item()
