@@ -1,0 +1,70 @@
+"""Per-token log-probs of given completions, without full-vocabulary float32 logits for the batch.
+
+The backbone runs once over the batch; the output head and log-softmax then run over the completion
+tokens in chunks of ``chunk_tokens``. Under autograd each chunk is checkpointed, so the backward pass
+recomputes one chunk's logits at a time instead of keeping all of them (``[B, T, V]`` in float32 is
+B*T*V*4 bytes: 3 GB for 64 x 256 tokens of a 49k vocabulary).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_LOGIT_BYTES = 256 * 2**20  # float32 logits held at once
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as ``generate`` computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _token_logprobs(head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                    softcap: float | None) -> torch.Tensor:
+    logits = head(hidden).float()
+    if softcap:  # Gemma 2/3 squash logits before the softmax
+        logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def completion_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Log-probs ``[B, T]`` of the completion tokens ``input_ids[:, prompt_length:]`` under ``model``
+    (logits divided by ``temperature``, as the sampler saw them); 0 where ``completion_mask`` is 0.
+
+    Differentiable when gradients are enabled and the model has trainable parameters.
+    """
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+    ).last_hidden_state
+    # the hidden state at position p predicts token p + 1
+    hidden = hidden[:, prompt_length - 1:-1]
+    tokens = input_ids[:, prompt_length:]
+    where = completion_mask.bool()
+    picked_hidden, picked_tokens = hidden[where], tokens[where]
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if chunk_tokens is None:
+        chunk_tokens = max(1, DEFAULT_LOGIT_BYTES // (4 * head.weight.shape[0]))
+    needs_grad = torch.is_grad_enabled() and picked_hidden.requires_grad
+    pieces = []
+    for start in range(0, picked_tokens.shape[0], chunk_tokens):
+        args = (head, picked_hidden[start:start + chunk_tokens], picked_tokens[start:start + chunk_tokens],
+                temperature, softcap)
+        pieces.append(checkpoint(_token_logprobs, *args, use_reentrant=False) if needs_grad
+                      else _token_logprobs(*args))
+    out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+    if pieces:
+        out = out.masked_scatter(where, torch.cat(pieces))
+    return out

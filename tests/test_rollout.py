@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from onelayer.layers import apply_selection, select_layers
+from onelayer.rollout import HFGenerator, completion_logprobs, completion_mask, render_prompts
+
+from .conftest import ARCHS, tiny_model
+
+
+def test_completion_mask_by_hand():
+    completions = torch.tensor([[5, 6, 1, 0, 0], [5, 1, 7, 1, 0], [5, 6, 7, 8, 9]])
+    mask, truncated = completion_mask(completions, [1])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True]
+
+
+def _batch(tokenizer):
+    prompts = ["abc", "hello there"]
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[0] * (width - len(i)) + i + [10, 11, 12, 1] for i in ids])
+    attention = torch.tensor([[0] * (width - len(i)) + [1] * len(i) + [1, 1, 1, 1] for i in ids])
+    cmask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    attention[1, -2:] = 0
+    return input_ids, attention, width, cmask
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logprobs_match_a_plain_forward(arch, tokenizer):
+    model = tiny_model(arch)
+    input_ids, attention, width, cmask = _batch(tokenizer)
+    ours = completion_logprobs(model, input_ids, attention, width, cmask, chunk_tokens=2)
+    for row in range(2):  # one row at a time: no padding, the model's own positions
+        keep = attention[row].bool()
+        logits = model(input_ids[row, keep][None]).logits.float()
+        logp = logits.log_softmax(-1)[0, :-1].gather(-1, input_ids[row, keep][1:, None])[:, 0]
+        n = int(cmask[row].sum())  # the row's completion tokens are the last n it attends to
+        assert torch.allclose(ours[row, :n], logp[-n:], atol=1e-4)
+    assert (ours[1, 2:] == 0).all()
+
+
+def test_chunked_logprob_gradients_equal_unchunked(tokenizer):
+    input_ids, attention, width, cmask = _batch(tokenizer)
+    grads = []
+    for chunk in (1, 1000):
+        model = tiny_model("qwen3")
+        apply_selection(model, select_layers(model, "2"))
+        completion_logprobs(model, input_ids, attention, width, cmask, chunk_tokens=chunk).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_temperature_scales_the_logits(tokenizer):
+    model = tiny_model("llama")
+    input_ids, attention, width, cmask = _batch(tokenizer)
+    hot = completion_logprobs(model, input_ids, attention, width, cmask, temperature=2.0)
+    row = input_ids[0, attention[0].bool()][None]  # unpadded
+    logits = model(row).logits[0, -5:-1] / 2.0
+    expected = logits.log_softmax(-1).gather(-1, row[0, -4:, None])[:, 0]
+    assert torch.allclose(hot[0], expected, atol=1e-5)
+
+
+def test_greedy_generation_equals_generate(tokenizer):
+    model = tiny_model("llama")
+    gen = HFGenerator(model, tokenizer, batch_size=3)
+    prompts = render_prompts(tokenizer, [[{"role": "user", "content": t}] for t in ("abc", "x y z", "12")])
+    batch = gen.generate(prompts, num_samples=2, max_new_tokens=6, temperature=0.0)
+    assert batch.size == 6 and batch.completion_mask.shape[1] <= 6
+    assert torch.equal(batch.input_ids[0], batch.input_ids[1])  # greedy samples of one prompt agree
+    for row, prompt in zip((0, 2, 4), prompts, strict=True):
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+        n = int(batch.completion_mask[row].sum())
+        assert batch.input_ids[row, batch.prompt_length:batch.prompt_length + n].tolist() == ref[:n].tolist()
+        assert batch.texts[row] == tokenizer.decode(ref[:n], skip_special_tokens=True)
+
+
+def test_sampling_is_seeded_and_masks_after_eos(tokenizer):
+    model = tiny_model("qwen2")
+    gen = HFGenerator(model, tokenizer)
+    torch.manual_seed(3)
+    a = gen.generate(["ab"], 8, 10, temperature=1.0)
+    torch.manual_seed(3)
+    b = gen.generate(["ab"], 8, 10, temperature=1.0)
+    assert torch.equal(a.input_ids, b.input_ids)
+    completions = a.input_ids[:, a.prompt_length:]
+    assert ((completions == 0) | a.completion_mask.bool()).all()  # beyond EOS only padding
+    ends_in_eos = (completions * a.completion_mask).eq(1).any(dim=1)
+    assert torch.equal(a.truncated, ~ends_in_eos)
