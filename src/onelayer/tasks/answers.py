@@ -1,0 +1,66 @@
+"""Reading a final answer off a completion, and deciding whether it matches the reference.
+
+Extraction rule, first that applies:
+1. the content of the last ``\\boxed{...}`` (braces balanced);
+2. the rest of the line after the last "answer is" / "answer:" (case-insensitive), trimmed of
+   trailing punctuation;
+3. the last number in the text (integers, decimals, fractions like 3/4, with sign and thousands commas).
+
+Equivalence: math-verify's symbolic comparison of the two, or, failing that, equal strings after
+normalisation (case, surrounding ``$``, spaces and a trailing period removed).
+"""
+
+from __future__ import annotations
+
+import re
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+ANSWER_PHRASE = re.compile(r"answer(?:\s+is)?\s*[:=]?\s*(.+)", re.IGNORECASE)
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}``, or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in ``text`` by the rule in the module docstring, or None."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    phrases = ANSWER_PHRASE.findall(text)
+    if phrases:
+        candidate = phrases[-1].strip().splitlines()[0].strip().rstrip(".").strip("*$ ").strip()
+        if candidate:
+            numbers = NUMBER.findall(candidate)
+            return numbers[0].replace(",", "") if numbers and len(candidate) > 30 else candidate
+    numbers = NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def normalize(answer: str) -> str:
+    text = answer.strip().strip("$").strip().rstrip(".").lower()
+    return re.sub(r"\s+", "", text.replace(",", "") if NUMBER.fullmatch(text) else text)
+
+
+def answers_match(predicted: str | None, reference: str) -> bool:
+    """Whether ``predicted`` equals ``reference`` symbolically (math-verify) or as normalised text."""
+    if predicted is None:
+        return False
+    if normalize(predicted) == normalize(reference):
+        return True
+    try:
+        from math_verify import parse, verify
+
+        gold, pred = parse(reference), parse(predicted)
+        return bool(gold and pred and verify(gold, pred))
+    except Exception:  # math-verify raises on odd input or a timeout; that is simply "no match"
+        return False

@@ -1,0 +1,158 @@
+"""Math tasks: reasoning-gym generators, local JSONL files and Hugging Face datasets with
+question/answer columns, scored by :mod:`.answers` plus an optional format reward."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..errors import OneLayerError
+from .answers import answers_match, extract_answer, last_boxed
+from .base import Example, Score, Task, dedup_against
+
+MATH_SYSTEM_PROMPT = ("Solve the problem. Reason briefly, then give the final answer "
+                      "in the form \\boxed{answer}.")
+
+
+class MathTask(Task):
+    """Shared scoring: reward = correct + ``format_weight`` * (answer given in ``\\boxed{}``)."""
+
+    system_prompt = MATH_SYSTEM_PROMPT
+
+    def __init__(self, name: str, format_weight: float = 0.0, system_prompt: str | None = None):
+        self.name, self.format_weight = name, float(format_weight)
+        if system_prompt is not None:
+            self.system_prompt = system_prompt or None
+
+    def score(self, completion: str, example: Example) -> Score:
+        extracted = extract_answer(completion)
+        correct = answers_match(extracted, example.answer)
+        formatted = last_boxed(completion) is not None
+        return Score(float(correct) + self.format_weight * formatted, correct, extracted)
+
+
+class ReasoningGymTask(MathTask):
+    """``rg:NAME``: any reasoning-gym generator. Options other than those below go to its config.
+
+    The eval split is ``eval_size`` examples generated with ``seed + 1``; the train split is
+    ``train_size`` examples generated with ``seed``, minus any question the eval split has.
+    """
+
+    def __init__(self, generator: str, seed: int = 0, train_size: int = 10_000, eval_size: int = 1_000,
+                 format_weight: float = 0.0, system_prompt: str | None = None, **config):
+        super().__init__(f"rg:{generator}", format_weight, system_prompt)
+        import reasoning_gym
+
+        try:
+            self._make = lambda size, s: reasoning_gym.create_dataset(generator, size=size, seed=s, **config)
+            self._make(1, seed)
+        except Exception as err:
+            raise OneLayerError(f"reasoning-gym cannot make '{generator}' with options {config}: {err}") from err
+        self.seed, self.train_size, self.eval_size = seed, train_size, eval_size
+        self._splits: dict[str, list[Example]] = {}
+
+    def _generate(self, size: int, seed: int, split: str) -> list[Example]:
+        return [Example(f"{self.name}/{split}/{seed}/{i}", str(e["question"]), str(e["answer"]))
+                for i, e in enumerate(self._make(size, seed))]
+
+    def examples(self, split: str) -> list[Example]:
+        if split not in self._splits:
+            held_out = self._generate(self.eval_size, self.seed + 1, "eval")
+            self._splits["eval"] = held_out
+            self._splits["train"] = dedup_against(self._generate(self.train_size, self.seed, "train"), held_out)
+        return self._splits[_check_split(split)]
+
+
+def _check_split(split: str) -> str:
+    if split not in ("train", "eval"):
+        raise OneLayerError(f"unknown split '{split}': use train or eval")
+    return split
+
+
+def reference_answer(answer) -> str:
+    """A dataset's reference answer as text; GSM8K-style ``reasoning #### 42`` keeps what follows ####."""
+    text = str(answer)
+    return text.split("####")[-1].strip() if "####" in text else text.strip()
+
+
+def _rows_to_examples(rows, name: str, question_key: str, answer_key: str) -> list[Example]:
+    examples = []
+    for i, row in enumerate(rows):
+        if question_key not in row or answer_key not in row:
+            raise OneLayerError(f"{name}: row {i} lacks '{question_key}' or '{answer_key}' "
+                                "(set the question_key / answer_key task options)")
+        examples.append(Example(f"{name}/{i}", str(row[question_key]), reference_answer(row[answer_key])))
+    return examples
+
+
+def _hash_split(examples: list[Example], eval_percent: float) -> dict[str, list[Example]]:
+    """Split by a hash of the question: stable whatever the file order, and identical questions
+    always land on the same side."""
+    def bucket(e: Example) -> float:
+        return int(hashlib.sha1(e.question.strip().encode()).hexdigest()[:8], 16) / 0x1_0000_0000 * 100
+    held = [e for e in examples if bucket(e) < eval_percent]
+    return {"eval": held, "train": dedup_against([e for e in examples if bucket(e) >= eval_percent], held)}
+
+
+class JsonlTask(MathTask):
+    """``jsonl:PATH`` (or any ``*.jsonl`` path): one JSON object per line with question and answer.
+
+    With ``eval_file`` the two files are the splits; otherwise ``eval_percent`` of the questions, by
+    hash, are held out.
+    """
+
+    def __init__(self, path: str, question_key: str = "question", answer_key: str = "answer",
+                 eval_file: str | None = None, eval_percent: float = 10.0, format_weight: float = 0.0,
+                 system_prompt: str | None = None):
+        super().__init__(f"jsonl:{path}", format_weight, system_prompt)
+        self.keys = (question_key, answer_key)
+        examples = self._read(path)
+        if eval_file:
+            held = self._read(eval_file)
+            self._splits = {"eval": held, "train": dedup_against(examples, held)}
+        else:
+            self._splits = _hash_split(examples, eval_percent)
+
+    def _read(self, path: str) -> list[Example]:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise OneLayerError(f"task file {path} does not exist: check the path")
+        rows = []
+        for number, line in enumerate(file.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise OneLayerError(f"{path}:{number} is not valid JSON ({err.msg}): fix that line") from err
+        return _rows_to_examples(rows, f"jsonl:{file.name}", *self.keys)
+
+    def examples(self, split: str) -> list[Example]:
+        return self._splits[_check_split(split)]
+
+
+class HFDatasetTask(MathTask):
+    """``hf:DATASET`` through ``datasets.load_dataset``: a hub id (e.g. ``hf:openai/gsm8k`` with
+    option ``config=main``) or a local dataset folder or file. ``train_split`` and ``eval_split``
+    name the dataset's splits."""
+
+    def __init__(self, dataset: str, config: str | None = None, train_split: str = "train",
+                 eval_split: str = "test", question_key: str = "question", answer_key: str = "answer",
+                 format_weight: float = 0.0, system_prompt: str | None = None):
+        super().__init__(f"hf:{dataset}", format_weight, system_prompt)
+        try:
+            import datasets
+        except ImportError as err:
+            raise OneLayerError("hf: tasks need the datasets package: pip install 'onelayer[datasets]'") from err
+        try:
+            loaded = {split: datasets.load_dataset(dataset, config, split=name)
+                      for split, name in (("train", train_split), ("eval", eval_split))}
+        except Exception as err:
+            raise OneLayerError(f"cannot load dataset '{dataset}' ({str(err).splitlines()[0]}): check the id, "
+                                "config and split names, or that it is cached") from err
+        held = _rows_to_examples(loaded["eval"], f"{self.name}/{eval_split}", question_key, answer_key)
+        train = _rows_to_examples(loaded["train"], f"{self.name}/{train_split}", question_key, answer_key)
+        self._splits = {"eval": held, "train": dedup_against(train, held)}
+
+    def examples(self, split: str) -> list[Example]:
+        return self._splits[_check_split(split)]

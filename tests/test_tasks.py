@@ -1,0 +1,117 @@
+import json
+
+import pytest
+
+from onelayer.errors import OneLayerError
+from onelayer.tasks import Example, get_task
+from onelayer.tasks.answers import answers_match, extract_answer, last_boxed
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so the result is \\boxed{-37}.", "-37"),
+    ("\\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("The answer is 42.", "42"),
+    ("Answer: 7\nbecause", "7"),
+    ("first 3 then 1,234 done", "1234"),
+    ("we get 3/4", "3/4"),
+    ("it is -0.5", "-0.5"),
+    ("no numbers here", None),
+    ("nothing \\boxed{unclosed", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_last_boxed_balances_braces():
+    assert last_boxed("x \\boxed{\\frac{a}{b}} y") == "\\frac{a}{b}"
+
+
+@pytest.mark.parametrize("pred,ref,ok", [
+    ("-37", "-37", True), ("12.0", "12", True), ("1/2", "0.5", True), ("\\frac{1}{2}", "0.5", True),
+    ("1,234", "1234", True), ("Yes", "yes", True), ("13", "12", False), (None, "1", False), ("abc", "12", False),
+])
+def test_answers_match(pred, ref, ok):
+    assert answers_match(pred, ref) is ok
+
+
+def test_reasoning_gym_splits_are_disjoint_and_deterministic():
+    task = get_task("rg:basic_arithmetic", {"train_size": 300, "eval_size": 100, "max_terms": 2, "max_digits": 1})
+    train, held = task.examples("train"), task.examples("eval")
+    assert len(held) == 100 and 0 < len(train) <= 300
+    assert not {e.question for e in train} & {e.question for e in held}
+    again = get_task("rg:basic_arithmetic", {"train_size": 300, "eval_size": 100, "max_terms": 2, "max_digits": 1})
+    assert [e.question for e in again.examples("eval")] == [e.question for e in held]
+    ex = held[0]
+    assert task.score(f"so \\boxed{{{ex.answer}}}", ex).correct
+    assert task.score("I think 99999", ex).reward == 0.0
+
+
+def test_format_reward_and_messages():
+    task = get_task("rg:basic_arithmetic", {"train_size": 10, "eval_size": 5, "format_weight": 0.1})
+    ex = task.examples("eval")[0]
+    assert task.score(f"\\boxed{{{ex.answer}}}", ex).reward == pytest.approx(1.1)
+    assert task.score(f"it is {ex.answer}", ex).reward == pytest.approx(1.0)
+    assert task.score("\\boxed{nope}", ex).reward == pytest.approx(0.1)
+    messages = task.messages(ex)
+    assert messages[0]["role"] == "system" and "boxed" in messages[0]["content"]
+    assert messages[1] == {"role": "user", "content": ex.question}
+
+
+def test_bad_reasoning_gym_name():
+    with pytest.raises(OneLayerError, match="reasoning-gym cannot make 'no_such_thing'"):
+        get_task("rg:no_such_thing")
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_jsonl_task_hash_split(tmp_path):
+    rows = [{"q": f"What is {i} + 1?", "a": f"#### {i + 1}"} for i in range(200)]
+    _write_jsonl(tmp_path / "data.jsonl", rows)
+    task = get_task(str(tmp_path / "data.jsonl"), {"question_key": "q", "answer_key": "a", "eval_percent": 20})
+    train, held = task.examples("train"), task.examples("eval")
+    assert len(train) + len(held) == 200 and 20 <= len(held) <= 60
+    assert not {e.question for e in train} & {e.question for e in held}
+    assert held[0].answer == str(int(held[0].question.split()[2]) + 1)  # "#### n" -> "n"
+
+
+def test_jsonl_errors(tmp_path):
+    with pytest.raises(OneLayerError, match="does not exist"):
+        get_task("jsonl:" + str(tmp_path / "none.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"question": "a", "answer": "1"}\n{oops\n')
+    with pytest.raises(OneLayerError, match="bad.jsonl:2 is not valid JSON"):
+        get_task(str(tmp_path / "bad.jsonl"))
+    _write_jsonl(tmp_path / "keys.jsonl", [{"prompt": "x", "answer": "1"}])
+    with pytest.raises(OneLayerError, match="question_key"):
+        get_task(str(tmp_path / "keys.jsonl"))
+
+
+def test_hf_dataset_task_on_a_local_folder(tmp_path):
+    pytest.importorskip("datasets")
+    _write_jsonl(tmp_path / "train.jsonl", [{"question": f"{i}+{i}?", "answer": str(2 * i)} for i in range(30)])
+    _write_jsonl(tmp_path / "test.jsonl", [{"question": f"{i}*2?", "answer": str(2 * i)} for i in range(10)]
+                 + [{"question": "3+3?", "answer": "6"}])
+    task = get_task(f"hf:{tmp_path}")
+    assert len(task.examples("eval")) == 11
+    assert len(task.examples("train")) == 29  # "3+3?" is held out, so train drops it
+    with pytest.raises(OneLayerError, match="cannot load dataset"):
+        get_task(f"hf:{tmp_path}", {"eval_split": "validation"})
+
+
+def test_toy_task_reward_is_dense():
+    task = get_task("toy:repeat")
+    ex = task.examples("train")[0]
+    assert task.score("aaaa", ex).reward == 1.0
+    assert task.score("aa bb", ex).reward == 0.5
+    assert task.score("", ex).reward == 0.0
+    assert not {e.question for e in task.examples("train")} & {e.question for e in task.examples("eval")}
+    assert get_task("toy:repeat:b").score("b", Example("x", "q", "b")).reward == 1.0
+
+
+def test_unknown_tasks():
+    for name in ("nope", "xx:yy", "rg:"):
+        with pytest.raises(OneLayerError, match="unknown task"):
+            get_task(name)
+    with pytest.raises(OneLayerError, match="bad options"):
+        get_task("toy:repeat", {"colour": "red"})
