@@ -1,0 +1,233 @@
+"""The ``onelayer`` command: parse flags into the config dataclasses, call the library, print.
+
+Flags are generated from the dataclasses in :mod:`onelayer.config`, so the CLI and the Python API
+cannot drift apart: ``TrainConfig.lr`` is ``--lr``, ``SamplingConfig.max_new_tokens`` is
+``--max-new-tokens``, a dict field ``task_options`` is a repeatable ``--task-option KEY=VALUE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields, is_dataclass
+from pathlib import Path
+
+from .config import EvalConfig, SamplingConfig, TrainConfig
+from .errors import OneLayerError
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"'{text}' is not KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None) -> None:
+    """Add one flag per field of dataclass ``cls`` (nested dataclasses flattened)."""
+    defaults = defaults if defaults is not None else cls()
+    for f in fields(cls):
+        value = getattr(defaults, f.name)
+        if is_dataclass(value):
+            add_config_flags(parser, type(value), value)
+            continue
+        help_text = f.metadata.get("help", "")
+        if isinstance(value, dict):
+            singular = f.name[:-1] if f.name.endswith("s") else f.name
+            parser.add_argument(_flag(singular), dest=f.name, action="append", type=_parse_option,
+                                default=[], metavar="KEY=VALUE", help=help_text)
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, type=type(value), default=value,
+                                help=f"{help_text} (default: {value})")
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    """Build ``cls`` from parsed flags made by :func:`add_config_flags`."""
+    kwargs = {}
+    for f in fields(cls):
+        factory = f.default_factory if f.default_factory is not MISSING else None
+        sample = factory() if factory is not None else f.default
+        if is_dataclass(sample):
+            kwargs[f.name] = config_from_args(type(sample), args)
+        elif isinstance(sample, dict):
+            kwargs[f.name] = dict(getattr(args, f.name))
+        else:
+            kwargs[f.name] = getattr(args, f.name)
+    return cls(**kwargs)
+
+
+def cmd_layers(args: argparse.Namespace) -> None:
+    from .layers import parameter_counts, parse_layer_spec
+    from .models import decoder_layers, head_is_tied, load_skeleton, num_layers
+
+    model = load_skeleton(args.model)
+    selection = parse_layer_spec(args.select, num_layers(model.config))
+    counts = parameter_counts(model, selection)
+    prefix, _ = decoder_layers(model)
+    report = {"model": args.model, "architecture": type(model).__name__, "num_layers": selection.num_layers,
+              "layers_module": prefix, "spec": args.select, "layers": list(selection.layers),
+              "extras": list(selection.extras), "tied_head": head_is_tied(model), **counts}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.model} ({report['architecture']}, {selection.num_layers} layers): {args.select}")
+    table.add_column("layer")
+    table.add_column("trainable parameters", justify="right")
+    for layer, count in counts["per_layer"].items():
+        table.add_row(layer, f"{count:,}")
+    console = Console()
+    console.print(table)
+    console.print(f"selected: {selection.describe()}; trainable {counts['trainable']:,} of {counts['total']:,} "
+                  f"({100 * counts['trainable_fraction']:.2f}%)")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import train
+
+    config = config_from_args(TrainConfig, args)
+    result = train(config, progress=not args.no_progress)
+    print(f"trained layers {result.selection.describe()} for {result.steps_done} steps; "
+          f"checkpoint in {result.out / 'checkpoint'}")
+    if result.final_eval:
+        print(f"final eval: accuracy {result.final_eval['accuracy']:.3f} "
+              f"[{result.final_eval['ci_low']:.3f}, {result.final_eval['ci_high']:.3f}]")
+
+
+def run_eval(config: EvalConfig):
+    """Evaluate per ``config``; writes results under ``config.out`` when set. Returns the result."""
+    import torch
+
+    from .checkpoint import apply_checkpoint, read_meta
+    from .evaluate import evaluate, write_eval
+    from .models import default_device, load_model, load_tokenizer
+    from .tasks import get_task
+
+    config.validate()
+    model_name = config.model or read_meta(config.checkpoint)["base_model"]
+    task = get_task(config.task, config.task_options)  # fail on a bad task before loading weights
+    device = torch.device(config.device) if config.device else default_device()
+    model = load_model(model_name, device, config.dtype)
+    if config.checkpoint:
+        apply_checkpoint(model, config.checkpoint)
+    tokenizer = load_tokenizer(model_name)
+    s = config.sampling
+    result = evaluate(model, tokenizer, task, config.n, config.samples, s.max_new_tokens, s.temperature, s.top_p,
+                      s.generation_batch_size, config.seed)
+    if config.out:
+        write_eval(result, config.out)
+    return result
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    config = config_from_args(EvalConfig, args)
+    result = run_eval(config)
+    print(result.line())
+    if config.samples > 1:
+        print("pass@k: " + ", ".join(f"@{k} {v:.3f}" for k, v in result.pass_at.items()))
+    if config.out:
+        print(f"results in {config.out}/eval.json and eval.examples.jsonl")
+
+
+# Sums and differences of two small numbers: hard enough that SmolLM2-135M often fails, easy
+# enough that its groups disagree, which is what gives GRPO a learning signal.
+EASY_ARITHMETIC = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2, "operators": ["+", "-"],
+                   "allow_parentheses": False, "allow_negation": False}
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """A small real job on the embedded model: evaluate, GRPO-train the middle layer, evaluate again."""
+    from .evaluate import evaluate, write_eval
+    from .models import default_device, load_model, load_tokenizer
+    from .tasks import get_task
+    from .train import train
+
+    out, device = Path(args.out), default_device()
+    config = TrainConfig(model="smollm2", task="rg:basic_arithmetic", task_options=EASY_ARITHMETIC, algo="grpo",
+                         layers="middle:1", out=str(out / "middle1"), steps=args.steps, prompts_per_step=4,
+                         group_size=4, lr=1e-5, micro_batch_size=16, save_every=args.steps,
+                         sampling=SamplingConfig(max_new_tokens=args.max_new_tokens))
+    task = get_task(config.task, config.task_options)
+    model, tokenizer = load_model(config.model, device), load_tokenizer(config.model)
+
+    def measure(name: str):
+        result = evaluate(model, tokenizer, task, args.eval_n, max_new_tokens=args.max_new_tokens)
+        write_eval(result, out / name)
+        return result
+
+    base = measure("base")
+    train(config, model, tokenizer, progress=True)
+    trained = measure("middle1")
+    print(f"base model       {base.line()}")
+    print(f"middle:1 trained {trained.line()}")
+    print(f"per-example results in {out}/base and {out}/middle1; training log {out}/middle1/log.jsonl; "
+          f"checkpoint {out}/middle1/checkpoint")
+    print("A CPU demo is too short to move accuracy reliably; docs/results/ has GPU runs.")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from .analysis import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out, args.smooth)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onelayer", description="RL post-training of chosen transformer layers")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("layers", help="show which layers a spec selects, with parameter counts")
+    p.add_argument("model", help="hub id, local directory, .gguf file or 'smollm2'")
+    p.add_argument("--select", default="all", help="layer spec (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("train", help="RL-train a layer selection")
+    add_config_flags(p, TrainConfig)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a model or checkpoint on a task's eval split")
+    add_config_flags(p, EvalConfig)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", help="plot reward and eval curves of runs")
+    p.add_argument("runs", nargs="+", help="run directories (--out of train)")
+    p.add_argument("--out", default="curves.png", help="PNG to write")
+    p.add_argument("--smooth", type=int, default=5, help="moving-average window over steps")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("demo", help="a small real job on the embedded model (CPU: minutes)")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--eval-n", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except OneLayerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished steps are checkpointed every --save-every steps; rerun to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Evaluation on a task's eval split: accuracy with a confidence interval, pass@k, per-example results."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .rollout import HFGenerator, render_prompts
+from .tasks import Task
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound near 0 and 1, unlike mean +- 1.96 sd)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021) from ``n`` samples of which ``c`` are correct."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+@dataclass
+class EvalResult:
+    task: str
+    n: int
+    samples: int
+    accuracy: float  # mean correctness over all samples (pass@1)
+    ci_low: float
+    ci_high: float
+    pass_at: dict[int, float] = field(default_factory=dict)
+    mean_reward: float = 0.0
+    mean_completion_tokens: float = 0.0
+    truncated_fraction: float = 0.0
+    per_example: list[dict] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "per_example"}
+
+    def line(self) -> str:
+        return (f"{self.task}: accuracy {self.accuracy:.3f} [{self.ci_low:.3f}, {self.ci_high:.3f}] "
+                f"on {self.n} examples x {self.samples}")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokenizer, task: Task, n: int, samples: int = 1, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 256, seed: int = 0) -> EvalResult:
+    """Score ``samples`` completions of each of the first ``n`` eval examples.
+
+    The interval is Wilson's for one sample per example; with several it is a normal interval over
+    per-example mean correctness (examples are the independent units).
+    """
+    examples = task.examples("eval")[:n]
+    torch.manual_seed(seed)
+    prompts = render_prompts(tokenizer, [task.messages(e) for e in examples])
+    batch = HFGenerator(model, tokenizer, batch_size).generate(prompts, samples, max_new_tokens, temperature, top_p)
+    scores = task.score_all(batch.texts, [e for e in examples for _ in range(samples)])
+    per_example, means = [], []
+    for i, example in enumerate(examples):
+        own = scores[i * samples:(i + 1) * samples]
+        correct = [s.correct for s in own]
+        means.append(sum(correct) / samples)
+        per_example.append({"id": example.id, "question": example.question, "answer": example.answer,
+                            "completions": batch.texts[i * samples:(i + 1) * samples],
+                            "extracted": [s.extracted for s in own], "correct": correct,
+                            "rewards": [s.reward for s in own]})
+    count = len(examples)
+    accuracy = sum(means) / count
+    if samples == 1:
+        low, high = wilson_interval(sum(means), count)
+    else:
+        sd = math.sqrt(sum((m - accuracy) ** 2 for m in means) / max(count - 1, 1))
+        low, high = max(0.0, accuracy - 1.96 * sd / math.sqrt(count)), min(1.0, accuracy + 1.96 * sd / math.sqrt(count))
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, samples) if k <= samples})
+    pass_at = {k: sum(pass_at_k(samples, sum(p["correct"]), k) for p in per_example) / count for k in ks}
+    return EvalResult(
+        task=task.name, n=count, samples=samples, accuracy=accuracy, ci_low=low, ci_high=high, pass_at=pass_at,
+        mean_reward=sum(s.reward for s in scores) / len(scores),
+        mean_completion_tokens=batch.completion_lengths.float().mean().item(),
+        truncated_fraction=batch.truncated.float().mean().item(), per_example=per_example,
+    )
+
+
+def write_eval(result: EvalResult, directory: str | Path, stem: str = "eval") -> Path:
+    """Write ``STEM.json`` (summary) and ``STEM.examples.jsonl`` (per example) into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{stem}.json").write_text(json.dumps(result.summary(), indent=2))
+    with open(directory / f"{stem}.examples.jsonl", "w") as f:
+        for row in result.per_example:
+            f.write(json.dumps(row) + "\n")
+    return directory / f"{stem}.json"

@@ -1,0 +1,320 @@
+"""The RL loop: rollout -> reward -> advantage -> update the selected layers -> log -> checkpoint.
+
+Everything a step does is a function of (seed, step), so a run killed at any point resumes from its
+last checkpoint and repeats exactly what it would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .algorithms import Normalizer, get_algorithm, policy_loss, zero_signal_fraction
+from .checkpoint import apply_checkpoint, find_checkpoint, load_optimizer_state, read_meta, save_checkpoint
+from .config import TrainConfig, from_dict, to_dict
+from .errors import OneLayerError
+from .evaluate import evaluate, write_eval
+from .layers import LayerSelection, apply_selection, parameter_counts, select_layers
+from .models import default_device, load_model, load_tokenizer
+from .rollout import HFGenerator, RolloutBatch, completion_logprobs, render_prompts
+from .tasks import Example, Task, get_task
+
+# Fields that may change when a run is resumed; any other difference means a different experiment.
+RESUMABLE_CHANGES = {"steps", "eval_every", "eval_n", "save_every", "device", "out"}
+
+
+class PromptSampler:
+    """Epoch-wise shuffles of the train split; the batch of a step depends only on (seed, step)."""
+
+    def __init__(self, examples: list[Example], seed: int):
+        if not examples:
+            raise OneLayerError("the task's train split is empty: give it more examples")
+        self.examples, self.seed = examples, seed
+
+    def batch(self, step: int, size: int) -> list[Example]:
+        n, out = len(self.examples), []
+        for position in range(step * size, (step + 1) * size):
+            epoch, index = divmod(position, n)
+            order = list(range(n))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            out.append(self.examples[order[index]])
+        return out
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """Multiplier of the peak learning rate at ``step``: linear warm-up, then constant or cosine."""
+    if step < config.warmup_steps:
+        return (step + 1) / (config.warmup_steps + 1)
+    if config.lr_schedule == "cosine":
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
+
+
+@contextmanager
+def swapped_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]):
+    """Temporarily give ``model`` other values for some parameters (e.g. the initial policy's)."""
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in tensors}
+    with torch.no_grad():
+        for n, value in tensors.items():
+            params[n].copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, value in saved.items():
+                params[n].copy_(value)
+
+
+def fp32_trained_tensors(groups: list[dict]) -> None:
+    """Keep trained tensors in float32 while frozen ones stay in the load dtype.
+
+    Adam steps of ~1e-6 vanish when added to bf16 weights (8 mantissa bits), so a bf16 model would
+    barely train; float32 copies of the trained tensors only cost little (one layer: ~1/L of the model).
+    """
+    for group in groups:
+        for param in group["params"]:
+            if param.dtype in (torch.bfloat16, torch.float16):
+                param.data = param.data.float()
+
+
+def precision_context(device: torch.device, load_dtype: torch.dtype):
+    """bf16 autocast for models loaded in bf16 (matmuls in bf16, fp32 trained weights cast on the fly)."""
+    if load_dtype == torch.float16:
+        raise OneLayerError("training in fp16 needs loss scaling, which onelayer does not do: use --dtype bf16 or fp32")
+    if load_dtype == torch.bfloat16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps_done: int
+    selection: LayerSelection
+    final_eval: dict | None
+
+
+def _check_resumable(out: Path, config: TrainConfig) -> None:
+    saved_path = out / "config.json"
+    if not saved_path.is_file():
+        return
+    saved = to_dict(from_dict(TrainConfig, json.loads(saved_path.read_text())))
+    now = to_dict(config)
+    diffs = [k for k in now if k not in RESUMABLE_CHANGES and now[k] != saved.get(k)]
+    if diffs:
+        k = diffs[0]
+        raise OneLayerError(f"{out} holds a run with another {k} ({saved.get(k)!r}, now {now[k]!r}): "
+                            "pass another --out, or delete that directory to start over")
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop log lines of steps after the checkpoint: they are about to be redone."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def rollout_step(model: nn.Module, tokenizer, task: Task, examples: list[Example], config: TrainConfig,
+                 generator: HFGenerator) -> tuple[RolloutBatch, torch.Tensor, list]:
+    """Sample ``group_size`` completions per example and score them. Returns the batch, the rewards
+    (``[B]``, float32) and the per-completion scores."""
+    prompts = render_prompts(tokenizer, [task.messages(e) for e in examples])
+    batch = generator.generate(prompts, config.group_size, config.sampling.max_new_tokens,
+                               config.sampling.temperature, config.sampling.top_p)
+    scores = task.score_all(batch.texts, [e for e in examples for _ in range(config.group_size)])
+    rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
+    return batch, rewards, scores
+
+
+def _batch_logprobs(model: nn.Module, batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
+    """Log-probs of the whole batch under the current weights, without gradients, micro-batched."""
+    out = torch.zeros(batch.completion_mask.shape, dtype=torch.float32, device=batch.input_ids.device)
+    with torch.no_grad():
+        for start in range(0, batch.size, config.micro_batch_size):
+            part = batch.rows(slice(start, start + config.micro_batch_size))
+            lp = completion_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length,
+                                     part.completion_mask, config.sampling.temperature)
+            out[start:start + config.micro_batch_size, :lp.shape[1]] = lp
+    return out
+
+
+def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: RolloutBatch,
+                  advantages: torch.Tensor, config: TrainConfig, aggregation: str, step: int,
+                  ref_logprobs: torch.Tensor | None = None) -> dict[str, float]:
+    """PPO epochs x mini-batches of optimizer steps over one rollout batch, each accumulated over
+    micro-batches. With one epoch and one mini-batch the old log-probs are the new ones detached,
+    so the ratio is exactly 1."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    device = batch.input_ids.device
+    advantages = advantages.to(device)
+    old_logprobs = _batch_logprobs(model, batch, config) if config.ppo_epochs * config.mini_batches > 1 else None
+    rows_per_mini = batch.size // config.mini_batches
+    totals = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "grad_norm": 0.0}
+    updates = 0
+    generator = torch.Generator().manual_seed(config.seed * 7919 + step)
+    for _epoch in range(config.ppo_epochs):
+        order = torch.randperm(batch.size, generator=generator) if config.mini_batches > 1 else torch.arange(batch.size)
+        for mb in range(config.mini_batches):
+            mini = order[mb * rows_per_mini:(mb + 1) * rows_per_mini]
+            norm = Normalizer(len(mini), int(batch.completion_mask[mini.to(device)].sum().item()),
+                              config.sampling.max_new_tokens)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, stats_sum, micros = 0.0, {"clip_fraction": 0.0, "kl": 0.0}, 0
+            for start in range(0, len(mini), config.micro_batch_size):
+                rows = mini[start:start + config.micro_batch_size].to(device)
+                part = batch.rows(rows)
+                width = part.completion_mask.shape[1]
+                logp = completion_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length,
+                                           part.completion_mask, config.sampling.temperature)
+                old = logp.detach() if old_logprobs is None else old_logprobs[rows, :width]
+                ref = None if ref_logprobs is None else ref_logprobs[rows, :width]
+                loss, stats = policy_loss(logp, old, advantages[rows], part.completion_mask, aggregation,
+                                          config.clip_low, config.clip_high, ref, config.beta, norm)
+                if not torch.isfinite(loss):
+                    raise OneLayerError(f"loss is {loss.item()} at step {step + 1}: lower --lr (now {config.lr:g}) or "
+                                        "check the rewards; the last checkpoint is intact and --out resumes from it")
+                loss.backward()
+                loss_sum += loss.item()
+                for k in stats_sum:
+                    stats_sum[k] += stats[k]
+                micros += 1
+            max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if not math.isfinite(grad_norm):
+                raise OneLayerError(f"gradient norm is {grad_norm} at step {step + 1}: lower --lr (now {config.lr:g}); "
+                                    "the last checkpoint is intact and --out resumes from it")
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * lr_factor(config, step) * group["lr_scale"]
+            optimizer.step()
+            totals["loss"] += loss_sum
+            totals["clip_fraction"] += stats_sum["clip_fraction"] / micros
+            totals["kl"] += stats_sum["kl"] / micros
+            totals["grad_norm"] += grad_norm
+            updates += 1
+    return {k: v / updates for k, v in totals.items()}
+
+
+def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> TrainResult:
+    """Run (or resume) the RL run described by ``config``; ``model``/``tokenizer`` skip loading."""
+    config.validate()
+    out = Path(config.out)
+    _check_resumable(out, config)
+    algorithm = get_algorithm(config.algo)  # cheap checks before loading weights
+    task = get_task(config.task, config.task_options)
+    device = torch.device(config.device) if config.device else default_device()
+    torch.manual_seed(config.seed)
+    if model is None:
+        model = load_model(config.model, device, config.dtype)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config.model)
+    aggregation = config.loss_aggregation or algorithm.default_aggregation
+    selection = select_layers(model, config.layers)
+    if selection.is_empty:
+        raise OneLayerError(f"layer spec '{config.layers}' selects nothing to train: name at least one layer")
+    groups = apply_selection(model, selection, config.weight_decay)
+    precision = precision_context(device, next(model.parameters()).dtype)
+    fp32_trained_tensors(groups)
+    trained = [n for g in groups for n in g["names"]]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if config.beta else {}
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    log_path, eval_path = out / "log.jsonl", out / "eval.jsonl"
+    start = 0
+    if find_checkpoint(out) is not None:
+        meta = read_meta(out)
+        if config.beta:  # the reference policy is the run's *initial* weights, not the resumed ones
+            initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        apply_checkpoint(model, out)
+        load_optimizer_state(optimizer, out)
+        start = int(meta["step"])
+    # steps after the checkpoint are redone, so their log lines go (all of them when starting afresh)
+    _truncate_log(log_path, start)
+    _truncate_log(eval_path, start if start else -1)
+    counts = parameter_counts(model, selection)
+    meta_base = {"base_model": config.model, "layers_spec": config.layers, "layers": list(selection.layers),
+                 "extras": list(selection.extras), "trainable_parameters": counts["trainable"],
+                 "config": to_dict(config)}
+    generator = HFGenerator(model, tokenizer, config.sampling.generation_batch_size)
+    sampler = PromptSampler(task.examples("train"), config.seed)
+    model.eval()  # no dropout: sampling and update see the same policy
+
+    def run_eval(step: int) -> dict:
+        with precision:
+            result = evaluate(model, tokenizer, task, config.eval_n, max_new_tokens=config.sampling.max_new_tokens,
+                              batch_size=config.sampling.generation_batch_size, seed=config.seed)
+        row = {"step": step, **result.summary()}
+        with open(eval_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        write_eval(result, out / "evals", f"step{step:06d}")
+        return row
+
+    final_eval = None
+    if config.eval_every and start == 0:
+        final_eval = run_eval(0)
+    bar = _progress(progress, config.steps, start, selection)
+    with bar:
+        task_id = bar.add_task("train", total=config.steps, completed=start, info="")
+        for step in range(start, config.steps):
+            t0 = time.perf_counter()
+            torch.manual_seed(config.seed * 1_000_003 + step)
+            examples = sampler.batch(step, config.prompts_per_step)
+            with precision:
+                batch, rewards, scores = rollout_step(model, tokenizer, task, examples, config, generator)
+            t1 = time.perf_counter()
+            advantages = algorithm.advantages(rewards, config.group_size)
+            ref = None
+            with precision:
+                if config.beta:
+                    with swapped_tensors(model, initial):
+                        ref = _batch_logprobs(model, batch, config)
+                stats = policy_update(model, optimizer, batch, advantages, config, aggregation, step, ref)
+            t2 = time.perf_counter()
+            new_tokens = int(batch.completion_lengths.sum().item())
+            row = {
+                "step": step + 1, "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+                "accuracy": sum(s.correct for s in scores) / len(scores),
+                "zero_signal_fraction": zero_signal_fraction(rewards, config.group_size),
+                "completion_tokens": new_tokens / batch.size,
+                "truncated_fraction": batch.truncated.float().mean().item(),
+                **stats, "lr": config.lr * lr_factor(config, step),
+                "tokens_per_s": new_tokens / max(t1 - t0, 1e-9),
+                "seconds_rollout": t1 - t0, "seconds_update": t2 - t1, "seconds_step": t2 - t0,
+            }
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            done = step + 1
+            if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+                final_eval = run_eval(done)
+            if done % config.save_every == 0 or done == config.steps:
+                save_checkpoint(out / "checkpoint", model, trained, {**meta_base, "step": done}, optimizer)
+            bar.update(task_id, completed=done,
+                       info=f"reward {row['reward']:.3f} acc {row['accuracy']:.3f} {row['seconds_step']:.1f}s/step")
+    return TrainResult(out, config.steps, selection, final_eval)
+
+
+def _progress(enabled: bool, total: int, start: int, selection: LayerSelection):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn(f"layers {selection.describe()}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                    disable=not enabled, transient=False)

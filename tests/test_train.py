@@ -1,0 +1,171 @@
+import json
+import math
+
+import pytest
+import torch
+
+from onelayer.checkpoint import TENSORS, find_checkpoint, read_meta
+from onelayer.config import SamplingConfig, TrainConfig
+from onelayer.errors import OneLayerError
+from onelayer.models import parameter_layers
+from onelayer.tasks.toy import RepeatTask
+from onelayer.train import PromptSampler, lr_factor, train
+
+from .conftest import tiny_model
+
+
+def config(tmp_path, **overrides):
+    base = dict(model="tiny", task="toy:repeat", layers="3", out=str(tmp_path / "run"), steps=8, prompts_per_step=4,
+                group_size=8, lr=3e-2, sampling=SamplingConfig(max_new_tokens=12), micro_batch_size=16, save_every=4,
+                device="cpu")
+    return TrainConfig(**{**base, **overrides})
+
+
+def rewards(run_dir):
+    return [json.loads(line)["reward"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_layer_3_training_changes_exactly_layer_3_and_the_reward_rises(tmp_path, tokenizer):
+    model, before = tiny_model("llama"), tiny_model("llama")
+    result = train(config(tmp_path), model, tokenizer, progress=False)
+    layer_of = parameter_layers(model)
+    after = dict(model.named_parameters())
+    for name, p in before.named_parameters():
+        if layer_of[name] == 3:
+            assert not torch.equal(p, after[name]), f"{name} should have changed"
+        else:
+            assert torch.equal(p, after[name]), f"{name} must stay bit-identical"
+    r = rewards(result.out)
+    assert len(r) == 8
+    assert sum(r[-2:]) / 2 > 3 * r[0] and r[-1] > 0.25
+
+
+def test_checkpoint_holds_only_the_trained_tensors(tmp_path, tokenizer):
+    from safetensors.torch import load_file
+
+    model = tiny_model("llama")
+    train(config(tmp_path, steps=2, save_every=2), model, tokenizer, progress=False)
+    found = find_checkpoint(tmp_path / "run")
+    tensors = load_file(str(found / TENSORS))
+    layer_of = parameter_layers(model)
+    assert set(tensors) == {n for n, layer in layer_of.items() if layer == 3}
+    meta = read_meta(tmp_path / "run")
+    assert meta["step"] == 2 and meta["layers"] == [3] and meta["layers_spec"] == "3"
+    assert meta["config"]["lr"] == 3e-2 and meta["trainable_parameters"] == sum(t.numel() for t in tensors.values())
+    params = dict(model.named_parameters())
+    assert all(torch.equal(t, params[n]) for n, t in tensors.items())
+
+
+def test_a_killed_run_resumes_to_the_same_result(tmp_path, tokenizer, monkeypatch):
+    whole = train(config(tmp_path / "a", steps=6, save_every=2), m_whole := tiny_model("llama"), tokenizer,
+                  progress=False)
+
+    import onelayer.train as train_module
+    real_update = train_module.policy_update
+
+    def dies_at_step_3(*args, **kwargs):
+        if args[6] == 3:  # the step index argument
+            raise KeyboardInterrupt
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "policy_update", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "b", steps=6, save_every=2), tiny_model("llama"), tokenizer, progress=False)
+    assert read_meta(tmp_path / "b" / "run")["step"] == 2 and len(rewards(tmp_path / "b" / "run")) == 3
+    monkeypatch.setattr(train_module, "policy_update", real_update)
+    resumed_model = tiny_model("llama")
+    train(config(tmp_path / "b", steps=6, save_every=2), resumed_model, tokenizer, progress=False)
+    assert rewards(tmp_path / "b" / "run") == rewards(whole.out)
+    for (name, p), (_, q) in zip(m_whole.named_parameters(), resumed_model.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_extending_a_finished_run_continues_it(tmp_path, tokenizer):
+    train(config(tmp_path, steps=2, save_every=2), tiny_model("llama"), tokenizer, progress=False)
+    train(config(tmp_path, steps=4, save_every=2), tiny_model("llama"), tokenizer, progress=False)
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert read_meta(tmp_path / "run")["step"] == 4
+
+
+def test_a_different_experiment_in_the_same_directory_is_refused(tmp_path, tokenizer):
+    train(config(tmp_path, steps=1, save_every=1), tiny_model("llama"), tokenizer, progress=False)
+    with pytest.raises(OneLayerError, match=r"holds a run with another lr \(0.03, now 0.01\)"):
+        train(config(tmp_path, steps=1, lr=1e-2), tiny_model("llama"), tokenizer, progress=False)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, tokenizer, monkeypatch):
+    calls = {"n": 0}
+    real_score = RepeatTask.score
+
+    def score(self, completion, example):
+        calls["n"] += 1
+        s = real_score(self, completion, example)
+        return s if calls["n"] <= 64 else type(s)(float("nan"), False, None)  # NaN from step 3 on
+
+    monkeypatch.setattr(RepeatTask, "score", score)
+    with pytest.raises(OneLayerError, match="loss is nan at step 3: lower --lr"):
+        train(config(tmp_path, steps=4, save_every=1), tiny_model("llama"), tokenizer, progress=False)
+    assert read_meta(tmp_path / "run")["step"] == 2
+
+
+def test_dr_grpo_ppo_epochs_minibatches_and_kl(tmp_path, tokenizer):
+    cfg = config(tmp_path, algo="dr_grpo", steps=3, ppo_epochs=2, mini_batches=2, beta=0.1, lr=5e-2,
+                 layers="2-3", save_every=3)
+    train(cfg, tiny_model("qwen3"), tokenizer, progress=False)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["kl"] >= 0 and log[-1]["kl"] > 0  # the policy moved away from the reference
+    assert any(row["clip_fraction"] > 0 for row in log)  # later epochs saw ratios outside the clip range
+
+
+def test_periodic_eval_is_logged(tmp_path, tokenizer):
+    train(config(tmp_path, steps=2, eval_every=1, eval_n=5, save_every=2), tiny_model("llama"), tokenizer,
+          progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(r["n"] == 5 for r in rows)
+    assert (tmp_path / "run" / "evals" / "step000002.examples.jsonl").is_file()
+
+
+def test_bad_configs(tmp_path, tokenizer):
+    with pytest.raises(OneLayerError, match="selects nothing"):
+        train(config(tmp_path, layers="none"), tiny_model("llama"), tokenizer, progress=False)
+    with pytest.raises(OneLayerError, match="--group-size must be >= 1"):
+        train(config(tmp_path, group_size=0), tiny_model("llama"), tokenizer, progress=False)
+    with pytest.raises(OneLayerError, match="must divide"):
+        train(config(tmp_path, mini_batches=3), tiny_model("llama"), tokenizer, progress=False)
+    with pytest.raises(OneLayerError, match="layer 9 is out of range"):
+        train(config(tmp_path, layers="9"), tiny_model("llama"), tokenizer, progress=False)
+
+
+def test_prompt_sampler_is_a_function_of_seed_and_step():
+    from onelayer.tasks import Example
+
+    examples = [Example(str(i), str(i), str(i)) for i in range(10)]
+    a, b = PromptSampler(examples, 1), PromptSampler(examples, 1)
+    assert [e.id for e in a.batch(3, 4)] == [e.id for e in b.batch(3, 4)]
+    epoch = [e.id for step in range(5) for e in a.batch(step, 2)]
+    assert sorted(epoch) == sorted(e.id for e in examples)  # each example once per epoch
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(steps=10, warmup_steps=3, lr_schedule="cosine")
+    assert [round(lr_factor(cfg, s), 3) for s in (0, 1, 2)] == [0.25, 0.5, 0.75]
+    assert lr_factor(cfg, 3) == 1.0 and lr_factor(cfg, 10) == pytest.approx(0.0)
+
+
+def test_bf16_model_trains_fp32_copies_of_the_selected_layer_only(tmp_path, tokenizer):
+    model = tiny_model("qwen3").to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(config(tmp_path, steps=2, save_every=2, lr=1e-3), model, tokenizer, progress=False)
+    layer_of = parameter_layers(model)
+    for name, p in model.named_parameters():
+        if layer_of[name] == 3:
+            # updates of 1e-3 on bf16 weights would mostly round away; fp32 copies keep them
+            assert p.dtype == torch.float32 and not torch.equal(p, before[name].float()), name
+        else:
+            assert p.dtype == torch.bfloat16 and torch.equal(p, before[name]), name
+    assert all(math.isfinite(json.loads(x)["loss"]) for x in (tmp_path / "run" / "log.jsonl").open())
+
+
+def test_fp16_training_is_refused(tmp_path, tokenizer):
+    with pytest.raises(OneLayerError, match="use --dtype bf16 or fp32"):
+        train(config(tmp_path), tiny_model("llama").half(), tokenizer, progress=False)
