@@ -17,6 +17,8 @@ from onelayer.tasks.answers import answers_match, extract_answer, last_boxed
     ("it is -0.5", "-0.5"),
     ("no numbers here", None),
     ("nothing \\boxed{unclosed", None),
+    ("5 + 3 = 8. The answer is \n\n", "8"),
+    ("The answer is **", None),
 ])
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected

@@ -169,3 +169,51 @@ def test_bf16_model_trains_fp32_copies_of_the_selected_layer_only(tmp_path, toke
 def test_fp16_training_is_refused(tmp_path, tokenizer):
     with pytest.raises(OneLayerError, match="use --dtype bf16 or fp32"):
         train(config(tmp_path), tiny_model("llama").half(), tokenizer, progress=False)
+
+
+class _NanGrad(torch.autograd.Function):
+    """Identity forward, NaN gradient backward: a stand-in for a numerical failure in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+def _nan_grads_in_steps(monkeypatch, bad_steps):
+    import onelayer.train as train_module
+
+    real_update, real_logprobs = train_module.policy_update, train_module.completion_logprobs
+    current = {"step": None}
+
+    def update(*args, **kwargs):
+        current["step"] = args[6] + 1
+        return real_update(*args, **kwargs)
+
+    def logprobs(*args, **kwargs):
+        out = real_logprobs(*args, **kwargs)
+        return _NanGrad.apply(out) if current["step"] in bad_steps and torch.is_grad_enabled() else out
+
+    monkeypatch.setattr(train_module, "policy_update", update)
+    monkeypatch.setattr(train_module, "completion_logprobs", logprobs)
+
+
+def test_a_non_finite_gradient_skips_that_update_and_says_where(tmp_path, tokenizer, monkeypatch):
+    _nan_grads_in_steps(monkeypatch, {2})
+    model = tiny_model("llama")
+    train(config(tmp_path, steps=3, save_every=1), model, tokenizer, progress=False)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [row.get("skipped_updates", 0) for row in log] == [0, 1, 0]
+    assert log[1]["nonfinite_grad_layers"] == [3]
+    assert log[1]["nonfinite_grad_tensors"] and all(".layers.3." in n for n in log[1]["nonfinite_grad_tensors"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_non_finite_gradients_three_steps_running_stop_the_run(tmp_path, tokenizer, monkeypatch):
+    _nan_grads_in_steps(monkeypatch, {2, 3, 4, 5})
+    with pytest.raises(OneLayerError, match=r"not finite in 3 steps in a row \(last: step 4, tensors model.layers.3"):
+        train(config(tmp_path, steps=6, save_every=1), tiny_model("llama"), tokenizer, progress=False)
+    assert read_meta(tmp_path / "run")["step"] == 3

@@ -48,6 +48,8 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of data order, sampling and init"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp32"})
     device: str = field(default="", metadata={"help": "cuda, cpu, cuda:1; empty = cuda if available"})
+    attention: str = field(default="", metadata={
+        "help": "attention implementation: sdpa, eager, flash_attention_2; empty = transformers' default"})
 
     def validate(self) -> None:
         positive = ("steps", "prompts_per_step", "group_size", "micro_batch_size", "mini_batches", "ppo_epochs")

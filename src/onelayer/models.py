@@ -132,15 +132,21 @@ def _undo_gguf_quantized_flag(model: nn.Module) -> None:
     model.is_quantized = False
 
 
-def load_model(name: str, device: str | torch.device | None = None, dtype: str = "auto") -> nn.Module:
-    """Load a causal LM by name (see module docstring), on ``device`` in ``dtype``, in eval mode."""
+def load_model(name: str, device: str | torch.device | None = None, dtype: str = "auto",
+               attention: str = "") -> nn.Module:
+    """Load a causal LM by name (see module docstring), on ``device`` in ``dtype``, in eval mode.
+
+    ``attention`` picks transformers' attention implementation (``sdpa``, ``eager``,
+    ``flash_attention_2``, ...); empty keeps transformers' default.
+    """
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(name)
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, device)
+    extra = {"attn_implementation": attention} if attention else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **_hub_kwargs(source))
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **_hub_kwargs(source), **extra)
     except (OSError, ValueError) as err:
         raise _load_error(name, err) from err
     if source.is_gguf:

@@ -27,6 +27,8 @@ from .models import default_device, load_model, load_tokenizer
 from .rollout import HFGenerator, RolloutBatch, completion_logprobs, render_prompts
 from .tasks import Example, Task, get_task
 
+MAX_BAD_STEPS = 3  # consecutive steps whose updates were all dropped for non-finite gradients
+
 # Fields that may change when a run is resumed; any other difference means a different experiment.
 RESUMABLE_CHANGES = {"steps", "eval_every", "eval_n", "save_every", "device", "out"}
 
@@ -161,7 +163,7 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
     old_logprobs = _batch_logprobs(model, batch, config) if config.ppo_epochs * config.mini_batches > 1 else None
     rows_per_mini = batch.size // config.mini_batches
     totals = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "grad_norm": 0.0}
-    updates = 0
+    updates, skipped, bad_tensors = 0, 0, set()
     generator = torch.Generator().manual_seed(config.seed * 7919 + step)
     for _epoch in range(config.ppo_epochs):
         order = torch.randperm(batch.size, generator=generator) if config.mini_batches > 1 else torch.arange(batch.size)
@@ -192,8 +194,12 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if not math.isfinite(grad_norm):
-                raise OneLayerError(f"gradient norm is {grad_norm} at step {step + 1}: lower --lr (now {config.lr:g}); "
-                                    "the last checkpoint is intact and --out resumes from it")
+                # As AMP's grad scaler does: drop this update rather than write NaN into the weights,
+                # and say which tensors went bad; the loop stops if it keeps happening.
+                bad_tensors.update(nonfinite_gradients(optimizer))
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * lr_factor(config, step) * group["lr_scale"]
             optimizer.step()
@@ -202,7 +208,19 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
             totals["kl"] += stats_sum["kl"] / micros
             totals["grad_norm"] += grad_norm
             updates += 1
-    return {k: v / updates for k, v in totals.items()}
+    stats = {k: v / max(updates, 1) for k, v in totals.items()}
+    if skipped:
+        layers = sorted({layer for layer, _ in bad_tensors}, key=str)
+        stats.update(skipped_updates=skipped, nonfinite_grad_layers=layers,
+                     nonfinite_grad_tensors=sorted(name for _, name in bad_tensors)[:4])
+    return stats
+
+
+def nonfinite_gradients(optimizer: torch.optim.Optimizer) -> list[tuple]:
+    """(layer, name) of each trained tensor whose gradient has a NaN or an infinity."""
+    return [(group["layer"], name) for group in optimizer.param_groups
+            for name, p in zip(group["names"], group["params"], strict=True)
+            if p.grad is not None and not torch.isfinite(p.grad).all()]
 
 
 def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> TrainResult:
@@ -215,7 +233,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     device = torch.device(config.device) if config.device else default_device()
     torch.manual_seed(config.seed)
     if model is None:
-        model = load_model(config.model, device, config.dtype)
+        model = load_model(config.model, device, config.dtype, config.attention)
     if tokenizer is None:
         tokenizer = load_tokenizer(config.model)
     aggregation = config.loss_aggregation or algorithm.default_aggregation
@@ -261,7 +279,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
         write_eval(result, out / "evals", f"step{step:06d}")
         return row
 
-    final_eval = None
+    final_eval, bad_steps = None, 0
     if config.eval_every and start == 0:
         final_eval = run_eval(0)
     bar = _progress(progress, config.steps, start, selection)
@@ -295,6 +313,12 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             }
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            bad_steps = bad_steps + 1 if stats.get("skipped_updates") else 0
+            if bad_steps >= MAX_BAD_STEPS:
+                raise OneLayerError(
+                    f"gradients were not finite in {bad_steps} steps in a row (last: step {step + 1}, tensors "
+                    f"{', '.join(stats['nonfinite_grad_tensors'][:2])}): lower --lr (now {config.lr:g}); the last "
+                    "checkpoint is intact and --out resumes from it")
             done = step + 1
             if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
                 final_eval = run_eval(done)

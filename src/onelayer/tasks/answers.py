@@ -38,7 +38,8 @@ def extract_answer(text: str) -> str | None:
         return boxed
     phrases = ANSWER_PHRASE.findall(text)
     if phrases:
-        candidate = phrases[-1].strip().splitlines()[0].strip().rstrip(".").strip("*$ ").strip()
+        lines = phrases[-1].strip().splitlines()
+        candidate = lines[0].strip().rstrip(".").strip("*$ ").strip() if lines else ""
         if candidate:
             numbers = NUMBER.findall(candidate)
             return numbers[0].replace(",", "") if numbers and len(candidate) > 30 else candidate
