@@ -245,6 +245,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     fp32_trained_tensors(groups)
     trained = [n for g in groups for n in g["names"]]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    # the KL reference is the run's initial policy: captured before a resume loads later weights
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if config.beta else {}
 
     out.mkdir(parents=True, exist_ok=True)
@@ -253,8 +254,6 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     start = 0
     if find_checkpoint(out) is not None:
         meta = read_meta(out)
-        if config.beta:  # the reference policy is the run's *initial* weights, not the resumed ones
-            initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         apply_checkpoint(model, out)
         load_optimizer_state(optimizer, out)
         start = int(meta["step"])
@@ -282,7 +281,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     final_eval, bad_steps = None, 0
     if config.eval_every and start == 0:
         final_eval = run_eval(0)
-    bar = _progress(progress, config.steps, start, selection)
+    bar = _progress(progress, selection)
     with bar:
         task_id = bar.add_task("train", total=config.steps, completed=start, info="")
         for step in range(start, config.steps):
@@ -329,7 +328,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     return TrainResult(out, config.steps, selection, final_eval)
 
 
-def _progress(enabled: bool, total: int, start: int, selection: LayerSelection):
+def _progress(enabled: bool, selection: LayerSelection):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
