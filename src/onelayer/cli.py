@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import EvalConfig, SamplingConfig, TrainConfig
 from .errors import OneLayerError
+from .scan import ScanConfig
 
 
 def _flag(name: str) -> str:
@@ -40,7 +41,10 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None) -> Non
             add_config_flags(parser, type(value), value)
             continue
         help_text = f.metadata.get("help", "")
-        if isinstance(value, dict):
+        if isinstance(value, bool):
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=value,
+                                help=f"{help_text} (default: {value})")
+        elif isinstance(value, dict):
             singular = f.name[:-1] if f.name.endswith("s") else f.name
             parser.add_argument(_flag(singular), dest=f.name, action="append", type=_parse_option,
                                 default=[], metavar="KEY=VALUE", help=help_text)
@@ -175,6 +179,41 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print("A CPU demo is too short to move accuracy reliably; docs/results/ has GPU runs.")
 
 
+def write_profile(scan_dir: Path) -> None:
+    """Compute a scan's profile and write profile.json, profile.md and profile.png into it."""
+    from dataclasses import asdict
+
+    from .analysis.profile_figure import plot_profile, profile_table
+    from .scan import scan_profile
+
+    profile, status = scan_profile(scan_dir)
+    (scan_dir / "profile.json").write_text(json.dumps({**asdict(profile), "runs": status}, indent=2))
+    table = profile_table(profile)
+    (scan_dir / "profile.md").write_text(table)
+    figure = plot_profile(profile, scan_dir / "profile.png", title=f"layer contribution: {scan_dir.name}")
+    print(table)
+    if not profile.reliable:
+        print(f"WARNING: {profile.warning}")
+    print(f"profile in {scan_dir}/profile.md, profile.json and {figure}")
+
+
+def cmd_scan(args: argparse.Namespace) -> None:
+    from .scan import run_scan, run_status
+
+    config = config_from_args(ScanConfig, args)
+    plan = run_scan(config, progress=not args.no_progress)
+    scan_dir = Path(config.recipe.out)
+    failed = [r.name for r in plan if run_status(scan_dir, r) == "failed"]
+    if failed:
+        print(f"{len(failed)} run(s) failed, see runs/*/error.txt: {', '.join(failed)}; rerun the same command to "
+              "retry them (finished runs are kept)")
+    write_profile(scan_dir)
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    write_profile(Path(args.scan))
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from .analysis import plot_runs
 
@@ -199,6 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model or checkpoint on a task's eval split")
     add_config_flags(p, EvalConfig)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("scan", help="measure every layer's contribution (resumable; --layers picks the layers, "
+                                     "--out the scan directory)")
+    add_config_flags(p, ScanConfig)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("profile", help="(re)compute a scan's contribution profile from its finished runs")
+    p.add_argument("scan", help="scan directory")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("plot", help="plot reward and eval curves of runs")
     p.add_argument("runs", nargs="+", help="run directories (--out of train)")

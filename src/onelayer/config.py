@@ -43,6 +43,7 @@ class TrainConfig:
         "help": "seq-mean-token-mean, token-mean or seq-mean-token-sum-norm; empty = the algorithm's"})
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (and at 0 and the end); 0 = off"})
+    eval_at_start: bool = field(default=True, metadata={"help": "with --eval-every, also evaluate before step 1"})
     eval_n: int = field(default=200, metadata={"help": "eval examples for periodic evaluation"})
     save_every: int = field(default=10, metadata={"help": "checkpoint every N steps (and at the end)"})
     seed: int = field(default=0, metadata={"help": "seed of data order, sampling and init"})

@@ -30,7 +30,7 @@ from .tasks import Example, Task, get_task
 MAX_BAD_STEPS = 3  # consecutive steps whose updates were all dropped for non-finite gradients
 
 # Fields that may change when a run is resumed; any other difference means a different experiment.
-RESUMABLE_CHANGES = {"steps", "eval_every", "eval_n", "save_every", "device", "out"}
+RESUMABLE_CHANGES = {"steps", "eval_every", "eval_at_start", "eval_n", "save_every", "device", "out"}
 
 
 class PromptSampler:
@@ -279,7 +279,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
         return row
 
     final_eval, bad_steps = None, 0
-    if config.eval_every and start == 0:
+    if config.eval_every and config.eval_at_start and start == 0:
         final_eval = run_eval(0)
     bar = _progress(progress, selection)
     with bar:

@@ -1,0 +1,98 @@
+import json
+
+import pytest
+
+from onelayer.cli import main
+from onelayer.config import SamplingConfig, TrainConfig
+from onelayer.errors import OneLayerError
+from onelayer.scan import PlannedRun, ScanConfig, plan_scan, run_dir, run_scan, run_status, scan_profile
+
+
+def scan_config(out, model, **recipe):
+    base = dict(model=str(model), task="toy:repeat", layers="1,3", out=str(out), steps=2, prompts_per_step=2,
+                group_size=4, lr=1e-2, sampling=SamplingConfig(max_new_tokens=6), eval_n=6, device="cpu")
+    return ScanConfig(recipe=TrainConfig(**{**base, **recipe}))
+
+
+def test_plan_is_exact():
+    config = ScanConfig(recipe=TrainConfig(layers="every:2", seed=5), seeds=2)
+    names = [r.name for r in plan_scan(config, 4)]
+    assert names == ["base", "full-s5", "full-s6", "layer000-s5", "layer000-s6", "layer002-s5", "layer002-s6"]
+    assert plan_scan(config, 4)[3] == PlannedRun("layer000-s5", "layer", 5, 0)
+    with pytest.raises(OneLayerError, match="names no decoder layer"):
+        plan_scan(ScanConfig(recipe=TrainConfig(layers="embed")), 4)
+    with pytest.raises(OneLayerError, match="--seeds must be >= 1"):
+        plan_scan(ScanConfig(seeds=0), 4)
+
+
+def _fake_execute(calls, scores, fail=(), interrupt=None):
+    """Stands in for training: writes per-example results as a finished run would."""
+    def execute(config, run, scan_dir):
+        calls.append(run.name)
+        if run.name == interrupt:
+            raise KeyboardInterrupt
+        if run.name in fail:
+            raise RuntimeError("CUDA out of memory")
+        directory = run_dir(scan_dir, run)
+        (directory / "evals").mkdir(parents=True, exist_ok=True)
+        examples = directory / "evals" / "final.examples.jsonl"
+        examples.write_text("".join(json.dumps({"correct": [bool(c)]}) + "\n" for c in scores[run.kind, run.layer]))
+        (directory / "result.json").write_text(json.dumps({"examples": str(examples)}))
+        return {}
+    return execute
+
+
+SCORES = {("base", None): [0] * 40, ("full", None): [1] * 20 + [0] * 20,
+          ("layer", 1): [1] * 10 + [0] * 30, ("layer", 3): [1] * 20 + [0] * 20}
+
+
+def test_a_killed_scan_resumes_without_repeating_finished_runs(tmp_path, saved_tiny):
+    config = scan_config(tmp_path / "scan", saved_tiny)
+    calls = []
+    with pytest.raises(KeyboardInterrupt):
+        run_scan(config, progress=False, execute=_fake_execute(calls, SCORES, interrupt="layer001-s0"))
+    assert calls == ["base", "full-s0", "layer001-s0"]
+    calls.clear()
+    run_scan(config, progress=False, execute=_fake_execute(calls, SCORES))
+    assert calls == ["layer001-s0", "layer003-s0"]
+    profile, status = scan_profile(tmp_path / "scan", n_resamples=200)
+    assert set(status.values()) == {"done"}
+    c = {p.layer: p for p in profile.points}
+    assert c[1].contribution == pytest.approx(0.5) and c[3].contribution == pytest.approx(1.0)
+    assert c[2].interpolated and c[2].contribution == pytest.approx(0.75)
+    assert c[0].interpolated and c[0].contribution == pytest.approx(0.5)
+
+
+def test_a_failed_run_is_recorded_and_retried_alone(tmp_path, saved_tiny):
+    config = scan_config(tmp_path / "scan", saved_tiny)
+    calls = []
+    plan = run_scan(config, progress=False, execute=_fake_execute(calls, SCORES, fail={"layer001-s0"}))
+    assert calls == ["base", "full-s0", "layer001-s0", "layer003-s0"]
+    failed = [r for r in plan if run_status(tmp_path / "scan", r) == "failed"]
+    assert [r.name for r in failed] == ["layer001-s0"]
+    assert "CUDA out of memory" in (run_dir(tmp_path / "scan", failed[0]) / "error.txt").read_text()
+    profile, _ = scan_profile(tmp_path / "scan", n_resamples=100)  # a partial profile from what finished
+    assert [p.interpolated for p in profile.points] == [True, True, True, False]
+    calls.clear()
+    run_scan(config, progress=False, execute=_fake_execute(calls, SCORES))
+    assert calls == ["layer001-s0"]
+
+
+def test_scan_end_to_end_from_the_command_line(tmp_path, saved_tiny, capsys):
+    out = tmp_path / "scan"
+    code = main(["scan", "--model", str(saved_tiny), "--task", "toy:repeat", "--layers", "1,3", "--steps", "2",
+                 "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "6", "--eval-n", "6",
+                 "--lr", "1e-2", "--device", "cpu", "--out", str(out), "--no-progress"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert all((out / "runs" / name / "result.json").is_file() for name in ("base", "full-s0", "layer001-s0",
+                                                                             "layer003-s0"))
+    profile = json.loads((out / "profile.json").read_text())
+    assert [p["layer"] for p in profile["points"]] == [0, 1, 2, 3]
+    assert (out / "profile.png").stat().st_size > 10_000 and "| layer |" in (out / "profile.md").read_text()
+    # each trained run evaluated once, at its last step, on the same examples as the base
+    rows = [json.loads(x) for x in (out / "runs" / "layer001-s0" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2] and rows[0]["n"] == 6
+    code = main(["profile", str(out)])
+    assert code == 0
+    assert main(["profile", str(tmp_path)]) == 2
