@@ -96,3 +96,30 @@ def test_scan_end_to_end_from_the_command_line(tmp_path, saved_tiny, capsys):
     code = main(["profile", str(out)])
     assert code == 0
     assert main(["profile", str(tmp_path)]) == 2
+
+
+def test_two_process_scan_gives_the_same_profile_as_one(tmp_path, saved_tiny):
+    import os
+    import subprocess
+    import sys
+
+    args = ["scan", "--model", str(saved_tiny), "--task", "toy:repeat", "--layers", "1,3", "--steps", "2",
+            "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "6", "--eval-n", "6", "--lr", "1e-2",
+            "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    solo = subprocess.run([sys.executable, "-m", "onelayer", *args, "--out", str(tmp_path / "solo")], env=env,
+                          capture_output=True, text=True)
+    assert solo.returncode == 0, solo.stderr[-2000:]
+    duo = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29517", "-m", "onelayer", *args, "--out", str(tmp_path / "duo")], env=env,
+                         capture_output=True, text=True)
+    assert duo.returncode == 0, duo.stderr[-2000:]
+    a = json.loads((tmp_path / "solo" / "profile.json").read_text())
+    b = json.loads((tmp_path / "duo" / "profile.json").read_text())
+    assert a["points"] == b["points"] and a["full_gain"] == b["full_gain"]
+    def science(run_dir):  # everything but wall-clock timings
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith(("seconds", "tokens_per"))}
+                for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+    for name in ("full-s0", "layer001-s0", "layer003-s0"):
+        assert science(tmp_path / "solo" / "runs" / name) == science(tmp_path / "duo" / "runs" / name)

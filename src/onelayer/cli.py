@@ -198,10 +198,12 @@ def write_profile(scan_dir: Path) -> None:
 
 
 def cmd_scan(args: argparse.Namespace) -> None:
-    from .scan import run_scan, run_status
+    from .scan import Shard, run_scan, run_status
 
     config = config_from_args(ScanConfig, args)
     plan = run_scan(config, progress=not args.no_progress)
+    if Shard.from_env().rank != 0:
+        return  # rank 0 reports for everyone
     scan_dir = Path(config.recipe.out)
     failed = [r.name for r in plan if run_status(scan_dir, r) == "failed"]
     if failed:

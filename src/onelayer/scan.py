@@ -112,17 +112,59 @@ def execute_run(config: ScanConfig, run: PlannedRun, scan_dir: Path, progress: b
     return row
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a scan: runs ``rank``, ``rank + world``, ... of the plan."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Shard:
+        """From torchrun's RANK / WORLD_SIZE / LOCAL_RANK (one process: rank 0 of 1)."""
+        import os
+
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+    def take(self, plan: list[PlannedRun]) -> list[PlannedRun]:
+        return plan[self.rank::self.world]
+
+    def device(self, requested: str) -> str:
+        """One GPU per local rank, wrapping around when there are more processes than GPUs."""
+        if requested or not torch.cuda.is_available() or self.world == 1:
+            return requested
+        return f"cuda:{self.local_rank % torch.cuda.device_count()}"
+
+
+def barrier(shard: Shard) -> None:
+    """Wait for every rank (gloo over torchrun's rendezvous); a no-op for one process."""
+    if shard.world == 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dist.barrier()
+
+
 def run_scan(config: ScanConfig, progress: bool = True,
              execute: Callable[[ScanConfig, PlannedRun, Path], dict] | None = None) -> list[PlannedRun]:
-    """Run every pending or failed run of the scan; finished ones are skipped. A run that raises is
-    recorded (``error.txt``) and the scan goes on. Returns the plan."""
+    """Run every pending or failed run of the scan (this process's share of them, under torchrun);
+    finished ones are skipped. A run that raises is recorded (``error.txt``) and the scan goes on.
+    Returns the whole plan once every rank is done."""
+    shard = Shard.from_env()
+    config = replace(config, recipe=replace(config.recipe, device=shard.device(config.recipe.device)))
     scan_dir = Path(config.recipe.out)
     scan_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_scan(config, num_layers(load_config(config.recipe.model)))
-    (scan_dir / "scan.json").write_text(json.dumps({"config": to_dict(config), "runs": [r.__dict__ for r in plan]},
-                                                   indent=2))
+    if shard.rank == 0:
+        saved = {"config": to_dict(replace(config, recipe=replace(config.recipe, device=""))),
+                 "runs": [r.__dict__ for r in plan]}
+        (scan_dir / "scan.json").write_text(json.dumps(saved, indent=2))
     execute = execute or (lambda c, r, d: execute_run(c, r, d))
-    todo = [r for r in plan if run_status(scan_dir, r) != "done"]
+    todo = [r for r in shard.take(plan) if run_status(scan_dir, r) != "done"]
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -134,7 +176,8 @@ def run_scan(config: ScanConfig, progress: bool = True,
 
     with Progress(TextColumn("scan {task.fields[current]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), disable=not progress) as bar:
-        task_id = bar.add_task("scan", total=len(plan), completed=len(plan) - len(todo), current="")
+        mine = shard.take(plan)
+        task_id = bar.add_task("scan", total=len(mine), completed=len(mine) - len(todo), current="")
         for run in todo:
             bar.update(task_id, current=run.name)
             try:
@@ -146,6 +189,7 @@ def run_scan(config: ScanConfig, progress: bool = True,
                 directory.mkdir(parents=True, exist_ok=True)
                 (directory / "error.txt").write_text(f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
             bar.advance(task_id)
+    barrier(shard)
     return plan
 
 
