@@ -5,7 +5,17 @@ import pytest
 from onelayer.cli import main
 from onelayer.config import SamplingConfig, TrainConfig
 from onelayer.errors import OneLayerError
-from onelayer.scan import PlannedRun, ScanConfig, plan_scan, run_dir, run_scan, run_status, scan_profile
+from onelayer.scan import (
+    PlannedRun,
+    ScanConfig,
+    plan_scan,
+    probe_layers,
+    probe_results,
+    run_dir,
+    run_scan,
+    run_status,
+    scan_profile,
+)
 
 
 def scan_config(out, model, **recipe):
@@ -36,7 +46,8 @@ def _fake_execute(calls, scores, fail=(), interrupt=None):
         directory = run_dir(scan_dir, run)
         (directory / "evals").mkdir(parents=True, exist_ok=True)
         examples = directory / "evals" / "final.examples.jsonl"
-        examples.write_text("".join(json.dumps({"correct": [bool(c)]}) + "\n" for c in scores[run.kind, run.layer]))
+        correct = scores.get((run.kind, run.layer, run.lr_scale)) or scores[run.kind, run.layer]
+        examples.write_text("".join(json.dumps({"correct": [bool(c)]}) + "\n" for c in correct))
         (directory / "result.json").write_text(json.dumps({"examples": str(examples)}))
         return {}
     return execute
@@ -78,6 +89,42 @@ def test_a_failed_run_is_recorded_and_retried_alone(tmp_path, saved_tiny):
     assert calls == ["layer001-s0"]
 
 
+def test_probes_rerun_the_best_and_worst_layers_at_scaled_learning_rates(tmp_path, saved_tiny):
+    config = ScanConfig(recipe=scan_config(tmp_path / "scan", saved_tiny).recipe, lr_scales="0.5,2")
+    scores = {**SCORES, ("probe", 3, 2.0): [1] * 30 + [0] * 10, ("probe", 3, 0.5): [1] * 5 + [0] * 35,
+              ("probe", 1, 2.0): [1] * 25 + [0] * 15, ("probe", 1, 0.5): [0] * 40}
+    calls = []
+    plan = run_scan(config, progress=False, execute=_fake_execute(calls, scores))
+    # the profile says layer 3 (C = 1.0) is best and layer 1 (C = 0.5) worst
+    assert calls[4:] == ["layer001-lr0.5x-s0", "layer001-lr2x-s0", "layer003-lr0.5x-s0", "layer003-lr2x-s0"]
+    assert plan[-1] == PlannedRun("layer003-lr2x-s0", "probe", 0, 3, 2.0)
+    rows = {(r["layer"], r["lr_scale"]): r for r in probe_results(tmp_path / "scan", n_resamples=200)}
+    # C = accuracy / 0.5 (base 0, full 0.5); rank among layers {1, 3} with the probed value swapped in
+    assert rows[3, 2.0]["contribution"] == pytest.approx(1.0) and rows[3, 2.0]["rank"] == 1
+    assert rows[3, 2.0]["probe_contribution"] == pytest.approx(1.5) and rows[3, 2.0]["probe_rank"] == 1
+    assert rows[3, 0.5]["probe_contribution"] == pytest.approx(0.25) and rows[3, 0.5]["probe_rank"] == 2
+    assert rows[1, 2.0]["rank"] == 2 and rows[1, 2.0]["probe_contribution"] == pytest.approx(1.25)
+    assert rows[1, 2.0]["probe_rank"] == 1 and rows[1, 0.5]["probe_contribution"] == 0.0
+    profile, _ = scan_profile(tmp_path / "scan", n_resamples=100)  # probes do not enter the profile
+    assert {p.layer: p.contribution for p in profile.points if not p.interpolated} == {1: 0.5, 3: 1.0}
+    calls.clear()
+    run_scan(config, progress=False, execute=_fake_execute(calls, scores))
+    assert calls == []  # resumed: nothing left to do
+
+
+def test_probe_layer_choice_and_bad_scales(tmp_path, saved_tiny):
+    contributions = {0: 0.2, 4: 0.9, 8: -0.1}
+    assert probe_layers("best,worst", contributions, 12) == [4, 8]
+    assert probe_layers("best,0", contributions, 12) == [0, 4]
+    with pytest.raises(OneLayerError, match="did not measure"):
+        probe_layers("5", contributions, 12)
+    with pytest.raises(OneLayerError, match="names no layer"):
+        probe_layers("", contributions, 12)
+    config = ScanConfig(recipe=scan_config(tmp_path / "scan", saved_tiny).recipe, lr_scales="2,x")
+    with pytest.raises(OneLayerError, match="comma-separated numbers"):
+        run_scan(config, progress=False, execute=_fake_execute([], SCORES))
+
+
 def test_scan_end_to_end_from_the_command_line(tmp_path, saved_tiny, capsys):
     out = tmp_path / "scan"
     code = main(["scan", "--model", str(saved_tiny), "--task", "toy:repeat", "--layers", "1,3", "--steps", "2",
@@ -93,6 +140,12 @@ def test_scan_end_to_end_from_the_command_line(tmp_path, saved_tiny, capsys):
     # each trained run evaluated once, at its last step, on the same examples as the base
     rows = [json.loads(x) for x in (out / "runs" / "layer001-s0" / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2] and rows[0]["n"] == 6
+    # each run records how far its trained layers moved, and only those
+    change = json.loads((out / "runs" / "layer001-s0" / "result.json").read_text())["param_change"]
+    assert list(change) == ["1"] and change["1"] > 0
+    full = json.loads((out / "runs" / "full-s0" / "result.json").read_text())["param_change"]
+    assert sorted(full) == ["0", "1", "2", "3"] and all(v > 0 for v in full.values())
+    assert json.loads((out / "runs" / "base" / "result.json").read_text())["param_change"] is None
     code = main(["profile", str(out)])
     assert code == 0
     assert main(["profile", str(tmp_path)]) == 2

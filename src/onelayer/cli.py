@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import EvalConfig, SamplingConfig, TrainConfig
 from .errors import OneLayerError
+from .ood import OODConfig
 from .scan import ScanConfig
 
 
@@ -149,41 +150,49 @@ EASY_ARITHMETIC = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits"
                    "allow_parentheses": False, "allow_negation": False}
 
 
+def demo_config(out: str, gpu: bool) -> ScanConfig:
+    """The demo scan. On a GPU: every layer of the embedded model with the recipe of
+    docs/results/2026-11-22-scan-smollm2 (about an hour on one H100). On a CPU: three layers (first,
+    middle, last) for a few steps, which finishes in minutes but is too short to move accuracy."""
+    if gpu:
+        recipe = TrainConfig(layers="all", steps=30, prompts_per_step=64, group_size=8, lr=2e-5, micro_batch_size=128,
+                             eval_n=500, save_every=10, attention="eager",
+                             sampling=SamplingConfig(max_new_tokens=96, generation_batch_size=512))
+    else:
+        recipe = TrainConfig(layers="0,15,29", steps=2, prompts_per_step=4, group_size=4, lr=2e-5,
+                             micro_batch_size=16, eval_n=16, save_every=2,
+                             sampling=SamplingConfig(max_new_tokens=32))
+    recipe.model, recipe.task, recipe.algo, recipe.out = "smollm2", "rg:basic_arithmetic", "grpo", str(Path(out) / "scan")
+    recipe.task_options = {**EASY_ARITHMETIC, **({"eval_size": 500} if gpu else {})}
+    return ScanConfig(recipe=recipe)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
-    """A small real job on the embedded model: evaluate, GRPO-train the middle layer, evaluate again."""
-    from .evaluate import evaluate, write_eval
-    from .models import default_device, load_model, load_tokenizer
-    from .tasks import get_task
-    from .train import train
+    """A real scan of the embedded model: base, full and single-layer runs, profile, report."""
+    import torch
 
-    out, device = Path(args.out), default_device()
-    config = TrainConfig(model="smollm2", task="rg:basic_arithmetic", task_options=EASY_ARITHMETIC, algo="grpo",
-                         layers="middle:1", out=str(out / "middle1"), steps=args.steps, prompts_per_step=4,
-                         group_size=4, lr=1e-5, micro_batch_size=16, save_every=args.steps,
-                         sampling=SamplingConfig(max_new_tokens=args.max_new_tokens))
-    task = get_task(config.task, config.task_options)
-    model, tokenizer = load_model(config.model, device), load_tokenizer(config.model)
+    from .report import build_report
+    from .scan import run_scan
 
-    def measure(name: str):
-        result = evaluate(model, tokenizer, task, args.eval_n, max_new_tokens=args.max_new_tokens)
-        write_eval(result, out / name)
-        return result
-
-    base = measure("base")
-    train(config, model, tokenizer, progress=True)
-    trained = measure("middle1")
-    print(f"base model       {base.line()}")
-    print(f"middle:1 trained {trained.line()}")
-    print(f"per-example results in {out}/base and {out}/middle1; training log {out}/middle1/log.jsonl; "
-          f"checkpoint {out}/middle1/checkpoint")
-    print("A CPU demo is too short to move accuracy reliably; docs/results/ has GPU runs.")
+    config = demo_config(args.out, torch.cuda.is_available() and not args.cpu_scale)
+    r = config.recipe
+    print(f"demo: scan of {r.model} on {r.task}, layers {r.layers}, {r.steps} steps each, into {r.out} "
+          "(rerun to resume)")
+    run_scan(config, progress=True)
+    scan_dir = Path(r.out)
+    write_profile(scan_dir)
+    report = build_report(scan_dir)
+    print(f"report: {report.with_suffix('.html')}")
+    if not torch.cuda.is_available() or args.cpu_scale:
+        print("A CPU demo is far too short to move accuracy: expect the warning above. On a GPU the same command "
+              "scans every layer; docs/results/ has GPU scans.")
 
 
 def write_profile(scan_dir: Path) -> None:
     """Compute a scan's profile and write profile.json, profile.md and profile.png into it."""
     from dataclasses import asdict
 
-    from .analysis.profile_figure import plot_profile, profile_table
+    from .analysis.figures import plot_profile, profile_table
     from .scan import scan_profile
 
     profile, status = scan_profile(scan_dir)
@@ -214,6 +223,59 @@ def cmd_scan(args: argparse.Namespace) -> None:
 
 def cmd_profile(args: argparse.Namespace) -> None:
     write_profile(Path(args.scan))
+
+
+def _write_analysis(title: str, section, out_dir: Path, stem: str) -> None:
+    from .analysis.document import Table
+    from .report import write_sections
+
+    md, page, _ = write_sections(title, [section], out_dir, stem)
+    for block in section.blocks:
+        if isinstance(block, Table):
+            print(" | ".join(block.header))
+            for row in block.rows:
+                print(" | ".join(row))
+        elif isinstance(block, str):
+            print(block)
+    print(f"written: {md}, {page} and {md.with_suffix('.json')}")
+
+
+def cmd_analyze_rank(args: argparse.Namespace) -> None:
+    from .report import rank_of_scans
+
+    out = Path(args.out)
+    _write_analysis("Rank correlation of layer profiles", rank_of_scans(args.scans, out), out, "rank")
+
+
+def cmd_analyze_params(args: argparse.Namespace) -> None:
+    from .report import params_section
+
+    scan = Path(args.scan)
+    section = params_section(scan, scan / "analysis" / "figures")
+    if section is None:
+        raise OneLayerError(f"{scan} has no finished single-layer run with a recorded parameter change: run or "
+                            "resume onelayer scan first")
+    _write_analysis(f"Parameter change: {scan.name}", section, scan / "analysis", "params")
+
+
+def cmd_analyze_ood(args: argparse.Namespace) -> None:
+    from .ood import run_ood
+    from .report import ood_section
+    from .scan import Shard
+
+    scan = Path(args.scan)
+    run_ood(scan, config_from_args(OODConfig, args), progress=not args.no_progress)
+    if Shard.from_env().rank != 0:
+        return
+    _write_analysis(f"Out-of-domain transfer: {scan.name}", ood_section(scan, scan / "analysis" / "figures"),
+                    scan / "analysis", "ood")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import build_report
+
+    md = build_report(args.scan, args.compare, args.out or None)
+    print(f"report: {md} and {md.with_suffix('.html')} (self-contained), numbers in {md.with_suffix('.json')}")
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -251,17 +313,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scan", help="scan directory")
     p.set_defaults(func=cmd_profile)
 
+    p = sub.add_parser("analyze", help="analyses of scans: rank, params, ood")
+    analyses = p.add_subparsers(dest="analysis", required=True)
+    q = analyses.add_parser("rank", help="Spearman and Kendall rank correlation of two or more scans' profiles")
+    q.add_argument("scans", nargs="+", help="scan directories")
+    q.add_argument("--out", default="rank-analysis", help="directory for rank.md/.html/.json and the heatmap")
+    q.set_defaults(func=cmd_analyze_rank)
+    q = analyses.add_parser("params", help="relative weight change per layer against contribution")
+    q.add_argument("scan", help="scan directory")
+    q.set_defaults(func=cmd_analyze_params)
+    q = analyses.add_parser("ood", help="evaluate every run of a scan on other tasks; transfer of contributions")
+    q.add_argument("scan", help="scan directory")
+    add_config_flags(q, OODConfig)
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_analyze_ood)
+
+    p = sub.add_parser("report", help="HTML + markdown report of a scan with every figure and table")
+    p.add_argument("scan", help="scan directory")
+    p.add_argument("--compare", nargs="*", default=[], help="other scans to rank-correlate with")
+    p.add_argument("--out", default="", help="directory (default: SCAN/report)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("plot", help="plot reward and eval curves of runs")
     p.add_argument("runs", nargs="+", help="run directories (--out of train)")
     p.add_argument("--out", default="curves.png", help="PNG to write")
     p.add_argument("--smooth", type=int, default=5, help="moving-average window over steps")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("demo", help="a small real job on the embedded model (CPU: minutes)")
+    p = sub.add_parser("demo", help="a real scan of the embedded model (CPU: 3 layers in minutes; GPU: all layers)")
     p.add_argument("--out", default="demo-out")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--eval-n", type=int, default=24)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--cpu-scale", action="store_true", help="the small CPU scan even when a GPU is present")
     p.set_defaults(func=cmd_demo)
     return parser
 

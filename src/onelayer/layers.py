@@ -153,6 +153,12 @@ def _wanted_ids(model: nn.Module, selection: LayerSelection) -> set[LayerId]:
     return wanted
 
 
+def selected_names(model: nn.Module, selection: LayerSelection) -> list[str]:
+    """Names of the parameters a selection trains."""
+    layer_of, wanted = parameter_layers(model), _wanted_ids(model, selection)
+    return [name for name, _ in model.named_parameters() if layer_of[name] in wanted]
+
+
 def parameter_counts(model: nn.Module, selection: LayerSelection) -> dict:
     """Trainable parameter counts of a selection: per selected layer id, in total, and the model's."""
     layer_of = parameter_layers(model)

@@ -16,14 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .analysis.contribution import Profile, layer_profile
+from .analysis.param_change import relative_change, squared_norms
 from .config import TrainConfig, to_dict
 from .errors import OneLayerError
 from .evaluate import evaluate, write_eval
-from .layers import parse_layer_spec
-from .models import default_device, load_config, load_model, load_tokenizer, num_layers
+from .layers import parse_layer_spec, selected_names
+from .models import default_device, load_config, load_model, load_tokenizer, num_layers, parameter_layers
 from .tasks import get_task
 from .train import precision_context, train
 
@@ -35,16 +37,22 @@ class ScanConfig:
 
     recipe: TrainConfig = field(default_factory=TrainConfig)
     seeds: int = field(default=1, metadata={"help": "seeds per trained configuration"})
+    lr_scales: str = field(default="", metadata={
+        "help": "robustness probes: rerun --probe-layers with the learning rate times each of these, e.g. 0.5,2"})
+    probe_layers: str = field(default="best,worst", metadata={
+        "help": "layers the probes rerun: best, worst (by measured contribution) and/or a layer spec"})
 
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One run of a scan: ``kind`` is base, full or layer; ``layer`` is set for single-layer runs."""
+    """One run of a scan: ``kind`` is base, full, layer or probe (a single-layer run with the learning
+    rate times ``lr_scale``); ``layer`` is set for layer and probe runs."""
 
     name: str
     kind: str
     seed: int
     layer: int | None = None
+    lr_scale: float = 1.0
 
     @property
     def layers_spec(self) -> str:
@@ -65,6 +73,48 @@ def plan_scan(config: ScanConfig, n_layers: int) -> list[PlannedRun]:
     return runs
 
 
+def parse_scales(text: str) -> list[float]:
+    try:
+        scales = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise OneLayerError(f"--lr-scales '{text}' must be comma-separated numbers, e.g. 0.5,2") from None
+    if any(not x > 0 or x == 1 for x in scales):
+        raise OneLayerError(f"--lr-scales '{text}': each scale must be > 0 and not 1 (1 is the scan itself)")
+    return scales
+
+
+def probe_layers(spec: str, contributions: dict[int, float], n_layers: int) -> list[int]:
+    """The layers named by ``spec``: ``best`` and ``worst`` are the measured layers of highest and
+    lowest contribution; other terms are a layer spec of measured layers."""
+    terms = [t.strip().lower() for t in spec.split(",") if t.strip()]
+    chosen: set[int] = set()
+    if "best" in terms:
+        chosen.add(max(contributions, key=lambda k: (contributions[k], -k)))
+    if "worst" in terms:
+        chosen.add(min(contributions, key=lambda k: (contributions[k], k)))
+    rest = [t for t in terms if t not in ("best", "worst")]
+    if rest:
+        named = parse_layer_spec(",".join(rest), n_layers).layers
+        unmeasured = [layer for layer in named if layer not in contributions]
+        if unmeasured:
+            raise OneLayerError(f"--probe-layers names layer {unmeasured[0]}, which the scan did not measure: "
+                                f"probe measured layers ({sorted(contributions)}) or add it to --layers")
+        chosen.update(named)
+    if not chosen:
+        raise OneLayerError(f"--probe-layers '{spec}' names no layer: use best, worst and/or a layer spec")
+    return sorted(chosen)
+
+
+def plan_probes(config: ScanConfig, profile: Profile) -> list[PlannedRun]:
+    """Reruns of the chosen layers at each scaled learning rate, seed by seed."""
+    scales = parse_scales(config.lr_scales)
+    measured = {p.layer: p.contribution for p in profile.points if not p.interpolated}
+    layers = probe_layers(config.probe_layers, measured, len(profile.points))
+    seeds = [config.recipe.seed + i for i in range(config.seeds)]
+    return [PlannedRun(f"layer{layer:03d}-lr{scale:g}x-s{s}", "probe", s, layer, scale)
+            for layer in layers for scale in scales for s in seeds]
+
+
 def run_dir(scan_dir: Path, run: PlannedRun) -> Path:
     return scan_dir / "runs" / run.name
 
@@ -79,7 +129,7 @@ def run_status(scan_dir: Path, run: PlannedRun) -> str:
 def _recipe_for(config: ScanConfig, run: PlannedRun, scan_dir: Path) -> TrainConfig:
     # one final evaluation per run, on the same examples; no separate base evaluation inside each run
     return replace(config.recipe, layers=run.layers_spec, seed=run.seed, out=str(run_dir(scan_dir, run)),
-                   eval_every=config.recipe.steps, eval_at_start=False)
+                   lr=config.recipe.lr * run.lr_scale, eval_every=config.recipe.steps, eval_at_start=False)
 
 
 def execute_run(config: ScanConfig, run: PlannedRun, scan_dir: Path, progress: bool = False) -> dict:
@@ -100,13 +150,19 @@ def execute_run(config: ScanConfig, run: PlannedRun, scan_dir: Path, progress: b
         write_eval(result, directory / "evals", f"step{step:06d}")
         return {"step": step, **result.summary()}
 
+    change = None
     if run.kind == "base":
         summary = final_evaluation(0)
     else:
+        names = selected_names(model, parse_layer_spec(run.layers_spec, num_layers(model.config)))
+        params = dict(model.named_parameters())
+        before = {n: params[n].detach().to("cpu", copy=True) for n in names}
         # None when training had already finished (killed before result.json): the checkpoint is loaded
         summary = train(recipe, model, tokenizer, progress=progress).final_eval or final_evaluation(recipe.steps)
-    row = {"name": run.name, "kind": run.kind, "seed": run.seed, "layer": run.layer,
-           "examples": str(directory / "evals" / f"step{summary['step']:06d}.examples.jsonl"), **summary}
+        params = dict(model.named_parameters())  # training may have replaced bf16 tensors by fp32 ones
+        change = relative_change(squared_norms(before, {n: params[n] for n in names}), parameter_layers(model))
+    row = {"name": run.name, "kind": run.kind, "seed": run.seed, "layer": run.layer, "lr_scale": run.lr_scale,
+           "examples": f"evals/step{summary['step']:06d}.examples.jsonl", **summary, "param_change": change}
     (directory / "result.json").write_text(json.dumps(row, indent=2))
     (directory / "error.txt").unlink(missing_ok=True)
     return row
@@ -149,22 +205,11 @@ def barrier(shard: Shard) -> None:
     dist.barrier()
 
 
-def run_scan(config: ScanConfig, progress: bool = True,
-             execute: Callable[[ScanConfig, PlannedRun, Path], dict] | None = None) -> list[PlannedRun]:
-    """Run every pending or failed run of the scan (this process's share of them, under torchrun);
-    finished ones are skipped. A run that raises is recorded (``error.txt``) and the scan goes on.
-    Returns the whole plan once every rank is done."""
-    shard = Shard.from_env()
-    config = replace(config, recipe=replace(config.recipe, device=shard.device(config.recipe.device)))
-    scan_dir = Path(config.recipe.out)
-    scan_dir.mkdir(parents=True, exist_ok=True)
-    plan = plan_scan(config, num_layers(load_config(config.recipe.model)))
-    if shard.rank == 0:
-        saved = {"config": to_dict(replace(config, recipe=replace(config.recipe, device=""))),
-                 "runs": [r.__dict__ for r in plan]}
-        (scan_dir / "scan.json").write_text(json.dumps(saved, indent=2))
-    execute = execute or (lambda c, r, d: execute_run(c, r, d))
-    todo = [r for r in shard.take(plan) if run_status(scan_dir, r) != "done"]
+def for_each_run(runs: list[PlannedRun], work: Callable[[PlannedRun], object], error_file: Callable[[PlannedRun], Path],
+                 label: str, progress: bool = True, done: int = 0) -> None:
+    """Call ``work`` on each run under a progress bar (runs done / left, elapsed, estimate). A run that
+    raises gets its error written to ``error_file(run)`` and the others go on; a finished one removes
+    a stale error file."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -174,49 +219,151 @@ def run_scan(config: ScanConfig, progress: bool = True,
         TimeRemainingColumn,
     )
 
-    with Progress(TextColumn("scan {task.fields[current]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), disable=not progress) as bar:
-        mine = shard.take(plan)
-        task_id = bar.add_task("scan", total=len(mine), completed=len(mine) - len(todo), current="")
-        for run in todo:
+    with Progress(TextColumn(f"{label} {{task.fields[current]}}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress) as bar:
+        task_id = bar.add_task(label, total=done + len(runs), completed=done, current="")
+        for run in runs:
             bar.update(task_id, current=run.name)
+            path = error_file(run)
             try:
-                execute(config, run, scan_dir)
+                work(run)
+                path.unlink(missing_ok=True)
             except KeyboardInterrupt:
                 raise
             except Exception as err:  # one broken run must not cost the others
-                directory = run_dir(scan_dir, run)
-                directory.mkdir(parents=True, exist_ok=True)
-                (directory / "error.txt").write_text(f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
             bar.advance(task_id)
+
+
+def _run_share(config: ScanConfig, runs: list[PlannedRun], scan_dir: Path, shard: Shard, execute, progress: bool,
+               label: str) -> None:
+    mine = shard.take(runs)
+    todo = [r for r in mine if run_status(scan_dir, r) != "done"]
+    for_each_run(todo, lambda r: execute(config, r, scan_dir), lambda r: run_dir(scan_dir, r) / "error.txt",
+                 label, progress, done=len(mine) - len(todo))
     barrier(shard)
-    return plan
 
 
-def _correct(row: dict) -> list[float]:
-    examples = Path(row["examples"])
-    return [sum(r["correct"]) / len(r["correct"]) for r in map(json.loads, examples.read_text().splitlines())]
+def _save_plan(config: ScanConfig, plan: list[PlannedRun], scan_dir: Path) -> None:
+    saved = {"config": to_dict(replace(config, recipe=replace(config.recipe, device=""))),
+             "runs": [r.__dict__ for r in plan]}
+    (scan_dir / "scan.json").write_text(json.dumps(saved, indent=2))
 
 
-def scan_profile(scan_dir: str | Path, n_resamples: int = 2000) -> tuple[Profile, dict]:
-    """The contribution profile of a (possibly unfinished) scan from its finished runs, and a summary
-    of which runs are done, failed or pending."""
+def run_scan(config: ScanConfig, progress: bool = True,
+             execute: Callable[[ScanConfig, PlannedRun, Path], dict] | None = None) -> list[PlannedRun]:
+    """Run every pending or failed run of the scan (this process's share of them, under torchrun);
+    finished ones are skipped. A run that raises is recorded (``error.txt``) and the scan goes on.
+    With ``lr_scales``, the probe runs follow once the profile exists. Returns the whole plan once
+    every rank is done."""
+    shard = Shard.from_env()
+    config = replace(config, recipe=replace(config.recipe, device=shard.device(config.recipe.device)))
+    scan_dir = Path(config.recipe.out)
+    scan_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan_scan(config, num_layers(load_config(config.recipe.model)))
+    if config.lr_scales:
+        parse_scales(config.lr_scales)  # a typo should fail now, not after hours of scanning
+    if shard.rank == 0:
+        _save_plan(config, plan, scan_dir)
+    execute = execute or (lambda c, r, d: execute_run(c, r, d))
+    _run_share(config, plan, scan_dir, shard, execute, progress, "scan")
+    if not config.lr_scales:
+        return plan
+    # every rank reads the same finished runs after the barrier, so they plan the same probes
+    profile, _ = scan_profile(scan_dir)
+    probes = plan_probes(config, profile)
+    if shard.rank == 0:
+        _save_plan(config, plan + probes, scan_dir)
+    _run_share(config, probes, scan_dir, shard, execute, progress, "lr probes")
+    return plan + probes
+
+
+def load_plan(scan_dir: str | Path) -> tuple[dict, list[PlannedRun]]:
+    """A scan directory's saved config (as a dict) and plan."""
     scan_dir = Path(scan_dir)
     if not (scan_dir / "scan.json").is_file():
         raise OneLayerError(f"{scan_dir} is not a scan directory (no scan.json): pass the --out of onelayer scan")
     saved = json.loads((scan_dir / "scan.json").read_text())
-    plan = [PlannedRun(**r) for r in saved["runs"]]
-    results = {r.name: json.loads((run_dir(scan_dir, r) / "result.json").read_text())
-               for r in plan if run_status(scan_dir, r) == "done"}
+    return saved["config"], [PlannedRun(**r) for r in saved["runs"]]
+
+
+def read_result(scan_dir: Path, run: PlannedRun) -> dict:
+    return json.loads((run_dir(scan_dir, run) / "result.json").read_text())
+
+
+def examples_file(scan_dir: Path, run: PlannedRun, source: str = "") -> Path:
+    """Per-example results of a finished run: in-domain ones (``source`` empty), or those of the
+    out-of-domain evaluation named ``source`` (see :mod:`onelayer.ood`)."""
+    directory = run_dir(scan_dir, run)
+    if source:
+        return directory / "ood" / f"{source}.examples.jsonl"
+    path = Path(read_result(scan_dir, run)["examples"])
+    # older scans stored absolute paths: fall back to the run's own evals/ when the scan was moved
+    return path if path.is_absolute() and path.is_file() else directory / "evals" / path.name
+
+
+def example_scores(path: Path) -> list[float]:
+    """Each example's score: the fraction of its samples judged correct."""
+    return [sum(r["correct"]) / len(r["correct"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def scan_profile(scan_dir: str | Path, n_resamples: int = 2000, source: str = "",
+                 seeds: list[int] | None = None) -> tuple[Profile, dict]:
+    """The contribution profile of a (possibly unfinished) scan from its finished runs, and each run's
+    status (done, failed or pending). ``source`` picks an out-of-domain evaluation instead of the
+    in-domain one; ``seeds`` restricts the trained runs to those seeds."""
+    scan_dir = Path(scan_dir)
+    config, plan = load_plan(scan_dir)
     status = {r.name: run_status(scan_dir, r) for r in plan}
-    base = [_correct(results[r.name]) for r in plan if r.kind == "base" and r.name in results]
-    full = [_correct(results[r.name]) for r in plan if r.kind == "full" and r.name in results]
-    layers: dict[int, list[list[float]]] = {}
-    for r in plan:
-        if r.kind == "layer" and r.name in results:
-            layers.setdefault(r.layer, []).append(_correct(results[r.name]))
+
+    def scores(kind: str) -> dict:
+        found: dict = {}
+        for r in plan:
+            if r.kind == kind and status[r.name] == "done" and (seeds is None or kind == "base" or r.seed in seeds):
+                path = examples_file(scan_dir, r, source)
+                if path.is_file():
+                    found.setdefault(r.layer, []).append(example_scores(path))
+        return found
+
+    base, full, layers = scores("base").get(None), scores("full").get(None), scores("layer")
     if not base or not full or not layers:
-        raise OneLayerError(f"{scan_dir} needs the base, a full and at least one layer run finished for a profile "
+        what = f"evaluated on {source} (run onelayer analyze ood)" if source else "finished"
+        raise OneLayerError(f"{scan_dir} needs the base, a full and at least one layer run {what} for a profile "
                             "(rerun onelayer scan to continue it)")
-    n_layers = num_layers(load_config(saved["config"]["recipe"]["model"]))
+    n_layers = num_layers(load_config(config["recipe"]["model"]))
     return layer_profile(base, full, layers, n_layers, n_resamples=n_resamples), status
+
+
+def probe_results(scan_dir: str | Path, n_resamples: int = 2000) -> list[dict]:
+    """For each probed layer and learning-rate scale: its contribution at the scan's learning rate and
+    at the scaled one (against the same base and full runs), and its rank among the measured layers
+    at both (the probed value replacing the layer's own)."""
+    from .analysis.contribution import bootstrap_indices, contribution_estimate, per_example_scores
+    from .analysis.rank import layer_ranks, measured
+
+    scan_dir = Path(scan_dir)
+    _, plan = load_plan(scan_dir)
+    done = [r for r in plan if r.kind == "probe" and run_status(scan_dir, r) == "done"]
+    if not done:
+        return []
+    profile, _ = scan_profile(scan_dir, n_resamples)
+    at_base = measured(profile)
+    points = {p.layer: p for p in profile.points}
+
+    def seed_scores(kind: str, layer=None, scale=1.0) -> np.ndarray:
+        rows = [example_scores(examples_file(scan_dir, r)) for r in plan if r.kind == kind and r.layer == layer
+                and r.lr_scale == scale and run_status(scan_dir, r) == "done"]
+        return per_example_scores(rows)
+
+    base, full = seed_scores("base"), seed_scores("full")
+    indices = bootstrap_indices(base.size, n_resamples, 0)
+    rows = []
+    for layer, scale in sorted({(r.layer, r.lr_scale) for r in done}):
+        est = contribution_estimate(base, full, seed_scores("probe", layer, scale), indices)
+        ranks_after = layer_ranks({**at_base, layer: est.value})
+        rows.append({"layer": layer, "lr_scale": scale, "contribution": at_base[layer],
+                     "low": points[layer].low, "high": points[layer].high, "rank": layer_ranks(at_base)[layer],
+                     "probe_contribution": est.value, "probe_low": est.low, "probe_high": est.high,
+                     "probe_rank": ranks_after[layer], "measured_layers": len(at_base)})
+    return rows

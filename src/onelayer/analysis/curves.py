@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import OneLayerError
+from .figures import pyplot, save_figure
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -30,11 +31,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
 def plot_runs(run_dirs: list[str | Path], out: str | Path, smooth: int = 5) -> Path:
     """Draw train reward (moving average over ``smooth`` steps) and eval accuracy of the runs into
     one PNG at ``out``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = [load_run_logs(r) for r in run_dirs]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
@@ -52,8 +49,31 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, smooth: int = 5) -> P
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
+
+
+def plot_scan_rewards(runs: list[dict], num_layers: int, out: str | Path, smooth: int = 5) -> Path:
+    """Train reward of every trained run of a scan: single-layer runs coloured by relative depth, the
+    full-parameter runs in black, learning-rate probes dashed. ``runs`` rows: kind, layer, lr_scale
+    and ``steps`` (log rows)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    cmap = plt.get_cmap("viridis")
+    for run in runs:
+        steps = [row["step"] for row in run["steps"]]
+        rewards = _smooth([row["reward"] for row in run["steps"]], smooth)
+        if run["kind"] == "full":
+            ax.plot(steps, rewards, color="black", linewidth=2, label="full" if "full" not in
+                    ax.get_legend_handles_labels()[1] else None)
+        else:
+            ax.plot(steps, rewards, color=cmap((run["layer"] + 0.5) / num_layers), linewidth=1,
+                    linestyle="--" if run["kind"] == "probe" else "-", alpha=0.9)
+    mappable = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1))
+    fig.colorbar(mappable, ax=ax, label="relative depth of the trained layer")
+    ax.set(xlabel="step", ylabel=f"train reward (mean of {smooth} steps)",
+           title="reward of every run (dashed: learning-rate probes)")
+    ax.grid(alpha=0.3)
+    if any(r["kind"] == "full" for r in runs):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, out)

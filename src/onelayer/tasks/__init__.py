@@ -48,5 +48,45 @@ def get_task(name: str, options: dict | None = None) -> Task:
         raise OneLayerError(f"bad options for task '{name}': {err}") from err
 
 
+def split_task_list(text: str) -> list[str]:
+    """Split ``a,b?k=[1,2],c`` at the commas that are not inside brackets or quotes."""
+    parts, depth, quote, current = [], 0, "", ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+            continue
+        current += ch
+    parts.append(current.strip())
+    return [p for p in parts if p]
+
+
+def parse_task_ref(text: str) -> tuple[str, dict]:
+    """``NAME?KEY=VALUE&KEY=VALUE`` -> (NAME, options); values are JSON when they parse as JSON
+    (``max_terms=3``, ``operators=["+"]``), strings otherwise."""
+    import json
+
+    name, _, query = text.partition("?")
+    options: dict = {}
+    for pair in filter(None, query.split("&")):
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise OneLayerError(f"task option '{pair}' in '{text}' is not KEY=VALUE: write TASK?KEY=VALUE&KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, options
+
+
 __all__ = ["Example", "FAMILIES", "HFDatasetTask", "JsonlTask", "MathTask", "ReasoningGymTask",
-           "RepeatTask", "Score", "Task", "get_task", "register_task_family"]
+           "RepeatTask", "Score", "Task", "get_task", "parse_task_ref",
+           "register_task_family", "split_task_list"]

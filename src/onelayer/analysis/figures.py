@@ -1,0 +1,137 @@
+"""Figures of a scan (contribution profile, parameter change, rank correlations) and the profile table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .contribution import Profile
+from .rank import RankCorrelation
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    pyplot().close(fig)
+    return out
+
+
+def plot_profile(profile: Profile, out: str | Path, title: str = "",
+                 others: Mapping[str, Profile] | None = None) -> Path:
+    """Contribution per layer (x: index, top axis: relative depth) with its interval as a band, the
+    full-training level at 1.0, and interpolated layers drawn hollow; ``others`` (e.g. per-seed or
+    out-of-domain profiles) are drawn as thin lines through their measured layers."""
+    plt = pyplot()
+    points = profile.points
+    n = len(points)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    xs = [p.layer for p in points]
+    ax.fill_between(xs, [p.low for p in points], [p.high for p in points], alpha=0.2, label="95% interval")
+    ax.plot(xs, [p.contribution for p in points], color="C0")
+    measured = [p for p in points if not p.interpolated]
+    guessed = [p for p in points if p.interpolated]
+    ax.scatter([p.layer for p in measured], [p.contribution for p in measured], color="C0", zorder=3, label="measured")
+    if guessed:
+        ax.scatter([p.layer for p in guessed], [p.contribution for p in guessed], facecolors="none",
+                   edgecolors="C0", zorder=3, label="interpolated")
+    for i, (name, other) in enumerate((others or {}).items()):
+        shown = [p for p in other.points if not p.interpolated]
+        ax.plot([p.layer for p in shown], [p.contribution for p in shown], marker=".", linewidth=1, alpha=0.8,
+                color=f"C{(i + 4) % 10}", label=name)
+    ax.axhline(1.0, color="C3", linestyle="--", label="full training")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set(xlabel="layer", ylabel="contribution C(l)", title=title or "layer contribution")
+    top = ax.secondary_xaxis("top", functions=(lambda x: (x + 0.5) / n, lambda d: d * n - 0.5))
+    top.set_xlabel("relative depth")
+    if not profile.reliable:
+        ax.text(0.5, 0.5, "full-training gain within noise:\ncontributions not meaningful", transform=ax.transAxes,
+                ha="center", va="center", color="C3", fontsize=13, alpha=0.8)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def profile_table(profile: Profile) -> str:
+    """A markdown table of every layer's contribution."""
+    g = profile.full_gain
+    lines = [f"Full-training gain: {g.value:+.4f} [{g.low:+.4f}, {g.high:+.4f}]"
+             + ("" if profile.reliable else f"\n\n**Warning:** {profile.warning}"), "",
+             "| layer | relative depth | contribution | 95% interval | measured |", "|---|---|---|---|---|"]
+    n = len(profile.points)
+    for p in profile.points:
+        lines.append(f"| {p.layer} | {(p.layer + 0.5) / n:.2f} | {p.contribution:.3f} | [{p.low:.3f}, {p.high:.3f}] | "
+                     f"{'interpolated' if p.interpolated else 'yes'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_change_vs_contribution(profile: Profile, own_change: Mapping[int, float],
+                                full_change: Mapping[int, float], out: str | Path,
+                                correlation: RankCorrelation | None = None) -> Path:
+    """Left: relative weight change per layer over depth, in the full run and in each layer's own
+    single-layer run. Right: a single-layer run's change against its contribution ("distance or
+    leverage?")."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    if full_change:
+        xs = sorted(full_change)
+        left.plot(xs, [full_change[x] for x in xs], marker=".", color="black", label="full-parameter run")
+    xs = sorted(own_change)
+    left.plot(xs, [own_change[x] for x in xs], marker="o", linestyle="none", color="C0", label="single-layer run")
+    left.set(xlabel="layer", ylabel="||W_after - W_before|| / ||W_before||", title="how far each layer moved")
+    left.legend(fontsize=8)
+    by_layer = {p.layer: p for p in profile.points}
+    shown = [x for x in xs if x in by_layer and not by_layer[x].interpolated]
+    scatter = right.scatter([own_change[x] for x in shown], [by_layer[x].contribution for x in shown],
+                            c=[(x + 0.5) / len(profile.points) for x in shown], cmap="viridis", vmin=0, vmax=1)
+    for x in shown:
+        right.annotate(str(x), (own_change[x], by_layer[x].contribution), fontsize=7, xytext=(3, 3),
+                       textcoords="offset points")
+    fig.colorbar(scatter, ax=right, label="relative depth")
+    title = "distance vs contribution"
+    if correlation is not None and not math.isnan(correlation.spearman):
+        title += f" (Spearman {correlation.spearman:+.2f}, p={correlation.spearman_p:.2g})"
+    right.set(xlabel="relative change of the trained layer", ylabel="contribution C(l)", title=title)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def plot_rank_heatmap(names: Sequence[str], pairs: Mapping[tuple[str, str], RankCorrelation],
+                      out: str | Path) -> Path:
+    """Spearman's rho between every two profiles (lower triangle also shows Kendall's tau)."""
+    plt = pyplot()
+    n = len(names)
+    size = max(4.0, 1.1 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    grid = [[1.0 if i == j else float("nan") for j in range(n)] for i in range(n)]
+    for i, p in enumerate(names):
+        for j, q in enumerate(names):
+            pair = pairs.get((p, q)) or pairs.get((q, p))
+            if pair is not None:
+                grid[i][j] = pair.spearman if i < j else pair.kendall
+    image = ax.imshow(grid, cmap="RdBu", vmin=-1, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            pair = pairs.get((names[i], names[j])) or pairs.get((names[j], names[i]))
+            text = "1" if i == j else ("n/a" if pair is None or math.isnan(grid[i][j]) else
+                                       f"{grid[i][j]:+.2f}\np={pair.spearman_p if i < j else pair.kendall_p:.2g}")
+            ax.text(j, i, text, ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(n), names, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    ax.set_title("rank agreement: Spearman (upper), Kendall (lower)")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    return save_figure(fig, out)

@@ -1,0 +1,287 @@
+"""Analyses of a finished (or partial) scan, and the report that gathers them.
+
+Each analysis is a function from a scan directory to a :class:`Section` (paragraphs, tables, figures
+and its numbers as ``data``). ``onelayer analyze ...`` writes one section on its own;
+``onelayer report`` writes all that apply into one markdown file and one self-contained HTML page.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from .analysis.contribution import Profile
+from .analysis.curves import plot_scan_rewards
+from .analysis.document import Callout, Figure, Section, Table, to_html, to_markdown
+from .analysis.figures import plot_change_vs_contribution, plot_profile, plot_rank_heatmap
+from .analysis.rank import correlation_matrix, measured, rank_correlation
+from .errors import OneLayerError
+from .scan import load_plan, probe_results, read_result, run_dir, run_status, scan_profile
+
+
+def _f(x, digits: int = 3, sign: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def _p(x) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.2g}"
+
+
+def _results(scan_dir: Path) -> dict[str, dict]:
+    _, plan = load_plan(scan_dir)
+    return {r.name: read_result(scan_dir, r) for r in plan if run_status(scan_dir, r) == "done"}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def seed_profiles(scan_dir: Path) -> dict[str, Profile]:
+    """One profile per seed when the scan has several (seeds whose runs are unfinished are left out)."""
+    _, plan = load_plan(scan_dir)
+    seeds = sorted({r.seed for r in plan if r.kind == "full"})
+    found = {}
+    for s in seeds if len(seeds) > 1 else []:
+        try:
+            found[f"seed {s}"] = scan_profile(scan_dir, seeds=[s])[0]
+        except OneLayerError:
+            pass  # that seed has not finished the runs a profile needs
+    return found
+
+
+def profile_section(scan_dir: Path, figures: Path) -> Section:
+    config, plan = load_plan(scan_dir)
+    profile, status = scan_profile(scan_dir)
+    results = _results(scan_dir)
+    per_seed = seed_profiles(scan_dir)
+    figure = plot_profile(profile, figures / "profile.png", f"layer contribution: {scan_dir.name}", per_seed)
+    base = next(v["accuracy"] for v in results.values() if v["kind"] == "base")
+    fulls = [v["accuracy"] for v in results.values() if v["kind"] == "full"]
+    done = measured(profile)
+    ranked = sorted(done, key=lambda k: -done[k])
+    g = profile.full_gain
+    blocks: list = [] if profile.reliable else [Callout(profile.warning)]
+    blocks.append(
+        f"Base accuracy {base:.3f}; full-parameter training {sum(fulls) / len(fulls):.3f} (mean of {len(fulls)} "
+        f"seed(s)): a gain of {g.value:+.3f} [{g.low:+.3f}, {g.high:+.3f}] (95%, paired bootstrap over eval "
+        f"examples). {len(done)} of {len(profile.points)} layers measured. Highest contribution: layer "
+        f"{ranked[0]} (relative depth {(ranked[0] + 0.5) / len(profile.points):.2f}) with C = {done[ranked[0]]:.3f}; "
+        f"lowest: layer {ranked[-1]} with C = {done[ranked[-1]]:.3f}. Top layers: "
+        + ", ".join(f"{k} ({done[k]:.2f})" for k in ranked[:5]) + ".")
+    blocks.append(Figure(figure, "Contribution C(l) per layer with its 95% interval; hollow points are "
+                                 "interpolated, not measured; thin lines are per-seed profiles."))
+    n = len(profile.points)
+    blocks.append(Table(["layer", "relative depth", "C(l)", "95% interval", "measured"],
+                        [[str(p.layer), f"{(p.layer + 0.5) / n:.2f}", _f(p.contribution),
+                          f"[{_f(p.low)}, {_f(p.high)}]", "interpolated" if p.interpolated else "yes"]
+                         for p in profile.points]))
+    recipe = config["recipe"]
+    data = {"profile": asdict(profile), "runs": status, "base_accuracy": base, "full_accuracy": fulls,
+            "per_seed": {k: asdict(v) for k, v in per_seed.items()}, "recipe": recipe, "seeds": config["seeds"]}
+    return Section("Contribution profile", blocks, data)
+
+
+def setup_section(scan_dir: Path) -> Section:
+    config, plan = load_plan(scan_dir)
+    r = config["recipe"]
+    status = [run_status(scan_dir, p) for p in plan]
+    options = ", ".join(f"{k}={json.dumps(v)}" for k, v in r.get("task_options", {}).items()) or "defaults"
+    blocks = [f"Model {r['model']}; task {r['task']} ({options}); algorithm {r['algo']}; {r['steps']} steps of "
+              f"{r['prompts_per_step']} prompts x {r['group_size']} samples; learning rate {r['lr']:g} "
+              f"({r['lr_schedule']}) for every run; {config['seeds']} seed(s) from {r['seed']}; layers scanned: "
+              f"{r['layers']}; eval on {r['eval_n']} examples, greedy.",
+              f"Runs: {status.count('done')} done, {status.count('failed')} failed, {status.count('pending')} "
+              "pending." + ("" if "failed" not in status else " Failed runs are listed at the end; rerun the "
+                            "scan command to retry them.")]
+    return Section("Setup", blocks, {"config": config})
+
+
+def curves_section(scan_dir: Path, figures: Path) -> Section | None:
+    config, plan = load_plan(scan_dir)
+    runs = [{**r.__dict__, "steps": _jsonl(run_dir(scan_dir, r) / "log.jsonl")} for r in plan if r.kind != "base"]
+    runs = [r for r in runs if r["steps"]]
+    if not runs:
+        return None
+    from .models import load_config, num_layers
+
+    n_layers = num_layers(load_config(config["recipe"]["model"]))
+    figure = plot_scan_rewards(runs, n_layers, figures / "rewards.png")
+    return Section("Training curves", [Figure(figure, "Train reward per step (moving mean of 5) of every run.")])
+
+
+def params_section(scan_dir: Path, figures: Path) -> Section | None:
+    """Relative weight change per layer (the run's own layer; every layer of the full run) against
+    contribution."""
+    _, plan = load_plan(scan_dir)
+    results = _results(scan_dir)
+    own: dict[int, list[float]] = {}
+    full: dict[int, list[float]] = {}
+    for r in plan:
+        change = results.get(r.name, {}).get("param_change")
+        if not change:
+            continue
+        if r.kind == "layer":
+            own.setdefault(r.layer, []).append(change[str(r.layer)])
+        elif r.kind == "full":
+            for key, value in change.items():
+                if key.isdigit():
+                    full.setdefault(int(key), []).append(value)
+    if not own:
+        return None
+    own_mean = {k: sum(v) / len(v) for k, v in own.items()}
+    full_mean = {k: sum(v) / len(v) for k, v in full.items()}
+    profile, _ = scan_profile(scan_dir)
+    contrib = measured(profile)
+    layers = sorted(set(own_mean) & set(contrib))
+    vs_own = rank_correlation([own_mean[k] for k in layers], [contrib[k] for k in layers])
+    in_full = [k for k in layers if k in full_mean]
+    vs_full = rank_correlation([full_mean[k] for k in in_full], [contrib[k] for k in in_full])
+    figure = plot_change_vs_contribution(profile, own_mean, full_mean, figures / "param_change.png", vs_own)
+    blocks = [
+        "Relative change ||W_after - W_before||_F / ||W_before||_F of each layer's tensors pooled. Does a layer "
+        "contribute because it moves further (distance) or because the same movement matters more there "
+        f"(leverage)? Contribution vs the layer's change in its own single-layer run: Spearman "
+        f"{_f(vs_own.spearman, 2, True)} (p={_p(vs_own.spearman_p)}, n={vs_own.n}); vs its change inside full "
+        f"training: Spearman {_f(vs_full.spearman, 2, True)} (p={_p(vs_full.spearman_p)}, n={vs_full.n}).",
+        Figure(figure, "Left: how far each layer moved. Right: single-layer change against contribution."),
+        Table(["layer", "C(l)", "change, own run", "change, in full run"],
+              [[str(k), _f(contrib[k]), f"{own_mean[k]:.2e}",
+                f"{full_mean[k]:.2e}" if k in full_mean else "n/a"] for k in layers]),
+    ]
+    data = {"own": own_mean, "full": full_mean, "vs_own": asdict(vs_own), "vs_full": asdict(vs_full)}
+    return Section("Parameter change: distance or leverage?", blocks, data)
+
+
+def ood_section(scan_dir: Path, figures: Path) -> Section | None:
+    from .ood import ood_results
+
+    results = ood_results(scan_dir)
+    if not results:
+        return None
+    in_domain, _ = scan_profile(scan_dir)
+    rows, data = [], {}
+    for r in results:
+        c = r.correlation
+        rows.append([r.task, json.dumps(r.options) if r.options else "", _f(r.base_accuracy), _f(r.full_accuracy),
+                     _f(r.full_accuracy - r.base_accuracy, sign=True),
+                     "n/a" if c is None else f"{_f(c.spearman, 2, True)} (p={_p(c.spearman_p)})",
+                     "n/a" if c is None else f"{_f(c.kendall, 2, True)} (p={_p(c.kendall_p)})", r.note])
+        data[r.slug] = {"task": r.task, "options": r.options, "base_accuracy": r.base_accuracy,
+                        "full_accuracy": r.full_accuracy, "profile": asdict(r.profile) if r.profile else None,
+                        "correlation": asdict(c) if c else None, "note": r.note}
+    others = {f"{r.task} (out of domain)": r.profile for r in results if r.profile is not None}
+    blocks = ["Every run's checkpoint evaluated on other tasks; contribution there uses the same formula with the "
+              "base and full runs' accuracy on that task. Correlations are with the in-domain profile over the "
+              "measured layers. A note says when a task's full-training gain is within noise.",
+              Table(["task", "options", "base", "full", "full gain", "Spearman vs in-domain",
+                     "Kendall vs in-domain", "note"], rows)]
+    if others:
+        figure = plot_profile(in_domain, figures / "ood_profiles.png", "in-domain and out-of-domain contribution",
+                              others)
+        blocks.append(Figure(figure, "In-domain profile (band) with each out-of-domain profile (lines)."))
+    return Section("Out-of-domain transfer", blocks, data)
+
+
+def probes_section(scan_dir: Path) -> Section | None:
+    rows = probe_results(scan_dir)
+    if not rows:
+        return None
+    table = Table(["layer", "lr scale", "C at scan lr", "rank", "C at scaled lr", "rank", "of"],
+                  [[str(r["layer"]), f"{r['lr_scale']:g}x", f"{_f(r['contribution'])} [{_f(r['low'])}, {_f(r['high'])}]",
+                    str(r["rank"]), f"{_f(r['probe_contribution'])} [{_f(r['probe_low'])}, {_f(r['probe_high'])}]",
+                    str(r["probe_rank"]), str(r["measured_layers"])] for r in rows])
+    text = ("Robustness to the learning rate: the chosen layers rerun with the scan's learning rate multiplied; C "
+            "is against the same base and full runs, and the rank is among the measured layers with the probed "
+            "value in place of the layer's own (1 = highest).")
+    return Section("Learning-rate probes", [text, table], {"probes": rows})
+
+
+def rank_section(profiles: dict[str, Profile], figures: Path, stem: str = "rank") -> Section | None:
+    if len(profiles) < 2:
+        return None
+    pairs = correlation_matrix(profiles)
+    figure = plot_rank_heatmap(list(profiles), pairs, figures / f"{stem}.png")
+    rows = [[a, b, c.method, str(c.n), f"{_f(c.spearman, 2, True)}", _p(c.spearman_p), f"{_f(c.kendall, 2, True)}",
+             _p(c.kendall_p)] for (a, b), c in pairs.items()]
+    blocks = ["Rank agreement of layer contributions (measured layers only; profiles of different depth are "
+              "compared at relative depth).",
+              Table(["profile A", "profile B", "paired on", "n", "Spearman", "p", "Kendall", "p"], rows),
+              Figure(figure, "Spearman (upper triangle) and Kendall (lower triangle) between profiles.")]
+    return Section("Rank correlations", blocks, {f"{a} | {b}": asdict(c) for (a, b), c in pairs.items()})
+
+
+def runs_section(scan_dir: Path) -> Section:
+    _, plan = load_plan(scan_dir)
+    rows = []
+    for r in plan:
+        status = run_status(scan_dir, r)
+        result = read_result(scan_dir, r) if status == "done" else {}
+        log = _jsonl(run_dir(scan_dir, r) / "log.jsonl")
+        tail = log[-5:]
+        change = result.get("param_change") or {}
+        own = change.get(str(r.layer)) if r.layer is not None else (
+            math.sqrt(sum(v * v for v in change.values()) / len(change)) if change else None)
+        error = ""
+        if status == "failed":
+            error = (run_dir(scan_dir, r) / "error.txt").read_text().splitlines()[0][:120]
+        rows.append([r.name, r.kind, "" if r.layer is None else str(r.layer), str(r.seed), f"{r.lr_scale:g}", status,
+                     _f(result.get("accuracy")),
+                     f"[{_f(result.get('ci_low'))}, {_f(result.get('ci_high'))}]" if result else "",
+                     _f(sum(x["reward"] for x in tail) / len(tail)) if tail else "",
+                     f"{own:.2e}" if own is not None else "",
+                     f"{sum(x.get('seconds_step', 0) for x in log):.0f}" if log else "", error])
+    header = ["run", "kind", "layer", "seed", "lr scale", "status", "accuracy", "95% CI",
+              "final reward (last 5)", "relative change", "train seconds", "error"]
+    return Section("Every run", [Table(header, rows)], {"runs": [dict(zip(header, row, strict=True))
+                                                                  for row in rows]})
+
+
+def write_sections(title: str, sections: list[Section], out_dir: Path, stem: str) -> tuple[Path, Path, Path]:
+    """``STEM.md`` (figures linked), ``STEM.html`` (figures embedded) and ``STEM.json`` (numbers)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, page, data = out_dir / f"{stem}.md", out_dir / f"{stem}.html", out_dir / f"{stem}.json"
+    md.write_text(to_markdown(title, sections, out_dir))
+    page.write_text(to_html(title, sections))
+    data.write_text(json.dumps({s.title: s.data for s in sections}, indent=2, default=str))
+    return md, page, data
+
+
+def build_report(scan_dir: str | Path, compare: list[str] | None = None, out: str | Path | None = None) -> Path:
+    """Every analysis that applies to the scan, in ``out`` (default ``SCAN/report``). ``compare`` adds
+    other scans to the rank correlations."""
+    scan_dir = Path(scan_dir)
+    out_dir = Path(out) if out else scan_dir / "report"
+    figures = out_dir / "figures"
+    main = profile_section(scan_dir, figures)
+    sections = [setup_section(scan_dir), main, curves_section(scan_dir, figures), params_section(scan_dir, figures),
+                ood_section(scan_dir, figures), probes_section(scan_dir)]
+    from .ood import ood_results
+
+    profiles = {scan_dir.name: scan_profile(scan_dir)[0]}
+    profiles.update({f"{scan_dir.name} {k}": v for k, v in seed_profiles(scan_dir).items()})
+    profiles.update({f"{r.task} (ood)": r.profile for r in ood_results(scan_dir) if r.profile is not None})
+    for other in compare or []:
+        profiles[Path(other).name] = scan_profile(other)[0]
+    sections += [rank_section(profiles, figures), runs_section(scan_dir)]
+    stamp = datetime.date.today().isoformat()
+    title = f"onelayer scan report: {scan_dir.name} ({stamp})"
+    md, _, _ = write_sections(title, [s for s in sections if s is not None], out_dir, "report")
+    return md
+
+
+def rank_of_scans(scans: list[str], out: str | Path) -> Section:
+    """``onelayer analyze rank``: the in-domain profiles of several scans against each other."""
+    profiles: dict[str, Profile] = {}
+    for scan in scans:
+        name = Path(scan).name if Path(scan).name not in profiles else str(scan)
+        profiles[name] = scan_profile(scan)[0]
+    section = rank_section(profiles, Path(out) / "figures")
+    if section is None:
+        raise OneLayerError("analyze rank needs at least two scan directories")
+    return section
+
