@@ -10,6 +10,7 @@ training run resumes from its own checkpoint.
 
 from __future__ import annotations
 
+import datetime
 import json
 import traceback
 from collections.abc import Callable
@@ -201,7 +202,8 @@ def barrier(shard: Shard) -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        # ranks that finish their share early wait here for hours-long runs of the others
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
     dist.barrier()
 
 
