@@ -36,7 +36,7 @@ class OODConfig:
     tasks: str = field(default="", metadata={
         "help": "comma-separated tasks, each optionally TASK?KEY=VALUE&KEY=VALUE, e.g. rg:gcd?max_value=20"})
     task_options: dict = field(default_factory=dict, metadata={"help": "option KEY=VALUE for every task"})
-    n: int = field(default=0, metadata={"help": "eval examples per task; 0 = the scan's --eval-n"})
+X
     max_new_tokens: int = field(default=0, metadata={"help": "completion cap; 0 = the scan's"})
     generation_batch_size: int = field(default=0, metadata={"help": "rows per generate call; 0 = the scan's"})
     dtype: str = field(default="", metadata={"help": "auto, bf16, fp32; empty = the scan's"})
@@ -94,7 +94,7 @@ def run_ood(scan_dir: str | Path, config: OODConfig, progress: bool = True) -> l
     shard = Shard.from_env()
     runs = [r for r in plan if run_status(scan_dir, r) == "done"]
     todo = [r for r in shard.take(runs) if any(not ood_file(scan_dir, r, s).is_file() for s in tasks)]
-    n = config.n or recipe["eval_n"]
+    n = config.eval_n or recipe["eval_n"]
     sampling = recipe["sampling"]
     if todo:
         chosen = config.device or shard.device("")

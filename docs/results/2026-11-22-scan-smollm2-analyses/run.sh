@@ -15,6 +15,6 @@ launch scan --model smollm2 --task rg:basic_arithmetic \
   --task-option eval_size=500 \
   --algo grpo --layers "${LAYERS:-every:4}" --steps "${STEPS:-30}" --prompts-per-step 64 --group-size 8 --lr 2e-5 \
   --max-new-tokens 96 --micro-batch-size 128 --generation-batch-size 512 --eval-n 500 --save-every 5 \
-  --attention eager --seed 0 --lr-scales 0.5,2 --probe-layers best,worst --no-progress --out "$SCAN" || exit $?
-launch analyze ood "$SCAN" --n 300 --no-progress \
+  --attention eager --seed 0 --lr-scales "${LR_SCALES-0.5,2}" --probe-layers best,worst --no-progress --out "$SCAN" || exit $?
+launch analyze ood "$SCAN" --eval-n 300 --no-progress \
   --tasks 'rg:chain_sum?min_terms=2&max_terms=3&min_digits=1&max_digits=2,rg:gcd?max_value=30&eval_size=300'
