@@ -36,7 +36,7 @@ class OODConfig:
     tasks: str = field(default="", metadata={
         "help": "comma-separated tasks, each optionally TASK?KEY=VALUE&KEY=VALUE, e.g. rg:gcd?max_value=20"})
     task_options: dict = field(default_factory=dict, metadata={"help": "option KEY=VALUE for every task"})
-X
+    eval_n: int = field(default=0, metadata={"help": "eval examples per task; 0 = the scan's --eval-n"})
     max_new_tokens: int = field(default=0, metadata={"help": "completion cap; 0 = the scan's"})
     generation_batch_size: int = field(default=0, metadata={"help": "rows per generate call; 0 = the scan's"})
     dtype: str = field(default="", metadata={"help": "auto, bf16, fp32; empty = the scan's"})
