@@ -48,7 +48,8 @@ def _fake_execute(calls, scores, fail=(), interrupt=None):
         examples = directory / "evals" / "final.examples.jsonl"
         correct = scores.get((run.kind, run.layer, run.lr_scale)) or scores[run.kind, run.layer]
         examples.write_text("".join(json.dumps({"correct": [bool(c)]}) + "\n" for c in correct))
-        (directory / "result.json").write_text(json.dumps({"examples": str(examples)}))
+        (directory / "result.json").write_text(json.dumps({"examples": str(examples), "kind": run.kind,
+                                                           "accuracy": sum(correct) / len(correct)}))
         return {}
     return execute
 
@@ -176,3 +177,16 @@ def test_two_process_scan_gives_the_same_profile_as_one(tmp_path, saved_tiny):
 
     for name in ("full-s0", "layer001-s0", "layer003-s0"):
         assert science(tmp_path / "solo" / "runs" / name) == science(tmp_path / "duo" / "runs" / name)
+
+
+def test_a_scan_whose_full_training_gained_nothing_reports_it_loudly(tmp_path, saved_tiny):
+    from onelayer.report import build_report
+
+    flat = {("base", None): [1] * 10 + [0] * 30, ("full", None): [1] * 10 + [0] * 30,
+            ("layer", 1): [1] * 12 + [0] * 28, ("layer", 3): [1] * 10 + [0] * 30}
+    run_scan(scan_config(tmp_path / "scan", saved_tiny), progress=False, execute=_fake_execute([], flat))
+    profile, _ = scan_profile(tmp_path / "scan", n_resamples=100)
+    assert not profile.reliable and "within noise" in profile.warning
+    md = build_report(tmp_path / "scan").read_text()
+    assert "> **Warning:** full training changed the metric by +0.0000" in md
+    assert "0 of 4 layers measured with a finite contribution" in md

@@ -10,6 +10,7 @@ several match). Every parameter is then named by its layer index, or ``embed``/`
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,13 @@ def prepare_tokenizer(tokenizer):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+@functools.lru_cache(maxsize=32)
+def model_num_layers(name: str) -> int:
+    """The decoder-layer count of a model by name, from its config (cached: reading a GGUF file's
+    config parses its whole metadata, ~15 s for the embedded model)."""
+    return num_layers(load_config(name))
 
 
 def num_layers(config) -> int:

@@ -66,13 +66,15 @@ def profile_section(scan_dir: Path, figures: Path) -> Section:
     ranked = sorted(done, key=lambda k: -done[k])
     g = profile.full_gain
     blocks: list = [] if profile.reliable else [Callout(profile.warning)]
-    blocks.append(
-        f"Base accuracy {base:.3f}; full-parameter training {sum(fulls) / len(fulls):.3f} (mean of {len(fulls)} "
-        f"seed(s)): a gain of {g.value:+.3f} [{g.low:+.3f}, {g.high:+.3f}] (95%, paired bootstrap over eval "
-        f"examples). {len(done)} of {len(profile.points)} layers measured. Highest contribution: layer "
-        f"{ranked[0]} (relative depth {(ranked[0] + 0.5) / len(profile.points):.2f}) with C = {done[ranked[0]]:.3f}; "
-        f"lowest: layer {ranked[-1]} with C = {done[ranked[-1]]:.3f}. Top layers: "
-        + ", ".join(f"{k} ({done[k]:.2f})" for k in ranked[:5]) + ".")
+    summary = (f"Base accuracy {base:.3f}; full-parameter training {sum(fulls) / len(fulls):.3f} (mean of "
+               f"{len(fulls)} seed(s)): a gain of {g.value:+.3f} [{g.low:+.3f}, {g.high:+.3f}] (95%, paired bootstrap "
+               f"over eval examples). {len(done)} of {len(profile.points)} layers measured with a finite contribution.")
+    if ranked:
+        summary += (f" Highest contribution: layer {ranked[0]} (relative depth "
+                    f"{(ranked[0] + 0.5) / len(profile.points):.2f}) with C = {done[ranked[0]]:.3f}; lowest: layer "
+                    f"{ranked[-1]} with C = {done[ranked[-1]]:.3f}. Top layers: "
+                    + ", ".join(f"{k} ({done[k]:.2f})" for k in ranked[:5]) + ".")
+    blocks.append(summary)
     blocks.append(Figure(figure, "Contribution C(l) per layer with its 95% interval; hollow points are "
                                  "interpolated, not measured; thin lines are per-seed profiles."))
     n = len(profile.points)
@@ -107,9 +109,9 @@ def curves_section(scan_dir: Path, figures: Path) -> Section | None:
     runs = [r for r in runs if r["steps"]]
     if not runs:
         return None
-    from .models import load_config, num_layers
+    from .models import model_num_layers
 
-    n_layers = num_layers(load_config(config["recipe"]["model"]))
+    n_layers = model_num_layers(config["recipe"]["model"])
     figure = plot_scan_rewards(runs, n_layers, figures / "rewards.png")
     return Section("Training curves", [Figure(figure, "Train reward per step (moving mean of 5) of every run.")])
 

@@ -26,7 +26,7 @@ from .config import TrainConfig, to_dict
 from .errors import OneLayerError
 from .evaluate import evaluate, write_eval
 from .layers import parse_layer_spec, selected_names
-from .models import default_device, load_config, load_model, load_tokenizer, num_layers, parameter_layers
+from .models import default_device, load_model, load_tokenizer, model_num_layers, num_layers, parameter_layers
 from .tasks import get_task
 from .train import precision_context, train
 
@@ -263,7 +263,7 @@ def run_scan(config: ScanConfig, progress: bool = True,
     config = replace(config, recipe=replace(config.recipe, device=shard.device(config.recipe.device)))
     scan_dir = Path(config.recipe.out)
     scan_dir.mkdir(parents=True, exist_ok=True)
-    plan = plan_scan(config, num_layers(load_config(config.recipe.model)))
+    plan = plan_scan(config, model_num_layers(config.recipe.model))
     if config.lr_scales:
         parse_scales(config.lr_scales)  # a typo should fail now, not after hours of scanning
     if shard.rank == 0:
@@ -333,7 +333,7 @@ def scan_profile(scan_dir: str | Path, n_resamples: int = 2000, source: str = ""
         what = f"evaluated on {source} (run onelayer analyze ood)" if source else "finished"
         raise OneLayerError(f"{scan_dir} needs the base, a full and at least one layer run {what} for a profile "
                             "(rerun onelayer scan to continue it)")
-    n_layers = num_layers(load_config(config["recipe"]["model"]))
+    n_layers = model_num_layers(config["recipe"]["model"])
     return layer_profile(base, full, layers, n_layers, n_resamples=n_resamples), status
 
 
