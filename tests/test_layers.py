@@ -51,7 +51,7 @@ def test_extras():
     ("3,,4", "empty layer spec"),
     ("first", "not a layer index"),
     ("-1", "not a layer index"),
-    ("top:3", "unknown form 'top:'"),
+    ("best:3", "unknown form 'best:'"),
 ])
 def test_bad_specs_get_one_line_errors(spec, message):
     with pytest.raises(OneLayerError, match=message.replace("(", r"\(")) as err:

@@ -79,7 +79,8 @@ def cmd_layers(args: argparse.Namespace) -> None:
     prefix, _ = decoder_layers(model)
     report = {"model": args.model, "architecture": type(model).__name__, "num_layers": selection.num_layers,
               "layers_module": prefix, "spec": args.select, "layers": list(selection.layers),
-              "extras": list(selection.extras), "tied_head": head_is_tied(model), **counts}
+              "extras": list(selection.extras), "notes": list(selection.notes), "tied_head": head_is_tied(model),
+              **counts}
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -93,6 +94,8 @@ def cmd_layers(args: argparse.Namespace) -> None:
         table.add_row(layer, f"{count:,}")
     console = Console()
     console.print(table)
+    for note in selection.notes:
+        console.print(f"note: {note}")
     console.print(f"selected: {selection.describe()}; trainable {counts['trainable']:,} of {counts['total']:,} "
                   f"({100 * counts['trainable_fraction']:.2f}%)")
 

@@ -29,6 +29,8 @@ class TrainConfig:
     prompts_per_step: int = field(default=32, metadata={"help": "prompts per step"})
     group_size: int = field(default=8, metadata={"help": "completions per prompt (G)"})
     lr: float = field(default=1e-6, metadata={"help": "peak learning rate (tune it for full training)"})
+    lr_from: str = field(default="", metadata={
+        "help": "scan dir or profile.json: per-layer learning rates lr * max(C,0) / mean(max(C,0)) over the trained layers"})
     lr_schedule: str = field(default="constant", metadata={"help": "constant or cosine, after warm-up"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})

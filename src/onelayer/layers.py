@@ -7,6 +7,8 @@ Grammar: comma-separated terms, united.
     middle:k       the k geometrically central layers: floor((L-k)/2) .. floor((L-k)/2)+k-1
     frac:a-b       layers whose centre (l+0.5)/L lies in [a, b] (relative depth, 0 = first)
     every:n        layers 0, n, 2n, ...
+    top:k@SCAN     the k highest-contribution layers of a scan's profile (SCAN: scan dir or profile.json)
+    random:k[:s]   k layers drawn at random with seed s (default 0): the control for top:k
     embed, head, norm   the embeddings, the output head, the final norm
 
 A layer is one decoder block (attention, MLP and their norms). Frozen layers still pass gradients
@@ -26,7 +28,8 @@ from .errors import OneLayerError
 from .models import LayerId, decoder_layers, head_is_tied, num_layers, parameter_layers
 
 EXTRAS = ("embed", "head", "norm")
-SPEC_FORMS = "all, none, 7, 3,7,11, 10-19, middle:k, frac:0.33-0.66, every:3, embed, head, norm"
+SPEC_FORMS = ("all, none, 7, 3,7,11, 10-19, middle:k, frac:0.33-0.66, every:3, top:k@SCAN, random:k[:seed], "
+              "embed, head, norm")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class LayerSelection:
     num_layers: int
     layers: tuple[int, ...]
     extras: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # how a profile-driven choice was made (ties, interpolated layers)
 
     @property
     def is_empty(self) -> bool:
@@ -75,7 +79,7 @@ def _index(text: str, term: str, n: int) -> int:
     return value
 
 
-def _middle(arg: str, term: str, n: int) -> list[int]:
+def _middle(arg: str, term: str, n: int, notes: list[str]) -> list[int]:
     if not re.fullmatch(r"\d+", arg) or not 1 <= int(arg) <= n:
         raise _bad(term, f"middle:k needs 1 <= k <= {n}", n)
     k = int(arg)
@@ -83,7 +87,7 @@ def _middle(arg: str, term: str, n: int) -> list[int]:
     return list(range(start, start + k))
 
 
-def _frac(arg: str, term: str, n: int) -> list[int]:
+def _frac(arg: str, term: str, n: int, notes: list[str]) -> list[int]:
     match = re.fullmatch(r"(\d*\.?\d+)-(\d*\.?\d+)", arg)
     if not match:
         raise _bad(term, "frac:a-b needs two numbers in [0, 1], e.g. frac:0.33-0.66", n)
@@ -96,14 +100,60 @@ def _frac(arg: str, term: str, n: int) -> list[int]:
     return chosen
 
 
-def _every(arg: str, term: str, n: int) -> list[int]:
+def _every(arg: str, term: str, n: int, notes: list[str]) -> list[int]:
     if not re.fullmatch(r"\d+", arg) or int(arg) < 1:
         raise _bad(term, "every:n needs a whole number n >= 1", n)
     return list(range(0, n, int(arg)))
 
 
+def _top(arg: str, term: str, n: int, notes: list[str]) -> list[int]:
+    count, at, path = arg.partition("@")
+    if not at or not re.fullmatch(r"\d+", count) or not 1 <= int(count) <= n or not path:
+        raise _bad(term, f"top:k@SCAN needs 1 <= k <= {n} and a scan directory or profile.json, e.g. top:4@scans/a", n)
+    from .analysis.contribution import read_profile
+
+    profile = read_profile(path)
+    if len(profile.points) != n:
+        raise _bad(term, f"the profile at {path} is for a model of {len(profile.points)} layers", n)
+    chosen, more = top_layers(profile, int(count))
+    notes.extend(more)
+    return chosen
+
+
+def top_layers(profile, k: int) -> tuple[list[int], list[str]]:
+    """The ``k`` highest-contribution layers of ``profile``: measured layers first (interpolated values
+    are not evidence), interpolated ones only to fill up; equal contributions go to the shallower layer.
+    Returns the layers and notes on how ties and interpolation decided."""
+    finite = [p for p in profile.points if math.isfinite(p.contribution)]
+    order = sorted(finite, key=lambda p: (p.interpolated, -p.contribution, p.layer))
+    chosen = order[:k]
+    if len(chosen) < k:
+        raise OneLayerError(f"the profile has only {len(chosen)} layers with a finite contribution, {k} asked")
+    notes = []
+    if not profile.reliable:
+        notes.append(f"the profile is unreliable: {profile.warning}")
+    filled = [p.layer for p in chosen if p.interpolated]
+    if filled:
+        notes.append(f"only {k - len(filled)} measured layers; interpolated layers {filled} fill the top {k}")
+    if len(order) > k and order[k].interpolated == chosen[-1].interpolated \
+            and order[k].contribution == chosen[-1].contribution:
+        notes.append(f"layers {chosen[-1].layer} and {order[k].layer} tie at C = {chosen[-1].contribution:.3f}; "
+                     "the shallower one is taken")
+    return sorted(p.layer for p in chosen), notes
+
+
+def _random(arg: str, term: str, n: int, notes: list[str]) -> list[int]:
+    match = re.fullmatch(r"(\d+)(?::(\d+))?", arg)
+    if not match or not 1 <= int(match[1]) <= n:
+        raise _bad(term, f"random:k[:seed] needs 1 <= k <= {n}, e.g. random:4 or random:4:7", n)
+    import random
+
+    return sorted(random.Random(int(match[2] or 0)).sample(range(n), int(match[1])))
+
+
 # Prefixed terms: one function each, so a new form is one entry here.
-PREFIXED: dict[str, Callable[[str, str, int], list[int]]] = {"middle": _middle, "frac": _frac, "every": _every}
+PREFIXED: dict[str, Callable[[str, str, int, list[str]], list[int]]] = {
+    "middle": _middle, "frac": _frac, "every": _every, "top": _top, "random": _random}
 
 
 def parse_layer_spec(spec: str, n_layers: int) -> LayerSelection:
@@ -114,12 +164,15 @@ def parse_layer_spec(spec: str, n_layers: int) -> LayerSelection:
     """
     if n_layers < 1:
         raise OneLayerError(f"a model needs at least one layer, got {n_layers}")
-    terms = [t.strip().lower() for t in str(spec).split(",")]
+    terms = [t.strip() for t in str(spec).split(",")]  # case kept: top:k@PATH holds a path
     if not spec or not str(spec).strip() or any(not t for t in terms):
         raise OneLayerError(f"empty layer spec '{spec}': valid forms: {SPEC_FORMS}")
     layers: set[int] = set()
     extras: set[str] = set()
+    notes: list[str] = []
     for term in terms:
+        if ":" not in term:
+            term = term.lower()
         if term == "all":
             layers.update(range(n_layers))
         elif term == "none":
@@ -128,9 +181,10 @@ def parse_layer_spec(spec: str, n_layers: int) -> LayerSelection:
             extras.add(term)
         elif ":" in term:
             kind, _, arg = term.partition(":")
+            kind = kind.lower()
             if kind not in PREFIXED:
                 raise _bad(term, f"unknown form '{kind}:'", n_layers)
-            layers.update(PREFIXED[kind](arg, term, n_layers))
+            layers.update(PREFIXED[kind](arg, term, n_layers, notes))
         elif re.fullmatch(r"\d+-\d+", term):
             low, high = (_index(x, term, n_layers) for x in term.split("-"))
             if low > high:
@@ -138,7 +192,27 @@ def parse_layer_spec(spec: str, n_layers: int) -> LayerSelection:
             layers.update(range(low, high + 1))
         else:
             layers.add(_index(term, term, n_layers))
-    return LayerSelection(str(spec), n_layers, tuple(sorted(layers)), tuple(e for e in EXTRAS if e in extras))
+    return LayerSelection(str(spec), n_layers, tuple(sorted(layers)), tuple(e for e in EXTRAS if e in extras),
+                          tuple(notes))
+
+
+def lr_scales_from_profile(profile, layers: tuple[int, ...] | list[int]) -> tuple[dict[int, float], str]:
+    """Contribution-guided learning-rate scales for ``layers``: proportional to the layer's contribution
+    clipped at 0 (harmful layers do not move), normalised to a mean of 1 over the trained layers (so
+    the total step size matches uniform training at the same --lr). Unmeasured layers use their
+    interpolated contribution. Returns the scales and the rule, stated for the run's metadata."""
+    by_layer = {p.layer: p.contribution for p in profile.points}
+    missing = [layer for layer in layers if layer not in by_layer]
+    if missing:
+        raise OneLayerError(f"the profile has no layer {missing[0]}: it was made for another model")
+    clipped = {layer: max(by_layer[layer], 0.0) if math.isfinite(by_layer[layer]) else 0.0 for layer in layers}
+    total = sum(clipped.values())
+    if total <= 0:
+        raise OneLayerError("no trained layer has a positive contribution in that profile: contribution-guided "
+                            "learning rates would train nothing; use another profile or plain --lr")
+    scales = {layer: c * len(clipped) / total for layer, c in clipped.items()}
+    rule = "lr_l = lr * max(C_l, 0) / mean over trained layers of max(C, 0)"
+    return scales, rule
 
 
 def select_layers(model: nn.Module, spec: str) -> LayerSelection:

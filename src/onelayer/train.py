@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -18,11 +19,12 @@ import torch
 from torch import nn
 
 from .algorithms import Normalizer, get_algorithm, policy_loss, zero_signal_fraction
+from .analysis.contribution import read_profile
 from .checkpoint import apply_checkpoint, find_checkpoint, load_optimizer_state, read_meta, save_checkpoint
 from .config import TrainConfig, from_dict, to_dict
 from .errors import OneLayerError
 from .evaluate import evaluate, write_eval
-from .layers import LayerSelection, apply_selection, parameter_counts, select_layers
+from .layers import LayerSelection, apply_selection, lr_scales_from_profile, parameter_counts, select_layers
 from .models import default_device, load_model, load_tokenizer
 from .rollout import HFGenerator, RolloutBatch, completion_logprobs, render_prompts
 from .tasks import Example, Task, get_task
@@ -230,6 +232,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     _check_resumable(out, config)
     algorithm = get_algorithm(config.algo)  # cheap checks before loading weights
     task = get_task(config.task, config.task_options)
+    guide = read_profile(config.lr_from) if config.lr_from else None
     device = torch.device(config.device) if config.device else default_device()
     torch.manual_seed(config.seed)
     if model is None:
@@ -240,7 +243,10 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     selection = select_layers(model, config.layers)
     if selection.is_empty:
         raise OneLayerError(f"layer spec '{config.layers}' selects nothing to train: name at least one layer")
-    groups = apply_selection(model, selection, config.weight_decay)
+    for note in selection.notes:
+        print(f"layer selection: {note}", file=sys.stderr)
+    lr_scales, lr_rule = lr_scales_from_profile(guide, selection.layers) if guide else ({}, "")
+    groups = apply_selection(model, selection, config.weight_decay, lr_scales)
     precision = precision_context(device, next(model.parameters()).dtype)
     fp32_trained_tensors(groups)
     trained = [n for g in groups for n in g["names"]]
@@ -263,6 +269,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     counts = parameter_counts(model, selection)
     meta_base = {"base_model": config.model, "layers_spec": config.layers, "layers": list(selection.layers),
                  "extras": list(selection.extras), "trainable_parameters": counts["trainable"],
+                 "selection_notes": list(selection.notes), "lr_rule": lr_rule,
+                 "lr_scales": {str(k): v for k, v in lr_scales.items()},
                  "config": to_dict(config)}
     generator = HFGenerator(model, tokenizer, config.sampling.generation_batch_size)
     sampler = PromptSampler(task.examples("train"), config.seed)

@@ -9,8 +9,10 @@ score over seeds. When the full-training gain's own interval includes 0 the rati
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -120,3 +122,22 @@ def layer_profile(base: Sequence[Sequence[float]], full: Sequence[Sequence[float
     points = tuple(LayerPoint(layer, v, lo, hi, flag)
                    for layer, ((v, flag), (lo, _), (hi, _)) in enumerate(zip(values, lows, highs, strict=True)))
     return Profile(points, gain, reliable, warning)
+
+
+def profile_from_dict(data: Mapping) -> Profile:
+    """The inverse of ``dataclasses.asdict`` on a :class:`Profile` (as in ``profile.json``)."""
+    return Profile(tuple(LayerPoint(**p) for p in data["points"]), Estimate(**data["full_gain"]),
+                   bool(data["reliable"]), str(data["warning"]))
+
+
+def read_profile(path: str | Path) -> Profile:
+    """A profile from a scan directory (its ``profile.json``) or from a profile JSON file."""
+    path = Path(path)
+    file = path / "profile.json" if path.is_dir() else path
+    if not file.is_file():
+        raise OneLayerError(f"no contribution profile at {file}: pass a scan directory whose profile exists "
+                            "(onelayer profile SCAN writes it) or a profile.json")
+    try:
+        return profile_from_dict(json.loads(file.read_text()))
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise OneLayerError(f"{file} is not a onelayer profile.json ({err})") from err
