@@ -86,3 +86,34 @@ def test_document_renders_markdown_with_links_and_html_with_embedded_figures(tmp
     page = to_html("Title", sections)
     assert "a &lt;b&gt; paragraph" in page and "<td>1</td><td>2</td>" in page
     assert "src='data:image/png;base64," in page and "f.png" not in page  # self-contained
+
+
+def test_majority_vote_groups_equivalent_answers_and_breaks_ties_by_member_order():
+    from onelayer.analysis.ensemble import majority_vote
+    from onelayer.tasks.answers import answers_match
+
+    # "1/2" and "0.5" are one class (2 votes) and beat "3" (1 vote)
+    vote = majority_vote(["3", "1/2", "0.5"], [False, True, True], answers_match)
+    assert (vote.answer, vote.correct, vote.votes, vote.tied) == ("1/2", True, 2, False)
+    # 1-1 tie: the earliest member's class wins; abstentions do not vote
+    vote = majority_vote([None, "7", "8"], [False, False, True], answers_match)
+    assert (vote.answer, vote.correct, vote.votes, vote.tied) == ("7", False, 1, True)
+    assert majority_vote([None, None], [False, False], answers_match).answer is None
+
+
+def test_ensemble_accuracy_overlap_and_oracle_by_hand():
+    from onelayer.analysis.ensemble import ensemble
+
+    same = str.__eq__
+    members = {  # 4 examples; reference answers are "a", "b", "c", "d"
+        "l13": (["a", "x", "c", "y"], [True, False, True, False]),
+        "l14": (["a", "b", "z", "y"], [True, True, False, False]),
+        "l15": (["q", "b", "c", "w"], [False, True, True, False]),
+    }
+    s = ensemble(members, same)
+    # votes: a (2 of 3) right, b (2) right, c (2) right, {y: 2, w: 1} -> y wrong: 3/4
+    assert s.vote_accuracy == 0.75 and s.ties == 0
+    assert s.member_accuracy == {"l13": 0.5, "l14": 0.5, "l15": 0.5} and s.best_member == "l13"
+    assert s.oracle == 0.75  # example 4 nobody solved
+    # solved sets {0,2}, {0,1}, {1,2}: every pair shares 1 of 3
+    assert s.overlap == {("l13", "l14"): 1 / 3, ("l13", "l15"): 1 / 3, ("l14", "l15"): 1 / 3}

@@ -65,3 +65,26 @@ def test_plot_runs(capsys, tmp_path):
     assert code == 0 and (tmp_path / "c.png").stat().st_size > 10_000
     code, _, err = run(capsys, "plot", tmp_path / "none")
     assert code == 2 and "has no log.jsonl" in err
+
+
+def test_ensemble_and_self_consistency_from_the_command_line(tmp_path, saved_tiny, capsys):
+    common = ["--task", "toy:repeat", "--max-new-tokens", "6", "--device", "cpu"]
+    for name, layer in (("l1", "1"), ("l3", "3")):
+        assert main(["train", "--model", str(saved_tiny), "--layers", layer, "--steps", "1", "--prompts-per-step", "2",
+                     "--group-size", "4", "--lr", "1e-2", "--out", str(tmp_path / name), "--no-progress", *common]) == 0
+    out = tmp_path / "vote"
+    args = ["ensemble", str(tmp_path / "l1"), str(tmp_path / "l3"), "--self-consistency", str(tmp_path / "l1"),
+            "--k", "3", "--n", "5", "--out", str(out), *common]
+    assert main(args) == 0
+    stdout = capsys.readouterr().out
+    assert "ensemble of 2 specialists: vote accuracy" in stdout and "self-consistency" in stdout
+    summary = json.loads((out / "ensemble.json").read_text())
+    rows = [json.loads(x) for x in (out / "ensemble.examples.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and set(rows[0]["answers"]) == {"l1", "l3"}
+    assert summary["vote_accuracy"] == sum(r["correct"] for r in rows) / 5
+    # the member's own greedy answers are what it voted with
+    member = [json.loads(x) for x in (out / "members" / "l1" / "eval.examples.jsonl").read_text().splitlines()]
+    assert [r["answers"]["l1"] for r in rows] == [m["extracted"][0] for m in member]
+    sc = [json.loads(x) for x in (out / "self_consistency.examples.jsonl").read_text().splitlines()]
+    assert len(sc) == 5 and len(sc[0]["answers"]) == 3
+    assert main(["ensemble", str(tmp_path / "l1"), *common]) == 2  # one member is not an ensemble

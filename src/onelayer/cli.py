@@ -112,32 +112,9 @@ def cmd_train(args: argparse.Namespace) -> None:
               f"[{result.final_eval['ci_low']:.3f}, {result.final_eval['ci_high']:.3f}]")
 
 
-def run_eval(config: EvalConfig):
-    """Evaluate per ``config``; writes results under ``config.out`` when set. Returns the result."""
-    import torch
-
-    from .checkpoint import apply_checkpoint, read_meta
-    from .evaluate import evaluate, write_eval
-    from .models import default_device, load_model, load_tokenizer
-    from .tasks import get_task
-
-    config.validate()
-    model_name = config.model or read_meta(config.checkpoint)["base_model"]
-    task = get_task(config.task, config.task_options)  # fail on a bad task before loading weights
-    device = torch.device(config.device) if config.device else default_device()
-    model = load_model(model_name, device, config.dtype)
-    if config.checkpoint:
-        apply_checkpoint(model, config.checkpoint)
-    tokenizer = load_tokenizer(model_name)
-    s = config.sampling
-    result = evaluate(model, tokenizer, task, config.n, config.samples, s.max_new_tokens, s.temperature, s.top_p,
-                      s.generation_batch_size, config.seed)
-    if config.out:
-        write_eval(result, config.out)
-    return result
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import run_eval
+
     config = config_from_args(EvalConfig, args)
     result = run_eval(config)
     print(result.line())
@@ -281,6 +258,22 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {md} and {md.with_suffix('.html')} (self-contained), numbers in {md.with_suffix('.json')}")
 
 
+def cmd_ensemble(args: argparse.Namespace) -> None:
+    from .specialists import run_ensemble, run_self_consistency, summary_lines
+
+    base = config_from_args(EvalConfig, args)
+    out = Path(args.out or "ensemble-out")
+    if args.self_consistency:
+        summary = run_self_consistency(args.self_consistency, args.k, base, out)
+        print("\n".join(summary_lines(f"self-consistency of {args.self_consistency} (k={args.k})", summary)))
+    if args.runs:
+        summary = run_ensemble(args.runs, base, out)
+        print("\n".join(summary_lines(f"ensemble of {len(args.runs)} specialists", summary)))
+    if not args.runs and not args.self_consistency:
+        raise OneLayerError("ensemble needs run directories to vote over, and/or --self-consistency RUN --k K")
+    print(f"results in {out}/ (ensemble.json, self_consistency.json, per-example .examples.jsonl)")
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from .analysis import plot_runs
 
@@ -336,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="*", default=[], help="other scans to rank-correlate with")
     p.add_argument("--out", default="", help="directory (default: SCAN/report)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("ensemble", help="majority vote of layer specialists, and/or self-consistency of one model")
+    p.add_argument("runs", nargs="*", help="member run directories, best first (ties go to the earliest)")
+    p.add_argument("--self-consistency", default="", metavar="RUN_OR_MODEL", help="vote over k samples of one model")
+    p.add_argument("--k", type=int, default=7, help="samples for self-consistency (default: 7)")
+    add_config_flags(p, EvalConfig, EvalConfig(n=500))
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("plot", help="plot reward and eval curves of runs")
     p.add_argument("runs", nargs="+", help="run directories (--out of train)")

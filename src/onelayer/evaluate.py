@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import EvalConfig
 from .rollout import HFGenerator, render_prompts
-from .tasks import Task
+from .tasks import Task, get_task
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -103,3 +104,24 @@ def write_eval(result: EvalResult, directory: str | Path, stem: str = "eval") ->
         for row in result.per_example:
             f.write(json.dumps(row) + "\n")
     return directory / f"{stem}.json"
+
+
+def run_eval(config: EvalConfig):
+    """Evaluate per ``config``; writes results under ``config.out`` when set. Returns the result."""
+    from .checkpoint import apply_checkpoint, read_meta
+    from .models import default_device, load_model, load_tokenizer
+
+    config.validate()
+    model_name = config.model or read_meta(config.checkpoint)["base_model"]
+    task = get_task(config.task, config.task_options)  # fail on a bad task before loading weights
+    device = torch.device(config.device) if config.device else default_device()
+    model = load_model(model_name, device, config.dtype)
+    if config.checkpoint:
+        apply_checkpoint(model, config.checkpoint)
+    tokenizer = load_tokenizer(model_name)
+    s = config.sampling
+    result = evaluate(model, tokenizer, task, config.n, config.samples, s.max_new_tokens, s.temperature, s.top_p,
+                      s.generation_batch_size, config.seed)
+    if config.out:
+        write_eval(result, config.out)
+    return result

@@ -44,6 +44,13 @@ class Task(ABC):
         turns = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return turns + [{"role": "user", "content": example.question}]
 
+    def same_answer(self, a: str, b: str) -> bool:
+        """Whether two extracted answers are the same answer (used to pool votes); math equivalence by
+        default, tasks with other answers override it."""
+        from .answers import answers_match
+
+        return answers_match(a, b)
+
     def score_all(self, completions: list[str], examples: list[Example]) -> list[Score]:
         return [self.score(c, e) for c, e in zip(completions, examples, strict=True)]
 

@@ -1,0 +1,89 @@
+"""Layer-specialist ensembles against self-consistency: evaluate, then vote (see analysis/ensemble.py).
+
+Each member (a run or checkpoint directory) answers the first ``n`` eval examples greedily;
+self-consistency samples ``k`` answers from one model at temperature 1. Members' answers are saved
+under ``OUT/members/NAME/`` and reused when the command is rerun, so adding a member costs one
+evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from .analysis.ensemble import EnsembleSummary, ensemble
+from .checkpoint import find_checkpoint
+from .config import EvalConfig
+from .errors import OneLayerError
+from .evaluate import run_eval
+from .tasks import get_task
+
+
+def _answers(config: EvalConfig) -> list[dict]:
+    """Per-example rows (``extracted``, ``correct`` lists) of an evaluation, run once and then reused."""
+    cached = Path(config.out) / "eval.examples.jsonl"
+    if not cached.is_file():
+        run_eval(config)
+    return [json.loads(line) for line in cached.read_text().splitlines()]
+
+
+def run_ensemble(members: list[str], base: EvalConfig, out: str | Path) -> EnsembleSummary:
+    """Greedy answers of each member checkpoint, then the majority vote (members in the order given)."""
+    if len(members) < 2:
+        raise OneLayerError("an ensemble needs at least two members (run directories)")
+    out = Path(out)
+    task = get_task(base.task, base.task_options)
+    table = {}
+    for member in members:
+        name = Path(member).name
+        if name in table:
+            raise OneLayerError(f"two members are named {name}: give run directories distinct names")
+        rows = _answers(replace(base, checkpoint=member, samples=1, out=str(out / "members" / name),
+                                sampling=replace(base.sampling, temperature=0.0)))
+        table[name] = ([r["extracted"][0] for r in rows], [r["correct"][0] for r in rows])
+    summary = ensemble(table, task.same_answer)
+    _write(out, "ensemble", summary, table)
+    return summary
+
+
+def run_self_consistency(model_or_run: str, k: int, base: EvalConfig, out: str | Path) -> EnsembleSummary:
+    """``k`` samples per example from one model (a run directory or a model name), voted."""
+    if k < 2:
+        raise OneLayerError("--k must be >= 2 for self-consistency")
+    out = Path(out)
+    task = get_task(base.task, base.task_options)
+    is_run = find_checkpoint(model_or_run) is not None
+    config = replace(base, checkpoint=model_or_run if is_run else "", model="" if is_run else model_or_run,
+                     samples=k, out=str(out / "samples"), sampling=replace(base.sampling, temperature=1.0))
+    rows = _answers(config)
+    table = {f"sample{j}": ([r["extracted"][j] for r in rows], [r["correct"][j] for r in rows]) for j in range(k)}
+    summary = ensemble(table, task.same_answer)
+    _write(out, "self_consistency", summary, table)
+    return summary
+
+
+def _write(out: Path, stem: str, summary: EnsembleSummary, table: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"vote_accuracy": summary.vote_accuracy, "member_accuracy": summary.member_accuracy,
+            "best_member": summary.best_member, "oracle": summary.oracle, "ties": summary.ties,
+            "overlap": {f"{a} | {b}": v for (a, b), v in summary.overlap.items()},
+            "tie_rule": "ties go to the answer of the earliest listed member"}
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=2))
+    with open(out / f"{stem}.examples.jsonl", "w") as f:
+        for i, vote in enumerate(summary.votes):
+            f.write(json.dumps({"answers": {m: a[i] for m, (a, _) in table.items()}, "vote": vote.answer,
+                                "votes": vote.votes, "tied": vote.tied, "correct": vote.correct}) + "\n")
+
+
+def summary_lines(title: str, summary: EnsembleSummary) -> list[str]:
+    best = summary.best_member
+    lines = [f"{title}: vote accuracy {summary.vote_accuracy:.3f}; best single {best} "
+             f"{summary.member_accuracy[best]:.3f}; oracle (any member right) {summary.oracle:.3f}; "
+             f"{summary.ties} tied votes"]
+    lines += [f"  {m}: {a:.3f}" for m, a in summary.member_accuracy.items()]
+    if summary.overlap:
+        mean = sum(summary.overlap.values()) / len(summary.overlap)
+        lines.append(f"  mean pairwise overlap (Jaccard of solved sets) {mean:.3f}")
+    return lines
+
