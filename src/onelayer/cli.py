@@ -154,7 +154,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .report import build_report
     from .scan import run_scan
 
-    config = demo_config(args.out, torch.cuda.is_available() and not args.cpu_scale)
+    gpu = torch.cuda.is_available() and not args.cpu_scale
+    config = demo_config(args.out, gpu)
     r = config.recipe
     print(f"demo: scan of {r.model} on {r.task}, layers {r.layers}, {r.steps} steps each, into {r.out} "
           "(rerun to resume)")
@@ -163,7 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     write_profile(scan_dir)
     report = build_report(scan_dir)
     print(f"report: {report.with_suffix('.html')}")
-    if not torch.cuda.is_available() or args.cpu_scale:
+    if not gpu:
         print("A CPU demo is far too short to move accuracy: expect the warning above. On a GPU the same command "
               "scans every layer; docs/results/ has GPU scans.")
 
@@ -239,7 +240,7 @@ def cmd_analyze_params(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze_ood(args: argparse.Namespace) -> None:
-    from .ood import run_ood
+    from .ood import ood_results, run_ood
     from .report import ood_section
     from .scan import Shard
 
@@ -247,8 +248,11 @@ def cmd_analyze_ood(args: argparse.Namespace) -> None:
     run_ood(scan, config_from_args(OODConfig, args), progress=not args.no_progress)
     if Shard.from_env().rank != 0:
         return
-    _write_analysis(f"Out-of-domain transfer: {scan.name}", ood_section(scan, scan / "analysis" / "figures"),
-                    scan / "analysis", "ood")
+    section = ood_section(scan, scan / "analysis" / "figures", ood_results(scan))
+    if section is None:
+        raise OneLayerError(f"no run of {scan} could be evaluated: see runs/*/ood/error.txt (a run without its "
+                            "checkpoint cannot be evaluated; rerun onelayer scan for it)")
+    _write_analysis(f"Out-of-domain transfer: {scan.name}", section, scan / "analysis", "ood")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -3,7 +3,7 @@
 The study asks whether the layers that carry in-domain gains also carry transfer. Each run of the
 scan (base, full, single layers, probes) is evaluated on each task with the scan's eval settings;
 results go to ``runs/NAME/ood/SLUG.json`` and ``SLUG.examples.jsonl``, so an interrupted evaluation
-resumes, a failed one is recorded in ``SLUG.error.txt``, and the contribution profile on a task is
+resumes, a run whose evaluation failed has the error in ``runs/NAME/ood/error.txt``, and the contribution profile on a task is
 computed exactly like the in-domain one (:func:`onelayer.scan.scan_profile` with ``source=SLUG``).
 The base model is loaded once; each run's trained tensors are swapped in and back out.
 """

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .analysis.contribution import Profile
-from .analysis.curves import plot_scan_rewards
+from .analysis.curves import plot_scan_rewards, read_jsonl
 from .analysis.document import Callout, Figure, Section, Table, to_html, to_markdown
 from .analysis.figures import plot_change_vs_contribution, plot_profile, plot_rank_heatmap
 from .analysis.rank import correlation_matrix, measured, rank_correlation
@@ -37,10 +37,6 @@ def _results(scan_dir: Path) -> dict[str, dict]:
     return {r.name: read_result(scan_dir, r) for r in plan if run_status(scan_dir, r) == "done"}
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-
-
 def seed_profiles(scan_dir: Path) -> dict[str, Profile]:
     """One profile per seed when the scan has several (seeds whose runs are unfinished are left out)."""
     _, plan = load_plan(scan_dir)
@@ -54,11 +50,11 @@ def seed_profiles(scan_dir: Path) -> dict[str, Profile]:
     return found
 
 
-def profile_section(scan_dir: Path, figures: Path) -> Section:
+def profile_section(scan_dir: Path, figures: Path, per_seed: dict[str, Profile]) -> Section:
+    """``per_seed``: :func:`seed_profiles` of the scan."""
     config, plan = load_plan(scan_dir)
     profile, status = scan_profile(scan_dir)
     results = _results(scan_dir)
-    per_seed = seed_profiles(scan_dir)
     figure = plot_profile(profile, figures / "profile.png", f"layer contribution: {scan_dir.name}", per_seed)
     base = next(v["accuracy"] for v in results.values() if v["kind"] == "base")
     fulls = [v["accuracy"] for v in results.values() if v["kind"] == "full"]
@@ -105,7 +101,7 @@ def setup_section(scan_dir: Path) -> Section:
 
 def curves_section(scan_dir: Path, figures: Path) -> Section | None:
     config, plan = load_plan(scan_dir)
-    runs = [{**r.__dict__, "steps": _jsonl(run_dir(scan_dir, r) / "log.jsonl")} for r in plan if r.kind != "base"]
+    runs = [{**r.__dict__, "steps": read_jsonl(run_dir(scan_dir, r) / "log.jsonl")} for r in plan if r.kind != "base"]
     runs = [r for r in runs if r["steps"]]
     if not runs:
         return None
@@ -159,10 +155,8 @@ def params_section(scan_dir: Path, figures: Path) -> Section | None:
     return Section("Parameter change: distance or leverage?", blocks, data)
 
 
-def ood_section(scan_dir: Path, figures: Path) -> Section | None:
-    from .ood import ood_results
-
-    results = ood_results(scan_dir)
+def ood_section(scan_dir: Path, figures: Path, results: list) -> Section | None:
+    """``results``: :func:`onelayer.ood.ood_results` of the scan."""
     if not results:
         return None
     in_domain, _ = scan_profile(scan_dir)
@@ -223,7 +217,7 @@ def runs_section(scan_dir: Path) -> Section:
     for r in plan:
         status = run_status(scan_dir, r)
         result = read_result(scan_dir, r) if status == "done" else {}
-        log = _jsonl(run_dir(scan_dir, r) / "log.jsonl")
+        log = read_jsonl(run_dir(scan_dir, r) / "log.jsonl")
         tail = log[-5:]
         change = result.get("param_change") or {}
         own = change.get(str(r.layer)) if r.layer is not None else (
@@ -259,14 +253,15 @@ def build_report(scan_dir: str | Path, compare: list[str] | None = None, out: st
     scan_dir = Path(scan_dir)
     out_dir = Path(out) if out else scan_dir / "report"
     figures = out_dir / "figures"
-    main = profile_section(scan_dir, figures)
-    sections = [setup_section(scan_dir), main, curves_section(scan_dir, figures), params_section(scan_dir, figures),
-                ood_section(scan_dir, figures), probes_section(scan_dir)]
     from .ood import ood_results
 
+    per_seed, transfer = seed_profiles(scan_dir), ood_results(scan_dir)
+    sections = [setup_section(scan_dir), profile_section(scan_dir, figures, per_seed),
+                curves_section(scan_dir, figures), params_section(scan_dir, figures),
+                ood_section(scan_dir, figures, transfer), probes_section(scan_dir)]
     profiles = {scan_dir.name: scan_profile(scan_dir)[0]}
-    profiles.update({f"{scan_dir.name} {k}": v for k, v in seed_profiles(scan_dir).items()})
-    profiles.update({f"{r.task} (ood)": r.profile for r in ood_results(scan_dir) if r.profile is not None})
+    profiles.update({f"{scan_dir.name} {k}": v for k, v in per_seed.items()})
+    profiles.update({f"{r.task} (ood)": r.profile for r in transfer if r.profile is not None})
     for other in compare or []:
         profiles[Path(other).name] = scan_profile(other)[0]
     sections += [rank_section(profiles, figures), runs_section(scan_dir)]

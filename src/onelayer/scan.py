@@ -25,8 +25,9 @@ from .analysis.param_change import relative_change, squared_norms
 from .config import TrainConfig, to_dict
 from .errors import OneLayerError
 from .evaluate import evaluate, write_eval
-from .layers import parse_layer_spec, selected_names
-from .models import default_device, load_model, load_tokenizer, model_num_layers, num_layers, parameter_layers
+from .layers import parse_layer_spec, select_layers, selected_names
+from .models import default_device, load_model, load_tokenizer, model_num_layers, parameter_layers
+from .progress import progress_bar
 from .tasks import get_task
 from .train import precision_context, train
 
@@ -155,7 +156,7 @@ def execute_run(config: ScanConfig, run: PlannedRun, scan_dir: Path, progress: b
     if run.kind == "base":
         summary = final_evaluation(0)
     else:
-        names = selected_names(model, parse_layer_spec(run.layers_spec, num_layers(model.config)))
+        names = selected_names(model, select_layers(model, run.layers_spec))
         params = dict(model.named_parameters())
         before = {n: params[n].detach().to("cpu", copy=True) for n in names}
         # None when training had already finished (killed before result.json): the checkpoint is loaded
@@ -212,17 +213,7 @@ def for_each_run(runs: list[PlannedRun], work: Callable[[PlannedRun], object], e
     """Call ``work`` on each run under a progress bar (runs done / left, elapsed, estimate). A run that
     raises gets its error written to ``error_file(run)`` and the others go on; a finished one removes
     a stale error file."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(TextColumn(f"{label} {{task.fields[current]}}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress) as bar:
+    with progress_bar(f"{label} {{task.fields[current]}}", progress) as bar:
         task_id = bar.add_task(label, total=done + len(runs), completed=done, current="")
         for run in runs:
             bar.update(task_id, current=run.name)

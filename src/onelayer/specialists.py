@@ -12,6 +12,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from .analysis.curves import read_jsonl
 from .analysis.ensemble import EnsembleSummary, ensemble
 from .checkpoint import find_checkpoint
 from .config import EvalConfig
@@ -25,7 +26,7 @@ def _answers(config: EvalConfig) -> list[dict]:
     cached = Path(config.out) / "eval.examples.jsonl"
     if not cached.is_file():
         run_eval(config)
-    return [json.loads(line) for line in cached.read_text().splitlines()]
+    return read_jsonl(cached)
 
 
 def run_ensemble(members: list[str], base: EvalConfig, out: str | Path) -> EnsembleSummary:

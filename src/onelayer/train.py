@@ -26,6 +26,7 @@ from .errors import OneLayerError
 from .evaluate import evaluate, write_eval
 from .layers import LayerSelection, apply_selection, lr_scales_from_profile, parameter_counts, select_layers
 from .models import default_device, load_model, load_tokenizer
+from .progress import progress_bar
 from .rollout import HFGenerator, RolloutBatch, completion_logprobs, render_prompts
 from .tasks import Example, Task, get_task
 
@@ -289,7 +290,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     final_eval, bad_steps = None, 0
     if config.eval_every and config.eval_at_start and start == 0:
         final_eval = run_eval(0)
-    bar = _progress(progress, selection)
+    bar = progress_bar(f"layers {selection.describe()}", progress, info=True)
     with bar:
         task_id = bar.add_task("train", total=config.steps, completed=start, info="")
         for step in range(start, config.steps):
@@ -334,18 +335,3 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             bar.update(task_id, completed=done,
                        info=f"reward {row['reward']:.3f} acc {row['accuracy']:.3f} {row['seconds_step']:.1f}s/step")
     return TrainResult(out, config.steps, selection, final_eval)
-
-
-def _progress(enabled: bool, selection: LayerSelection):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn(f"layers {selection.describe()}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                    disable=not enabled, transient=False)

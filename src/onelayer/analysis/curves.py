@@ -9,7 +9,8 @@ from ..errors import OneLayerError
 from .figures import pyplot, save_figure
 
 
-def _jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file (none when it does not exist yet)."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
@@ -19,8 +20,8 @@ def load_run_logs(run_dir: str | Path) -> dict:
     if not (run / "log.jsonl").is_file():
         raise OneLayerError(f"{run} has no log.jsonl: pass run directories written by onelayer train")
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
-    return {"name": f"{run.name} ({config.get('layers', '?')})", "steps": _jsonl(run / "log.jsonl"),
-            "evals": _jsonl(run / "eval.jsonl")}
+    return {"name": f"{run.name} ({config.get('layers', '?')})", "steps": read_jsonl(run / "log.jsonl"),
+            "evals": read_jsonl(run / "eval.jsonl")}
 
 
 def _smooth(values: list[float], window: int) -> list[float]:

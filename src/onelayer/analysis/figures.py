@@ -117,18 +117,20 @@ def plot_rank_heatmap(names: Sequence[str], pairs: Mapping[tuple[str, str], Rank
     size = max(4.0, 1.1 * n + 2)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
     grid = [[1.0 if i == j else float("nan") for j in range(n)] for i in range(n)]
+    texts = [["1" if i == j else "n/a" for j in range(n)] for i in range(n)]
     for i, p in enumerate(names):
         for j, q in enumerate(names):
             pair = pairs.get((p, q)) or pairs.get((q, p))
-            if pair is not None:
-                grid[i][j] = pair.spearman if i < j else pair.kendall
+            if i == j or pair is None:
+                continue
+            value, p_value = (pair.spearman, pair.spearman_p) if i < j else (pair.kendall, pair.kendall_p)
+            grid[i][j] = value
+            if not math.isnan(value):
+                texts[i][j] = f"{value:+.2f}\np={p_value:.2g}"
     image = ax.imshow(grid, cmap="RdBu", vmin=-1, vmax=1)
     for i in range(n):
         for j in range(n):
-            pair = pairs.get((names[i], names[j])) or pairs.get((names[j], names[i]))
-            text = "1" if i == j else ("n/a" if pair is None or math.isnan(grid[i][j]) else
-                                       f"{grid[i][j]:+.2f}\np={pair.spearman_p if i < j else pair.kendall_p:.2g}")
-            ax.text(j, i, text, ha="center", va="center", fontsize=8)
+            ax.text(j, i, texts[i][j], ha="center", va="center", fontsize=8)
     ax.set_xticks(range(n), names, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(n), names, fontsize=8)
     ax.set_title("rank agreement: Spearman (upper), Kendall (lower)")
