@@ -5,15 +5,14 @@ import pytest
 from onelayer.cli import main
 from onelayer.config import SamplingConfig, TrainConfig
 from onelayer.errors import OneLayerError
+from onelayer.runs import run_dir, run_status
 from onelayer.scan import (
     PlannedRun,
     ScanConfig,
     plan_scan,
     probe_layers,
     probe_results,
-    run_dir,
     run_scan,
-    run_status,
     scan_profile,
 )
 

@@ -1,8 +1,8 @@
 """Checkpoints that hold only what training changed.
 
 A checkpoint directory holds ``trained.safetensors`` (the trained tensors, under the model's own
-parameter names), ``onelayer.json`` (base model, layer spec and layers, step, full config) and, for
-resuming, ``optimizer.pt``. Applying one to its base model reproduces the trained model.
+parameter names; for LoRA, the adapter tensors), ``onelayer.json`` (base model, layer spec and layers,
+step, full config, the adapter if any) and, for resuming, ``optimizer.pt``. Applying one to its base model reproduces the trained model.
 Writes go to a temporary directory that replaces the old one by rename, so a kill mid-write loses
 nothing.
 """
@@ -64,19 +64,38 @@ def read_meta(path: str | Path) -> dict:
     return json.loads((found / META).read_text())
 
 
-def apply_checkpoint(model: nn.Module, path: str | Path) -> dict:
-    """Load a checkpoint's trained tensors into ``model`` in place; returns its metadata."""
+def checkpoint_tensors(model: nn.Module, path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The values a checkpoint gives ``model``'s parameters, under ``model``'s own names, and its
+    metadata. A LoRA checkpoint applied to a model without adapters gives its merged weights."""
     found = find_checkpoint(path)
     meta = read_meta(path)
     tensors = load_file(str(found / TENSORS))
     params = dict(model.named_parameters())
+    adapter = meta.get("adapter")
+    if adapter and not all(name in params for name in tensors):
+        from .adapters import merged_weights
+
+        tensors = merged_weights(tensors, adapter, params)
     for name, value in tensors.items():
         if name not in params or params[name].shape != value.shape:
             raise OneLayerError(f"checkpoint {found} does not fit this model (tensor {name}): apply it to its "
                                 f"base model {meta.get('base_model')}")
-        with torch.no_grad():
-            params[name].copy_(value.to(params[name].dtype))
+    return tensors, meta
+
+
+def apply_checkpoint(model: nn.Module, path: str | Path) -> dict:
+    """Load a checkpoint's trained tensors into ``model`` in place; returns its metadata."""
+    tensors, meta = checkpoint_tensors(model, path)
+    assign(model, tensors)
     return meta
+
+
+def assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into ``model``'s parameters of the same names (each keeps its dtype)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].dtype))
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str | Path) -> None:

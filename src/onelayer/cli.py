@@ -188,7 +188,8 @@ def write_profile(scan_dir: Path) -> None:
 
 
 def cmd_scan(args: argparse.Namespace) -> None:
-    from .scan import Shard, run_scan, run_status
+    from .runs import Shard, run_status
+    from .scan import run_scan
 
     config = config_from_args(ScanConfig, args)
     plan = run_scan(config, progress=not args.no_progress)
@@ -242,7 +243,7 @@ def cmd_analyze_params(args: argparse.Namespace) -> None:
 def cmd_analyze_ood(args: argparse.Namespace) -> None:
     from .ood import ood_results, run_ood
     from .report import ood_section
-    from .scan import Shard
+    from .runs import Shard
 
     scan = Path(args.scan)
     run_ood(scan, config_from_args(OODConfig, args), progress=not args.no_progress)

@@ -31,6 +31,9 @@ class TrainConfig:
     lr: float = field(default=1e-6, metadata={"help": "peak learning rate (tune it for full training)"})
     lr_from: str = field(default="", metadata={
         "help": "scan dir or profile.json: per-layer learning rates lr * max(C,0) / mean(max(C,0)) over the trained layers"})
+    lora_rank: int = field(default=0, metadata={
+        "help": "train LoRA adapters of this rank on the selected layers' linear maps instead of the layers; 0 = off"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / rank)"})
     lr_schedule: str = field(default="constant", metadata={"help": "constant or cosine, after warm-up"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
@@ -61,6 +64,8 @@ class TrainConfig:
                 raise OneLayerError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise OneLayerError(f"--lr must be > 0, got {self.lr}")
+        if self.lora_rank < 0:
+            raise OneLayerError(f"--lora-rank must be >= 0 (0 = no LoRA), got {self.lora_rank}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise OneLayerError(f"--lr-schedule must be constant or cosine, got '{self.lr_schedule}'")
         if (self.prompts_per_step * self.group_size) % self.mini_batches:

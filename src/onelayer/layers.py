@@ -265,13 +265,22 @@ def apply_selection(
                             f"{len(decoder_layers(model)[1])}: parse the spec against this model")
     layer_of = parameter_layers(model)
     wanted = _wanted_ids(model, selection)
+    chosen = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(layer_of[name] in wanted)
+        if param.requires_grad:
+            chosen.append((name, param))
+    return param_groups(chosen, layer_of, weight_decay, lr_scales)
+
+
+def param_groups(named: list[tuple[str, nn.Parameter]], layer_of: Mapping[str, LayerId], weight_decay: float = 0.0,
+                 lr_scales: Mapping[LayerId, float] | None = None) -> list[dict]:
+    """Optimizer groups of the trained tensors ``named``: one per (layer id, decays?) pair, each with
+    ``layer``, ``lr_scale`` and ``names``. Weight decay applies to matrices only."""
     lr_scales = dict(lr_scales or {})
     groups: dict[tuple, dict] = {}
-    for name, param in model.named_parameters():
+    for name, param in named:
         layer = layer_of[name]
-        param.requires_grad_(layer in wanted)
-        if layer not in wanted:
-            continue
         scale = float(lr_scales.get(layer, 1.0))
         if not math.isfinite(scale) or scale < 0:
             raise OneLayerError(f"learning-rate scale {scale} for layer {layer} must be finite and >= 0")

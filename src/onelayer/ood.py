@@ -20,11 +20,12 @@ import torch
 
 from .analysis.contribution import Profile
 from .analysis.rank import RankCorrelation, compare_profiles
-from .checkpoint import apply_checkpoint, find_checkpoint, read_meta
+from .checkpoint import assign, checkpoint_tensors, find_checkpoint
 from .errors import OneLayerError
 from .evaluate import evaluate, write_eval
 from .models import default_device, load_model, load_tokenizer
-from .scan import PlannedRun, Shard, barrier, for_each_run, load_plan, run_dir, run_status, scan_profile
+from .runs import Shard, barrier, for_each_run, run_dir, run_status
+from .scan import PlannedRun, load_plan, scan_profile
 from .tasks import get_task, parse_task_ref, split_task_list
 from .train import precision_context
 
@@ -68,19 +69,17 @@ class _Swapper:
         self.model, self.saved = model, {}
 
     def load(self, scan_dir: Path, run: PlannedRun) -> None:
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in self.saved.items():
-                params[name].copy_(value)
+        assign(self.model, self.saved)
         self.saved = {}
         if run.kind == "base":
             return
         if find_checkpoint(run_dir(scan_dir, run)) is None:
             raise OneLayerError(f"run {run.name} has no checkpoint in {run_dir(scan_dir, run)}: out-of-domain "
                                 "evaluation needs the scan's checkpoints (rerun that run to recreate it)")
-        names = read_meta(run_dir(scan_dir, run))["trained"]
-        self.saved = {n: params[n].detach().clone() for n in names}
-        apply_checkpoint(self.model, run_dir(scan_dir, run))
+        tensors, _ = checkpoint_tensors(self.model, run_dir(scan_dir, run))
+        params = dict(self.model.named_parameters())
+        self.saved = {n: params[n].detach().clone() for n in tensors}
+        assign(self.model, tensors)
 
 
 def run_ood(scan_dir: str | Path, config: OODConfig, progress: bool = True) -> list[str]:

@@ -19,7 +19,8 @@ from .analysis.document import Callout, Figure, Section, Table, to_html, to_mark
 from .analysis.figures import plot_change_vs_contribution, plot_profile, plot_rank_heatmap
 from .analysis.rank import correlation_matrix, measured, rank_correlation
 from .errors import OneLayerError
-from .scan import load_plan, probe_results, read_result, run_dir, run_status, scan_profile
+from .runs import read_result, run_dir, run_status
+from .scan import load_plan, probe_results, scan_profile
 
 
 def _f(x, digits: int = 3, sign: bool = False) -> str:

@@ -10,26 +10,19 @@ training run resumes from its own checkpoint.
 
 from __future__ import annotations
 
-import datetime
 import json
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .analysis.contribution import Profile, layer_profile
-from .analysis.param_change import relative_change, squared_norms
 from .config import TrainConfig, to_dict
 from .errors import OneLayerError
-from .evaluate import evaluate, write_eval
-from .layers import parse_layer_spec, select_layers, selected_names
-from .models import default_device, load_model, load_tokenizer, model_num_layers, parameter_layers
-from .progress import progress_bar
-from .tasks import get_task
-from .train import precision_context, train
+from .layers import parse_layer_spec
+from .models import model_num_layers
+from .runs import Shard, read_result, run_dir, run_share, run_status, train_and_evaluate
 
 
 @dataclass
@@ -117,17 +110,6 @@ def plan_probes(config: ScanConfig, profile: Profile) -> list[PlannedRun]:
             for layer in layers for scale in scales for s in seeds]
 
 
-def run_dir(scan_dir: Path, run: PlannedRun) -> Path:
-    return scan_dir / "runs" / run.name
-
-
-def run_status(scan_dir: Path, run: PlannedRun) -> str:
-    directory = run_dir(scan_dir, run)
-    if (directory / "result.json").is_file():
-        return "done"
-    return "failed" if (directory / "error.txt").is_file() else "pending"
-
-
 def _recipe_for(config: ScanConfig, run: PlannedRun, scan_dir: Path) -> TrainConfig:
     # one final evaluation per run, on the same examples; no separate base evaluation inside each run
     return replace(config.recipe, layers=run.layers_spec, seed=run.seed, out=str(run_dir(scan_dir, run)),
@@ -137,105 +119,11 @@ def _recipe_for(config: ScanConfig, run: PlannedRun, scan_dir: Path) -> TrainCon
 def execute_run(config: ScanConfig, run: PlannedRun, scan_dir: Path, progress: bool = False) -> dict:
     """Train (unless base) and evaluate one run; write and return its ``result.json`` summary."""
     recipe = _recipe_for(config, run, scan_dir)
-    directory = Path(recipe.out)
-    directory.mkdir(parents=True, exist_ok=True)
-    device = torch.device(recipe.device) if recipe.device else default_device()
-    model = load_model(recipe.model, device, recipe.dtype, recipe.attention)
-    tokenizer = load_tokenizer(recipe.model)
-    load_dtype = next(model.parameters()).dtype
-
-    def final_evaluation(step: int) -> dict:
-        task = get_task(recipe.task, recipe.task_options)
-        with precision_context(device, load_dtype):
-            result = evaluate(model, tokenizer, task, recipe.eval_n, max_new_tokens=recipe.sampling.max_new_tokens,
-                              batch_size=recipe.sampling.generation_batch_size, seed=recipe.seed)
-        write_eval(result, directory / "evals", f"step{step:06d}")
-        return {"step": step, **result.summary()}
-
-    change = None
-    if run.kind == "base":
-        summary = final_evaluation(0)
-    else:
-        names = selected_names(model, select_layers(model, run.layers_spec))
-        params = dict(model.named_parameters())
-        before = {n: params[n].detach().to("cpu", copy=True) for n in names}
-        # None when training had already finished (killed before result.json): the checkpoint is loaded
-        summary = train(recipe, model, tokenizer, progress=progress).final_eval or final_evaluation(recipe.steps)
-        params = dict(model.named_parameters())  # training may have replaced bf16 tensors by fp32 ones
-        change = relative_change(squared_norms(before, {n: params[n] for n in names}), parameter_layers(model))
+    summary = train_and_evaluate(recipe, trained=run.kind != "base", progress=progress)
     row = {"name": run.name, "kind": run.kind, "seed": run.seed, "layer": run.layer, "lr_scale": run.lr_scale,
-           "examples": f"evals/step{summary['step']:06d}.examples.jsonl", **summary, "param_change": change}
-    (directory / "result.json").write_text(json.dumps(row, indent=2))
-    (directory / "error.txt").unlink(missing_ok=True)
+           **summary}
+    (Path(recipe.out) / "result.json").write_text(json.dumps(row, indent=2))
     return row
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This process's share of a scan: runs ``rank``, ``rank + world``, ... of the plan."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Shard:
-        """From torchrun's RANK / WORLD_SIZE / LOCAL_RANK (one process: rank 0 of 1)."""
-        import os
-
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
-
-    def take(self, plan: list[PlannedRun]) -> list[PlannedRun]:
-        return plan[self.rank::self.world]
-
-    def device(self, requested: str) -> str:
-        """One GPU per local rank, wrapping around when there are more processes than GPUs."""
-        if requested or not torch.cuda.is_available() or self.world == 1:
-            return requested
-        return f"cuda:{self.local_rank % torch.cuda.device_count()}"
-
-
-def barrier(shard: Shard) -> None:
-    """Wait for every rank (gloo over torchrun's rendezvous); a no-op for one process."""
-    if shard.world == 1:
-        return
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        # ranks that finish their share early wait here for hours-long runs of the others
-        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    dist.barrier()
-
-
-def for_each_run(runs: list[PlannedRun], work: Callable[[PlannedRun], object], error_file: Callable[[PlannedRun], Path],
-                 label: str, progress: bool = True, done: int = 0) -> None:
-    """Call ``work`` on each run under a progress bar (runs done / left, elapsed, estimate). A run that
-    raises gets its error written to ``error_file(run)`` and the others go on; a finished one removes
-    a stale error file."""
-    with progress_bar(f"{label} {{task.fields[current]}}", progress) as bar:
-        task_id = bar.add_task(label, total=done + len(runs), completed=done, current="")
-        for run in runs:
-            bar.update(task_id, current=run.name)
-            path = error_file(run)
-            try:
-                work(run)
-                path.unlink(missing_ok=True)
-            except KeyboardInterrupt:
-                raise
-            except Exception as err:  # one broken run must not cost the others
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
-            bar.advance(task_id)
-
-
-def _run_share(config: ScanConfig, runs: list[PlannedRun], scan_dir: Path, shard: Shard, execute, progress: bool,
-               label: str) -> None:
-    mine = shard.take(runs)
-    todo = [r for r in mine if run_status(scan_dir, r) != "done"]
-    for_each_run(todo, lambda r: execute(config, r, scan_dir), lambda r: run_dir(scan_dir, r) / "error.txt",
-                 label, progress, done=len(mine) - len(todo))
-    barrier(shard)
 
 
 def _save_plan(config: ScanConfig, plan: list[PlannedRun], scan_dir: Path) -> None:
@@ -260,7 +148,7 @@ def run_scan(config: ScanConfig, progress: bool = True,
     if shard.rank == 0:
         _save_plan(config, plan, scan_dir)
     execute = execute or (lambda c, r, d: execute_run(c, r, d))
-    _run_share(config, plan, scan_dir, shard, execute, progress, "scan")
+    run_share(plan, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, "scan")
     if not config.lr_scales:
         return plan
     # every rank reads the same finished runs after the barrier, so they plan the same probes
@@ -268,7 +156,7 @@ def run_scan(config: ScanConfig, progress: bool = True,
     probes = plan_probes(config, profile)
     if shard.rank == 0:
         _save_plan(config, plan + probes, scan_dir)
-    _run_share(config, probes, scan_dir, shard, execute, progress, "lr probes")
+    run_share(probes, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, "lr probes")
     return plan + probes
 
 
@@ -279,10 +167,6 @@ def load_plan(scan_dir: str | Path) -> tuple[dict, list[PlannedRun]]:
         raise OneLayerError(f"{scan_dir} is not a scan directory (no scan.json): pass the --out of onelayer scan")
     saved = json.loads((scan_dir / "scan.json").read_text())
     return saved["config"], [PlannedRun(**r) for r in saved["runs"]]
-
-
-def read_result(scan_dir: Path, run: PlannedRun) -> dict:
-    return json.loads((run_dir(scan_dir, run) / "result.json").read_text())
 
 
 def examples_file(scan_dir: Path, run: PlannedRun, source: str = "") -> Path:

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapters import add_lora
 from .algorithms import Normalizer, get_algorithm, policy_loss, zero_signal_fraction
 from .analysis.contribution import read_profile
 from .checkpoint import apply_checkpoint, find_checkpoint, load_optimizer_state, read_meta, save_checkpoint
 from .config import TrainConfig, from_dict, to_dict
 from .errors import OneLayerError
 from .evaluate import evaluate, write_eval
-from .layers import LayerSelection, apply_selection, lr_scales_from_profile, parameter_counts, select_layers
+from .layers import LayerSelection, apply_selection, lr_scales_from_profile, select_layers
 from .models import default_device, load_model, load_tokenizer
 from .progress import progress_bar
 from .rollout import HFGenerator, RolloutBatch, completion_logprobs, render_prompts
@@ -107,6 +108,7 @@ class TrainResult:
     steps_done: int
     selection: LayerSelection
     final_eval: dict | None
+    costs: dict  # trainable_parameters, optimizer_state_bytes, peak_memory_bytes (CUDA only, this process)
 
 
 def _check_resumable(out: Path, config: TrainConfig) -> None:
@@ -247,7 +249,10 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     for note in selection.notes:
         print(f"layer selection: {note}", file=sys.stderr)
     lr_scales, lr_rule = lr_scales_from_profile(guide, selection.layers) if guide else ({}, "")
-    groups = apply_selection(model, selection, config.weight_decay, lr_scales)
+    if config.lora_rank:
+        groups, adapter = add_lora(model, selection, config.lora_rank, config.lora_alpha, config.weight_decay, lr_scales)
+    else:
+        groups, adapter = apply_selection(model, selection, config.weight_decay, lr_scales), None
     precision = precision_context(device, next(model.parameters()).dtype)
     fp32_trained_tensors(groups)
     trained = [n for g in groups for n in g["names"]]
@@ -267,9 +272,10 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     # steps after the checkpoint are redone, so their log lines go (all of them when starting afresh)
     _truncate_log(log_path, start)
     _truncate_log(eval_path, start if start else -1)
-    counts = parameter_counts(model, selection)
+    trainable = sum(p.numel() for g in groups for p in g["params"])
     meta_base = {"base_model": config.model, "layers_spec": config.layers, "layers": list(selection.layers),
-                 "extras": list(selection.extras), "trainable_parameters": counts["trainable"],
+                 "extras": list(selection.extras), "trainable_parameters": trainable,
+                 **({"adapter": adapter} if adapter else {}),
                  "selection_notes": list(selection.notes), "lr_rule": lr_rule,
                  "lr_scales": {str(k): v for k, v in lr_scales.items()},
                  "config": to_dict(config)}
@@ -287,6 +293,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
         write_eval(result, out / "evals", f"step{step:06d}")
         return row
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     final_eval, bad_steps = None, 0
     if config.eval_every and config.eval_at_start and start == 0:
         final_eval = run_eval(0)
@@ -334,4 +342,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
                 save_checkpoint(out / "checkpoint", model, trained, {**meta_base, "step": done}, optimizer)
             bar.update(task_id, completed=done,
                        info=f"reward {row['reward']:.3f} acc {row['accuracy']:.3f} {row['seconds_step']:.1f}s/step")
-    return TrainResult(out, config.steps, selection, final_eval)
+    costs = {"trainable_parameters": trainable,
+             "optimizer_state_bytes": sum(t.nbytes for state in optimizer.state.values()
+                                          for t in state.values() if torch.is_tensor(t)),
+             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+    return TrainResult(out, config.steps, selection, final_eval, costs)
