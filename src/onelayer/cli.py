@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import MISSING, fields, is_dataclass
+from dataclasses import MISSING, fields, is_dataclass, replace
 from pathlib import Path
 
 from .config import EvalConfig, SamplingConfig, TrainConfig
@@ -33,25 +33,40 @@ def _parse_option(text: str) -> tuple[str, object]:
         return key, value
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None) -> None:
-    """Add one flag per field of dataclass ``cls`` (nested dataclasses flattened)."""
+def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None, only_given: bool = False) -> None:
+    """Add one flag per field of dataclass ``cls`` (nested dataclasses flattened). With ``only_given``,
+    flags the user did not pass stay out of the namespace (see :func:`config_with_overrides`)."""
     defaults = defaults if defaults is not None else cls()
     for f in fields(cls):
         value = getattr(defaults, f.name)
         if is_dataclass(value):
-            add_config_flags(parser, type(value), value)
+            add_config_flags(parser, type(value), value, only_given)
             continue
         help_text = f.metadata.get("help", "")
+        default = argparse.SUPPRESS if only_given else value
+        shown = "" if only_given else f" (default: {value})"
         if isinstance(value, bool):
-            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=value,
-                                help=f"{help_text} (default: {value})")
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text + shown)
         elif isinstance(value, dict):
             singular = f.name[:-1] if f.name.endswith("s") else f.name
             parser.add_argument(_flag(singular), dest=f.name, action="append", type=_parse_option,
-                                default=[], metavar="KEY=VALUE", help=help_text)
+                                default=argparse.SUPPRESS if only_given else [], metavar="KEY=VALUE", help=help_text)
         else:
-            parser.add_argument(_flag(f.name), dest=f.name, type=type(value), default=value,
-                                help=f"{help_text} (default: {value})")
+            parser.add_argument(_flag(f.name), dest=f.name, type=type(value), default=default, help=help_text + shown)
+
+
+def config_with_overrides(config, args: argparse.Namespace):
+    """``config`` with the fields whose flags were given (flags made with ``only_given``) replaced."""
+    changes = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            changes[f.name] = config_with_overrides(value, args)
+        elif hasattr(args, f.name):
+            given = getattr(args, f.name)
+            changes[f.name] = dict(given) if isinstance(value, dict) else given
+    return replace(config, **changes)
 
 
 def config_from_args(cls, args: argparse.Namespace):
@@ -279,6 +294,29 @@ def cmd_ensemble(args: argparse.Namespace) -> None:
     print(f"results in {out}/ (ensemble.json, self_consistency.json, per-example .examples.jsonl)")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import CompareConfig, recipe_from_profile, run_comparison
+    from .report import compare_section
+    from .runs import Shard
+
+    profile = args.scan or getattr(args, "profile", "")
+    # the scan's own recipe unless flags say otherwise: the comparison then has the scan's budget
+    defaults = CompareConfig(recipe=recipe_from_profile(profile) or TrainConfig(), profile=profile)
+    config = config_with_overrides(defaults, args)
+    if not hasattr(args, "out"):
+        out = Path(profile) / "compare" if profile and Path(profile).is_dir() else Path("compare-out")
+        config = replace(config, recipe=replace(config.recipe, out=str(out)))
+    run_comparison(config, progress=not args.no_progress)
+    if Shard.from_env().rank != 0:
+        return
+    out = Path(config.recipe.out)
+    failed = sorted(p.parent.name for p in (out / "runs").glob("*/error.txt"))
+    if failed:
+        print(f"{len(failed)} run(s) failed, see runs/*/error.txt: {', '.join(failed)}; rerun the same command to "
+              "retry them (finished runs are kept)")
+    _write_analysis(f"Strategy comparison: {out.name}", compare_section(out, out / "figures"), out, "results")
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from .analysis import plot_runs
 
@@ -341,6 +379,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=7, help="samples for self-consistency (default: 7)")
     add_config_flags(p, EvalConfig, EvalConfig(n=500))
     p.set_defaults(func=cmd_ensemble)
+
+    from .compare import CompareConfig
+
+    p = sub.add_parser("compare", help="train strategies (full, top:k, lr-guided, middle:k, random:k, lora) with one "
+                                       "budget and seeds; table and figure (resumable)")
+    p.add_argument("scan", nargs="?", default="", help="scan directory: its profile and, unless flags override it, "
+                                                        "its recipe; without one, strategies that need no profile")
+    add_config_flags(p, CompareConfig, only_given=True)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("plot", help="plot reward and eval curves of runs")
     p.add_argument("runs", nargs="+", help="run directories (--out of train)")

@@ -51,11 +51,11 @@ class LayerSelection:
         return len(self.layers) == self.num_layers
 
     def describe(self) -> str:
-        parts = [_compact(self.layers)] if self.layers else []
+        parts = [compact_layers(self.layers)] if self.layers else []
         return ", ".join(parts + list(self.extras)) or "nothing"
 
 
-def _compact(layers: tuple[int, ...]) -> str:
+def compact_layers(layers: tuple[int, ...]) -> str:
     """``(1, 2, 3, 7)`` -> ``"1-3,7"``."""
     runs: list[list[int]] = []
     for layer in layers:

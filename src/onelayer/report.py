@@ -198,6 +198,57 @@ def probes_section(scan_dir: Path) -> Section | None:
     return Section("Learning-rate probes", [text, table], {"probes": rows})
 
 
+def _bytes(n) -> str:
+    if not n:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def compare_section(compare_dir: Path, figures: Path) -> Section:
+    """``onelayer compare``: every strategy's accuracy over seeds, its gain over full training, and
+    what it cost."""
+    from .analysis.figures import plot_strategies
+    from .compare import comparison_results
+    from .layers import compact_layers
+
+    comparison = comparison_results(compare_dir)
+    base, results = comparison.base_accuracy, comparison.strategies
+    if not results:
+        raise OneLayerError(f"{compare_dir}: no strategy has a finished run yet; rerun onelayer compare to continue")
+    rows = []
+    for r in results:
+        layer_sets = {tuple(x) for x in r.layers}
+        layers = " / ".join(compact_layers(x) or "-" for x in sorted(layer_sets))
+        spread = f"{r.mean:.3f} ± {r.std:.3f}" if len(r.seeds) > 1 else f"{r.mean:.3f}"
+        rows.append([r.label, layers, f"{r.trainable_parameters:,}", _bytes(r.optimizer_state_bytes), spread,
+                     ", ".join(f"{a:.3f}" for a in r.accuracies),
+                     f"{_f(r.gain_over_full, sign=True)} [{_f(r.gain_low, sign=True)}, {_f(r.gain_high, sign=True)}]",
+                     f"{_f(r.share_of_full_gain, 2)} [{_f(r.share_low, 2)}, {_f(r.share_high, 2)}]",
+                     f"{r.train_seconds:.1f}", _bytes(r.peak_memory_bytes)])
+    header = ["strategy", "layers (per seed)", "trainable params", "optimizer state", "accuracy (mean ± sd)",
+              "per seed", "gain over full [95% CI]", "share of full gain [95% CI]", "train s/run", "peak memory"]
+    figure = plot_strategies([r.label for r in results], [r.accuracies for r in results],
+                             [r.trainable_parameters for r in results], base, figures / "compare.png",
+                             f"strategies: {compare_dir.name}")
+    blocks = [f"Base model accuracy {base:.3f}. Every strategy ran the same recipe (steps, rollouts, data order "
+              "and learning rate, LoRA's scaled as stated in compare.json) for each seed. Gains over full training "
+              "and shares of its gain ((S - S_base) / (S_full - S_base)) use seed-averaged per-example scores with "
+              "a paired bootstrap over the eval examples; sd is across seeds. Peak memory is per process (CUDA).",
+              Table(header, rows), Figure(figure, "Accuracy per seed and mean; accuracy against trained parameters.")]
+    gain = comparison.full_gain
+    if gain is not None and not gain.low > 0:
+        blocks.insert(1, Callout(f"full training's gain over the base model ({_f(gain.value, sign=True)} "
+                                 f"[{_f(gain.low, sign=True)}, {_f(gain.high, sign=True)}]) is within noise: shares "
+                                 "of its gain are not meaningful; compare accuracies instead"))
+    return Section("Strategies at the same budget", blocks,
+                   {"base_accuracy": base, "full_gain": asdict(gain) if gain else None,
+                    "strategies": [asdict(r) for r in results]})
+
+
 def rank_section(profiles: dict[str, Profile], figures: Path, stem: str = "rank") -> Section | None:
     if len(profiles) < 2:
         return None

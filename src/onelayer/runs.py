@@ -49,6 +49,22 @@ def read_result(out: Path, run: NamedRun) -> dict:
     return json.loads((run_dir(out, run) / "result.json").read_text())
 
 
+def examples_file(out: Path, run: NamedRun, source: str = "") -> Path:
+    """Per-example results of a finished run: in-domain ones (``source`` empty), or those of the
+    out-of-domain evaluation named ``source`` (see :mod:`onelayer.ood`)."""
+    directory = run_dir(out, run)
+    if source:
+        return directory / "ood" / f"{source}.examples.jsonl"
+    path = Path(read_result(out, run)["examples"])
+    # older runs stored absolute paths: fall back to the run's own evals/ when the directory was moved
+    return path if path.is_absolute() and path.is_file() else directory / "evals" / path.name
+
+
+def example_scores(path: Path) -> list[float]:
+    """Each example's score: the fraction of its samples judged correct."""
+    return [sum(r["correct"]) / len(r["correct"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
 @dataclass(frozen=True)
 class Shard:
     """This process's share of a plan: runs ``rank``, ``rank + world``, ... of it."""

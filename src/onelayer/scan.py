@@ -22,7 +22,7 @@ from .config import TrainConfig, to_dict
 from .errors import OneLayerError
 from .layers import parse_layer_spec
 from .models import model_num_layers
-from .runs import Shard, read_result, run_dir, run_share, run_status, train_and_evaluate
+from .runs import Shard, example_scores, examples_file, run_dir, run_share, run_status, train_and_evaluate
 
 
 @dataclass
@@ -167,22 +167,6 @@ def load_plan(scan_dir: str | Path) -> tuple[dict, list[PlannedRun]]:
         raise OneLayerError(f"{scan_dir} is not a scan directory (no scan.json): pass the --out of onelayer scan")
     saved = json.loads((scan_dir / "scan.json").read_text())
     return saved["config"], [PlannedRun(**r) for r in saved["runs"]]
-
-
-def examples_file(scan_dir: Path, run: PlannedRun, source: str = "") -> Path:
-    """Per-example results of a finished run: in-domain ones (``source`` empty), or those of the
-    out-of-domain evaluation named ``source`` (see :mod:`onelayer.ood`)."""
-    directory = run_dir(scan_dir, run)
-    if source:
-        return directory / "ood" / f"{source}.examples.jsonl"
-    path = Path(read_result(scan_dir, run)["examples"])
-    # older scans stored absolute paths: fall back to the run's own evals/ when the scan was moved
-    return path if path.is_absolute() and path.is_file() else directory / "evals" / path.name
-
-
-def example_scores(path: Path) -> list[float]:
-    """Each example's score: the fraction of its samples judged correct."""
-    return [sum(r["correct"]) / len(r["correct"]) for r in map(json.loads, path.read_text().splitlines())]
 
 
 def scan_profile(scan_dir: str | Path, n_resamples: int = 2000, source: str = "",

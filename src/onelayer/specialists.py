@@ -1,6 +1,7 @@
 """Layer-specialist ensembles against self-consistency: evaluate, then vote (see analysis/ensemble.py).
 
-Each member (a run or checkpoint directory) answers the first ``n`` eval examples greedily;
+Each member (a run or checkpoint directory) answers the first ``n`` eval examples greedily (a scan's or
+comparison's run reuses the answers of its final evaluation when that was the same evaluation);
 self-consistency samples ``k`` answers from one model at temperature 1. Members' answers are saved
 under ``OUT/members/NAME/`` and reused when the command is rerun, so adding a member costs one
 evaluation.
@@ -25,8 +26,37 @@ def _answers(config: EvalConfig) -> list[dict]:
     """Per-example rows (``extracted``, ``correct`` lists) of an evaluation, run once and then reused."""
     cached = Path(config.out) / "eval.examples.jsonl"
     if not cached.is_file():
-        run_eval(config)
+        found = final_eval_answers(config)
+        if found is None:
+            run_eval(config)
+        else:
+            rows, source = found
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (cached.parent / "reused.json").write_text(json.dumps({"from": str(source)}))
     return read_jsonl(cached)
+
+
+def final_eval_answers(config: EvalConfig) -> tuple[list[dict], Path] | None:
+    """The greedy answers a finished scan or comparison run gave at its final evaluation (``result.json``
+    names them), when they are the evaluation ``config`` asks for: same task and options, completion
+    cap, generation batch and dtype, at least ``config.n`` examples. Saves evaluating a member twice."""
+    run = Path(config.checkpoint) if config.checkpoint else None
+    if (run is None or config.samples != 1 or config.sampling.temperature != 0
+            or not (run / "result.json").is_file() or not (run / "config.json").is_file()):
+        return None
+    recipe = json.loads((run / "config.json").read_text())
+    sampling = recipe.get("sampling", {})
+    same = (recipe.get("task") == config.task and recipe.get("task_options") == config.task_options
+            and recipe.get("eval_n", 0) >= config.n and config.model in ("", recipe.get("model"))
+            and sampling.get("max_new_tokens") == config.sampling.max_new_tokens
+            and sampling.get("generation_batch_size") == config.sampling.generation_batch_size
+            and config.dtype in ("auto", recipe.get("dtype")))
+    if not same:
+        return None
+    source = run / "evals" / Path(json.loads((run / "result.json").read_text())["examples"]).name
+    rows = read_jsonl(source)
+    return (rows[:config.n], source) if len(rows) >= config.n else None
 
 
 def run_ensemble(members: list[str], base: EvalConfig, out: str | Path) -> EnsembleSummary:

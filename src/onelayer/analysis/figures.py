@@ -137,3 +137,34 @@ def plot_rank_heatmap(names: Sequence[str], pairs: Mapping[tuple[str, str], Rank
     fig.colorbar(image, ax=ax, shrink=0.8)
     fig.tight_layout()
     return save_figure(fig, out)
+
+
+def plot_strategies(labels: Sequence[str], accuracies: Sequence[Sequence[float]], trainable: Sequence[int],
+                    base: float, out: str | Path, title: str = "") -> Path:
+    """Left: each strategy's accuracy per seed (dots) and mean (bar), with the base model and full
+    training as lines. Right: mean accuracy against trainable parameters (log scale)."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    means = [sum(a) / len(a) for a in accuracies]
+    xs = range(len(labels))
+    left.bar(xs, means, color="C0", alpha=0.35)
+    for x, seeds in zip(xs, accuracies, strict=True):
+        left.scatter([x] * len(seeds), seeds, color="C0", zorder=3, s=18)
+    left.axhline(base, color="grey", linestyle=":", label=f"base {base:.3f}")
+    if "full" in labels or "all" in labels:
+        full = means[list(labels).index("full" if "full" in labels else "all")]
+        left.axhline(full, color="C3", linestyle="--", label=f"full {full:.3f}")
+    left.set_xticks(list(xs), labels, rotation=20, ha="right")
+    left.set(ylabel="eval accuracy", title=title or "strategies at the same budget")
+    left.legend(fontsize=8, loc="lower right")
+    left.grid(axis="y", alpha=0.3)
+    for label, mean, count in zip(labels, means, trainable, strict=True):
+        if count:
+            right.scatter(count, mean, color="C0")
+            right.annotate(label, (count, mean), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    right.axhline(base, color="grey", linestyle=":")
+    right.set_xscale("log")
+    right.set(xlabel="trainable parameters", ylabel="mean eval accuracy", title="accuracy vs. trained parameters")
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, out)

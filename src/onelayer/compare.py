@@ -1,0 +1,309 @@
+"""Training strategies compared under one budget: the same recipe, steps, seeds and data order for
+each, only the choice of what to train differs.
+
+Strategies (comma-separated):
+
+    full           every layer (full-parameter RL)
+    top:k          the k highest-contribution layers of the profile
+    lr-guided      every layer, per-layer learning rates from the profile (``--lr-from``)
+    lora[:r]       LoRA on every layer's linear maps; rank r, or by default the rank whose parameter
+                   count matches one layer; learning rate times ``--lora-lr-scale``
+    random:k       k random layers, drawn anew for each seed (the control for top:k)
+    any layer spec middle:10, 16, 10-19, ... (see onelayer.layers)
+
+Runs live in ``OUT/runs/STRATEGY-sSEED`` (plus ``base``, the untrained model) and resume like a
+scan's. A base or full run of the profile's scan made with the same recipe is copied instead of
+repeated: it is the same computation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .analysis.contribution import (
+    Estimate,
+    bootstrap_indices,
+    contribution_estimate,
+    gain_estimate,
+    read_profile,
+)
+from .config import TrainConfig, to_dict
+from .errors import OneLayerError
+from .layers import parse_layer_spec
+from .models import load_skeleton, model_num_layers
+from .runs import (
+    Shard,
+    example_scores,
+    examples_file,
+    read_result,
+    run_dir,
+    run_share,
+    run_status,
+    train_and_evaluate,
+)
+from .scan import load_plan
+
+DEFAULT_STRATEGIES = "full,top:10,lr-guided,middle:10,random:10,lora"
+# Fields that do not change what a run computes: a scan's run with equal other fields is reusable.
+_NOT_SCIENCE = ("layers", "out", "device", "eval_every", "eval_at_start", "save_every")
+
+
+@dataclass
+class CompareConfig:
+    """``recipe`` is shared by every strategy (its ``layers`` is ignored; ``out`` is the comparison's
+    directory). Without flags, ``onelayer compare SCAN`` takes the scan's own recipe."""
+
+    recipe: TrainConfig = field(default_factory=TrainConfig)
+    strategies: str = field(default=DEFAULT_STRATEGIES, metadata={"help": "comma-separated strategies"})
+    profile: str = field(default="", metadata={"help": "scan dir or profile.json for top:k and lr-guided"})
+    seeds: int = field(default=2, metadata={"help": "seeds per strategy"})
+    lora_lr_scale: float = field(default=10.0, metadata={
+        "help": "LoRA's learning rate is --lr times this (LoRA needs a larger one; ~10x is the usual finding)"})
+
+
+@dataclass(frozen=True)
+class Strategy:
+    label: str  # as written by the user
+    layers: str = "all"
+    lr_from: str = ""
+    lora_rank: int = 0
+    lr_scale: float = 1.0
+    per_seed_draw: bool = False  # random:k without a seed: each seed draws its own layers
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9.\-]+", "_", self.label).strip("_")
+
+
+@dataclass(frozen=True)
+class StrategyRun:
+    name: str
+    strategy: Strategy | None  # None: the untrained base model
+    seed: int
+
+
+def _count(text: str, term: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise OneLayerError(f"strategy '{term}': the count must be a positive integer, e.g. top:10")
+    return int(text)
+
+
+def parse_strategies(config: CompareConfig, n_layers: int, matched_rank: int) -> list[Strategy]:
+    """The strategies of ``config.strategies``; ``matched_rank`` is the LoRA rank used by ``lora``."""
+    profile = config.profile
+
+    def need_profile(term: str) -> str:
+        if not profile:
+            raise OneLayerError(f"strategy '{term}' needs a profile: give a scan directory (onelayer compare SCAN)")
+        return profile
+
+    strategies = []
+    for term in (t.strip() for t in config.strategies.split(",")):
+        if not term:
+            continue
+        name, _, arg = term.partition(":")
+        if term in ("full", "all"):
+            strategy = Strategy(term)
+        elif name == "top":
+            strategy = Strategy(term, layers=f"top:{_count(arg, term)}@{need_profile(term)}")
+        elif term == "lr-guided":
+            strategy = Strategy(term, lr_from=need_profile(term))
+        elif name == "lora":
+            rank = _count(arg, term) if arg else (config.recipe.lora_rank or matched_rank)
+            strategy = Strategy(term, lora_rank=rank, lr_scale=config.lora_lr_scale)
+        else:
+            parse_layer_spec(term, n_layers)  # a malformed spec fails now, with the grammar in the message
+            strategy = Strategy(term, layers=term, per_seed_draw=name == "random" and arg.count(":") == 0)
+        strategies.append(strategy)
+    if not strategies:
+        raise OneLayerError(f"--strategies names nothing; e.g. {DEFAULT_STRATEGIES}")
+    slugs = [s.slug for s in strategies]
+    repeated = sorted({s for s in slugs if slugs.count(s) > 1})
+    if repeated:
+        raise OneLayerError(f"strategy {repeated[0]} is listed twice: name each strategy once")
+    if profile:
+        read_profile(profile)  # a missing or unfinished profile fails before any training
+    return strategies
+
+
+def plan_comparison(strategies: list[Strategy], seeds: list[int]) -> list[StrategyRun]:
+    """The base model, then each strategy seed by seed, in the order given."""
+    return [StrategyRun("base", None, seeds[0])] + [
+        StrategyRun(f"{s.slug}-s{seed}", s, seed) for s in strategies for seed in seeds]
+
+
+def recipe_for(config: CompareConfig, run: StrategyRun, out: Path) -> TrainConfig:
+    s = run.strategy or Strategy("base")
+    layers = f"{s.layers}:{run.seed}" if s.per_seed_draw else s.layers
+    return replace(config.recipe, layers=layers, lr_from=s.lr_from, lora_rank=s.lora_rank,
+                   lr=config.recipe.lr * s.lr_scale, seed=run.seed, out=str(run_dir(out, run)),
+                   eval_every=config.recipe.steps, eval_at_start=False)
+
+
+def _science(recipe: dict) -> dict:
+    from .config import from_dict
+
+    normal = to_dict(from_dict(TrainConfig, recipe))  # older saved recipes lack newer fields
+    return {k: v for k, v in normal.items() if k not in _NOT_SCIENCE}
+
+
+def reuse_from_scan(config: CompareConfig, run: StrategyRun, out: Path) -> bool:
+    """Copy the scan's base run, or its full run of the same seed, when the scan used the same recipe
+    (a full run only with its checkpoint, which ensembles and out-of-domain evaluation need)."""
+    if not config.profile or not (Path(config.profile) / "scan.json").is_file():
+        return False
+    if run.strategy is not None and run.strategy.label not in ("full", "all"):
+        return False
+    saved, plan = load_plan(config.profile)
+    mine = to_dict(recipe_for(config, run, out))
+    kind = "base" if run.strategy is None else "full"
+    for scan_run in plan:
+        source = run_dir(Path(config.profile), scan_run)
+        if (scan_run.kind != kind or run_status(Path(config.profile), scan_run) != "done"
+                or (kind == "full" and (scan_run.seed != run.seed or not (source / "checkpoint").is_dir()))):
+            continue
+        theirs = {**saved["recipe"], "seed": scan_run.seed, "lr": saved["recipe"]["lr"] * scan_run.lr_scale}
+        if _science(theirs) != _science(mine):
+            return False
+        target = run_dir(out, run)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+        result = json.loads((target / "result.json").read_text())
+        (target / "result.json").write_text(json.dumps({**result, "name": run.name, "copied_from": str(source)},
+                                                       indent=2))
+        return True
+    return False
+
+
+def execute(config: CompareConfig, run: StrategyRun, out: Path, progress: bool = False) -> dict:
+    if reuse_from_scan(config, run, out):
+        return read_result(out, run)
+    recipe = recipe_for(config, run, out)
+    summary = train_and_evaluate(recipe, trained=run.strategy is not None, progress=progress)
+    row = {"name": run.name, "strategy": run.strategy.label if run.strategy else "base", "seed": run.seed,
+           "layers_spec": recipe.layers, **summary}
+    (Path(recipe.out) / "result.json").write_text(json.dumps(row, indent=2))
+    return row
+
+
+def recipe_from_profile(profile: str) -> TrainConfig | None:
+    """The recipe of the scan behind ``profile`` (a scan directory), or None for a bare profile.json."""
+    from .config import from_dict
+
+    if not profile or not (Path(profile) / "scan.json").is_file():
+        return None
+    return from_dict(TrainConfig, load_plan(profile)[0]["recipe"])
+
+
+def run_comparison(config: CompareConfig, progress: bool = True) -> list[StrategyRun]:
+    """Run every pending or failed run of the comparison (this rank's share under torchrun)."""
+    if config.seeds < 1:
+        raise OneLayerError(f"--seeds must be >= 1, got {config.seeds}")
+    config.recipe.validate()
+    shard = Shard.from_env()
+    config = replace(config, recipe=replace(config.recipe, device=shard.device(config.recipe.device)))
+    out = Path(config.recipe.out)
+    n_layers = model_num_layers(config.recipe.model)
+    from .adapters import matched_rank
+
+    strategies = parse_strategies(config, n_layers, matched_rank(load_skeleton(config.recipe.model)))
+    plan = plan_comparison(strategies, [config.recipe.seed + i for i in range(config.seeds)])
+    out.mkdir(parents=True, exist_ok=True)
+    if shard.rank == 0:
+        saved = {"config": to_dict(replace(config, recipe=replace(config.recipe, device=""))),
+                 "strategies": [s.__dict__ for s in strategies],
+                 "runs": [{"name": r.name, "strategy": r.strategy.label if r.strategy else None, "seed": r.seed}
+                          for r in plan]}
+        (out / "compare.json").write_text(json.dumps(saved, indent=2))
+    run_share(plan, lambda r: execute(config, r, out), out, shard, progress, "compare")
+    return plan
+
+
+@dataclass(frozen=True)
+class StrategyResult:
+    label: str
+    seeds: list[int]
+    accuracies: list[float]  # one per finished seed
+    layers: list[list[int]]  # trained layers per seed
+    trainable_parameters: int
+    optimizer_state_bytes: int
+    train_seconds: float  # mean over seeds
+    peak_memory_bytes: int | None
+    mean: float
+    std: float  # across seeds (0 for one seed)
+    gain_over_full: float  # mean accuracy minus full training's, with a paired bootstrap interval
+    gain_low: float
+    gain_high: float
+    share_of_full_gain: float  # (S - S_base) / (S_full - S_base), the contribution of the strategy
+    share_low: float
+    share_high: float
+
+
+def _load(out: Path) -> tuple[dict, list[dict]]:
+    path = out / "compare.json"
+    if not path.is_file():
+        raise OneLayerError(f"{out} is not a comparison directory (no compare.json): pass the --out of onelayer compare")
+    saved = json.loads(path.read_text())
+    return saved, saved["runs"]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    base_accuracy: float
+    full_gain: Estimate | None  # full training over the base model (None without a finished full run)
+    strategies: list[StrategyResult]
+
+
+def comparison_results(out: str | Path, n_resamples: int = 2000) -> Comparison:
+    """Base accuracy, full training's gain, and one result per strategy with a finished seed. Gains over full
+    training and shares of its gain use seed-averaged per-example scores and one set of bootstrap
+    resamples of the eval examples (paired: every strategy is scored on the same examples)."""
+    from .checkpoint import read_meta
+
+    out = Path(out)
+    saved, runs = _load(out)
+    done = {}
+    for r in runs:
+        run = StrategyRun(r["name"], None, r["seed"])
+        if run_status(out, run) == "done":
+            result = read_result(out, run)
+            done[r["name"]] = (r, result, example_scores(examples_file(out, run)))
+    if "base" not in done:
+        raise OneLayerError(f"{out}: the base run has not finished; rerun onelayer compare to continue")
+    labels = [s["label"] for s in saved["strategies"]]
+    by_label = {label: [v for v in done.values() if v[0]["strategy"] == label] for label in labels}
+    base = np.asarray(done["base"][2])
+    full_label = next((label for label in labels if label in ("full", "all") and by_label[label]), None)
+    full = np.mean([v[2] for v in by_label[full_label]], axis=0) if full_label else None
+    indices = bootstrap_indices(base.size, n_resamples, 0)
+    results = []
+    for label in labels:
+        found = by_label[label]
+        if not found:
+            continue
+        accuracies = [v[1]["accuracy"] for v in found]
+        scores = np.mean([v[2] for v in found], axis=0)
+        nan = float("nan")
+        gain = gain_estimate(full, scores, indices) if full is not None else None
+        share = contribution_estimate(base, full, scores, indices) if full is not None else None
+        meta_layers = []
+        for v in found:
+            try:
+                meta_layers.append(read_meta(run_dir(out, StrategyRun(v[0]["name"], None, 0)))["layers"])
+            except OneLayerError:
+                meta_layers.append([])
+        peaks = [v[1].get("peak_memory_bytes") for v in found if v[1].get("peak_memory_bytes")]
+        results.append(StrategyResult(
+            label, [v[0]["seed"] for v in found], accuracies, meta_layers,
+            int(found[0][1].get("trainable_parameters") or 0), int(found[0][1].get("optimizer_state_bytes") or 0),
+            float(np.mean([v[1].get("train_seconds") or 0.0 for v in found])), max(peaks) if peaks else None,
+            float(np.mean(accuracies)), float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
+            gain.value if gain else nan, gain.low if gain else nan, gain.high if gain else nan,
+            share.value if share else nan, share.low if share else nan, share.high if share else nan))
+    return Comparison(float(base.mean()), gain_estimate(base, full, indices) if full is not None else None, results)

@@ -1,0 +1,149 @@
+"""onelayer compare: strategies parsed into exact runs, run under one budget, reported with costs."""
+
+import json
+import math
+
+import pytest
+
+from onelayer.checkpoint import read_meta
+from onelayer.cli import main
+from onelayer.compare import CompareConfig, comparison_results, parse_strategies, plan_comparison, recipe_for
+from onelayer.config import SamplingConfig, TrainConfig
+from onelayer.errors import OneLayerError
+from onelayer.layers import parse_layer_spec
+from onelayer.scan import ScanConfig, run_scan
+
+from .test_strategies import hand_profile, write_profile
+
+PROFILE = hand_profile({0: 0.1, 1: 0.8, 2: 0.5, 3: -0.2}, 4)
+
+
+def recipe(out, model, **overrides):
+    base = dict(model=str(model), task="toy:repeat", out=str(out), steps=2, prompts_per_step=2, group_size=4,
+                lr=1e-2, sampling=SamplingConfig(max_new_tokens=6), eval_n=6, device="cpu")
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_strategies_become_exact_training_recipes(tmp_path):
+    scan = write_profile(tmp_path / "scan", PROFILE)
+    config = CompareConfig(recipe=TrainConfig(lr=1e-3, seed=3, steps=7), profile=str(scan), lora_lr_scale=10,
+                           strategies="full,top:2,lr-guided,middle:2,random:2,random:2:9,lora,lora:4,3")
+    strategies = parse_strategies(config, 4, matched_rank=5)
+    plan = plan_comparison(strategies, [3, 4])
+    assert [r.name for r in plan[:5]] == ["base", "full-s3", "full-s4", "top_2-s3", "top_2-s4"]
+    assert len(plan) == 1 + 9 * 2
+    by_name = {r.name: recipe_for(config, r, tmp_path / "c") for r in plan}
+    assert by_name["full-s4"].layers == "all" and by_name["full-s4"].seed == 4 and by_name["full-s4"].lr == 1e-3
+    assert parse_layer_spec(by_name["top_2-s3"].layers, 4).layers == (1, 2)
+    assert by_name["lr-guided-s3"].layers == "all" and by_name["lr-guided-s3"].lr_from == str(scan)
+    assert by_name["middle_2-s3"].layers == "middle:2"
+    # random:k draws per seed; random:k:s keeps its own draw for every seed
+    assert (by_name["random_2-s3"].layers, by_name["random_2-s4"].layers) == ("random:2:3", "random:2:4")
+    assert by_name["random_2_9-s3"].layers == by_name["random_2_9-s4"].layers == "random:2:9"
+    assert (by_name["lora-s3"].lora_rank, by_name["lora-s3"].lr) == (5, pytest.approx(1e-2))
+    assert by_name["lora_4-s3"].lora_rank == 4 and by_name["3-s3"].layers == "3"
+    assert by_name["base"].steps == 7 and by_name["3-s4"].eval_every == 7 and not by_name["3-s4"].eval_at_start
+
+
+@pytest.mark.parametrize("strategies, message", [
+    ("full,top:2", "needs a profile"),
+    ("full,lr-guided", "needs a profile"),
+    ("full,middle:x", "middle:k"),
+    ("full,top:0", "positive integer"),
+    ("full,full", "listed twice"),
+    (",", "names nothing"),
+])
+def test_bad_strategies_fail_before_any_training(strategies, message):
+    with pytest.raises(OneLayerError, match=message):
+        parse_strategies(CompareConfig(strategies=strategies), 4, 5)
+
+
+def test_comparison_runs_every_strategy_and_reports_costs(tmp_path, saved_tiny):
+    from onelayer.compare import run_comparison
+    from onelayer.report import compare_section
+
+    scan = write_profile(tmp_path / "scan", PROFILE)
+    out = tmp_path / "compare"
+    config = CompareConfig(recipe=recipe(out, saved_tiny), profile=str(scan), seeds=2,
+                           strategies="full,top:1,lr-guided,random:1,lora:2")
+    run_comparison(config, progress=False)
+    comparison = comparison_results(out)
+    rows = {r.label: r for r in comparison.strategies}
+    assert list(rows) == ["full", "top:1", "lr-guided", "random:1", "lora:2"]
+    assert all(r.seeds == [0, 1] and len(r.accuracies) == 2 for r in rows.values())
+    assert rows["top:1"].layers == [[1], [1]]
+    assert rows["random:1"].layers == [list(parse_layer_spec(f"random:1:{s}", 4).layers) for s in (0, 1)]
+    # tiny llama: 9280 parameters per layer, 4 layers, tied 88 x 32 embedding, final norm 32
+    assert rows["top:1"].trainable_parameters == 9280
+    assert rows["full"].trainable_parameters == 4 * 9280
+    assert rows["lora:2"].trainable_parameters == 2 * 512 * 4
+    for r in rows.values():  # AdamW: two float32 moments per trained parameter, plus one step count per tensor
+        assert 8 * r.trainable_parameters <= r.optimizer_state_bytes <= 8 * r.trainable_parameters + 8 * 64
+        assert r.train_seconds > 0 and r.peak_memory_bytes is None  # CPU: no CUDA peak
+    full = rows["full"]
+    assert full.gain_over_full == 0
+    assert full.share_of_full_gain == 1.0 or (math.isnan(full.share_of_full_gain) and comparison.full_gain.value == 0)
+    mean = sum(rows["top:1"].accuracies) / 2
+    assert rows["top:1"].gain_over_full == pytest.approx(mean - full.mean)
+    # lr-guided: layer 3 has a negative contribution, so its scale is 0 and it must not move
+    meta = read_meta(out / "runs" / "lr-guided-s0")
+    assert meta["lr_scales"]["3"] == 0.0
+
+    section = compare_section(out, out / "figures")
+    table = next(b for b in section.blocks if hasattr(b, "header"))
+    assert [row[0] for row in table.rows] == list(rows) and (out / "figures" / "compare.png").is_file()
+    stamps = {p: p.stat().st_mtime for p in out.glob("runs/*/result.json")}
+    run_comparison(config, progress=False)  # everything finished: nothing is redone
+    assert {p: p.stat().st_mtime for p in out.glob("runs/*/result.json")} == stamps
+
+
+def test_compare_takes_the_scans_recipe_and_copies_its_base_and_full_runs(tmp_path, saved_tiny, capsys):
+    scan_dir = tmp_path / "scan"
+    run_scan(ScanConfig(recipe=recipe(scan_dir, saved_tiny, layers="1,2")), progress=False)
+    assert main(["profile", str(scan_dir)]) == 0
+    code = main(["compare", str(scan_dir), "--strategies", "full,middle:1", "--seeds", "1", "--no-progress"])
+    assert code == 0
+    out = scan_dir / "compare"
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["config"]["recipe"]["steps"] == 2 and saved["config"]["recipe"]["task"] == "toy:repeat"
+    for name, source in (("base", "base"), ("full-s0", "full-s0")):
+        result = json.loads((out / "runs" / name / "result.json").read_text())
+        original = json.loads((scan_dir / "runs" / source / "result.json").read_text())
+        assert result["copied_from"].endswith(source) and result["accuracy"] == original["accuracy"]
+    assert "copied_from" not in json.loads((out / "runs" / "middle_1-s0" / "result.json").read_text())
+    printed = capsys.readouterr().out
+    assert "middle:1" in printed and "gain over full" in printed and (out / "results.md").is_file()
+
+    # another recipe is another experiment: nothing is copied
+    code = main(["compare", str(scan_dir), "--strategies", "full", "--seeds", "1", "--steps", "1",
+                 "--out", str(tmp_path / "other"), "--no-progress"])
+    assert code == 0
+    assert "copied_from" not in json.loads((tmp_path / "other" / "runs" / "full-s0" / "result.json").read_text())
+    assert json.loads((tmp_path / "other" / "compare.json").read_text())["config"]["recipe"]["steps"] == 1
+
+
+def test_ensemble_members_from_a_scan_reuse_their_final_evaluation(tmp_path, saved_tiny, monkeypatch):
+    from onelayer.config import EvalConfig
+    from onelayer.specialists import run_ensemble
+
+    scan_dir = tmp_path / "scan"
+    run_scan(ScanConfig(recipe=recipe(scan_dir, saved_tiny, layers="1,2", steps=1)), progress=False)
+    members = [str(scan_dir / "runs" / name) for name in ("layer001-s0", "layer002-s0")]
+
+    def no_eval(config):
+        raise AssertionError(f"{config.checkpoint} was evaluated again")
+
+    monkeypatch.setattr("onelayer.specialists.run_eval", no_eval)
+    same = EvalConfig(task="toy:repeat", n=5, sampling=SamplingConfig(max_new_tokens=6, temperature=0.0))
+    summary = run_ensemble(members, same, tmp_path / "vote")
+    assert len(summary.votes) == 5
+    own = [json.loads(x) for x in (scan_dir / "runs" / "layer001-s0" / "evals" / "step000001.examples.jsonl")
+           .read_text().splitlines()]
+    member = [json.loads(x) for x in (tmp_path / "vote" / "members" / "layer001-s0" / "eval.examples.jsonl")
+              .read_text().splitlines()]
+    assert member == own[:5]
+    # another completion cap, or more examples than the run evaluated, is another evaluation
+    for other in (EvalConfig(task="toy:repeat", n=5, sampling=SamplingConfig(max_new_tokens=8, temperature=0.0)),
+                  EvalConfig(task="toy:repeat", n=7, sampling=SamplingConfig(max_new_tokens=6, temperature=0.0))):
+        with pytest.raises(AssertionError, match="evaluated again"):
+            run_ensemble(members, other, tmp_path / f"vote-{other.n}-{other.sampling.max_new_tokens}")
