@@ -92,6 +92,8 @@ class EvalConfig:
     out: str = field(default="", metadata={"help": "directory for results (summary and per-example)"})
     dtype: str = field(default="auto", metadata={"help": "auto, bf16 or fp32"})
     device: str = field(default="", metadata={"help": "cuda, cpu; empty = cuda if available"})
+    attention: str = field(default="", metadata={
+        "help": "attention implementation: sdpa, eager, flash_attention_2; empty = transformers' default"})
 
     def validate(self) -> None:
         if not self.model and not self.checkpoint:

@@ -115,7 +115,7 @@ def run_eval(config: EvalConfig):
     model_name = config.model or read_meta(config.checkpoint)["base_model"]
     task = get_task(config.task, config.task_options)  # fail on a bad task before loading weights
     device = torch.device(config.device) if config.device else default_device()
-    model = load_model(model_name, device, config.dtype)
+    model = load_model(model_name, device, config.dtype, config.attention)
     if config.checkpoint:
         apply_checkpoint(model, config.checkpoint)
     tokenizer = load_tokenizer(model_name)

@@ -40,7 +40,7 @@ def _answers(config: EvalConfig) -> list[dict]:
 def final_eval_answers(config: EvalConfig) -> tuple[list[dict], Path] | None:
     """The greedy answers a finished scan or comparison run gave at its final evaluation (``result.json``
     names them), when they are the evaluation ``config`` asks for: same task and options, completion
-    cap, generation batch and dtype, at least ``config.n`` examples. Saves evaluating a member twice."""
+    cap, generation batch, dtype and attention, at least ``config.n`` examples. Saves evaluating a member twice."""
     run = Path(config.checkpoint) if config.checkpoint else None
     if (run is None or config.samples != 1 or config.sampling.temperature != 0
             or not (run / "result.json").is_file() or not (run / "config.json").is_file()):
@@ -51,7 +51,7 @@ def final_eval_answers(config: EvalConfig) -> tuple[list[dict], Path] | None:
             and recipe.get("eval_n", 0) >= config.n and config.model in ("", recipe.get("model"))
             and sampling.get("max_new_tokens") == config.sampling.max_new_tokens
             and sampling.get("generation_batch_size") == config.sampling.generation_batch_size
-            and config.dtype in ("auto", recipe.get("dtype")))
+            and config.dtype in ("auto", recipe.get("dtype")) and config.attention == recipe.get("attention", ""))
     if not same:
         return None
     source = run / "evals" / Path(json.loads((run / "result.json").read_text())["examples"]).name
