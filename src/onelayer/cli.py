@@ -202,20 +202,26 @@ def write_profile(scan_dir: Path) -> None:
     print(f"profile in {scan_dir}/profile.md, profile.json and {figure}")
 
 
-def cmd_scan(args: argparse.Namespace) -> None:
-    from .runs import Shard, run_status
+def cmd_scan(args: argparse.Namespace) -> int:
+    from .runs import Shard
     from .scan import run_scan
 
     config = config_from_args(ScanConfig, args)
-    plan = run_scan(config, progress=not args.no_progress)
+    run_scan(config, progress=not args.no_progress)
     if Shard.from_env().rank != 0:
-        return  # rank 0 reports for everyone
+        return 0  # rank 0 reports for everyone
     scan_dir = Path(config.recipe.out)
-    failed = [r.name for r in plan if run_status(scan_dir, r) == "failed"]
-    if failed:
-        print(f"{len(failed)} run(s) failed, see runs/*/error.txt: {', '.join(failed)}; rerun the same command to "
-              "retry them (finished runs are kept)")
     write_profile(scan_dir)
+    return failed_runs(scan_dir)
+
+
+def failed_runs(out: Path) -> int:
+    """Say which runs of a scan or comparison failed; the exit status: 1 when any did, else 0."""
+    failed = sorted(p.parent.name for p in (out / "runs").glob("*/error.txt"))
+    if failed:
+        print(f"{len(failed)} run(s) failed, see {out}/runs/NAME/error.txt: {', '.join(failed)}; rerun the same "
+              "command to retry them (finished runs are kept)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -294,7 +300,7 @@ def cmd_ensemble(args: argparse.Namespace) -> None:
     print(f"results in {out}/ (ensemble.json, self_consistency.json, per-example .examples.jsonl)")
 
 
-def cmd_compare(args: argparse.Namespace) -> None:
+def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import CompareConfig, recipe_from_profile, run_comparison
     from .report import compare_section
     from .runs import Shard
@@ -308,13 +314,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
         config = replace(config, recipe=replace(config.recipe, out=str(out)))
     run_comparison(config, progress=not args.no_progress)
     if Shard.from_env().rank != 0:
-        return
+        return 0
     out = Path(config.recipe.out)
-    failed = sorted(p.parent.name for p in (out / "runs").glob("*/error.txt"))
-    if failed:
-        print(f"{len(failed)} run(s) failed, see runs/*/error.txt: {', '.join(failed)}; rerun the same command to "
-              "retry them (finished runs are kept)")
     _write_analysis(f"Strategy comparison: {out.name}", compare_section(out, out / "figures"), out, "results")
+    return failed_runs(out)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -406,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except OneLayerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -414,7 +417,6 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: finished steps are checkpointed every --save-every steps; rerun to resume",
               file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -124,10 +124,11 @@ def for_each_run(runs: list, work: Callable[[NamedRun], object], error_file: Cal
 
 def run_share(runs: list, work: Callable[[NamedRun], object], out: Path, shard: Shard, progress: bool,
               label: str) -> None:
-    """This rank's unfinished runs of ``runs``, one after the other; then wait for the other ranks."""
-    mine = shard.take(runs)
-    todo = [r for r in mine if run_status(out, r) != "done"]
-    for_each_run(todo, work, lambda r: run_dir(out, r) / "error.txt", label, progress, done=len(mine) - len(todo))
+    """Deal the unfinished runs of ``runs`` out over the ranks and do this rank's share, one after the
+    other; then wait for the other ranks. Dealing out only what is left keeps a resumed plan balanced."""
+    barrier(shard)  # every rank must see the same finished runs before the rest is dealt out
+    left = [r for r in runs if run_status(out, r) != "done"]
+    for_each_run(shard.take(left), work, lambda r: run_dir(out, r) / "error.txt", label, progress)
     barrier(shard)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .analysis.curves import read_jsonl
 from .analysis.ensemble import EnsembleSummary, ensemble
-from .checkpoint import find_checkpoint
+from .checkpoint import find_checkpoint, read_meta
 from .config import EvalConfig
 from .errors import OneLayerError
 from .evaluate import run_eval
@@ -24,8 +24,10 @@ from .tasks import get_task
 
 def _answers(config: EvalConfig) -> list[dict]:
     """Per-example rows (``extracted``, ``correct`` lists) of an evaluation, run once and then reused."""
-    cached = Path(config.out) / "eval.examples.jsonl"
-    if not cached.is_file():
+    cached, stamp_file = Path(config.out) / "eval.examples.jsonl", Path(config.out) / "source.json"
+    stamp = _source(config)
+    saved = json.loads(stamp_file.read_text()) if stamp_file.is_file() else {}
+    if not cached.is_file() or {k: v for k, v in saved.items() if k != "reused"} != stamp:
         found = final_eval_answers(config)
         if found is None:
             run_eval(config)
@@ -33,8 +35,22 @@ def _answers(config: EvalConfig) -> list[dict]:
             rows, source = found
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            (cached.parent / "reused.json").write_text(json.dumps({"from": str(source)}))
+            stamp = {**stamp, "reused": str(source)}
+        stamp_file.write_text(json.dumps(stamp))
     return read_jsonl(cached)
+
+
+def _source(config: EvalConfig) -> dict:
+    """What an evaluation evaluated: the model, or the checkpoint and its step (answers cached for an
+    earlier checkpoint of the same run are not reused). A run whose training stopped early is refused."""
+    if not config.checkpoint:
+        return {"model": config.model}
+    meta = read_meta(config.checkpoint)
+    steps = meta.get("config", {}).get("steps")
+    if steps is not None and meta["step"] < steps:
+        raise OneLayerError(f"{config.checkpoint} stopped at step {meta['step']} of {steps}: finish its training "
+                            "(rerun the command that made it) before voting with it")
+    return {"checkpoint": str(config.checkpoint), "step": meta["step"], "model": config.model}
 
 
 def final_eval_answers(config: EvalConfig) -> tuple[list[dict], Path] | None:

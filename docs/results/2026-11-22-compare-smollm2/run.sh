@@ -7,16 +7,16 @@
 # Every command resumes: rerunning this script after a kill or a time limit continues where it stopped.
 set -u
 SCAN=${1:-scans/smol-arith}
-NPROC=${NPROC:-4}
+NPROC=${NPROC:-2}  # 4 processes of full-parameter runs at micro-batch 128 ran out of memory on 80 GB
 HERE=$(cd "$(dirname "$0")" && pwd)
 if [ ! -f "$SCAN/scan.json" ]; then
   mkdir -p "$(dirname "$SCAN")" && cp -r "$HERE/../2026-11-22-scan-smollm2-analyses/scan" "$SCAN"
 fi
-launch() { python3 -m torch.distributed.run --nproc_per_node "$NPROC" --master_port 29533 -m onelayer "$@"; }
+launch() { PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 -m torch.distributed.run --nproc_per_node "$NPROC" --master_port 29533 -m onelayer "$@"; }
 
 # 6 strategies x 2 seeds under the scan's recipe (the scan's base run is copied, not repeated)
 launch compare "$SCAN" --strategies full,top:10,lr-guided,middle:10,random:10,lora --seeds 2 --no-progress \
-  || exit $?
+  || exit $?  # also when a run failed: no ensemble over unfinished runs
 
 EVAL=(--task rg:basic_arithmetic --task-option min_terms=2 --task-option max_terms=2 --task-option min_digits=1
   --task-option max_digits=2 --task-option 'operators=["+","-"]' --task-option allow_parentheses=false
