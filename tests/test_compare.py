@@ -142,6 +142,13 @@ def test_ensemble_members_from_a_scan_reuse_their_final_evaluation(tmp_path, sav
     member = [json.loads(x) for x in (tmp_path / "vote" / "members" / "layer001-s0" / "eval.examples.jsonl")
               .read_text().splitlines()]
     assert member == own[:5]
+    # a run kept without its checkpoint (results copied off a GPU machine) still votes with its own answers
+    import shutil
+
+    for m in members:
+        shutil.rmtree(f"{m}/checkpoint")
+    again = run_ensemble(members, same, tmp_path / "vote-again")
+    assert [v.answer for v in again.votes] == [v.answer for v in summary.votes]
     # another completion cap, or more examples than the run evaluated, is another evaluation
     for other in (EvalConfig(task="toy:repeat", n=5, sampling=SamplingConfig(max_new_tokens=8, temperature=0.0)),
                   EvalConfig(task="toy:repeat", n=7, sampling=SamplingConfig(max_new_tokens=6, temperature=0.0))):

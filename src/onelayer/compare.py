@@ -175,7 +175,7 @@ def reuse_from_scan(config: CompareConfig, run: StrategyRun, out: Path) -> bool:
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(source, target)
         result = json.loads((target / "result.json").read_text())
-        (target / "result.json").write_text(json.dumps({**result, "name": run.name, "copied_from": str(source)},
+        (target / "result.json").write_text(json.dumps({**result, "name": run.name, "layers_spec": "all", "copied_from": str(source)},
                                                        indent=2))
         return True
     return False
@@ -264,10 +264,9 @@ def comparison_results(out: str | Path, n_resamples: int = 2000) -> Comparison:
     """Base accuracy, full training's gain, and one result per strategy with a finished seed. Gains over full
     training and shares of its gain use seed-averaged per-example scores and one set of bootstrap
     resamples of the eval examples (paired: every strategy is scored on the same examples)."""
-    from .checkpoint import read_meta
-
     out = Path(out)
     saved, runs = _load(out)
+    n_layers = model_num_layers(saved["config"]["recipe"]["model"])
     done = {}
     for r in runs:
         run = StrategyRun(r["name"], None, r["seed"])
@@ -292,12 +291,9 @@ def comparison_results(out: str | Path, n_resamples: int = 2000) -> Comparison:
         nan = float("nan")
         gain = gain_estimate(full, scores, indices) if full is not None else None
         share = contribution_estimate(base, full, scores, indices) if full is not None else None
-        meta_layers = []
-        for v in found:
-            try:
-                meta_layers.append(read_meta(run_dir(out, StrategyRun(v[0]["name"], None, 0)))["layers"])
-            except OneLayerError:
-                meta_layers.append([])
+        # older results lack "layers"; their recorded spec gives the same layers again
+        meta_layers = [v[1].get("layers") or list(parse_layer_spec(v[1]["layers_spec"], n_layers).layers)
+                       for v in found]
         peaks = [v[1].get("peak_memory_bytes") for v in found if v[1].get("peak_memory_bytes")]
         results.append(StrategyResult(
             label, [v[0]["seed"] for v in found], accuracies, meta_layers,

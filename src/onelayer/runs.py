@@ -166,6 +166,6 @@ def train_and_evaluate(recipe: TrainConfig, trained: bool = True, progress: bool
             params = dict(model.named_parameters())  # training may have replaced bf16 tensors by fp32 ones
             costs["param_change"] = relative_change(squared_norms(before, {n: params[n] for n in names}),
                                                     parameter_layers(model))
-        costs.update(result.costs)
+        costs.update(result.costs, layers=list(result.selection.layers))
         costs["train_seconds"] = sum(row.get("seconds_step", 0.0) for row in read_jsonl(directory / "log.jsonl"))
     return {"examples": f"evals/step{summary['step']:06d}.examples.jsonl", **summary, **costs}

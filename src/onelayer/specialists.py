@@ -45,6 +45,11 @@ def _source(config: EvalConfig) -> dict:
     earlier checkpoint of the same run are not reused). A run whose training stopped early is refused."""
     if not config.checkpoint:
         return {"model": config.model}
+    result = Path(config.checkpoint) / "result.json"
+    if find_checkpoint(config.checkpoint) is None and result.is_file():
+        # a finished run kept without its checkpoint: only its own final evaluation can be used
+        return {"checkpoint": str(config.checkpoint), "step": json.loads(result.read_text())["step"],
+                "model": config.model}
     meta = read_meta(config.checkpoint)
     steps = meta.get("config", {}).get("steps")
     if steps is not None and meta["step"] < steps:
