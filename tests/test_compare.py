@@ -154,3 +154,8 @@ def test_ensemble_members_from_a_scan_reuse_their_final_evaluation(tmp_path, sav
                   EvalConfig(task="toy:repeat", n=7, sampling=SamplingConfig(max_new_tokens=6, temperature=0.0))):
         with pytest.raises(AssertionError, match="evaluated again"):
             run_ensemble(members, other, tmp_path / f"vote-{other.n}-{other.sampling.max_new_tokens}")
+
+
+def test_compare_refuses_a_layer_spec_outside_strategies(capsys):
+    assert main(["compare", "--strategies", "full", "--layers", "3"]) == 2
+    assert "--strategies" in capsys.readouterr().err

@@ -33,18 +33,20 @@ def _parse_option(text: str) -> tuple[str, object]:
         return key, value
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None, only_given: bool = False) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None, only_given: bool = False,
+                     nested_from: str = "", _from: str = "") -> None:
     """Add one flag per field of dataclass ``cls`` (nested dataclasses flattened). With ``only_given``,
-    flags the user did not pass stay out of the namespace (see :func:`config_with_overrides`)."""
+    flags the user did not pass stay out of the namespace (see :func:`config_with_overrides`);
+    ``nested_from`` names where the nested dataclasses' defaults then come from (e.g. "the scan's")."""
     defaults = defaults if defaults is not None else cls()
     for f in fields(cls):
         value = getattr(defaults, f.name)
         if is_dataclass(value):
-            add_config_flags(parser, type(value), value, only_given)
+            add_config_flags(parser, type(value), value, only_given, nested_from, _from or nested_from)
             continue
         help_text = f.metadata.get("help", "")
         default = argparse.SUPPRESS if only_given else value
-        shown = "" if only_given else f" (default: {value})"
+        shown = f" (default: {_from}, else {value})" if _from else f" (default: {value})"
         if isinstance(value, bool):
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text + shown)
@@ -305,6 +307,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .report import compare_section
     from .runs import Shard
 
+    for name in ("layers", "lr_from"):
+        if hasattr(args, name):
+            raise OneLayerError(f"compare sets --{name.replace('_', '-')} per strategy: name what to train in "
+                                "--strategies (e.g. full,top:10,lr-guided,middle:10)")
     profile = args.scan or getattr(args, "profile", "")
     # the scan's own recipe unless flags say otherwise: the comparison then has the scan's budget
     defaults = CompareConfig(recipe=recipe_from_profile(profile) or TrainConfig(), profile=profile)
@@ -389,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "budget and seeds; table and figure (resumable)")
     p.add_argument("scan", nargs="?", default="", help="scan directory: its profile and, unless flags override it, "
                                                         "its recipe; without one, strategies that need no profile")
-    add_config_flags(p, CompareConfig, only_given=True)
+    add_config_flags(p, CompareConfig, only_given=True, nested_from="the scan's")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
 
