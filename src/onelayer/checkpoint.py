@@ -2,7 +2,8 @@
 
 A checkpoint directory holds ``trained.safetensors`` (the trained tensors, under the model's own
 parameter names; for LoRA, the adapter tensors), ``onelayer.json`` (base model, layer spec and layers,
-step, full config, the adapter if any) and, for resuming, ``optimizer.pt``. Applying one to its base model reproduces the trained model.
+step, full config, the adapter if any) and, for resuming, ``optimizer.pt``. Applying one to its base
+model reproduces the trained model.
 Writes go to a temporary directory that replaces the old one by rename, so a kill mid-write loses
 nothing.
 """

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import adapters
 from .analysis.contribution import (
     Estimate,
     bootstrap_indices,
@@ -33,7 +34,7 @@ from .analysis.contribution import (
     gain_estimate,
     read_profile,
 )
-from .config import TrainConfig, to_dict
+from .config import TrainConfig, from_dict, to_dict
 from .errors import OneLayerError
 from .layers import parse_layer_spec
 from .models import load_skeleton, model_num_layers
@@ -147,8 +148,6 @@ def recipe_for(config: CompareConfig, run: StrategyRun, out: Path) -> TrainConfi
 
 
 def _science(recipe: dict) -> dict:
-    from .config import from_dict
-
     normal = to_dict(from_dict(TrainConfig, recipe))  # older saved recipes lack newer fields
     return {k: v for k, v in normal.items() if k not in _NOT_SCIENCE}
 
@@ -194,8 +193,6 @@ def execute(config: CompareConfig, run: StrategyRun, out: Path, progress: bool =
 
 def recipe_from_profile(profile: str) -> TrainConfig | None:
     """The recipe of the scan behind ``profile`` (a scan directory), or None for a bare profile.json."""
-    from .config import from_dict
-
     if not profile or not (Path(profile) / "scan.json").is_file():
         return None
     return from_dict(TrainConfig, load_plan(profile)[0]["recipe"])
@@ -210,9 +207,7 @@ def run_comparison(config: CompareConfig, progress: bool = True) -> list[Strateg
     config = replace(config, recipe=replace(config.recipe, device=shard.device(config.recipe.device)))
     out = Path(config.recipe.out)
     n_layers = model_num_layers(config.recipe.model)
-    from .adapters import matched_rank
-
-    strategies = parse_strategies(config, n_layers, matched_rank(load_skeleton(config.recipe.model)))
+    strategies = parse_strategies(config, n_layers, adapters.matched_rank(load_skeleton(config.recipe.model)))
     plan = plan_comparison(strategies, [config.recipe.seed + i for i in range(config.seeds)])
     out.mkdir(parents=True, exist_ok=True)
     if shard.rank == 0:

@@ -3,7 +3,8 @@
 Scans and strategy comparisons are both plans of named runs under ``DIR/runs/NAME``. A run is done
 when its ``result.json`` exists; a run that raised leaves ``error.txt`` and is retried the next time,
 without redoing the others; a killed training run resumes from its own checkpoint. Under torchrun,
-rank r takes runs r, r + world, ... of the plan and every rank waits for the others at the end.
+the runs not yet done are dealt out over the ranks (rank r takes the r-th, r + world-th, ...), and
+every rank waits for the others at the end.
 """
 
 from __future__ import annotations
@@ -53,11 +54,14 @@ def examples_file(out: Path, run: NamedRun, source: str = "") -> Path:
     """Per-example results of a finished run: in-domain ones (``source`` empty), or those of the
     out-of-domain evaluation named ``source`` (see :mod:`onelayer.ood`)."""
     directory = run_dir(out, run)
-    if source:
-        return directory / "ood" / f"{source}.examples.jsonl"
-    path = Path(read_result(out, run)["examples"])
+    return directory / "ood" / f"{source}.examples.jsonl" if source else final_examples(directory)
+
+
+def final_examples(directory: Path) -> Path:
+    """The per-example file of the final evaluation that a run directory's ``result.json`` names."""
+    path = Path(json.loads((Path(directory) / "result.json").read_text())["examples"])
     # older runs stored absolute paths: fall back to the run's own evals/ when the directory was moved
-    return path if path.is_absolute() and path.is_file() else directory / "evals" / path.name
+    return path if path.is_absolute() and path.is_file() else Path(directory) / "evals" / path.name
 
 
 def example_scores(path: Path) -> list[float]:

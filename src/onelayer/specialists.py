@@ -19,6 +19,7 @@ from .checkpoint import find_checkpoint, read_meta
 from .config import EvalConfig
 from .errors import OneLayerError
 from .evaluate import run_eval
+from .runs import final_examples
 from .tasks import get_task
 
 
@@ -75,7 +76,7 @@ def final_eval_answers(config: EvalConfig) -> tuple[list[dict], Path] | None:
             and config.dtype in ("auto", recipe.get("dtype")) and config.attention == recipe.get("attention", ""))
     if not same:
         return None
-    source = run / "evals" / Path(json.loads((run / "result.json").read_text())["examples"]).name
+    source = final_examples(run)
     rows = read_jsonl(source)
     return (rows[:config.n], source) if len(rows) >= config.n else None
 
