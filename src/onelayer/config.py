@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 from .errors import OneLayerError
 
+ENGINES = ("auto", "fast", "plain")
+
 
 @dataclass
 class SamplingConfig:
@@ -13,6 +15,15 @@ class SamplingConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature; 0 = greedy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
     generation_batch_size: int = field(default=256, metadata={"help": "rows per generate() call"})
+    engine: str = field(default="auto", metadata={
+        "help": "rollout engine: auto (fast on CUDA where the architecture allows), fast (static KV cache, "
+                "CUDA graphs on CUDA) or plain (transformers generate)"})
+
+    def validate(self) -> None:
+        if self.engine not in ENGINES:
+            raise OneLayerError(f"unknown --engine '{self.engine}': use {', '.join(ENGINES)}")
+        if self.generation_batch_size < 1:
+            raise OneLayerError(f"--generation-batch-size must be >= 1, got {self.generation_batch_size}")
 
 
 @dataclass
@@ -75,6 +86,7 @@ class TrainConfig:
             raise OneLayerError("--max-new-tokens must be >= 1")
         if self.sampling.temperature <= 0:
             raise OneLayerError("training samples need --temperature > 0")
+        self.sampling.validate()
 
 
 @dataclass
@@ -102,6 +114,7 @@ class EvalConfig:
             raise OneLayerError("--n and --samples must be >= 1")
         if self.samples > 1 and self.sampling.temperature <= 0:
             raise OneLayerError("--samples > 1 needs --temperature > 0 (greedy samples are all the same)")
+        self.sampling.validate()
 
 
 def to_dict(config) -> dict:

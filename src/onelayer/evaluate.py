@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import EvalConfig
-from .rollout import HFGenerator, render_prompts
+from .rollout import Generator, make_generator, render_prompts
 from .tasks import Task, get_task
 
 
@@ -58,8 +58,10 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer, task: Task, n: int, samples: int = 1, max_new_tokens: int = 256,
-             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 256, seed: int = 0) -> EvalResult:
-    """Score ``samples`` completions of each of the first ``n`` eval examples.
+             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 256, seed: int = 0,
+             engine: str = "auto", generator: Generator | None = None) -> EvalResult:
+    """Score ``samples`` completions of each of the first ``n`` eval examples, sampled by ``generator``
+    (default: the ``engine``'s, in batches of ``batch_size`` rows).
 
     The interval is Wilson's for one sample per example; with several it is a normal interval over
     per-example mean correctness (examples are the independent units).
@@ -67,7 +69,8 @@ def evaluate(model: nn.Module, tokenizer, task: Task, n: int, samples: int = 1, 
     examples = task.examples("eval")[:n]
     torch.manual_seed(seed)
     prompts = render_prompts(tokenizer, [task.messages(e) for e in examples])
-    batch = HFGenerator(model, tokenizer, batch_size).generate(prompts, samples, max_new_tokens, temperature, top_p)
+    generator = generator or make_generator(model, tokenizer, batch_size, engine)
+    batch = generator.generate(prompts, samples, max_new_tokens, temperature, top_p)
     scores = task.score_all(batch.texts, [e for e in examples for _ in range(samples)])
     per_example, means = [], []
     for i, example in enumerate(examples):
@@ -121,7 +124,7 @@ def run_eval(config: EvalConfig):
     tokenizer = load_tokenizer(model_name)
     s = config.sampling
     result = evaluate(model, tokenizer, task, config.n, config.samples, s.max_new_tokens, s.temperature, s.top_p,
-                      s.generation_batch_size, config.seed)
+                      s.generation_batch_size, config.seed, s.engine)
     if config.out:
         write_eval(result, config.out)
     return result

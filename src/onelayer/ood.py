@@ -24,6 +24,7 @@ from .checkpoint import assign, checkpoint_tensors, find_checkpoint
 from .errors import OneLayerError
 from .evaluate import evaluate, write_eval
 from .models import default_device, load_model, load_tokenizer
+from .rollout import make_generator
 from .runs import Shard, barrier, for_each_run, run_dir, run_status
 from .scan import PlannedRun, load_plan, scan_profile
 from .tasks import get_task, parse_task_ref, split_task_list
@@ -102,6 +103,8 @@ def run_ood(scan_dir: str | Path, config: OODConfig, progress: bool = True) -> l
         tokenizer = load_tokenizer(recipe["model"])
         precision = precision_context(device, next(model.parameters()).dtype)
         swapper = _Swapper(model)
+        generator = make_generator(model, tokenizer, config.generation_batch_size or sampling["generation_batch_size"],
+                                   sampling.get("engine", "auto"))
 
         def work(run: PlannedRun) -> None:
             swapper.load(scan_dir, run)
@@ -111,8 +114,7 @@ def run_ood(scan_dir: str | Path, config: OODConfig, progress: bool = True) -> l
                 with precision:
                     result = evaluate(model, tokenizer, task, n,
                                       max_new_tokens=config.max_new_tokens or sampling["max_new_tokens"],
-                                      batch_size=config.generation_batch_size or sampling["generation_batch_size"],
-                                      seed=recipe["seed"])
+                                      seed=recipe["seed"], generator=generator)
                 write_eval(result, run_dir(scan_dir, run) / "ood", slug)
                 summary = json.loads(ood_file(scan_dir, run, slug).read_text())
                 ood_file(scan_dir, run, slug).write_text(json.dumps(

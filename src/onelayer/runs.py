@@ -151,7 +151,8 @@ def train_and_evaluate(recipe: TrainConfig, trained: bool = True, progress: bool
         task = get_task(recipe.task, recipe.task_options)
         with precision_context(device, load_dtype):
             result = evaluate(model, tokenizer, task, recipe.eval_n, max_new_tokens=recipe.sampling.max_new_tokens,
-                              batch_size=recipe.sampling.generation_batch_size, seed=recipe.seed)
+                              batch_size=recipe.sampling.generation_batch_size, seed=recipe.seed,
+                              engine=recipe.sampling.engine)
         write_eval(result, directory / "evals", f"step{step:06d}")
         return {"step": step, **result.summary()}
 

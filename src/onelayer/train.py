@@ -28,13 +28,14 @@ from .evaluate import evaluate, write_eval
 from .layers import LayerSelection, apply_selection, lr_scales_from_profile, select_layers
 from .models import default_device, load_model, load_tokenizer
 from .progress import progress_bar
-from .rollout import HFGenerator, RolloutBatch, completion_logprobs, render_prompts
+from .rollout import Generator, RolloutBatch, completion_logprobs, make_generator, render_prompts
 from .tasks import Example, Task, get_task
 
 MAX_BAD_STEPS = 3  # consecutive steps whose updates were all dropped for non-finite gradients
 
 # Fields that may change when a run is resumed; any other difference means a different experiment.
-RESUMABLE_CHANGES = {"steps", "eval_every", "eval_at_start", "eval_n", "save_every", "device", "out"}
+RESUMABLE_CHANGES = {"steps", "eval_every", "eval_at_start", "eval_n", "save_every", "device", "out",
+                     "sampling.engine"}
 
 
 class PromptSampler:
@@ -111,12 +112,23 @@ class TrainResult:
     costs: dict  # trainable_parameters, optimizer_state_bytes, peak_memory_bytes (CUDA only, this process)
 
 
+def _flat(config: dict, prefix: str = "") -> dict:
+    """Nested config dict -> {"sampling.top_p": ..., ...}."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and k != "task_options":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def _check_resumable(out: Path, config: TrainConfig) -> None:
     saved_path = out / "config.json"
     if not saved_path.is_file():
         return
-    saved = to_dict(from_dict(TrainConfig, json.loads(saved_path.read_text())))
-    now = to_dict(config)
+    saved = _flat(to_dict(from_dict(TrainConfig, json.loads(saved_path.read_text()))))
+    now = _flat(to_dict(config))
     diffs = [k for k in now if k not in RESUMABLE_CHANGES and now[k] != saved.get(k)]
     if diffs:
         k = diffs[0]
@@ -133,7 +145,7 @@ def _truncate_log(path: Path, last_step: int) -> None:
 
 
 def rollout_step(model: nn.Module, tokenizer, task: Task, examples: list[Example], config: TrainConfig,
-                 generator: HFGenerator) -> tuple[RolloutBatch, torch.Tensor, list]:
+                 generator: Generator) -> tuple[RolloutBatch, torch.Tensor, list]:
     """Sample ``group_size`` completions per example and score them. Returns the batch, the rewards
     (``[B]``, float32) and the per-completion scores."""
     prompts = render_prompts(tokenizer, [task.messages(e) for e in examples])
@@ -279,14 +291,14 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
                  "selection_notes": list(selection.notes), "lr_rule": lr_rule,
                  "lr_scales": {str(k): v for k, v in lr_scales.items()},
                  "config": to_dict(config)}
-    generator = HFGenerator(model, tokenizer, config.sampling.generation_batch_size)
+    generator = make_generator(model, tokenizer, config.sampling.generation_batch_size, config.sampling.engine)
     sampler = PromptSampler(task.examples("train"), config.seed)
     model.eval()  # no dropout: sampling and update see the same policy
 
     def run_eval(step: int) -> dict:
         with precision:
             result = evaluate(model, tokenizer, task, config.eval_n, max_new_tokens=config.sampling.max_new_tokens,
-                              batch_size=config.sampling.generation_batch_size, seed=config.seed)
+                              seed=config.seed, generator=generator)
         row = {"step": step, **result.summary()}
         with open(eval_path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -1,10 +1,11 @@
-"""What a rollout produces: prompts and completions as one padded batch."""
+"""What a rollout produces (prompts and completions as one padded batch), and how both engines build it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -45,3 +46,51 @@ class RolloutBatch:
             texts=texts, truncated=self.truncated[index],
             logprobs=None if self.logprobs is None else self.logprobs[index, :end - self.prompt_length],
         )
+
+
+def eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def completion_mask(completions: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of each row's tokens up to and including its first EOS, and whether the row has none."""
+    is_eos = torch.isin(completions, torch.tensor(eos_ids, device=completions.device))
+    seen_before = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0  # an EOS strictly earlier
+    return (~seen_before).long(), ~is_eos.any(dim=1)
+
+
+def encode_prompts(tokenizer, prompts: list[str], num_samples: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``[prompts * num_samples, P]`` of every row, left-padded, and their attention mask."""
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    rows = [ids for ids in encoded for _ in range(num_samples)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def assemble_batch(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.Tensor,
+                   eos_ids: list[int], logprobs: torch.Tensor | None = None) -> RolloutBatch:
+    """A :class:`RolloutBatch` from prompts and raw completions: everything after a row's first EOS
+    becomes padding (and log-prob 0), and the completion texts are decoded."""
+    mask, truncated = completion_mask(completions, eos_ids)
+    completions = completions.masked_fill(mask == 0, tokenizer.pad_token_id)
+    if logprobs is not None:
+        logprobs = logprobs.masked_fill(mask == 0, 0.0)
+    texts = tokenizer.batch_decode([c[m.bool()] for c, m in zip(completions, mask, strict=True)],
+                                   skip_special_tokens=True)
+    return RolloutBatch(
+        input_ids=torch.cat([prompt_ids, completions], dim=1),
+        attention_mask=torch.cat([prompt_mask, mask], dim=1),
+        completion_mask=mask, prompt_length=prompt_ids.shape[1], texts=texts, truncated=truncated,
+        logprobs=logprobs,
+    )

@@ -20,11 +20,21 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def head_logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Float32 next-token logits from final hidden states, softcapped as the model does (Gemma 2/3)."""
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def logit_softcap(model: nn.Module) -> float | None:
+    return getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+
 def _token_logprobs(head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
                     softcap: float | None) -> torch.Tensor:
-    logits = head(hidden).float()
-    if softcap:  # Gemma 2/3 squash logits before the softmax
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = head_logits(head, hidden, softcap)
     if temperature != 1.0:
         logits = logits / temperature
     return logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
@@ -54,7 +64,7 @@ def completion_logprobs(
     where = completion_mask.bool()
     picked_hidden, picked_tokens = hidden[where], tokens[where]
     head = model.get_output_embeddings()
-    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    softcap = logit_softcap(model)
     if chunk_tokens is None:
         chunk_tokens = max(1, DEFAULT_LOGIT_BYTES // (4 * head.weight.shape[0]))
     needs_grad = torch.is_grad_enabled() and picked_hidden.requires_grad

@@ -1,0 +1,365 @@
+"""The fast sampling path: a decode loop over a preallocated KV cache, one CUDA-graph replay per token.
+
+transformers' ``generate`` spends ~100 ms per decode step on an H100 in Python and kernel launches,
+whatever the batch; the GPU needs a few. Here:
+
+- prompts are prefilled, in row chunks, into a static cache (``[rows, kv_heads, L, head_dim]`` per layer);
+- a decode step runs the model's own modules (so each architecture keeps its norms, rotary variant, q/k
+  norms, softcaps) with a registered attention function that reads the cache once per KV head (no
+  per-query-head copies) under a boolean mask built from tensors, then samples on the GPU and does the
+  EOS bookkeeping: fixed shapes and no host sync, so on CUDA each step is captured once per key window
+  (multiples of ``WINDOW`` columns, so early steps do not read the empty end of the cache) and replayed;
+- the loop asks every ``CHECK_EVERY`` steps whether all rows have finished and stops early.
+
+On CPU the same loop runs eagerly (tests check it against ``generate`` and a plain forward).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from .batch import RolloutBatch, assemble_batch, encode_prompts, eos_token_ids
+from .logprobs import head_logits, logit_softcap, position_ids_from_mask
+
+WINDOW = 64  # key-window granularity of the captured decode steps (and of the cache length)
+CHECK_EVERY = 16  # decode steps between checks that every row has finished (each check syncs)
+PREFILL_TOKENS = 32_768  # prompt tokens per prefill chunk: bounds activations and attention scores
+ATTENTION = "onelayer_static_cache"
+
+# model_type values whose decode path the tests check against transformers (greedy tokens, log-probs);
+# any other architecture falls back to the plain path with a notice.
+ARCHITECTURES = frozenset({"llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "olmo2",
+                           "gpt2", "gpt_neox"})
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the fast path cannot run ``model`` (None when it can)."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return f"it needs transformers >= 5 (installed: {transformers.__version__})"
+    model_type = model.config.get_text_config().model_type
+    if model_type not in ARCHITECTURES:
+        return f"architecture '{model_type}' is not one it was checked on ({', '.join(sorted(ARCHITECTURES))})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The smallest set of most likely tokens whose mass reaches ``top_p`` (as transformers' top-p)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    return torch.zeros_like(sorted_probs, dtype=torch.bool).scatter(-1, order, mass_before < top_p)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from float32 ``logits [B, V]``, and its log-prob under the tempered distribution
+    (before top-p truncation, as the trainer computes it). ``temperature <= 0`` is greedy (log-prob at T=1).
+
+    Sampling uses the Gumbel-max trick (argmax of log p - log E, E ~ Exp(1)), which draws token i with
+    probability p_i without a host sync, so it can live inside a CUDA graph.
+    """
+    if temperature <= 0:
+        tokens = logits.argmax(dim=-1)
+        return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+    logp = (logits / temperature).log_softmax(-1)
+    candidates = logp if top_p >= 1.0 else logp.masked_fill(~nucleus_mask(logp.exp(), top_p), float("-inf"))
+    noise = torch.empty_like(candidates).exponential_().clamp_min_(torch.finfo(candidates.dtype).tiny)
+    tokens = (candidates - noise.log()).argmax(dim=-1)
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+# --------------------------------------------------------------------------------------- cache, attention
+
+
+def _cache_base():
+    from transformers.cache_utils import Cache
+
+    return Cache
+
+
+class StaticKVCache(_cache_base()):
+    """Keys and values of ``rows`` sequences of up to ``length`` columns, preallocated per layer on first use.
+
+    ``update`` (called by every attention module) writes ``columns`` of rows ``rows`` in place and returns
+    the first ``window`` columns; the decode loop sets those three before each forward.
+    """
+
+    def __init__(self, rows: int, length: int):
+        super().__init__(layers=[])
+        self.rows_total, self.length = rows, length
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.rows, self.columns, self.window = slice(None), None, length
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        if layer_idx not in self.keys:
+            heads = key_states.shape[1]
+            self.keys[layer_idx] = key_states.new_zeros(self.rows_total, heads, self.length, key_states.shape[-1])
+            self.values[layer_idx] = value_states.new_zeros(self.rows_total, heads, self.length,
+                                                            value_states.shape[-1])
+        keys, values = self.keys[layer_idx][self.rows], self.values[layer_idx][self.rows]
+        keys.index_copy_(2, self.columns, key_states.to(keys.dtype))
+        values.index_copy_(2, self.columns, value_states.to(values.dtype))
+        return keys[:, :, :self.window], values[:, :, :self.window]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always passed explicitly
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.keys.values(), *self.values.values()))
+
+
+def cached_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **_):
+    """Attention of queries ``[B, Hq, S, D]`` over cached ``[B, Hkv, W, D]`` keys/values under a boolean
+    mask ``[B, 1, S, W]``. Query heads are grouped onto their KV head instead of repeating the cache."""
+    batch, q_heads, queries, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = q_heads // kv_heads
+    q = query.reshape(batch, kv_heads, groups * queries, dim)
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * (scaling if scaling is not None else dim ** -0.5)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.view(batch, kv_heads, groups, queries, -1).masked_fill(~attention_mask[:, :, None], float("-inf"))
+    probs = scores.softmax(dim=-1).to(value.dtype).view(batch, kv_heads, groups * queries, -1)
+    out = torch.matmul(probs, value).view(batch, q_heads, queries, -1)
+    return out.transpose(1, 2), None
+
+
+_registered = False
+
+
+@contextmanager
+def cached_attention_for(model: nn.Module):
+    """Route ``model``'s attention modules to :func:`cached_attention` for the duration."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTENTION, cached_attention)
+        _registered = True
+    configs = {id(c): c for c in (model.config, model.config.get_text_config())}.values()
+    saved = [(c, c._attn_implementation) for c in configs]
+    for c, _ in saved:
+        c._attn_implementation = ATTENTION
+    try:
+        yield
+    finally:
+        for c, name in saved:
+            c._attn_implementation = name
+
+
+def _sliding_window(config) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    return window if window and getattr(config, "use_sliding_window", True) else None
+
+
+def mask_argument(config, allowed: torch.Tensor, query_columns: torch.Tensor, key_columns: torch.Tensor):
+    """What to pass as ``attention_mask``: a ``[B, 1, S, W]`` boolean mask, or a dict per layer type for
+    models that mix full and sliding-window layers. ``allowed`` is ``[B, S, W]`` without the window."""
+    window = _sliding_window(config)
+    sliding = allowed if window is None else allowed & (query_columns[:, None] - key_columns[None, :] < window)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return {"full_attention": allowed[:, None], "sliding_attention": sliding[:, None]}
+    return sliding[:, None]
+
+
+# ------------------------------------------------------------------------------------------ decode state
+
+
+class DecodeState:
+    """Buffers of one batch shape (``rows`` x ``length`` columns) and the decode steps captured on them."""
+
+    def __init__(self, model: nn.Module, rows: int, length: int, temperature: float, top_p: float,
+                 eos_ids: list[int], pad_id: int, cuda_graphs: bool):
+        device = next(model.parameters()).device
+        self.model, self.rows, self.length = model, rows, length
+        self.temperature, self.top_p, self.pad_id, self.cuda_graphs = temperature, top_p, pad_id, cuda_graphs
+        self.config = model.config.get_text_config()
+        self.head, self.softcap = model.get_output_embeddings(), logit_softcap(model)
+        self.cache = StaticKVCache(rows, length)
+        self.eos = torch.tensor(eos_ids, device=device)
+        self.key_columns = torch.arange(length, device=device)
+        self.key_valid = torch.ones(rows, length, dtype=torch.bool, device=device)
+        self.current = torch.zeros(rows, dtype=torch.long, device=device)  # the token fed to the next step
+        self.position = torch.zeros(rows, dtype=torch.long, device=device)  # its position id
+        self.column = torch.zeros(1, dtype=torch.long, device=device)  # its cache column
+        self.step_index = torch.zeros(1, dtype=torch.long, device=device)  # next output column
+        self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.tokens = torch.full((rows, length), pad_id, dtype=torch.long, device=device)
+        self.logprobs = torch.zeros(rows, length, dtype=torch.float32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+
+    def fits(self, rows: int, length: int, temperature: float, top_p: float) -> bool:
+        return (rows, temperature, top_p) == (self.rows, self.temperature, self.top_p) and length <= self.length
+
+    def _record(self, logits: torch.Tensor) -> None:
+        """Sample from ``logits``, write the token and its log-prob, and advance every row by one."""
+        tokens, logprobs = sample_tokens(logits, self.temperature, self.top_p)
+        tokens = tokens.masked_fill(self.finished, self.pad_id)
+        self.tokens.index_copy_(1, self.step_index, tokens[:, None])
+        self.logprobs.index_copy_(1, self.step_index, logprobs.masked_fill(self.finished, 0.0)[:, None])
+        self.finished |= torch.isin(tokens, self.eos)
+        self.current.copy_(tokens)
+        self.position += 1
+        self.column += 1
+        self.step_index += 1
+
+    def _forward(self, input_ids, mask, position_ids) -> torch.Tensor:
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                       past_key_values=self.cache, use_cache=True).last_hidden_state
+        return head_logits(self.head, hidden[:, -1], self.softcap)
+
+    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
+        """Write the prompts' keys/values, sample every row's first token, reset the bookkeeping."""
+        rows, width = prompt_ids.shape
+        self.key_valid.fill_(True)
+        self.key_valid[:, :width] = prompt_mask.bool()
+        self.finished.fill_(False)
+        self.tokens.fill_(self.pad_id)
+        self.logprobs.zero_()
+        columns = self.key_columns[:width]
+        causal = columns[None, :] <= columns[:, None]
+        # a left-padding query would attend to nothing (an all -inf softmax row is NaN): it sees itself
+        diagonal = columns[None, :] == columns[:, None]
+        positions = position_ids_from_mask(prompt_mask)
+        logits = []
+        chunk = max(1, PREFILL_TOKENS // width)
+        self.cache.columns, self.cache.window = columns, width
+        for start in range(0, rows, chunk):
+            part = slice(start, start + chunk)
+            allowed = (causal[None] & self.key_valid[part, None, :width]) | diagonal[None]
+            self.cache.rows = part
+            logits.append(self._forward(prompt_ids[part], mask_argument(self.config, allowed, columns, columns),
+                                        positions[part]))
+        self.cache.rows = slice(None)
+        self.position.copy_(prompt_mask.sum(dim=1) - 1)
+        self.column.fill_(width - 1)
+        self.step_index.zero_()
+        self._record(torch.cat(logits))
+
+    def _decode(self, window: int) -> None:
+        """One decode step reading the first ``window`` cache columns (all tensor ops: capturable)."""
+        self.cache.columns, self.cache.window = self.column, window
+        keys = self.key_columns[:window]
+        allowed = (self.key_valid[:, :window] & (keys <= self.column))[:, None, :]
+        mask = mask_argument(self.config, allowed, self.column, keys)
+        self._record(self._forward(self.current[:, None], mask, self.position[:, None]))
+
+    def decode(self, column: int) -> None:
+        """Run the step whose input token sits at cache column ``column`` (known on the host)."""
+        window = min(self.length, (column // WINDOW + 1) * WINDOW)
+        if not self.cuda_graphs:
+            self._decode(window)
+            return
+        if window not in self.graphs:
+            self.graphs[window] = self._capture(window)
+        self.graphs[window].replay()
+
+    def _capture(self, window: int) -> torch.cuda.CUDAGraph:
+        # warm-up runs a real step (cuBLAS setup, allocator); the bookkeeping it advances is put back, and
+        # the cache column it writes is written again by the replay before anything reads it
+        saved = [t.clone() for t in (self.current, self.position, self.column, self.step_index, self.finished)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._decode(window)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._decode(window)
+        for buffer, value in zip((self.current, self.position, self.column, self.step_index, self.finished),
+                                 saved, strict=True):
+            buffer.copy_(value)
+        return graph
+
+
+# ------------------------------------------------------------------------------------------- generator
+
+
+def _compute_dtype(model: nn.Module) -> torch.dtype | None:
+    """bf16/fp16 when some weights are in it (trained tensors may be fp32): the autocast dtype, else None."""
+    dtypes = {p.dtype for p in model.parameters()}
+    low = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
+    return low[0] if low and len(dtypes) > 1 else None
+
+
+class FastGenerator:
+    """Sampling through :class:`DecodeState` in row batches of ``batch_size``; CUDA graphs on CUDA.
+
+    The state (cache and captured steps) is kept between calls of the same shape; it is rebuilt when the
+    shape or sampling settings change or when a parameter was reallocated (graphs hold raw pointers).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, batch_size: int = 256, cuda_graphs: bool | None = None):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        device = next(model.parameters()).device
+        self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.state: DecodeState | None = None
+        self._weights: tuple = ()
+
+    def release(self) -> None:
+        """Free the cache and captured steps (the next call rebuilds them)."""
+        self.state = None
+
+    @property
+    def state_bytes(self) -> int:
+        return 0 if self.state is None else self.state.cache.nbytes
+
+    def _state_for(self, rows: int, length: int, temperature: float, top_p: float) -> DecodeState:
+        weights = tuple(p.data_ptr() for p in self.model.parameters())
+        if self.state is None or weights != self._weights or not self.state.fits(rows, length, temperature, top_p):
+            self.state = None  # free the old cache before allocating the new one
+            # headroom of one window: the next batch's prompts may be a little longer
+            padded = -(-(length + WINDOW) // WINDOW) * WINDOW
+            self.state = DecodeState(self.model, rows, padded, temperature, top_p, self.eos_ids,
+                                     self.tokenizer.pad_token_id, self.cuda_graphs)
+            self._weights = weights
+        return self.state
+
+    def _generate_rows(self, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p):
+        rows, width = prompt_ids.shape
+        state = self._state_for(rows, width + max_new_tokens, temperature, top_p)
+        state.prefill(prompt_ids, prompt_mask)
+        done = 1
+        for done in range(1, max_new_tokens):
+            if done % CHECK_EVERY == 0 and bool(state.finished.all()):
+                break
+            state.decode(width + done - 1)
+        else:
+            done = max_new_tokens
+        return state.tokens[:, :done].clone(), state.logprobs[:, :done].clone()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], num_samples: int, max_new_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0) -> RolloutBatch:
+        tok, model = self.tokenizer, self.model
+        prompt_ids, prompt_mask = encode_prompts(tok, prompts, num_samples, next(model.parameters()).device)
+        dtype = _compute_dtype(model)
+        autocast = nullcontext() if dtype is None else torch.autocast(
+            prompt_ids.device.type, dtype=dtype, cache_enabled=False)  # graphs must not capture cached casts
+        was_training = model.training
+        model.eval()
+        tokens, logprobs = [], []
+        try:
+            with cached_attention_for(model), autocast:
+                for start in range(0, prompt_ids.shape[0], self.batch_size):
+                    part = slice(start, start + self.batch_size)
+                    t, lp = self._generate_rows(prompt_ids[part], prompt_mask[part], max_new_tokens, temperature, top_p)
+                    tokens.append(t)
+                    logprobs.append(lp)
+        finally:
+            model.train(was_training)
+        width = max(t.shape[1] for t in tokens)
+        completions = torch.cat([nn.functional.pad(t, (0, width - t.shape[1]), value=tok.pad_token_id) for t in tokens])
+        logprobs = torch.cat([nn.functional.pad(lp, (0, width - lp.shape[1])) for lp in logprobs])
+        return assemble_batch(tok, prompt_ids, prompt_mask, completions, self.eos_ids, logprobs)

@@ -1,0 +1,153 @@
+"""The fast rollout engine against transformers: greedy tokens, log-probs, sampling distribution."""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from onelayer.errors import OneLayerError
+from onelayer.rollout import FastGenerator, HFGenerator, completion_logprobs, make_generator, render_prompts
+from onelayer.rollout.fast import WINDOW, nucleus_mask, sample_tokens
+
+from .conftest import ARCHS, tiny_model
+
+
+def _prompts(tokenizer, texts=("abc", "x y z qq", "12")):
+    return render_prompts(tokenizer, [[{"role": "user", "content": t}] for t in texts])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equals_generate(arch, tokenizer):
+    model = tiny_model(arch)
+    prompts = _prompts(tokenizer)
+    # longer than two key windows, in row batches that split the prompts' samples
+    fast = FastGenerator(model, tokenizer, batch_size=4).generate(prompts, 2, 2 * WINDOW + 10, temperature=0.0)
+    plain = HFGenerator(model, tokenizer, batch_size=4).generate(prompts, 2, 2 * WINDOW + 10, temperature=0.0)
+    assert torch.equal(fast.input_ids, plain.input_ids)
+    assert torch.equal(fast.completion_mask, plain.completion_mask)
+    assert fast.texts == plain.texts and torch.equal(fast.truncated, plain.truncated)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_sliding_window_layers_see_only_their_window(arch, tokenizer):
+    model = tiny_model(arch)
+    prompts = _prompts(tokenizer)
+    unwindowed = FastGenerator(model, tokenizer).generate(prompts, 1, 40, temperature=0.0)
+    model.config.sliding_window = 5
+    fast = FastGenerator(model, tokenizer).generate(prompts, 1, 40, temperature=0.0)
+    plain = HFGenerator(model, tokenizer).generate(prompts, 1, 40, temperature=0.0)
+    assert torch.equal(fast.input_ids, plain.input_ids)
+    assert not torch.equal(fast.input_ids, unwindowed.input_ids)  # the window changed what the model saw
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2", "llama"])
+def test_sampled_logprobs_equal_a_plain_forward(arch, tokenizer):
+    model = tiny_model(arch)
+    torch.manual_seed(0)
+    batch = FastGenerator(model, tokenizer, batch_size=3).generate(_prompts(tokenizer), 2, 150, temperature=1.5)
+    assert batch.completion_lengths.min() < batch.completion_lengths.max()  # rows end at different steps
+    plain = completion_logprobs(model, batch.input_ids, batch.attention_mask, batch.prompt_length,
+                                batch.completion_mask, temperature=1.5)
+    assert (batch.logprobs[batch.completion_mask == 0] == 0).all()
+    assert torch.allclose(batch.logprobs, plain, atol=1e-4)  # float32 on CPU; bench/ measures bf16 on a GPU
+
+
+def test_after_eos_rows_are_padding_and_the_loop_stops_early(tokenizer):
+    model = tiny_model("qwen2")
+    with torch.no_grad():  # make EOS (id 1) the only likely token after the first step
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+        model.lm_head.bias[1] = 50.0
+    batch = FastGenerator(model, tokenizer).generate(_prompts(tokenizer), 2, 200, temperature=1.0)
+    assert batch.completion_lengths.tolist() == [1] * 6
+    assert batch.input_ids.shape[1] - batch.prompt_length <= 16  # stopped at the first all-finished check
+    assert not batch.truncated.any()
+
+
+def test_nucleus_by_hand():
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    assert nucleus_mask(probs, 0.7).tolist() == [[False, True, False, True]]  # 0.5 + 0.3 reaches 0.7
+    assert nucleus_mask(probs, 0.85).tolist() == [[True, True, False, True]]
+    assert nucleus_mask(probs, 0.4).tolist() == [[False, True, False, False]]  # the top token always stays
+
+
+def test_sampled_frequencies_match_the_distribution():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 40_000
+    logits = probs.log().expand(n, -1) * 2.0  # temperature 2 undoes the doubling
+    tokens, logprobs = sample_tokens(logits, temperature=2.0, top_p=1.0)
+    counts = torch.bincount(tokens, minlength=4).double()
+    assert chisquare(counts.numpy(), (probs.double() / probs.double().sum() * n).numpy()).pvalue > 1e-3
+    assert torch.allclose(logprobs, probs.log()[tokens], atol=1e-5)
+    # top-p 0.7 keeps {0.5, 0.3} and renormalises them; log-probs stay those of the full distribution
+    tokens, logprobs = sample_tokens(probs.log().expand(n, -1), temperature=1.0, top_p=0.7)
+    counts = torch.bincount(tokens, minlength=4).double()
+    assert counts[2] == 0 and counts[3] == 0
+    assert chisquare(counts[:2].numpy(), [n * 0.5 / 0.8, n * 0.3 / 0.8]).pvalue > 1e-3
+    assert torch.allclose(logprobs, probs.log()[tokens], atol=1e-5)
+    tokens, logprobs = sample_tokens(logits, temperature=0.0, top_p=1.0)
+    assert (tokens == 0).all() and torch.allclose(logprobs, (logits[0]).log_softmax(-1)[0].expand(n))
+
+
+def test_first_tokens_follow_the_model(tokenizer):
+    """End to end: the engine's first sampled tokens have the model's next-token distribution."""
+    model = tiny_model("qwen3")
+    prompt = _prompts(tokenizer, ["hello"])
+    n = 6000
+    torch.manual_seed(1)
+    batch = FastGenerator(model, tokenizer, batch_size=n).generate(prompt, n, 1, temperature=1.0)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    probs = model(ids).logits[0, -1].float().softmax(-1).detach().double()
+    counts = torch.bincount(batch.input_ids[:, -1], minlength=probs.shape[0]).double()
+    likely = probs * n >= 5  # chi-square needs enough expected counts: pool the rest
+    observed = torch.cat([counts[likely], counts[~likely].sum()[None]])
+    expected = torch.cat([probs[likely], probs[~likely].sum()[None]]) * n
+    assert likely.sum() >= 5
+    assert chisquare(observed.numpy(), expected.numpy() * observed.sum().item() / expected.sum().item()).pvalue > 1e-3
+
+
+def test_state_is_reused_and_rebuilt_when_weights_move(tokenizer):
+    model = tiny_model("llama")
+    gen = FastGenerator(model, tokenizer)
+    gen.generate(_prompts(tokenizer), 1, 8, temperature=0.0)
+    state = gen.state
+    gen.generate(_prompts(tokenizer, ["ab", "c", "d"]), 1, 8, temperature=0.0)
+    assert gen.state is state  # same rows, fits the cache: nothing reallocated
+    layer = model.model.layers[1].mlp.up_proj
+    layer.weight.data = layer.weight.data.clone()  # e.g. trained tensors cast to float32
+    gen.generate(_prompts(tokenizer, ["ab", "c", "d"]), 1, 8, temperature=0.0)
+    assert gen.state is not state
+    state = gen.state
+    gen.generate(_prompts(tokenizer, ["ab", "c", "d"]), 1, 8, temperature=0.5)  # other sampling settings
+    assert gen.state is not state
+
+
+def test_mixed_precision_is_as_accurate_as_transformers_in_bf16(tokenizer):
+    """A bf16 model with one float32 trained layer (as training leaves it) samples under bf16 autocast;
+    its log-probs are as close to the float32 model's as transformers' own bf16 forward is."""
+    exact = tiny_model("qwen3")
+    model = tiny_model("qwen3").to(torch.bfloat16)
+    model.model.layers[2].float()
+    torch.manual_seed(0)
+    batch = FastGenerator(model, tokenizer).generate(_prompts(tokenizer), 2, 40, temperature=1.0)
+    args = (batch.input_ids, batch.attention_mask, batch.prompt_length, batch.completion_mask)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = completion_logprobs(model, *args)
+        reference = completion_logprobs(exact, *args)
+    where = batch.completion_mask.bool()
+    fast_error = (batch.logprobs - reference)[where].abs().mean()
+    plain_error = (plain - reference)[where].abs().mean()
+    assert 0 < fast_error < 1.25 * plain_error
+
+
+def test_engine_choice(tokenizer, capsys, monkeypatch):
+    model = tiny_model("llama")
+    assert isinstance(make_generator(model, tokenizer), HFGenerator)  # auto on CPU: the plain path
+    assert isinstance(make_generator(model, tokenizer, engine="fast"), FastGenerator)
+    assert isinstance(make_generator(model, tokenizer, engine="plain"), HFGenerator)
+    monkeypatch.setattr("onelayer.rollout.fast.ARCHITECTURES", frozenset({"qwen3"}))
+    assert isinstance(make_generator(model, tokenizer, engine="fast"), HFGenerator)
+    notice = capsys.readouterr().err.strip()
+    assert "architecture 'llama'" in notice and "transformers generate" in notice and "\n" not in notice
+    with pytest.raises(OneLayerError, match="unknown rollout engine 'vllm': use auto, fast, plain"):
+        make_generator(model, tokenizer, engine="vllm")
