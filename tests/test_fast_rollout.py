@@ -60,6 +60,10 @@ def test_after_eos_rows_are_padding_and_the_loop_stops_early(tokenizer):
     assert batch.completion_lengths.tolist() == [1] * 6
     assert batch.input_ids.shape[1] - batch.prompt_length <= 16  # stopped at the first all-finished check
     assert not batch.truncated.any()
+    # benchmarks force fixed lengths: EOS is never drawn, in both engines alike
+    fixed = [engine(model, tokenizer, ignore_eos=True).generate(_prompts(tokenizer), 1, 30, temperature=0.0)
+             for engine in (FastGenerator, HFGenerator)]
+    assert fixed[0].completion_lengths.tolist() == [30] * 3 and torch.equal(fixed[0].input_ids, fixed[1].input_ids)
 
 
 def test_nucleus_by_hand():

@@ -31,7 +31,9 @@ from .progress import progress_bar
 from .rollout import Generator, RolloutBatch, completion_logprobs, make_generator, render_prompts
 from .tasks import Example, Task, get_task
 
-MAX_BAD_STEPS = 3  # consecutive steps whose updates were all dropped for non-finite gradients
+MAX_BAD_STEPS = 3
+# A rollout cache larger than this share of the GPU is freed before each update (and rebuilt next step).
+RELEASE_FRACTION = 0.2  # consecutive steps whose updates were all dropped for non-finite gradients
 
 # Fields that may change when a run is resumed; any other difference means a different experiment.
 RESUMABLE_CHANGES = {"steps", "eval_every", "eval_at_start", "eval_n", "save_every", "device", "out",
@@ -54,6 +56,19 @@ class PromptSampler:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
             out.append(self.examples[order[index]])
         return out
+
+
+def _peak_memory(device: torch.device) -> int:
+    """Peak CUDA memory since the last call (0 elsewhere); resets the counter."""
+    if device.type != "cuda":
+        return 0
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def _total_memory(device: torch.device) -> float:
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else float("inf")
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:
@@ -145,15 +160,17 @@ def _truncate_log(path: Path, last_step: int) -> None:
 
 
 def rollout_step(model: nn.Module, tokenizer, task: Task, examples: list[Example], config: TrainConfig,
-                 generator: Generator) -> tuple[RolloutBatch, torch.Tensor, list]:
+                 generator: Generator) -> tuple[RolloutBatch, torch.Tensor, list, float]:
     """Sample ``group_size`` completions per example and score them. Returns the batch, the rewards
-    (``[B]``, float32) and the per-completion scores."""
+    (``[B]``, float32), the per-completion scores and the seconds spent generating."""
     prompts = render_prompts(tokenizer, [task.messages(e) for e in examples])
+    start = time.perf_counter()
     batch = generator.generate(prompts, config.group_size, config.sampling.max_new_tokens,
                                config.sampling.temperature, config.sampling.top_p)
+    seconds = time.perf_counter() - start
     scores = task.score_all(batch.texts, [e for e in examples for _ in range(config.group_size)])
     rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
-    return batch, rewards, scores
+    return batch, rewards, scores, seconds
 
 
 def _batch_logprobs(model: nn.Module, batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
@@ -307,7 +324,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    final_eval, bad_steps = None, 0
+    final_eval, bad_steps, run_peak = None, 0, 0
     if config.eval_every and config.eval_at_start and start == 0:
         final_eval = run_eval(0)
     bar = progress_bar(f"layers {selection.describe()}", progress, info=True)
@@ -318,8 +335,12 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             torch.manual_seed(config.seed * 1_000_003 + step)
             examples = sampler.batch(step, config.prompts_per_step)
             with precision:
-                batch, rewards, scores = rollout_step(model, tokenizer, task, examples, config, generator)
+                batch, rewards, scores, seconds_generation = rollout_step(model, tokenizer, task, examples, config,
+                                                                          generator)
             t1 = time.perf_counter()
+            peak_rollout = _peak_memory(device)
+            if getattr(generator, "state_bytes", 0) > RELEASE_FRACTION * _total_memory(device):
+                generator.release()  # a large model's cache would crowd out the update's activations
             advantages = algorithm.advantages(rewards, config.group_size)
             ref = None
             with precision:
@@ -328,6 +349,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
                         ref = _batch_logprobs(model, batch, config)
                 stats = policy_update(model, optimizer, batch, advantages, config, aggregation, step, ref)
             t2 = time.perf_counter()
+            peak_update = _peak_memory(device)
+            run_peak = max(run_peak, peak_rollout, peak_update)
             new_tokens = int(batch.completion_lengths.sum().item())
             row = {
                 "step": step + 1, "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
@@ -336,8 +359,11 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
                 "completion_tokens": new_tokens / batch.size,
                 "truncated_fraction": batch.truncated.float().mean().item(),
                 **stats, "lr": config.lr * lr_factor(config, step),
-                "tokens_per_s": new_tokens / max(t1 - t0, 1e-9),
-                "seconds_rollout": t1 - t0, "seconds_update": t2 - t1, "seconds_step": t2 - t0,
+                "tokens_per_s": new_tokens / max(seconds_generation, 1e-9),
+                "seconds_generation": seconds_generation, "seconds_rollout": t1 - t0,
+                "seconds_update": t2 - t1, "seconds_step": t2 - t0,
+                **({"peak_memory_rollout_gb": peak_rollout / 2**30, "peak_memory_update_gb": peak_update / 2**30}
+                   if device.type == "cuda" else {}),
             }
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -357,5 +383,5 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     costs = {"trainable_parameters": trainable,
              "optimizer_state_bytes": sum(t.nbytes for state in optimizer.state.values()
                                           for t in state.values() if torch.is_tensor(t)),
-             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+             "peak_memory_bytes": max(run_peak, _peak_memory(device)) if device.type == "cuda" else None}
     return TrainResult(out, config.steps, selection, final_eval, costs)

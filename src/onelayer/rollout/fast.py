@@ -178,14 +178,15 @@ class DecodeState:
     """Buffers of one batch shape (``rows`` x ``length`` columns) and the decode steps captured on them."""
 
     def __init__(self, model: nn.Module, rows: int, length: int, temperature: float, top_p: float,
-                 eos_ids: list[int], pad_id: int, cuda_graphs: bool):
+                 eos_ids: list[int], pad_id: int, cuda_graphs: bool, ignore_eos: bool = False):
         device = next(model.parameters()).device
         self.model, self.rows, self.length = model, rows, length
         self.temperature, self.top_p, self.pad_id, self.cuda_graphs = temperature, top_p, pad_id, cuda_graphs
         self.config = model.config.get_text_config()
         self.head, self.softcap = model.get_output_embeddings(), logit_softcap(model)
         self.cache = StaticKVCache(rows, length)
-        self.eos = torch.tensor(eos_ids, device=device)
+        self.eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+        self.ignore_eos = ignore_eos
         self.key_columns = torch.arange(length, device=device)
         self.key_valid = torch.ones(rows, length, dtype=torch.bool, device=device)
         self.current = torch.zeros(rows, dtype=torch.long, device=device)  # the token fed to the next step
@@ -203,6 +204,8 @@ class DecodeState:
 
     def _record(self, logits: torch.Tensor) -> None:
         """Sample from ``logits``, write the token and its log-prob, and advance every row by one."""
+        if self.ignore_eos:  # fixed-length generation (benchmarks): EOS is never drawn
+            logits = logits.index_fill(-1, self.eos, float("-inf"))
         tokens, logprobs = sample_tokens(logits, self.temperature, self.top_p)
         tokens = tokens.masked_fill(self.finished, self.pad_id)
         self.tokens.index_copy_(1, self.step_index, tokens[:, None])
@@ -285,8 +288,11 @@ class DecodeState:
 # ------------------------------------------------------------------------------------------- generator
 
 
-def _compute_dtype(model: nn.Module) -> torch.dtype | None:
-    """bf16/fp16 when some weights are in it (trained tensors may be fp32): the autocast dtype, else None."""
+def _autocast_dtype(model: nn.Module, device_type: str) -> torch.dtype | None:
+    """The dtype to autocast to: the caller's autocast dtype if one is active, else bf16/fp16 when some
+    weights are in it and others are not (trained tensors are kept in float32), else None."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
     dtypes = {p.dtype for p in model.parameters()}
     low = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
     return low[0] if low and len(dtypes) > 1 else None
@@ -297,10 +303,12 @@ class FastGenerator:
 
     The state (cache and captured steps) is kept between calls of the same shape; it is rebuilt when the
     shape or sampling settings change or when a parameter was reallocated (graphs hold raw pointers).
+    ``ignore_eos`` generates exactly ``max_new_tokens`` per row (EOS is never sampled), for benchmarks.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, batch_size: int = 256, cuda_graphs: bool | None = None):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model: nn.Module, tokenizer, batch_size: int = 256, cuda_graphs: bool | None = None,
+                 ignore_eos: bool = False):
+        self.model, self.tokenizer, self.batch_size, self.ignore_eos = model, tokenizer, batch_size, ignore_eos
         self.eos_ids = eos_token_ids(model, tokenizer)
         device = next(model.parameters()).device
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -322,7 +330,7 @@ class FastGenerator:
             # headroom of one window: the next batch's prompts may be a little longer
             padded = -(-(length + WINDOW) // WINDOW) * WINDOW
             self.state = DecodeState(self.model, rows, padded, temperature, top_p, self.eos_ids,
-                                     self.tokenizer.pad_token_id, self.cuda_graphs)
+                                     self.tokenizer.pad_token_id, self.cuda_graphs, self.ignore_eos)
             self._weights = weights
         return self.state
 
@@ -344,9 +352,10 @@ class FastGenerator:
                  temperature: float = 1.0, top_p: float = 1.0) -> RolloutBatch:
         tok, model = self.tokenizer, self.model
         prompt_ids, prompt_mask = encode_prompts(tok, prompts, num_samples, next(model.parameters()).device)
-        dtype = _compute_dtype(model)
+        dtype = _autocast_dtype(model, prompt_ids.device.type)
+        # autocast's cache of cast weights must stay off: a captured step would read another graph's memory
         autocast = nullcontext() if dtype is None else torch.autocast(
-            prompt_ids.device.type, dtype=dtype, cache_enabled=False)  # graphs must not capture cached casts
+            prompt_ids.device.type, dtype=dtype, cache_enabled=False)
         was_training = model.training
         model.eval()
         tokens, logprobs = [], []

@@ -19,10 +19,11 @@ class Generator(Protocol):
 
 
 class HFGenerator:
-    """Sampling with ``model.generate`` in row batches of at most ``batch_size``."""
+    """Sampling with ``model.generate`` in row batches of at most ``batch_size``; ``ignore_eos`` generates
+    exactly ``max_new_tokens`` per row (EOS is never sampled), for benchmarks."""
 
-    def __init__(self, model: nn.Module, tokenizer, batch_size: int = 256):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model: nn.Module, tokenizer, batch_size: int = 256, ignore_eos: bool = False):
+        self.model, self.tokenizer, self.batch_size, self.ignore_eos = model, tokenizer, batch_size, ignore_eos
         self.eos_ids = eos_token_ids(model, tokenizer)
 
     @torch.no_grad()
@@ -35,7 +36,7 @@ class HFGenerator:
         greedy = temperature <= 0
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=tok.pad_token_id,
-            eos_token_id=self.eos_ids,
+            eos_token_id=self.eos_ids, min_new_tokens=max_new_tokens if self.ignore_eos else 0,
             # sample from the model's own distribution: no top-k or repetition tricks from its config
             **({} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}),
         )

@@ -1,0 +1,280 @@
+"""Rollout and RL-step speed and memory on one GPU: the fast engine against transformers' generate and TRL.
+
+    python bench/rl_speed.py --out bench-out                       # every section
+    python bench/rl_speed.py --out bench-out --sections generation,step
+
+Sections (each prints a table and adds to OUT/results.json, so sections may run in separate processes):
+  check       fast engine vs transformers on SmolLM2 in bf16: greedy agreement, log-prob error
+  generation  new tokens/s and ms per decode step, plain vs fast, at batch 64/256/1024, for SmolLM2 and
+              random Qwen3-0.6B- and Qwen3-8B-shaped models (fixed lengths: EOS is never sampled)
+  step        a SmolLM2 GRPO step of 32 prompts x 8 completions x 256 tokens, full vs middle:1, by phase
+  large       the Qwen3-8B-shaped model: middle:1 and middle:4 steps of 256 x 512 tokens; does full fit?
+  trl         the SmolLM2 step through TRL's GRPOTrainer (its plain generate path), same settings
+
+Ratios are measured within one run on one machine; timings are medians over repeated steps after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from onelayer.config import SamplingConfig, TrainConfig
+from onelayer.models import load_model, load_tokenizer
+from onelayer.rollout import FastGenerator, HFGenerator, completion_logprobs, render_prompts
+from onelayer.tasks import get_task
+from onelayer.train import train
+
+TASK = "rg:basic_arithmetic"
+SECTIONS = ("check", "generation", "step", "large", "trl")
+
+
+def qwen3_shaped(size: str, vocab_size: int):
+    """A random-initialised Qwen3-0.6B- or Qwen3-8B-shaped model in bf16 on the GPU (speed only)."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    shapes = {"0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                           num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+              "8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)}
+    config = Qwen3Config(vocab_size=max(151936, vocab_size), max_position_embeddings=40960, **shapes[size])
+    config.eos_token_id = 0
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="eager")
+    return model.eval()
+
+
+def task_prompts(tokenizer, n: int) -> list[str]:
+    task = get_task(TASK)
+    examples = (task.examples("train") * (n // 100 + 1))[:n]
+    return render_prompts(tokenizer, [task.messages(e) for e in examples])
+
+
+def synced() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def time_generation(generator, prompts: list[str], new_tokens: int) -> dict:
+    generator.generate(prompts, 1, new_tokens, 1.0, 1.0)  # warm-up: graph capture, allocator, kernels
+    torch.cuda.reset_peak_memory_stats()
+    start = synced()
+    batch = generator.generate(prompts, 1, new_tokens, 1.0, 1.0)
+    seconds = synced() - start
+    tokens = int(batch.completion_lengths.sum())
+    return {"rows": len(prompts), "new_tokens": new_tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "ms_per_step": 1000 * seconds / new_tokens, "prompt_tokens": batch.prompt_length,
+            "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
+# ------------------------------------------------------------------------------------------- sections
+
+
+def section_check(args) -> dict:
+    """Greedy agreement and log-prob error of the fast engine on the real model in bf16."""
+    model, tokenizer = load_model("smollm2", "cuda", "bf16", "eager"), load_tokenizer("smollm2")
+    prompts = task_prompts(tokenizer, 64)
+    fast = FastGenerator(model, tokenizer, 64).generate(prompts, 1, 128, temperature=0.0)
+    plain = HFGenerator(model, tokenizer, 64).generate(prompts, 1, 128, temperature=0.0)
+    same = [a == b for a, b in zip(fast.texts, plain.texts, strict=True)]
+    # first differing completion token per row (bf16 near-ties may flip an argmax; after that the texts part)
+    width = min(fast.input_ids.shape[1], plain.input_ids.shape[1])
+    differ = (fast.input_ids[:, :width] != plain.input_ids[:, :width]).float()
+    first = [int(row.argmax()) - fast.prompt_length if row.any() else None for row in differ]
+    torch.manual_seed(0)
+    sampled = FastGenerator(model, tokenizer, 256).generate(task_prompts(tokenizer, 32), 8, 256, temperature=1.0)
+    with torch.no_grad():
+        reference = completion_logprobs(model, sampled.input_ids, sampled.attention_mask, sampled.prompt_length,
+                                        sampled.completion_mask)
+    where = sampled.completion_mask.bool()
+    error = (sampled.logprobs - reference)[where].abs()
+    result = {"greedy_identical_fraction": sum(same) / len(same),
+              "greedy_first_difference_tokens": sorted(f for f in first if f is not None),
+              "logprob_abs_error_mean": error.mean().item(), "logprob_abs_error_p99": error.quantile(0.99).item(),
+              "logprob_abs_error_max": error.max().item(), "tokens_compared": int(where.sum())}
+    print(f"greedy: {result['greedy_identical_fraction']:.2f} of 64 completions identical to generate's; "
+          f"first differences at tokens {result['greedy_first_difference_tokens'][:10]}")
+    print(f"log-probs vs a plain bf16 forward over {result['tokens_compared']} sampled tokens: mean |diff| "
+          f"{result['logprob_abs_error_mean']:.4f}, p99 {result['logprob_abs_error_p99']:.4f}, "
+          f"max {result['logprob_abs_error_max']:.4f}")
+    return result
+
+
+def section_generation(args) -> dict:
+    rows = []
+    tokenizer = load_tokenizer("smollm2")
+    for name in args.models.split(","):
+        if name == "smollm2":
+            model, new_tokens = load_model("smollm2", "cuda", "bf16", "eager"), 256
+        else:
+            model, new_tokens = qwen3_shaped(name.removeprefix("qwen3-"), len(tokenizer)), 128
+        for batch in (64, 256, 1024):
+            prompts = task_prompts(tokenizer, batch)
+            for engine, cls in (("plain", HFGenerator), ("fast", FastGenerator)):
+                try:
+                    row = time_generation(cls(model, tokenizer, batch, ignore_eos=True), prompts, new_tokens)
+                except torch.cuda.OutOfMemoryError:
+                    row = {"rows": batch, "new_tokens": new_tokens, "error": "out of GPU memory"}
+                torch.cuda.empty_cache()
+                rows.append({"model": name, "engine": engine, **row})
+                print(f"{name:12s} {engine:5s} batch {batch:5d}: " + (
+                    row["error"] if "error" in row else
+                    f"{row['tokens_per_s']:10.0f} new tokens/s {row['ms_per_step']:7.2f} ms/step "
+                    f"(peak {row['peak_gb']:.1f} GB)"), flush=True)
+        del model
+        torch.cuda.empty_cache()
+    for r in rows:
+        if r["engine"] == "fast" and "error" not in r:
+            plain = next((p for p in rows if p["engine"] == "plain" and p["model"] == r["model"]
+                          and p["rows"] == r["rows"] and "error" not in p), None)
+            r["speedup"] = r["tokens_per_s"] / plain["tokens_per_s"] if plain else None
+    return {"rows": rows}
+
+
+def run_steps(model_name: str, layers: str, steps: int, model=None, tokenizer=None, **overrides) -> dict:
+    """Train ``steps`` steps and return the per-phase medians of the steps after the first."""
+    with tempfile.TemporaryDirectory() as out:
+        config = TrainConfig(model=model_name, task=TASK, layers=layers, out=out, steps=steps, prompts_per_step=32,
+                             group_size=8, lr=1e-6, save_every=10_000, eval_every=0, dtype="bf16", attention="eager",
+                             **overrides)
+        result = train(config, model=model, tokenizer=tokenizer, progress=False)
+        log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+    later = log[1:] or log
+    keys = ("seconds_step", "seconds_generation", "seconds_rollout", "seconds_update", "completion_tokens",
+            "peak_memory_rollout_gb", "peak_memory_update_gb", "truncated_fraction")
+    row = {k: statistics.median(r[k] for r in later) for k in keys}
+    row["seconds_reward"] = row["seconds_rollout"] - row["seconds_generation"]
+    row["first_step_seconds"] = log[0]["seconds_step"]
+    row["trainable_parameters"] = result.costs["trainable_parameters"]
+    row["peak_gb"] = result.costs["peak_memory_bytes"] / 2**30
+    return row
+
+
+def _print_step(label: str, row: dict) -> None:
+    print(f"{label:28s} step {row['seconds_step']:6.2f} s = generation {row['seconds_generation']:5.2f} + reward "
+          f"{row['seconds_reward']:5.2f} + update {row['seconds_update']:5.2f}; peak {row['peak_gb']:5.1f} GB "
+          f"(rollout {row['peak_memory_rollout_gb']:.1f}, update {row['peak_memory_update_gb']:.1f}); "
+          f"{row['completion_tokens']:.0f} tokens/completion; first step {row['first_step_seconds']:.1f} s", flush=True)
+
+
+def section_step(args) -> dict:
+    rows = {}
+    for layers in ("all", "middle:1"):
+        for engine in args.step_engines.split(","):
+            label = f"smollm2 {layers} {engine}"
+            rows[label] = run_steps("smollm2", layers, args.steps,
+                                    sampling=SamplingConfig(max_new_tokens=256, engine=engine))
+            _print_step(label, rows[label])
+            torch.cuda.empty_cache()
+    return rows
+
+
+def section_large(args) -> dict:
+    tokenizer = load_tokenizer("smollm2")
+    model = qwen3_shaped("8B", len(tokenizer))
+    rows = {}
+    for layers in ("middle:1", "middle:4", "all"):
+        label = f"qwen3-8B-shaped {layers}"
+        try:
+            rows[label] = run_steps("qwen3-8b-shaped", layers, args.large_steps, model=model, tokenizer=tokenizer,
+                                    micro_batch_size=args.large_micro_batch,
+                                    sampling=SamplingConfig(max_new_tokens=512, generation_batch_size=256))
+            _print_step(label, rows[label])
+        except torch.cuda.OutOfMemoryError as err:
+            rows[label] = {"error": "out of GPU memory", "detail": str(err).splitlines()[0][:300]}
+            print(f"{label:28s} does not fit: {rows[label]['detail']}", flush=True)
+        # put the model back as it was: bf16 frozen weights (training made the selected ones fp32)
+        for p in model.parameters():
+            p.grad = None
+            p.requires_grad_(False)
+            p.data = p.data.to(torch.bfloat16)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def section_trl(args) -> dict:
+    """The same SmolLM2 step through TRL's GRPOTrainer (plain generate, no vLLM)."""
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    model, tokenizer = load_model("smollm2", "cuda", "bf16", "eager"), load_tokenizer("smollm2")
+    task = get_task(TASK)
+    examples = task.examples("train")[:32 * args.steps]
+    data = Dataset.from_list([{"prompt": task.messages(e), "index": i} for i, e in enumerate(examples)])
+
+    def reward(prompts, completions, index, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [task.score(t, examples[i]).reward for t, i in zip(texts, index, strict=True)]
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.start = synced()
+
+        def on_step_end(self, *a, **k):
+            times.append(synced() - self.start)
+
+    with tempfile.TemporaryDirectory() as out:
+        config = trl.GRPOConfig(
+            output_dir=out, per_device_train_batch_size=32, gradient_accumulation_steps=8, num_generations=8,
+            max_completion_length=256, temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-6, beta=0.0,
+            bf16=True, max_steps=args.steps, logging_steps=1, save_strategy="no", report_to=[],
+            use_vllm=False, loss_type="grpo", shuffle_dataset=False, seed=0)
+        trainer = trl.GRPOTrainer(model=model, args=config, reward_funcs=reward, train_dataset=data,
+                                  processing_class=tokenizer, callbacks=[Clock()])
+        torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+        lengths = [h.get("completions/mean_length") for h in trainer.state.log_history if "completions/mean_length" in h]
+    row = {"trl_version": trl.__version__, "step_seconds": times, "seconds_step": statistics.median(times[1:] or times),
+           "first_step_seconds": times[0], "completion_tokens": statistics.median(lengths) if lengths else None,
+           "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    print(f"TRL {trl.__version__} GRPOTrainer: step {row['seconds_step']:.2f} s (median of {len(times) - 1} after the "
+          f"first, {row['first_step_seconds']:.1f} s); {row['completion_tokens']} tokens/completion; peak "
+          f"{row['peak_gb']:.1f} GB", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench-out")
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--models", default="smollm2,qwen3-0.6B,qwen3-8B", help="generation section models")
+    parser.add_argument("--steps", type=int, default=5, help="RL steps per measurement (the first is a warm-up)")
+    parser.add_argument("--step-engines", default="fast", help="engines for the step section: fast,plain")
+    parser.add_argument("--large-steps", type=int, default=3)
+    parser.add_argument("--large-micro-batch", type=int, default=8)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/rl_speed.py measures GPU speed: run it on a machine with CUDA")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results["device"] = torch.cuda.get_device_name()
+    results["torch"] = torch.__version__
+    for name in args.sections.split(","):
+        print(f"\n## {name}", flush=True)
+        start = time.perf_counter()
+        try:
+            results[name] = globals()[f"section_{name}"](args)
+        except Exception as err:  # keep what the other sections measured
+            import traceback
+
+            traceback.print_exc()
+            results[name] = {"error": f"{type(err).__name__}: {err}"[:500]}
+        results.setdefault("seconds", {})[name] = time.perf_counter() - start
+        results_path.write_text(json.dumps(results, indent=2))
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
