@@ -5,6 +5,7 @@
 
 Sections (each prints a table and adds to OUT/results.json, so sections may run in separate processes):
   check       fast engine vs transformers on SmolLM2 in bf16: greedy agreement, log-prob error
+  profile     where a captured decode step's time goes (kernels by kind, graph replay vs eager launches)
   generation  new tokens/s and ms per decode step, plain vs fast, at batch 64/256/1024, for SmolLM2 and
               random Qwen3-0.6B- and Qwen3-8B-shaped models (fixed lengths: EOS is never sampled)
   step        a SmolLM2 GRPO step of 32 prompts x 8 completions x 256 tokens, full vs middle:1, by phase
@@ -33,7 +34,7 @@ from onelayer.tasks import get_task
 from onelayer.train import train
 
 TASK = "rg:basic_arithmetic"
-SECTIONS = ("check", "generation", "step", "large", "trl")
+SECTIONS = ("check", "generation", "profile", "step", "large", "trl")
 
 
 def qwen3_shaped(size: str, vocab_size: int):
@@ -77,34 +78,111 @@ def time_generation(generator, prompts: list[str], new_tokens: int) -> dict:
 # ------------------------------------------------------------------------------------------- sections
 
 
+def _greedy_agreement(a, b) -> tuple[float, list[int]]:
+    """Fraction of identical completions, and the first differing token of the others."""
+    width = min(a.input_ids.shape[1], b.input_ids.shape[1])
+    differ = a.input_ids[:, :width] != b.input_ids[:, :width]
+    first = sorted(int(row.float().argmax()) - a.prompt_length for row in differ if row.any())
+    return sum(x == y for x, y in zip(a.texts, b.texts, strict=True)) / len(a.texts), first
+
+
 def section_check(args) -> dict:
-    """Greedy agreement and log-prob error of the fast engine on the real model in bf16."""
-    model, tokenizer = load_model("smollm2", "cuda", "bf16", "eager"), load_tokenizer("smollm2")
+    """The fast engine against transformers on SmolLM2: greedy tokens and sampled log-probs, in fp32 (where
+    they must agree) and bf16 (where rounding differs; the fp32 model is the yardstick for both engines)."""
+    tokenizer = load_tokenizer("smollm2")
     prompts = task_prompts(tokenizer, 64)
-    fast = FastGenerator(model, tokenizer, 64).generate(prompts, 1, 128, temperature=0.0)
-    plain = HFGenerator(model, tokenizer, 64).generate(prompts, 1, 128, temperature=0.0)
-    same = [a == b for a, b in zip(fast.texts, plain.texts, strict=True)]
-    # first differing completion token per row (bf16 near-ties may flip an argmax; after that the texts part)
-    width = min(fast.input_ids.shape[1], plain.input_ids.shape[1])
-    differ = (fast.input_ids[:, :width] != plain.input_ids[:, :width]).float()
-    first = [int(row.argmax()) - fast.prompt_length if row.any() else None for row in differ]
+    models = {dtype: load_model("smollm2", "cuda", dtype, "eager") for dtype in ("fp32", "bf16")}
+    greedy = {(dtype, engine): cls(model, tokenizer, 64).generate(prompts, 1, 128, temperature=0.0)
+              for dtype, model in models.items() for engine, cls in (("fast", FastGenerator), ("plain", HFGenerator))}
+    result = {}
+    for label, a, b in (("fp32 fast vs plain", ("fp32", "fast"), ("fp32", "plain")),
+                        ("bf16 fast vs plain", ("bf16", "fast"), ("bf16", "plain")),
+                        ("bf16 plain vs fp32 plain", ("bf16", "plain"), ("fp32", "plain")),
+                        ("bf16 fast vs fp32 plain", ("bf16", "fast"), ("fp32", "plain"))):
+        same, first = _greedy_agreement(greedy[a], greedy[b])
+        result[f"greedy {label}"] = {"identical_fraction": same, "first_difference_tokens": first}
+        print(f"greedy, {label:26s}: {same:.2f} of 64 completions identical; first differences at {first[:8]}")
     torch.manual_seed(0)
-    sampled = FastGenerator(model, tokenizer, 256).generate(task_prompts(tokenizer, 32), 8, 256, temperature=1.0)
+    sampled = FastGenerator(models["bf16"], tokenizer, 256).generate(task_prompts(tokenizer, 32), 8, 256, 1.0)
+    args_ = (sampled.input_ids, sampled.attention_mask, sampled.prompt_length, sampled.completion_mask)
     with torch.no_grad():
-        reference = completion_logprobs(model, sampled.input_ids, sampled.attention_mask, sampled.prompt_length,
-                                        sampled.completion_mask)
+        exact = completion_logprobs(models["fp32"], *args_)
+        plain_bf16 = completion_logprobs(models["bf16"], *args_)
     where = sampled.completion_mask.bool()
-    error = (sampled.logprobs - reference)[where].abs()
-    result = {"greedy_identical_fraction": sum(same) / len(same),
-              "greedy_first_difference_tokens": sorted(f for f in first if f is not None),
-              "logprob_abs_error_mean": error.mean().item(), "logprob_abs_error_p99": error.quantile(0.99).item(),
-              "logprob_abs_error_max": error.max().item(), "tokens_compared": int(where.sum())}
-    print(f"greedy: {result['greedy_identical_fraction']:.2f} of 64 completions identical to generate's; "
-          f"first differences at tokens {result['greedy_first_difference_tokens'][:10]}")
-    print(f"log-probs vs a plain bf16 forward over {result['tokens_compared']} sampled tokens: mean |diff| "
-          f"{result['logprob_abs_error_mean']:.4f}, p99 {result['logprob_abs_error_p99']:.4f}, "
-          f"max {result['logprob_abs_error_max']:.4f}")
+    for label, values in (("fast bf16 sampler", sampled.logprobs), ("plain bf16 forward", plain_bf16)):
+        error = (values - exact)[where].abs()
+        result[f"logprob error, {label} vs fp32 forward"] = {
+            "mean": error.mean().item(), "p99": error.quantile(0.99).item(), "max": error.max().item()}
+        print(f"log-prob |error| of the {label:18s} vs an fp32 forward over {int(where.sum())} tokens: mean "
+              f"{error.mean():.4f}, p99 {error.quantile(0.99):.4f}, max {error.max():.4f}")
+    error = (sampled.logprobs - plain_bf16)[where].abs()
+    result["logprob difference, fast bf16 sampler vs plain bf16 forward"] = {
+        "mean": error.mean().item(), "p99": error.quantile(0.99).item(), "max": error.max().item()}
     return result
+
+
+def _time_decode(state) -> tuple:
+    """ms per decode step as a graph replay and op by op, and a CUDA profile of eager steps, all on the
+    same columns (rewound each time, inside the widest captured window)."""
+    window = max(state.graphs)
+
+    def rewind():
+        state.column.fill_(window - 40)
+        state.step_index.zero_()
+
+    def timed(step, n=30) -> float:
+        rewind()
+        start = synced()
+        for _ in range(n):
+            step()
+        return (synced() - start) / n * 1000
+
+    graph_ms = timed(state.graphs[window].replay)
+    eager_ms = timed(lambda: state._decode(window))
+    rewind()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            state._decode(window)
+        torch.cuda.synchronize()
+    return graph_ms, eager_ms, prof, window
+
+
+def section_profile(args) -> dict:
+    """Where a captured decode step's time goes: kernels by kind (from an eager step on the same state),
+    and the step as a graph replay vs launched op by op."""
+    tokenizer = load_tokenizer("smollm2")
+    out = {}
+    for name, rows in (("smollm2", 1024), ("smollm2", 64), ("qwen3-8B", 256)):
+        model = load_model("smollm2", "cuda", "bf16", "eager") if name == "smollm2" else \
+            qwen3_shaped("8B", len(tokenizer))
+        generator = FastGenerator(model, tokenizer, rows, ignore_eos=True)
+        generator.generate(task_prompts(tokenizer, rows), 1, 128, 1.0, 1.0)
+        graph_ms, eager_ms, prof, window = _time_decode(generator.state)
+        kinds: dict[str, float] = {}
+        kernels = 0
+        for event in prof.key_averages():
+            cuda_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+            if not cuda_us or event.key.startswith("aten::") or event.key.startswith("cuda"):
+                continue
+            key = event.key.lower()
+            kind = ("matmul" if any(k in key for k in ("gemm", "cutlass", "sm90", "xmma", "cublas", "gemv"))
+                    else "reduce/softmax" if any(k in key for k in ("reduce", "softmax", "argmax", "norm"))
+                    else "copy/index" if any(k in key for k in ("copy", "index", "scatter", "gather", "cat"))
+                    else "elementwise/other")
+            kinds[kind] = kinds.get(kind, 0.0) + cuda_us / 10 / 1000
+            kernels += event.count
+        kernel_ms = sum(kinds.values())
+        label = f"{name} batch {rows}"
+        out[label] = {"graph_ms_per_step": graph_ms, "eager_ms_per_step": eager_ms, "kernel_ms_per_step": kernel_ms,
+                      "kernels_per_step": kernels / 10, "kernel_ms_by_kind": kinds, "window": window,
+                      "top_kernels": prof.key_averages().table(sort_by="device_time_total", row_limit=12)}
+        print(f"{label}: graph replay {graph_ms:.2f} ms/step, eager {eager_ms:.2f} ms/step; kernels "
+              f"{kernel_ms:.2f} ms in {kernels / 10:.0f} launches ("
+              + ", ".join(f"{k} {v:.2f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])) + ")", flush=True)
+        print(out[label]["top_kernels"], flush=True)
+        del model, generator
+        torch.cuda.empty_cache()
+    return out
 
 
 def section_generation(args) -> dict:
