@@ -122,6 +122,7 @@ def section_check(args) -> dict:
     return result
 
 
+@torch.no_grad()
 def _time_decode(state) -> tuple:
     """ms per decode step as a graph replay and op by op, and a CUDA profile of eager steps, all on the
     same columns (rewound each time, inside the widest captured window)."""
@@ -181,7 +182,7 @@ def section_profile(args) -> dict:
         print(f"{label}: graph replay {graph_ms:.2f} ms/step, eager {eager_ms:.2f} ms/step; kernels "
               f"{kernel_ms:.2f} ms in {kernels / 10:.0f} launches ("
               + ", ".join(f"{k} {v:.2f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])) + ")", flush=True)
-        print(out[label]["top_kernels"], flush=True)
+        print("\n".join(out[label]["top_kernels"].splitlines()[:9]), flush=True)
         del model, generator
         torch.cuda.empty_cache()
     return out
