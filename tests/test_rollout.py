@@ -88,3 +88,29 @@ def test_sampling_is_seeded_and_masks_after_eos(tokenizer):
     assert ((completions == 0) | a.completion_mask.bool()).all()  # beyond EOS only padding
     ends_in_eos = (completions * a.completion_mask).eq(1).any(dim=1)
     assert torch.equal(a.truncated, ~ends_in_eos)
+
+
+def test_layer_selective_forward_is_lean(tokenizer):
+    """Training one middle layer: the layers below it build no autograd graph, frozen weights get no
+    gradients, and the backward pass keeps far fewer activations than training every layer."""
+    input_ids, attention, width, cmask = _batch(tokenizer)
+
+    def run(spec):
+        model = tiny_model("llama")
+        apply_selection(model, select_layers(model, spec))
+        tracked = []
+        for layer in model.model.layers:
+            layer.register_forward_hook(lambda m, a, out: tracked.append(
+                (out[0] if isinstance(out, tuple) else out).requires_grad))
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+            logp = completion_logprobs(model, input_ids, attention, width, cmask)
+        logp.sum().backward()
+        grads = {n for n, p in model.named_parameters() if p.grad is not None}
+        return tracked, sum(saved), grads
+
+    tracked, saved_one, grads = run("2")
+    assert tracked == [False, False, True, True]  # layers 0-1 ran without autograd
+    assert grads and all(n.startswith("model.layers.2.") for n in grads)
+    _, saved_all, _ = run("all")
+    assert saved_one < 0.7 * saved_all

@@ -93,6 +93,19 @@ def test_a_different_experiment_in_the_same_directory_is_refused(tmp_path, token
         train(config(tmp_path, steps=1, lr=1e-2), tiny_model("llama"), tokenizer, progress=False)
 
 
+def test_resuming_may_switch_the_rollout_engine_but_not_the_sampling(tmp_path, tokenizer):
+    train(config(tmp_path, steps=1, save_every=1, sampling=SamplingConfig(max_new_tokens=12, engine="plain")),
+          tiny_model("llama"), tokenizer, progress=False)
+    train(config(tmp_path, steps=2, save_every=1, sampling=SamplingConfig(max_new_tokens=12, engine="fast")),
+          tiny_model("llama"), tokenizer, progress=False)
+    assert read_meta(tmp_path / "run")["step"] == 2
+    with pytest.raises(OneLayerError, match=r"another sampling.top_p \(1.0, now 0.9\)"):
+        train(config(tmp_path, steps=3, sampling=SamplingConfig(max_new_tokens=12, top_p=0.9)),
+              tiny_model("llama"), tokenizer, progress=False)
+    with pytest.raises(OneLayerError, match="unknown --engine 'vllm': use auto, fast, plain"):
+        train(config(tmp_path, sampling=SamplingConfig(engine="vllm")), tiny_model("llama"), tokenizer, progress=False)
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, tokenizer, monkeypatch):
     calls = {"n": 0}
     real_score = RepeatTask.score
