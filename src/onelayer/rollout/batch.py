@@ -78,6 +78,12 @@ def encode_prompts(tokenizer, prompts: list[str], num_samples: int,
     return ids.to(device), mask.to(device)
 
 
+def pad_columns(pieces: list[torch.Tensor], value: float) -> torch.Tensor:
+    """Row blocks of different widths stacked into one tensor, right-padded with ``value``."""
+    width = max(1, max(p.shape[1] for p in pieces))
+    return torch.cat([nn.functional.pad(p, (0, width - p.shape[1]), value=value) for p in pieces])
+
+
 def assemble_batch(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.Tensor,
                    eos_ids: list[int], logprobs: torch.Tensor | None = None) -> RolloutBatch:
     """A :class:`RolloutBatch` from prompts and raw completions: everything after a row's first EOS

@@ -21,7 +21,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from .batch import RolloutBatch, assemble_batch, encode_prompts, eos_token_ids
+from .batch import RolloutBatch, assemble_batch, encode_prompts, eos_token_ids, pad_columns
 from .logprobs import head_logits, logit_softcap, position_ids_from_mask
 
 WINDOW = 64  # key-window granularity of the captured decode steps (and of the cache length)
@@ -270,7 +270,8 @@ class DecodeState:
     def _capture(self, window: int) -> torch.cuda.CUDAGraph:
         # warm-up runs a real step (cuBLAS setup, allocator); the bookkeeping it advances is put back, and
         # the cache column it writes is written again by the replay before anything reads it
-        saved = [t.clone() for t in (self.current, self.position, self.column, self.step_index, self.finished)]
+        bookkeeping = (self.current, self.position, self.column, self.step_index, self.finished)
+        saved = [t.clone() for t in bookkeeping]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -279,8 +280,7 @@ class DecodeState:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             self._decode(window)
-        for buffer, value in zip((self.current, self.position, self.column, self.step_index, self.finished),
-                                 saved, strict=True):
+        for buffer, value in zip(bookkeeping, saved, strict=True):
             buffer.copy_(value)
         return graph
 
@@ -368,7 +368,5 @@ class FastGenerator:
                     logprobs.append(lp)
         finally:
             model.train(was_training)
-        width = max(t.shape[1] for t in tokens)
-        completions = torch.cat([nn.functional.pad(t, (0, width - t.shape[1]), value=tok.pad_token_id) for t in tokens])
-        logprobs = torch.cat([nn.functional.pad(lp, (0, width - lp.shape[1])) for lp in logprobs])
-        return assemble_batch(tok, prompt_ids, prompt_mask, completions, self.eos_ids, logprobs)
+        return assemble_batch(tok, prompt_ids, prompt_mask, pad_columns(tokens, tok.pad_token_id), self.eos_ids,
+                              pad_columns(logprobs, 0.0))

@@ -1,5 +1,5 @@
 """The plain sampling path: transformers ``generate``. Works for every model on every device; on a
-GPU it is slow (~100 ms per decode step whatever the batch), which is why :mod:`.fast` exists."""
+GPU it is slow (40-100 ms per decode step whatever the batch), which is why :mod:`.fast` exists."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .batch import RolloutBatch, assemble_batch, encode_prompts, eos_token_ids
+from .batch import RolloutBatch, assemble_batch, encode_prompts, eos_token_ids, pad_columns
 
 
 class Generator(Protocol):
@@ -49,7 +49,4 @@ class HFGenerator:
                                       generation_config=config)
             pieces.append(out[:, prompt_ids.shape[1]:])
         self.model.train(was_training)
-        width = max(1, max(p.shape[1] for p in pieces))
-        completions = torch.cat([nn.functional.pad(p, (0, width - p.shape[1]), value=tok.pad_token_id)
-                                 for p in pieces])
-        return assemble_batch(tok, prompt_ids, prompt_mask, completions, self.eos_ids)
+        return assemble_batch(tok, prompt_ids, prompt_mask, pad_columns(pieces, tok.pad_token_id), self.eos_ids)
