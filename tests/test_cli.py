@@ -88,3 +88,21 @@ def test_ensemble_and_self_consistency_from_the_command_line(tmp_path, saved_tin
     sc = [json.loads(x) for x in (out / "self_consistency.examples.jsonl").read_text().splitlines()]
     assert len(sc) == 5 and len(sc[0]["answers"]) == 3
     assert main(["ensemble", str(tmp_path / "l1"), *common]) == 2  # one member is not an ensemble
+
+
+def test_code_tasks_train_scan_and_eval_from_the_command_line(capsys, saved_tiny, tmp_path):
+    common = ["--model", saved_tiny, "--task", "code:synth", "--task-option", "timeout=2", "--steps", 1,
+              "--prompts-per-step", 2, "--group-size", 2, "--max-new-tokens", 8, "--device", "cpu", "--no-progress"]
+    code, stdout, err = run(capsys, "train", *common, "--layers", "1", "--out", tmp_path / "run")
+    assert code == 0, err
+    row = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert sum(row["outcomes"].values()) == pytest.approx(1.0)  # e.g. {"error": 1.0}: the tiny model writes no code
+    code, stdout, err = run(capsys, "scan", *common, "--layers", "1", "--eval-n", 2, "--out", tmp_path / "scan")
+    assert code == 0, err
+    base = json.loads((tmp_path / "scan" / "runs" / "base" / "result.json").read_text())
+    assert base["n"] == 2 and sum(base["outcomes"].values()) == pytest.approx(1.0)
+    code, stdout, err = run(capsys, "eval", "--checkpoint", tmp_path / "run", "--task", "code:humaneval", "--n", 2,
+                            "--max-new-tokens", 4, "--device", "cpu", "--out", tmp_path / "ev")
+    assert code == 0, err
+    rows = [json.loads(r) for r in (tmp_path / "ev" / "eval.examples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["HumanEval/0", "HumanEval/1"] and all(len(r["outcomes"]) == 1 for r in rows)

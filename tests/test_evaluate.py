@@ -1,6 +1,6 @@
 import pytest
 
-from onelayer.evaluate import evaluate, pass_at_k, wilson_interval
+from onelayer.evaluate import evaluate, mean_interval, pass_at_k, wilson_interval
 from onelayer.tasks import get_task
 
 from .conftest import tiny_model
@@ -30,3 +30,12 @@ def test_evaluate_reports_per_example_results(tokenizer):
     assert result.accuracy == pytest.approx(sum(means) / 4)
     assert result.pass_at[1] == pytest.approx(result.accuracy)
     assert result.ci_low <= result.accuracy <= result.ci_high
+    assert result.pass_at_ci[1] == [result.ci_low, result.ci_high]
+    assert all(low <= result.pass_at[k] <= high for k, (low, high) in result.pass_at_ci.items())
+
+
+def test_mean_interval_by_hand():
+    # values 0, 0.5, 1: mean 0.5, sd 0.5, half width 1.96 * 0.5 / sqrt(3) = 0.5658 -> clipped to [0, 1]
+    assert mean_interval([0.0, 0.5, 1.0]) == (0.0, 1.0)
+    low, high = mean_interval([0.5, 0.5, 0.75, 0.25])  # sd = sqrt(0.125 / 3) = 0.2041
+    assert low == pytest.approx(0.5 - 1.96 * 0.2041241 / 2) and high == pytest.approx(0.5 + 1.96 * 0.2041241 / 2)

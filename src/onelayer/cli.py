@@ -136,7 +136,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result = run_eval(config)
     print(result.line())
     if config.samples > 1:
-        print("pass@k: " + ", ".join(f"@{k} {v:.3f}" for k, v in result.pass_at.items()))
+        print("pass@k: " + ", ".join(f"@{k} {v:.3f} [{result.pass_at_ci[k][0]:.3f}, {result.pass_at_ci[k][1]:.3f}]"
+                                     for k, v in result.pass_at.items()))
+    if result.outcomes:
+        print("outcomes: " + ", ".join(f"{k} {v:.1%}" for k, v in result.outcomes.items()))
     if config.out:
         print(f"results in {config.out}/eval.json and eval.examples.jsonl")
 

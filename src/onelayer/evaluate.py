@@ -25,6 +25,15 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def mean_interval(values: list[float], z: float = 1.96) -> tuple[float, float]:
+    """Normal 95% interval of the mean of per-example ``values`` (examples are the independent
+    units), clipped to [0, 1]."""
+    count = len(values)
+    mean = sum(values) / count
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(count - 1, 1))
+    return max(0.0, mean - z * sd / math.sqrt(count)), min(1.0, mean + z * sd / math.sqrt(count))
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k (Chen et al. 2021) from ``n`` samples of which ``c`` are correct."""
     if k > n:
@@ -43,6 +52,7 @@ class EvalResult:
     ci_low: float
     ci_high: float
     pass_at: dict[int, float] = field(default_factory=dict)
+    pass_at_ci: dict[int, list[float]] = field(default_factory=dict)  # 95% interval of each pass@k
     mean_reward: float = 0.0
     mean_completion_tokens: float = 0.0
     truncated_fraction: float = 0.0
@@ -85,15 +95,14 @@ def evaluate(model: nn.Module, tokenizer, task: Task, n: int, samples: int = 1, 
                             **({"outcomes": [s.outcome for s in own]} if own[0].outcome else {})})
     count = len(examples)
     accuracy = sum(means) / count
-    if samples == 1:
-        low, high = wilson_interval(sum(means), count)
-    else:
-        sd = math.sqrt(sum((m - accuracy) ** 2 for m in means) / max(count - 1, 1))
-        low, high = max(0.0, accuracy - 1.96 * sd / math.sqrt(count)), min(1.0, accuracy + 1.96 * sd / math.sqrt(count))
+    low, high = wilson_interval(sum(means), count) if samples == 1 else mean_interval(means)
     ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, samples) if k <= samples})
-    pass_at = {k: sum(pass_at_k(samples, sum(p["correct"]), k) for p in per_example) / count for k in ks}
+    estimates = {k: [pass_at_k(samples, sum(p["correct"]), k) for p in per_example] for k in ks}
+    pass_at = {k: sum(v) / count for k, v in estimates.items()}
+    pass_at_ci = {k: list(wilson_interval(sum(v), count) if samples == 1 else mean_interval(v))
+                  for k, v in estimates.items()}
     return EvalResult(
-        task=task.name, n=count, samples=samples, accuracy=accuracy, ci_low=low, ci_high=high, pass_at=pass_at,
+        task=task.name, n=count, samples=samples, accuracy=accuracy, ci_low=low, ci_high=high, pass_at=pass_at, pass_at_ci=pass_at_ci,
         mean_reward=sum(s.reward for s in scores) / len(scores),
         mean_completion_tokens=batch.completion_lengths.float().mean().item(),
         truncated_fraction=batch.truncated.float().mean().item(), outcomes=outcome_fractions(scores),

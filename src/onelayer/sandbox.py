@@ -16,7 +16,7 @@ claims to equal everything) and the parent, which alone holds the expected value
 :class:`Check` test is arbitrary test code run in the child (for tests that are not a call compared
 with a constant); it passes when it raises nothing. A program that inspects its caller's frame can
 read a Check test (blocking that would break ``dataclasses`` and ``namedtuple``), so tasks turn
-every test they can into Calls: 117 of HumanEval's 164 problems, all of ``code:synth``.
+every test they can into Calls: 153 of HumanEval's 164 problems, all of ``code:synth``.
 
 The parent reads the child's output with a cap and a wall-clock deadline and kills the group at
 either. Many programs run at once, one per available core.

@@ -39,7 +39,7 @@ def register_task_family(prefix: str, factory: Callable[..., Task]) -> None:
 def get_task(name: str, options: dict | None = None) -> Task:
     """Build the task ``name`` with ``options`` (see the module docstring)."""
     options = dict(options or {})
-    if name.endswith(".jsonl") and not name.startswith("jsonl:"):
+    if name.endswith(".jsonl") and name.partition(":")[0] not in FAMILIES:
         name = f"jsonl:{name}"
     prefix, sep, arg = name.partition(":")
     if not sep or prefix not in FAMILIES or not arg:

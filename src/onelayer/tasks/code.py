@@ -107,6 +107,8 @@ def suite_from_check(test_code: str, entry_point: str) -> TestSuite:
     names = {check.args.args[0].arg if check.args.args else "candidate", entry_point}
     calls, setup = [], []
     for statement in check.body:
+        if isinstance(statement, ast.Assert) and isinstance(statement.test, ast.Constant) and statement.test.value:
+            continue  # HumanEval's `assert True, "..."` tests nothing
         if isinstance(statement, ast.Assert):
             call = _assert_to_call(statement.test, names)
             if call is None:
@@ -118,7 +120,6 @@ def suite_from_check(test_code: str, entry_point: str) -> TestSuite:
         else:
             break
     else:  # every statement converted: the expected values stay in the parent
-        calls = [c for c in calls if not (c.compare == "truthy" and c.expr in ("True",))]
         prelude = "\n".join(ast.unparse(n) for n in other + setup)
         return TestSuite(entry_point, tuple(calls), setup=prelude)
     return TestSuite(entry_point, checks=(Check(test_code, "check(candidate)"),))
