@@ -118,5 +118,6 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(mode):
 def test_algorithm_registry():
     assert get_algorithm("grpo").default_aggregation == "seq-mean-token-mean"
     assert get_algorithm("Dr-GRPO").default_aggregation == "seq-mean-token-sum-norm"
-    with pytest.raises(OneLayerError, match="gigpo needs a multi-turn"):
-        get_algorithm("gigpo")
+    assert get_algorithm("GiGPO").step_level and get_algorithm("gigpo").advantages is None
+    with pytest.raises(OneLayerError, match="unknown algorithm 'ppo': use one of grpo, dr_grpo, gigpo"):
+        get_algorithm("ppo")

@@ -33,7 +33,7 @@ class TrainConfig:
     model: str = field(default="smollm2", metadata={"help": "hub id, local dir, .gguf file or 'smollm2'"})
     task: str = field(default="rg:basic_arithmetic", metadata={"help": "task name, e.g. rg:basic_arithmetic"})
     task_options: dict = field(default_factory=dict, metadata={"help": "task option KEY=VALUE (repeatable)"})
-    algo: str = field(default="grpo", metadata={"help": "grpo or dr_grpo"})
+    algo: str = field(default="grpo", metadata={"help": "grpo, dr_grpo or gigpo (agent tasks)"})
     layers: str = field(default="all", metadata={"help": "layer spec: all, 14, 3,7, 10-19, middle:4, ..."})
     out: str = field(default="runs/onelayer", metadata={"help": "run directory (resumed if it exists)"})
     steps: int = field(default=200, metadata={"help": "RL steps (rollout batches)"})
@@ -55,6 +55,8 @@ class TrainConfig:
     clip_low: float = field(default=0.2, metadata={"help": "PPO clip epsilon below 1"})
     clip_high: float = field(default=0.2, metadata={"help": "PPO clip epsilon above 1"})
     beta: float = field(default=0.0, metadata={"help": "KL weight to the initial policy (k3)"})
+    gamma: float = field(default=0.95, metadata={"help": "GiGPO: discount of step returns"})
+    step_weight: float = field(default=1.0, metadata={"help": "GiGPO: weight omega of step advantages"})
     loss_aggregation: str = field(default="", metadata={
         "help": "seq-mean-token-mean, token-mean or seq-mean-token-sum-norm; empty = the algorithm's"})
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -86,6 +88,8 @@ class TrainConfig:
             raise OneLayerError("--max-new-tokens must be >= 1")
         if self.sampling.temperature <= 0:
             raise OneLayerError("training samples need --temperature > 0")
+        if not 0 <= self.gamma <= 1:
+            raise OneLayerError(f"--gamma must be in [0, 1], got {self.gamma}")
         self.sampling.validate()
 
 

@@ -12,7 +12,8 @@ from torch import nn
 
 from .config import EvalConfig
 from .rollout import Generator, make_generator, render_prompts
-from .tasks import Task, get_task, outcome_fractions
+from .rollout.episodes import play_episodes
+from .tasks import AgentTask, Task, get_task, outcome_fractions
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -25,13 +26,13 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def mean_interval(values: list[float], z: float = 1.96) -> tuple[float, float]:
+def mean_interval(values: list[float], z: float = 1.96, bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float]:
     """Normal 95% interval of the mean of per-example ``values`` (examples are the independent
-    units), clipped to [0, 1]."""
+    units), clipped to ``bounds``."""
     count = len(values)
     mean = sum(values) / count
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(count - 1, 1))
-    return max(0.0, mean - z * sd / math.sqrt(count)), min(1.0, mean + z * sd / math.sqrt(count))
+    return max(bounds[0], mean - z * sd / math.sqrt(count)), min(bounds[1], mean + z * sd / math.sqrt(count))
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -57,6 +58,7 @@ class EvalResult:
     mean_completion_tokens: float = 0.0
     truncated_fraction: float = 0.0
     outcomes: dict[str, float] = field(default_factory=dict)  # share per outcome (code: passed, timeout, ...)
+    mean_reward_ci: list[float] = field(default_factory=list)  # agent tasks: 95% interval of the mean return
     per_example: list[dict] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict:
@@ -77,6 +79,9 @@ def evaluate(model: nn.Module, tokenizer, task: Task, n: int, samples: int = 1, 
     The interval is Wilson's for one sample per example; with several it is a normal interval over
     per-example mean correctness (examples are the independent units).
     """
+    if isinstance(task, AgentTask):
+        return evaluate_episodes(model, tokenizer, task, n, samples, max_new_tokens, temperature, top_p, batch_size,
+                                 seed, engine, generator)
     examples = task.examples("eval")[:n]
     torch.manual_seed(seed)
     prompts = render_prompts(tokenizer, [task.messages(e) for e in examples])
@@ -107,6 +112,44 @@ def evaluate(model: nn.Module, tokenizer, task: Task, n: int, samples: int = 1, 
         mean_completion_tokens=batch.completion_lengths.float().mean().item(),
         truncated_fraction=batch.truncated.float().mean().item(), outcomes=outcome_fractions(scores),
         per_example=per_example,
+    )
+
+
+@torch.no_grad()
+def evaluate_episodes(model: nn.Module, tokenizer, task: AgentTask, n: int, samples: int = 1, max_new_tokens: int = 64,
+                      temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 256, seed: int = 0,
+                      engine: str = "auto", generator: Generator | None = None) -> EvalResult:
+    """Play ``samples`` episodes on each of the first ``n`` eval seeds: success rate (``accuracy``)
+    and mean return (``mean_reward``), each with a 95% interval over seeds; pass@k counts a seed
+    solved when any of k episodes wins."""
+    examples = task.examples("eval")[:n]
+    torch.manual_seed(seed)
+    generator = generator or make_generator(model, tokenizer, batch_size, engine)
+    episodes, batch = play_episodes(generator, tokenizer, task, [e.meta["seed"] for e in examples], samples,
+                                    max_new_tokens, temperature, top_p)
+    per_example, wins, returns = [], [], []
+    for i, example in enumerate(examples):
+        own = episodes[i * samples:(i + 1) * samples]
+        wins.append(sum(e.won for e in own) / samples)
+        returns.append(sum(e.total_return for e in own) / samples)
+        per_example.append({"id": example.id, "seed": example.meta["seed"], "correct": [e.won for e in own],
+                            "rewards": [e.total_return for e in own], "turns": [len(e.actions) for e in own],
+                            "actions": [e.actions for e in own], "replies": [e.replies for e in own],
+                            "observations": [e.observations for e in own]})
+    count = len(examples)
+    accuracy = sum(wins) / count
+    low, high = wilson_interval(sum(wins), count) if samples == 1 else mean_interval(wins)
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, samples) if k <= samples})
+    estimates = {k: [pass_at_k(samples, sum(p["correct"]), k) for p in per_example] for k in ks}
+    return EvalResult(
+        task=task.name, n=count, samples=samples, accuracy=accuracy, ci_low=low, ci_high=high,
+        pass_at={k: sum(v) / count for k, v in estimates.items()},
+        pass_at_ci={k: list(wilson_interval(sum(v), count) if samples == 1 else mean_interval(v))
+                    for k, v in estimates.items()},
+        mean_reward=sum(returns) / count,
+        mean_reward_ci=list(mean_interval(returns, bounds=(-math.inf, math.inf))),
+        mean_completion_tokens=batch.completion_lengths.float().mean().item(),
+        truncated_fraction=batch.truncated.float().mean().item(), per_example=per_example,
     )
 
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .adapters import add_lora
-from .algorithms import Normalizer, get_algorithm, policy_loss, zero_signal_fraction
+from .algorithms import Algorithm, Normalizer, get_algorithm, policy_loss, zero_signal_fraction
+from .algorithms.gigpo import anchor_key, episode_grpo_advantages, gigpo_advantages
 from .analysis.contribution import read_profile
 from .checkpoint import apply_checkpoint, find_checkpoint, load_optimizer_state, read_meta, save_checkpoint
 from .config import TrainConfig, from_dict, to_dict
@@ -29,7 +30,8 @@ from .layers import LayerSelection, apply_selection, lr_scales_from_profile, sel
 from .models import default_device, load_model, load_tokenizer
 from .progress import progress_bar
 from .rollout import Generator, RolloutBatch, completion_logprobs, make_generator, render_prompts
-from .tasks import Example, Task, get_task, outcome_fractions
+from .rollout.episodes import play_episodes
+from .tasks import AgentTask, Example, Task, get_task, outcome_fractions
 
 MAX_BAD_STEPS = 3
 # A rollout cache larger than this share of the GPU is freed before each update (and rebuilt next step).
@@ -173,6 +175,42 @@ def rollout_step(model: nn.Module, tokenizer, task: Task, examples: list[Example
     return batch, rewards, scores, seconds
 
 
+def episode_step(tokenizer, task: AgentTask, examples: list[Example], config: TrainConfig, generator: Generator,
+                 algorithm: Algorithm) -> tuple[RolloutBatch, torch.Tensor, dict, float]:
+    """Play ``group_size`` episodes per example (environment seed) and give every turn its advantage:
+    GiGPO's episode + anchor-state step advantage, or (grpo, dr_grpo) its episode's. Returns the
+    batch of turns, the advantages per turn (``[rows]``), step metrics and seconds spent playing."""
+    s = config.sampling
+    start = time.perf_counter()
+    episodes, batch = play_episodes(generator, tokenizer, task, [e.meta["seed"] for e in examples],
+                                    config.group_size, s.max_new_tokens, s.temperature, s.top_p)
+    seconds = time.perf_counter() - start
+    advantages = torch.zeros(batch.size, dtype=torch.float32)
+    anchored = 0
+    for g in range(0, len(episodes), config.group_size):
+        group = episodes[g:g + config.group_size]
+        rewards = [e.rewards for e in group]
+        if algorithm.step_level:
+            anchors = [[anchor_key(o) for o in e.observations] for e in group]
+            values = gigpo_advantages(rewards, anchors, config.gamma, config.step_weight, algorithm.episode_normalize)
+            counts: dict[str, int] = {}
+            for key in (k for keys in anchors for k in keys):
+                counts[key] = counts.get(key, 0) + 1
+            anchored += sum(counts[k] for k in counts if counts[k] > 1)
+        else:
+            values = episode_grpo_advantages(rewards, algorithm.episode_normalize)
+        for episode, per_turn in zip(group, values, strict=True):
+            advantages[episode.rows] = torch.tensor(per_turn, dtype=torch.float32)
+    returns = torch.tensor([e.total_return for e in episodes], dtype=torch.float32)
+    metrics = {"reward": returns.mean().item(), "reward_std": returns.std().item(),
+               "accuracy": sum(e.won for e in episodes) / len(episodes),
+               "zero_signal_fraction": zero_signal_fraction(returns, config.group_size),
+               "turns": batch.size / len(episodes),
+               "invalid_action_fraction": sum(e.invalid_actions for e in episodes) / batch.size,
+               **({"anchored_turn_fraction": anchored / batch.size} if algorithm.step_level else {})}
+    return batch, advantages, metrics, seconds
+
+
 def _batch_logprobs(model: nn.Module, batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
     """Log-probs of the whole batch under the current weights, without gradients, micro-batched."""
     out = torch.zeros(batch.completion_mask.shape, dtype=torch.float32, device=batch.input_ids.device)
@@ -264,6 +302,12 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     _check_resumable(out, config)
     algorithm = get_algorithm(config.algo)  # cheap checks before loading weights
     task = get_task(config.task, config.task_options)
+    agentic = isinstance(task, AgentTask)
+    if algorithm.advantages is None and not agentic:
+        raise OneLayerError(f"--algo {algorithm.name} needs a multi-turn agent task (tw:coin_collector, maze:4, ...), "
+                            f"not {task.name}: use grpo or dr_grpo")
+    if agentic and config.mini_batches > 1:
+        raise OneLayerError("agent tasks have a varying number of turns per step: use --mini-batches 1")
     guide = read_profile(config.lr_from) if config.lr_from else None
     device = torch.device(config.device) if config.device else default_device()
     torch.manual_seed(config.seed)
@@ -335,13 +379,21 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             torch.manual_seed(config.seed * 1_000_003 + step)
             examples = sampler.batch(step, config.prompts_per_step)
             with precision:
-                batch, rewards, scores, seconds_generation = rollout_step(model, tokenizer, task, examples, config,
-                                                                          generator)
+                if agentic:
+                    batch, advantages, outcome, seconds_generation = episode_step(tokenizer, task, examples, config,
+                                                                                  generator, algorithm)
+                else:
+                    batch, rewards, scores, seconds_generation = rollout_step(model, tokenizer, task, examples,
+                                                                              config, generator)
+                    advantages = algorithm.advantages(rewards, config.group_size)
+                    outcome = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+                               "accuracy": sum(s.correct for s in scores) / len(scores),
+                               **({"outcomes": outcome_fractions(scores)} if scores[0].outcome else {}),
+                               "zero_signal_fraction": zero_signal_fraction(rewards, config.group_size)}
             t1 = time.perf_counter()
             peak_rollout = _peak_memory(device)
             if getattr(generator, "state_bytes", 0) > RELEASE_FRACTION * _total_memory(device):
                 generator.release()  # a large model's cache would crowd out the update's activations
-            advantages = algorithm.advantages(rewards, config.group_size)
             ref = None
             with precision:
                 if config.beta:
@@ -353,10 +405,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             run_peak = max(run_peak, peak_rollout, peak_update)
             new_tokens = int(batch.completion_lengths.sum().item())
             row = {
-                "step": step + 1, "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
-                "accuracy": sum(s.correct for s in scores) / len(scores),
-                **({"outcomes": outcome_fractions(scores)} if scores[0].outcome else {}),
-                "zero_signal_fraction": zero_signal_fraction(rewards, config.group_size),
+                "step": step + 1, **outcome,
                 "completion_tokens": new_tokens / batch.size,
                 "truncated_fraction": batch.truncated.float().mean().item(),
                 **stats, "lr": config.lr * lr_factor(config, step),

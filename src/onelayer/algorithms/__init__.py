@@ -3,12 +3,12 @@
 An :class:`Algorithm` pairs an advantage estimator with a default loss aggregation:
 
 - ``grpo``: group-normalised advantages, per-sequence token mean (Shao et al. 2024);
-- ``dr_grpo``: mean-centred advantages, token sum over a constant (Liu et al. 2025).
+- ``dr_grpo``: mean-centred advantages, token sum over a constant (Liu et al. 2025);
+- ``gigpo``: episode plus anchor-state step advantages of multi-turn episodes (Feng et al. 2025),
+  for agent tasks only (:mod:`.gigpo`).
 
-GiGPO (Feng et al. 2025) computes per-step advantages of multi-turn episodes from anchor states that
-trajectories of a group share; it needs episodes rather than flat completions, so it will sit in
-``algorithms/gigpo.py`` beside the multi-turn rollouts of agent tasks, and feed :func:`policy_loss`
-per-token advantages (``[B, T]``), which it already accepts.
+On agent tasks, ``grpo`` and ``dr_grpo`` are the same estimators over whole episodes: every turn of
+an episode gets its episode's group-relative advantage (``episode_normalize`` says std or mean).
 """
 
 from __future__ import annotations
@@ -26,21 +26,23 @@ from .losses import AGGREGATIONS, Normalizer, aggregate, k3_kl, policy_loss
 @dataclass(frozen=True)
 class Algorithm:
     name: str
-    advantages: Callable[[torch.Tensor, int], torch.Tensor]
+    advantages: Callable[[torch.Tensor, int], torch.Tensor] | None  # None: episodes only
     default_aggregation: str
+    episode_normalize: str  # std or mean, for advantages over episode returns
+    step_level: bool = False  # anchor-state step advantages (GiGPO)
 
 
 ALGORITHMS = {
-    "grpo": Algorithm("grpo", grpo_advantages, "seq-mean-token-mean"),
-    "dr_grpo": Algorithm("dr_grpo", dr_grpo_advantages, "seq-mean-token-sum-norm"),
+    "grpo": Algorithm("grpo", grpo_advantages, "seq-mean-token-mean", "std"),
+    "dr_grpo": Algorithm("dr_grpo", dr_grpo_advantages, "seq-mean-token-sum-norm", "mean"),
+    "gigpo": Algorithm("gigpo", None, "seq-mean-token-mean", "std", step_level=True),
 }
 
 
 def get_algorithm(name: str) -> Algorithm:
     key = name.lower().replace("-", "_").replace(".", "")
     if key not in ALGORITHMS:
-        hint = " (gigpo needs a multi-turn agent task, which onelayer does not have yet)" if key == "gigpo" else ""
-        raise OneLayerError(f"unknown algorithm '{name}'{hint}: use one of {', '.join(ALGORITHMS)}")
+        raise OneLayerError(f"unknown algorithm '{name}': use one of {', '.join(ALGORITHMS)}")
     return ALGORITHMS[key]
 
 

@@ -15,6 +15,15 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return rewards.float().view(-1, group_size)
 
 
+def _centred(grouped: torch.Tensor) -> torch.Tensor:
+    """``r - mean(r)`` per group, exactly 0 where a group's rewards are all equal: a float mean of
+    equal values can miss them by an ulp, and dividing that by a std of the same size would turn
+    a group with no signal into advantages of +-1."""
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    flat = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
+    return centred.masked_fill(flat, 0.0)
+
+
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """GRPO (Shao et al. 2024): ``(r - mean(r)) / (std(r) + eps)`` within each group.
 
@@ -22,7 +31,7 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -
     one has no spread and gets advantage 0.
     """
     grouped = _grouped(rewards, group_size)
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    centred = _centred(grouped)
     if group_size == 1:
         return centred.view(-1)
     return (centred / (grouped.std(dim=1, keepdim=True) + eps)).view(-1)
@@ -31,8 +40,7 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -
 def dr_grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """Dr. GRPO (Liu et al. 2025): ``r - mean(r)``; no division by the std, which up-weights
     too-easy and too-hard prompts."""
-    grouped = _grouped(rewards, group_size)
-    return (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+    return _centred(_grouped(rewards, group_size)).view(-1)
 
 
 def zero_signal_fraction(rewards: torch.Tensor, group_size: int) -> float:

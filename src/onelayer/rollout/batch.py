@@ -100,3 +100,23 @@ def assemble_batch(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
         completion_mask=mask, prompt_length=prompt_ids.shape[1], texts=texts, truncated=truncated,
         logprobs=logprobs,
     )
+
+
+def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """Rows of several batches as one: prompts left-padded to the widest prompt, completions
+    right-padded to the widest completion (multi-turn rollouts make one batch per turn)."""
+    width = max(b.prompt_length for b in batches)
+
+    def left(t: torch.Tensor, value: int) -> torch.Tensor:
+        return nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+
+    prompt_ids = torch.cat([left(b.input_ids[:, :b.prompt_length], pad_id) for b in batches])
+    prompt_mask = torch.cat([left(b.attention_mask[:, :b.prompt_length], 0) for b in batches])
+    completions = pad_columns([b.input_ids[:, b.prompt_length:] for b in batches], pad_id)
+    mask = pad_columns([b.completion_mask for b in batches], 0)
+    logprobs = (pad_columns([b.logprobs for b in batches], 0.0)
+                if all(b.logprobs is not None for b in batches) else None)
+    return RolloutBatch(
+        input_ids=torch.cat([prompt_ids, completions], dim=1), attention_mask=torch.cat([prompt_mask, mask], dim=1),
+        completion_mask=mask, prompt_length=width, texts=[t for b in batches for t in b.texts],
+        truncated=torch.cat([b.truncated for b in batches]), logprobs=logprobs)

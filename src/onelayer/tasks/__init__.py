@@ -6,6 +6,7 @@
     toy:repeat                a dense-reward task for tests (toy:repeat:b for another letter)
     code:humaneval            HumanEval; code:synth (generated functions); code:FILE.jsonl or
                               code:DATASET (prompt/tests/entry point): see :mod:`.code`
+    tw:coin_collector         multi-turn agent tasks: TextWorld games, maze:4 grid mazes (see :mod:`.agent`)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import OneLayerError
+from .agent import AgentTask, _maze, _tw
 from .base import Example, Score, Task, outcome_fractions
 from .code import code_task
 from .math import HFDatasetTask, JsonlTask, MathTask, ReasoningGymTask
@@ -28,6 +30,7 @@ def _toy(arg: str, **options) -> Task:
 
 FAMILIES: dict[str, Callable[..., Task]] = {
     "rg": ReasoningGymTask, "jsonl": JsonlTask, "hf": HFDatasetTask, "toy": _toy, "code": code_task,
+    "tw": _tw, "maze": _maze,
 }
 
 
@@ -90,6 +93,6 @@ def parse_task_ref(text: str) -> tuple[str, dict]:
     return name, options
 
 
-__all__ = ["Example", "FAMILIES", "HFDatasetTask", "JsonlTask", "MathTask", "ReasoningGymTask",
+__all__ = ["AgentTask", "Example", "FAMILIES", "HFDatasetTask", "JsonlTask", "MathTask", "ReasoningGymTask",
            "RepeatTask", "Score", "Task", "get_task", "outcome_fractions", "parse_task_ref",
            "register_task_family", "split_task_list"]
