@@ -60,7 +60,8 @@ def test_parse_action_format_and_invalid_actions():
     assert parse_action("<action>x</action> then <action>take coin</action>", admissible) == "take coin"
     assert parse_action("take coin", admissible) == "take coin"  # a bare admissible command
     assert parse_action("<action>fly away</action>", admissible) is None  # not admissible
-    assert parse_action("go north please", admissible) is None and parse_action("", admissible) is None
+    assert parse_action("I go north, please", admissible) == "go north"  # names one admissible command
+    assert parse_action("take coin or go north", admissible) is None and parse_action("", admissible) is None
     assert parse_action("<action>open door</action>", None) == "open door"  # no list: any tagged command
     assert parse_action("open door", None) is None
 
@@ -77,7 +78,7 @@ def test_agent_task_seeds_and_prompts():
     assert messages[0]["role"] == "system" and "<action>COMMAND</action>" in messages[0]["content"]
     user = messages[1]["content"]
     assert "[1] Observation: obs one\nAction: go north" in user and f"Current observation: {step.observation}" in user
-    assert "Admissible actions: " + ", ".join(step.admissible) in user
+    assert "Admissible actions: " + ", ".join(step.admissible) in user and user.endswith("<action>ACTION</action>.")
     only_last = get_task("maze:3", {"history": 1}).turn_messages([("obs one", "a"), ("obs two", "b")], step)[1]
     assert "obs one" not in only_last["content"] and "[2] Observation: obs two" in only_last["content"]
     for bad in ("maze:x", "maze:1"):

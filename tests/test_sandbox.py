@@ -139,3 +139,13 @@ def test_many_programs_run_in_order_across_workers():
     jobs = [(f"def add(a, b):\n    return a + b + {i}\n", ADD) for i in range(6)]
     results = run_programs(jobs, FAST, workers=2)
     assert [r.status for r in results] == ["passed"] + ["failed"] * 5
+
+
+def test_a_report_cut_by_the_output_cap_is_an_output_limit_not_a_crash_of_the_scorer():
+    # the program's own output fills most of the cap, then its result pushes the report past it
+    program = ("import sys\nsys.stdout.write('x' * (250 * 1024))\n"
+               "def add(a, b):\n    return 'y' * 20000\n")
+    result = outcome(program)
+    assert result.status == "output_limit" and result.reward() == 0.0
+    forged = outcome("import sys\ndef add(a, b):\n    print('\\nNONCE {broken')\n    return a + b\n")
+    assert forged.status == "passed"  # lines that are not the harness's reports are ignored

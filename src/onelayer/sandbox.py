@@ -353,7 +353,14 @@ def _outcome(output: bytes, stopped: str | None, returncode: int, nonce: str, su
              seconds: float) -> Outcome:
     total = suite.total
     marker = nonce.encode() + b" "
-    reports = [json.loads(line[len(marker):]) for line in output.splitlines() if line.startswith(marker)]
+    reports = []
+    for line in output.splitlines():
+        if line.startswith(marker):
+            try:
+                reports.append(json.loads(line[len(marker):]))
+            except ValueError:  # cut off at the output cap, or written by the program itself
+                continue
+    reports = [r for r in reports if isinstance(r, dict) and r.get("kind") in ("violation", "program", "tests")]
     violations = [r["body"] for r in reports if r["kind"] == "violation"]
     if violations:  # checked first: a refused operation scores 0 however the run ended
         return Outcome("blocked", 0, total, violations[0], seconds)

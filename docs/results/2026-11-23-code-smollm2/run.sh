@@ -10,7 +10,7 @@ mkdir -p "$RUNS"
 COMMON=(--attention eager --max-new-tokens "${MAXTOK:-192}" --generation-batch-size 512)
 ARGS=(--model smollm2 --task code:synth --task-option difficulty=2 --task-option timeout=5
   --algo grpo --steps "${STEPS:-30}" --prompts-per-step "${PROMPTS:-64}" --group-size "${GROUP:-8}" --lr 2e-5
-  --micro-batch-size 128 --eval-every "${EVALEVERY:-10}" --eval-n "${EVALN:-500}" --save-every 10 --no-progress)
+  --micro-batch-size 64 --eval-every "${EVALEVERY:-10}" --eval-n "${EVALN:-500}" --save-every 10 --no-progress)
 for spec in all middle:1; do
   name=${spec/:/}
   python3 -m onelayer train "${ARGS[@]}" "${COMMON[@]}" --layers "$spec" --out "$RUNS/$name" >> "$RUNS/$name.out" 2>&1 &
@@ -24,3 +24,5 @@ for name in all middle1; do
     > "$RUNS/humaneval-$name.out" 2>&1
 done
 tail -n 3 "$RUNS"/*.out
+# one archive for the device tool, which returns a limited number of files
+tar czf "$RUNS.tar.gz" --exclude=checkpoint -C "$(dirname "$RUNS")" "$(basename "$RUNS")"

@@ -6,8 +6,8 @@
 An example is an environment seed: train seeds and eval seeds never overlap. Each turn the model
 sees the goal, a window of recent turns (observation and action) and the current observation
 with the admissible actions, through the chat template, and answers with
-``<action>COMMAND</action>``. A reply without that tag is also accepted when it is exactly an
-admissible command. Anything else, or a command the environment does not list, is invalid: the
+``<action>COMMAND</action>``. A reply without that tag is also accepted when its first line is an
+admissible command, or when it names exactly one admissible command. Anything else, or a command the environment does not list, is invalid: the
 turn is a no-op (the state does not change) and costs ``invalid_penalty``.
 """
 
@@ -24,17 +24,33 @@ EVAL_SEED_OFFSET = 1_000_000
 _ACTION = re.compile(r"<action>(.*?)</action>", re.DOTALL | re.IGNORECASE)
 
 
+def _plain_words(text: str) -> str:
+    """Lower-case words without punctuation or articles, space-padded: "Take the coin." -> " take coin "."""
+    kept = [w for w in re.sub(r"[^a-z0-9]+", " ", text.lower()).split() if w not in ("the", "a", "an")]
+    return " " + " ".join(kept) + " "
+
+
 def parse_action(text: str, admissible: tuple[str, ...] | None) -> str | None:
-    """The command in ``text`` (the last ``<action>...</action>``, or the whole reply when it is an
-    admissible command), or None when it is missing or not admissible."""
+    """The command in ``text``: the last ``<action>...</action>``; without a tag, a first line that
+    is an admissible command, or else the one admissible command the reply names (when it names
+    exactly one, ignoring articles and punctuation). None when it is missing, ambiguous or not
+    admissible."""
     found = _ACTION.findall(text)
-    command = " ".join(found[-1].split()) if found else " ".join(text.split())
-    if not command or (not found and admissible is None):
-        return None
+    if found:
+        command = " ".join(found[-1].split()).strip(" .")
+        if admissible is None:
+            return command or None
+        return {a.lower(): a for a in admissible}.get(command.lower())
     if admissible is None:
-        return command
+        return None
     lowered = {a.lower(): a for a in admissible}
-    return lowered.get(command.lower())
+    first = " ".join(text.strip().split("\n")[0].split()).strip(" .`'\"").lower()
+    if first in lowered:
+        return lowered[first]
+    words = _plain_words(text)
+    named = [a for key, a in lowered.items() if _plain_words(key).strip() and _plain_words(key) in words]
+    named = [a for a in named if not any(a != b and a.lower() in b.lower() for b in named)]  # "go" within "go east"
+    return named[0] if len(named) == 1 else None
 
 
 class AgentTask(Task):
@@ -74,9 +90,11 @@ class AgentTask(Task):
             lines += [f"[{start + k}] Observation: {o}\nAction: {a}" for k, (o, a) in enumerate(shown)]
             lines.append("")
         lines.append(f"Current observation: {current.observation}")
-        if current.admissible:
+        if current.admissible:  # the choices last, next to the answer: small models copy from there
             lines.append(f"Admissible actions: {', '.join(current.admissible)}")
-        lines.append("Your action:")
+            lines.append("Choose one admissible action and answer with <action>ACTION</action>.")
+        else:
+            lines.append("Answer with one command as <action>COMMAND</action>.")
         return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": "\n".join(lines)}]
 
     def parse_action(self, text: str, admissible: tuple[str, ...] | None) -> str | None:
