@@ -140,6 +140,14 @@ def test_gigpo_train_and_eval_on_a_maze_from_the_command_line(tmp_path, saved_ti
     assert len(rows) == 2 and all(0 < r["turns"] <= 3 and 0 <= r["anchored_turn_fraction"] <= 1 for r in rows)
     final = json.loads((tmp_path / "run" / "eval.jsonl").read_text().splitlines()[-1])
     assert final["n"] == 3 and len(final["mean_reward_ci"]) == 2
+    code = main(["scan", "--model", str(saved_tiny), "--task", "maze:2", "--algo", "gigpo", "--layers", "1",
+                 "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4",
+                 "--eval-n", "2", "--device", "cpu", "--out", str(tmp_path / "scan"), "--no-progress",
+                 "--task-option", "max_steps=2"])
+    assert code == 0, capsys.readouterr().err
+    layer = json.loads((tmp_path / "scan" / "runs" / "layer001-s0" / "result.json").read_text())
+    assert layer["task"] == "maze:2" and layer["n"] == 2 and "anchored_turn_fraction" in json.loads(
+        (tmp_path / "scan" / "runs" / "layer001-s0" / "log.jsonl").read_text().splitlines()[0])
     assert main(["train", "--model", str(saved_tiny), "--task", "toy:repeat", "--algo", "gigpo",
                  "--out", str(tmp_path / "bad"), "--device", "cpu"]) == 2
     assert "needs a multi-turn agent task" in capsys.readouterr().err
@@ -171,3 +179,12 @@ def test_textworld_games_are_deterministic_per_seed(tmp_path, monkeypatch):
         env.close()
     with pytest.raises(OneLayerError, match="unknown TextWorld challenge"):
         get_task("tw:chess")
+    with pytest.raises(OneLayerError, match="tw:cooking level 7 is not 1-4"):
+        get_task("tw:cooking", {"level": 7})
+    hunter = get_task("tw:treasure_hunter", {"level": 1, "train_size": 1})
+    seed = hunter.examples("train")[0].meta["seed"]
+    hunter.prepare([seed])
+    one, two = hunter.make_env(), hunter.make_env()
+    assert one.reset(seed) == two.reset(seed)
+    one.close()
+    two.close()

@@ -31,7 +31,8 @@ def _cooking_settings(level: int) -> dict:
                                                                           cut=True, cook=True)}
     if level not in table:
         raise OneLayerError(f"tw:cooking level {level} is not 1-4: pick one of 1, 2, 3, 4")
-    return {"open": False, "cut": False, "cook": False, "drop": False, "split": "train", **table[level]}
+    return {"open": False, "cut": False, "cook": False, "drop": False, "split": "train", "recipe_seed": 0,
+            **table[level]}
 
 
 def cache_dir() -> Path:
@@ -105,6 +106,8 @@ class TextWorldEnv(Env):
             import textworld  # noqa: F401
         except ImportError as err:
             raise OneLayerError("tw: tasks need TextWorld: pip install 'onelayer[agent]'") from err
+        if challenge == "cooking":
+            _cooking_settings(int(level))  # a bad level fails here, not in a worker making games
         self.challenge, self.level, self._env = challenge, int(level), None
         self.goal = ("You are playing a text adventure game. Read each observation and reach the game's goal "
                      "with text commands.")
