@@ -140,6 +140,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                      for k, v in result.pass_at.items()))
     if result.outcomes:
         print("outcomes: " + ", ".join(f"{k} {v:.1%}" for k, v in result.outcomes.items()))
+    if result.mean_reward_ci:  # agent tasks: accuracy is the success rate
+        low, high = result.mean_reward_ci
+        print(f"mean return {result.mean_reward:.3f} [{low:.3f}, {high:.3f}]")
     if config.out:
         print(f"results in {config.out}/eval.json and eval.examples.jsonl")
 

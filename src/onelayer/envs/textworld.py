@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -77,6 +78,8 @@ def make_games(challenge: str, level: int, seeds: list[int], workers: int | None
     if not missing:
         return
     workers = min(len(missing), workers or len(os.sched_getaffinity(0)))
+    print(f"making {len(missing)} TextWorld {challenge} level {level} games in {workers} processes "
+          f"(cached in {cache_dir()})", file=sys.stderr)
     if workers <= 1:
         for seed in missing:
             make_game(challenge, level, seed)
