@@ -33,13 +33,17 @@ REWARD_MODES = ("fraction", "all")
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 
 
+def defines(code: str, name: str) -> bool:
+    """Whether ``code`` has a ``def NAME(`` line."""
+    return re.search(rf"^\s*def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
+
+
 def extract_code(completion: str, entry_point: str) -> str:
     """The code in ``completion``: the first fenced block that defines ``entry_point``, else the last
     fenced block, else the whole text (an unfenced reply or a bare function body)."""
     blocks = [b for b in _FENCE.findall(completion) if b.strip()]
-    defines = re.compile(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", re.MULTILINE)
     for block in blocks:
-        if defines.search(block):
+        if defines(block, entry_point):
             return block.rstrip() + "\n"
     return (blocks[-1] if blocks else completion).rstrip() + "\n"
 
@@ -48,7 +52,7 @@ def assemble_program(prompt_code: str, code: str, entry_point: str) -> str:
     """The program to run: ``prompt_code`` (helpers and the stub the problem gave, may be empty)
     then the model's ``code``. Code that does not define ``entry_point`` is read as the body that
     continues the stub, HumanEval's completion format."""
-    if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE) or not prompt_code:
+    if defines(code, entry_point) or not prompt_code:
         return f"{prompt_code}\n{code}" if prompt_code else code
     return prompt_code + code
 
@@ -282,7 +286,7 @@ class CodeDatasetTask(CodeTask):
                 lines = [t for t in lines if t.strip()]
                 entry_point = str(row.get(self.keys["entry_point"]) or entry_point_of(lines))
                 suite = suite_from_asserts(lines, entry_point, setup)
-            is_code = bool(re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", prompt, re.MULTILINE))
+            is_code = defines(prompt, entry_point)
             question = _question(prompt, entry_point, is_code)
             if not is_code:  # a prompt in words names the function the tests call
                 question += f"\nThe function must be named `{entry_point}`."
