@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import errno
+import functools
 import importlib.util
 import json
 import math
@@ -122,6 +123,7 @@ def _package_dir(name: str) -> str | None:
     return os.path.dirname(spec.origin) if spec and spec.origin else None
 
 
+@functools.lru_cache(maxsize=1)
 def _readable_dirs() -> tuple[list[str], list[str]]:
     """Directories the child may read (Python's libraries) and those it may not even inside them
     (packages that hold tests or reference solutions)."""
