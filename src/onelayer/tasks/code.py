@@ -23,8 +23,8 @@ from pathlib import Path
 
 from ..errors import OneLayerError
 from ..sandbox import Call, Check, Limits, Outcome, TestSuite, run_programs
-from .base import Example, Score, Task, dedup_against
-from .sources import check_split, hash_split, load_hf_splits, read_jsonl
+from .base import Example, Score, Task
+from .sources import check_split, dataset_splits, file_splits, read_jsonl
 
 CODE_SYSTEM_PROMPT = ("You are an expert Python programmer. Write the complete function, with any imports "
                       "it needs, in one ```python code block.")
@@ -253,17 +253,10 @@ class CodeDatasetTask(CodeTask):
         self.keys = dict(prompt=prompt_key, tests=tests_key, entry_point=entry_point_key, setup=setup_key,
                          solution=solution_key)
         if source.endswith(".jsonl"):
-            examples = self._convert(read_jsonl(source), Path(source).name)
-            if eval_file:
-                held = self._convert(read_jsonl(eval_file), Path(eval_file).name)
-                self._splits = {"eval": held, "train": dedup_against(examples, held)}
-            else:
-                self._splits = hash_split(examples, eval_percent)
+            self._splits = file_splits(lambda path: self._convert(read_jsonl(path), Path(path).name), source,
+                                       eval_file, eval_percent)
         else:
-            loaded = load_hf_splits(source, config, train_split, eval_split)
-            held = self._convert(loaded["eval"], f"{source}/{eval_split}")
-            self._splits = {"eval": held, "train": dedup_against(self._convert(loaded["train"],
-                                                                               f"{source}/{train_split}"), held)}
+            self._splits = dataset_splits(self._convert, source, config, train_split, eval_split)
 
     def _column(self, row: dict, what: str, defaults: tuple[str, ...], index: int, where: str):
         for key in ((self.keys[what],) if self.keys[what] else defaults):

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import OneLayerError
 from .answers import answers_match, extract_answer, last_boxed
 from .base import Example, Score, Task, dedup_against
-from .sources import check_split, hash_split, load_hf_splits, read_jsonl
+from .sources import check_split, dataset_splits, file_splits, read_jsonl
 
 MATH_SYSTEM_PROMPT = ("Solve the problem. Reason briefly, then give the final answer "
                       "in the form \\boxed{answer}.")
@@ -91,12 +91,7 @@ class JsonlTask(MathTask):
                  system_prompt: str | None = None):
         super().__init__(f"jsonl:{path}", format_weight, system_prompt)
         self.keys = (question_key, answer_key)
-        examples = self._read(path)
-        if eval_file:
-            held = self._read(eval_file)
-            self._splits = {"eval": held, "train": dedup_against(examples, held)}
-        else:
-            self._splits = hash_split(examples, eval_percent)
+        self._splits = file_splits(self._read, path, eval_file, eval_percent)
 
     def _read(self, path: str) -> list[Example]:
         return _rows_to_examples(read_jsonl(path), f"jsonl:{Path(path).expanduser().name}", *self.keys)
@@ -114,10 +109,9 @@ class HFDatasetTask(MathTask):
                  eval_split: str = "test", question_key: str = "question", answer_key: str = "answer",
                  format_weight: float = 0.0, system_prompt: str | None = None):
         super().__init__(f"hf:{dataset}", format_weight, system_prompt)
-        loaded = load_hf_splits(dataset, config, train_split, eval_split)
-        held = _rows_to_examples(loaded["eval"], f"{self.name}/{eval_split}", question_key, answer_key)
-        train = _rows_to_examples(loaded["train"], f"{self.name}/{train_split}", question_key, answer_key)
-        self._splits = {"eval": held, "train": dedup_against(train, held)}
+        self._splits = dataset_splits(lambda rows, where: _rows_to_examples(rows, f"hf:{where}", question_key,
+                                                                           answer_key),
+                                      dataset, config, train_split, eval_split)
 
     def examples(self, split: str) -> list[Example]:
         return self._splits[check_split(split)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import OneLayerError
@@ -57,3 +58,23 @@ def hash_split(examples: list[Example], eval_percent: float) -> dict[str, list[E
     held = [e for e in examples if hash_percent(e.question) < eval_percent]
     return {"eval": held, "train": dedup_against([e for e in examples if hash_percent(e.question) >= eval_percent],
                                                  held)}
+
+
+def file_splits(read: Callable[[str], list[Example]], path: str, eval_file: str | None,
+                eval_percent: float) -> dict[str, list[Example]]:
+    """Splits of a local file read by ``read``: ``eval_file`` is the eval split when given (and
+    train drops its questions); otherwise ``eval_percent`` of the questions, by hash, are held out."""
+    examples = read(path)
+    if eval_file:
+        held = read(eval_file)
+        return {"eval": held, "train": dedup_against(examples, held)}
+    return hash_split(examples, eval_percent)
+
+
+def dataset_splits(convert: Callable[[object, str], list[Example]], dataset: str, config: str | None,
+                   train_split: str, eval_split: str) -> dict[str, list[Example]]:
+    """Splits of a Hugging Face dataset: ``convert(rows, where)`` turns each split's rows into
+    examples; train drops the eval split's questions."""
+    loaded = load_hf_splits(dataset, config, train_split, eval_split)
+    held = convert(loaded["eval"], f"{dataset}/{eval_split}")
+    return {"eval": held, "train": dedup_against(convert(loaded["train"], f"{dataset}/{train_split}"), held)}
