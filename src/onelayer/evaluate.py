@@ -69,6 +69,21 @@ class EvalResult:
                 f"on {self.n} examples x {self.samples}")
 
 
+def _correctness(per_example: list[dict], samples: int) -> dict:
+    """The :class:`EvalResult` fields that come from each example's ``correct`` list: accuracy
+    (mean correctness) and pass@k with 95% intervals, Wilson's for one sample per example, else a
+    normal interval over per-example means (examples are the independent units)."""
+    count = len(per_example)
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, samples) if k <= samples})
+    estimates = {k: [pass_at_k(samples, sum(p["correct"]), k) for p in per_example] for k in ks}
+    intervals = {k: wilson_interval(sum(v), count) if samples == 1 else mean_interval(v) for k, v in estimates.items()}
+    means = [sum(p["correct"]) / samples for p in per_example]
+    low, high = wilson_interval(sum(means), count) if samples == 1 else mean_interval(means)
+    return {"n": count, "samples": samples, "accuracy": sum(means) / count, "ci_low": low, "ci_high": high,
+            "pass_at": {k: sum(v) / count for k, v in estimates.items()},
+            "pass_at_ci": {k: list(v) for k, v in intervals.items()}}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer, task: Task, n: int, samples: int = 1, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 256, seed: int = 0,
@@ -88,26 +103,17 @@ def evaluate(model: nn.Module, tokenizer, task: Task, n: int, samples: int = 1, 
     generator = generator or make_generator(model, tokenizer, batch_size, engine)
     batch = generator.generate(prompts, samples, max_new_tokens, temperature, top_p)
     scores = task.score_all(batch.texts, [e for e in examples for _ in range(samples)])
-    per_example, means = [], []
+    per_example = []
     for i, example in enumerate(examples):
         own = scores[i * samples:(i + 1) * samples]
         correct = [s.correct for s in own]
-        means.append(sum(correct) / samples)
         per_example.append({"id": example.id, "question": example.question, "answer": example.answer,
                             "completions": batch.texts[i * samples:(i + 1) * samples],
                             "extracted": [s.extracted for s in own], "correct": correct,
                             "rewards": [s.reward for s in own],
                             **({"outcomes": [s.outcome for s in own]} if own[0].outcome else {})})
-    count = len(examples)
-    accuracy = sum(means) / count
-    low, high = wilson_interval(sum(means), count) if samples == 1 else mean_interval(means)
-    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, samples) if k <= samples})
-    estimates = {k: [pass_at_k(samples, sum(p["correct"]), k) for p in per_example] for k in ks}
-    pass_at = {k: sum(v) / count for k, v in estimates.items()}
-    pass_at_ci = {k: list(wilson_interval(sum(v), count) if samples == 1 else mean_interval(v))
-                  for k, v in estimates.items()}
     return EvalResult(
-        task=task.name, n=count, samples=samples, accuracy=accuracy, ci_low=low, ci_high=high, pass_at=pass_at, pass_at_ci=pass_at_ci,
+        task=task.name, **_correctness(per_example, samples),
         mean_reward=sum(s.reward for s in scores) / len(scores),
         mean_completion_tokens=batch.completion_lengths.float().mean().item(),
         truncated_fraction=batch.truncated.float().mean().item(), outcomes=outcome_fractions(scores),
@@ -127,26 +133,17 @@ def evaluate_episodes(model: nn.Module, tokenizer, task: AgentTask, n: int, samp
     generator = generator or make_generator(model, tokenizer, batch_size, engine)
     episodes, batch = play_episodes(generator, tokenizer, task, [e.meta["seed"] for e in examples], samples,
                                     max_new_tokens, temperature, top_p)
-    per_example, wins, returns = [], [], []
+    per_example, returns = [], []
     for i, example in enumerate(examples):
         own = episodes[i * samples:(i + 1) * samples]
-        wins.append(sum(e.won for e in own) / samples)
         returns.append(sum(e.total_return for e in own) / samples)
         per_example.append({"id": example.id, "seed": example.meta["seed"], "correct": [e.won for e in own],
                             "rewards": [e.total_return for e in own], "turns": [len(e.actions) for e in own],
                             "actions": [e.actions for e in own], "replies": [e.replies for e in own],
                             "observations": [e.observations for e in own]})
-    count = len(examples)
-    accuracy = sum(wins) / count
-    low, high = wilson_interval(sum(wins), count) if samples == 1 else mean_interval(wins)
-    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, samples) if k <= samples})
-    estimates = {k: [pass_at_k(samples, sum(p["correct"]), k) for p in per_example] for k in ks}
     return EvalResult(
-        task=task.name, n=count, samples=samples, accuracy=accuracy, ci_low=low, ci_high=high,
-        pass_at={k: sum(v) / count for k, v in estimates.items()},
-        pass_at_ci={k: list(wilson_interval(sum(v), count) if samples == 1 else mean_interval(v))
-                    for k, v in estimates.items()},
-        mean_reward=sum(returns) / count,
+        task=task.name, **_correctness(per_example, samples),
+        mean_reward=sum(returns) / len(returns),
         mean_reward_ci=list(mean_interval(returns, bounds=(-math.inf, math.inf))),
         mean_completion_tokens=batch.completion_lengths.float().mean().item(),
         truncated_fraction=batch.truncated.float().mean().item(), per_example=per_example,
