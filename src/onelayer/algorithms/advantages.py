@@ -12,7 +12,8 @@ import torch
 def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     if rewards.ndim != 1 or group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
-    return rewards.float().view(-1, group_size)
+    # float64 stays float64 (GiGPO's returns); anything else computes in float32
+    return (rewards if rewards.dtype == torch.float64 else rewards.float()).view(-1, group_size)
 
 
 def _centred(grouped: torch.Tensor) -> torch.Tensor:

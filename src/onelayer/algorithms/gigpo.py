@@ -20,21 +20,23 @@ import re
 
 import torch
 
+from .advantages import dr_grpo_advantages, grpo_advantages
+
 NORMALIZATIONS = ("std", "mean")
 
 
 def _centred(values: torch.Tensor, normalize: str, eps: float) -> torch.Tensor:
+    """One group's values compared as GRPO (``std``) or Dr. GRPO (``mean``) compare rewards: a group
+    of one, or of equal values, gets 0."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown normalisation '{normalize}': use std or mean")
-    if values.numel() < 2 or bool((values == values[0]).all()):
-        return torch.zeros_like(values)  # nothing to compare with (and no float noise to amplify)
-    centred = values - values.mean()
-    return centred / (values.std() + eps) if normalize == "std" else centred
+    size = values.numel()
+    return grpo_advantages(values, size, eps) if normalize == "std" else dr_grpo_advantages(values, size)
 
 
 def episode_advantages(returns: torch.Tensor, normalize: str = "std", eps: float = 1e-6) -> torch.Tensor:
     """``[N]`` episode returns of one group -> ``[N]`` episode-level advantages."""
-    return _centred(returns.float(), normalize, eps)
+    return _centred(returns, normalize, eps)
 
 
 def discounted_returns(rewards: list[float], gamma: float) -> list[float]:
