@@ -11,6 +11,7 @@ import math
 import random
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +34,9 @@ from .rollout import Generator, RolloutBatch, completion_logprobs, make_generato
 from .rollout.episodes import play_episodes
 from .tasks import AgentTask, Example, Task, get_task, outcome_fractions
 
-MAX_BAD_STEPS = 3
+MAX_BAD_STEPS = 3  # consecutive steps whose updates were all dropped for non-finite gradients
 # A rollout cache larger than this share of the GPU is freed before each update (and rebuilt next step).
-RELEASE_FRACTION = 0.2  # consecutive steps whose updates were all dropped for non-finite gradients
+RELEASE_FRACTION = 0.2
 
 # Fields that may change when a run is resumed; any other difference means a different experiment.
 RESUMABLE_CHANGES = {"steps", "eval_every", "eval_at_start", "eval_n", "save_every", "device", "out",
@@ -193,10 +194,8 @@ def episode_step(tokenizer, task: AgentTask, examples: list[Example], config: Tr
         if algorithm.step_level:
             anchors = [[anchor_key(o) for o in e.observations] for e in group]
             values = gigpo_advantages(rewards, anchors, config.gamma, config.step_weight, algorithm.episode_normalize)
-            counts: dict[str, int] = {}
-            for key in (k for keys in anchors for k in keys):
-                counts[key] = counts.get(key, 0) + 1
-            anchored += sum(counts[k] for k in counts if counts[k] > 1)
+            counts = Counter(k for keys in anchors for k in keys)
+            anchored += sum(c for c in counts.values() if c > 1)
         else:
             values = episode_grpo_advantages(rewards, algorithm.episode_normalize)
         for episode, per_turn in zip(group, values, strict=True):

@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from ..errors import OneLayerError
+from ..sandbox import default_workers
 from .base import Env, EnvStep
 
 CHALLENGES = ("coin_collector", "treasure_hunter", "cooking")
@@ -45,10 +46,15 @@ def game_path(challenge: str, level: int, seed: int) -> Path:
     return cache_dir() / f"{challenge}-L{level}-{seed}.z8"
 
 
+def _made(path: Path) -> bool:
+    """TextWorld plays a game from its .z8 and reads its facts from the .json beside it."""
+    return path.is_file() and path.with_suffix(".json").is_file()
+
+
 def make_game(challenge: str, level: int, seed: int) -> str:
     """Make and compile one game (if not cached); returns its path."""
     path = game_path(challenge, level, seed)
-    if path.is_file() and path.with_suffix(".json").is_file():
+    if _made(path):
         return str(path)
     import textworld
     import textworld.challenges
@@ -73,11 +79,10 @@ def make_game(challenge: str, level: int, seed: int) -> str:
 
 def make_games(challenge: str, level: int, seeds: list[int], workers: int | None = None) -> None:
     """Make every missing game of ``seeds``, in parallel processes."""
-    missing = [s for s in seeds if not (game_path(challenge, level, s).is_file()
-                                        and game_path(challenge, level, s).with_suffix(".json").is_file())]
+    missing = [s for s in seeds if not _made(game_path(challenge, level, s))]
     if not missing:
         return
-    workers = min(len(missing), workers or len(os.sched_getaffinity(0)))
+    workers = min(len(missing), workers or default_workers())
     print(f"making {len(missing)} TextWorld {challenge} level {level} games in {workers} processes "
           f"(cached in {cache_dir()})", file=sys.stderr)
     if workers <= 1:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from ..envs.base import Env, EnvStep
 from ..errors import OneLayerError
 from .base import Example, Score, Task
+from .sources import check_split
 
 EVAL_SEED_OFFSET = 1_000_000
 _ACTION = re.compile(r"<action>(.*?)</action>", re.DOTALL | re.IGNORECASE)
@@ -55,7 +56,8 @@ def parse_action(text: str, admissible: tuple[str, ...] | None) -> str | None:
 
 class AgentTask(Task):
     """Options: ``max_steps`` per episode, ``history`` (turns shown), ``invalid_penalty``,
-    ``train_size``/``eval_size`` (seeds), ``max_episode_tokens`` is the sampling cap per turn."""
+    ``train_size``/``eval_size`` (seeds), ``seed`` (which seeds). The tokens per turn are the
+    sampling settings' ``max_new_tokens``."""
 
     def __init__(self, name: str, make_env: Callable[[], Env], max_steps: int = 10, history: int = 4,
                  invalid_penalty: float = 0.1, train_size: int = 1000, eval_size: int = 200, seed: int = 0,
@@ -71,9 +73,7 @@ class AgentTask(Task):
                        "eval": [EVAL_SEED_OFFSET + seed * 10_000_019 + i for i in range(eval_size)]}
 
     def examples(self, split: str) -> list[Example]:
-        if split not in self._seeds:
-            raise OneLayerError(f"unknown split '{split}': use train or eval")
-        return [Example(f"{self.name}/{split}/{s}", self.goal, "", {"seed": s}) for s in self._seeds[split]]
+        return [Example(f"{self.name}/{split}/{s}", self.goal, "", {"seed": s}) for s in self._seeds[check_split(split)]]
 
     def prepare(self, seeds: list[int]) -> None:
         """Make whatever the seeds' games need before they are played (TextWorld compiles games)."""
