@@ -155,3 +155,30 @@ def test_engine_choice(tokenizer, capsys, monkeypatch):
     assert "architecture 'llama'" in notice and "transformers generate" in notice and "\n" not in notice
     with pytest.raises(OneLayerError, match="unknown rollout engine 'vllm': use auto, fast, plain"):
         make_generator(model, tokenizer, engine="vllm")
+
+
+def test_a_rows_samples_do_not_depend_on_its_batch(tokenizer):
+    """Counter-based streams: the same seed gives the same completions whether rows are generated in
+    one batch, in batches of one, or as one block among blocks of other seeds."""
+    model = tiny_model("llama")
+    prompts = _prompts(tokenizer)
+    alone = FastGenerator(model, tokenizer, batch_size=6).generate(prompts, 2, 40, temperature=1.0, seeds=[7])
+    one_by_one = FastGenerator(model, tokenizer, batch_size=1).generate(prompts, 2, 40, temperature=1.0, seeds=[7])
+    blocks = FastGenerator(model, tokenizer, batch_size=4).generate(prompts * 3, 2, 40, temperature=1.0,
+                                                                    seeds=[3, 7, 9])
+    assert alone.texts == one_by_one.texts == blocks.texts[6:12]
+    assert blocks.texts[:6] != alone.texts and blocks.texts[12:] != alone.texts  # other seeds, other samples
+    assert torch.allclose(blocks.rows(slice(6, 12)).logprobs, alone.logprobs, atol=1e-5)
+    with pytest.raises(ValueError, match="equal blocks"):
+        FastGenerator(model, tokenizer).generate(prompts, 1, 5, seeds=[1, 2])
+
+
+def test_streams_are_uniform_and_independent():
+    from onelayer.rollout.streams import row_keys, uniforms
+
+    keys = row_keys([0, 1, 2**40 + 3], 2000)
+    assert len(set(keys.tolist())) == keys.numel()
+    draws = torch.stack([uniforms(keys, torch.tensor([t])) for t in range(50)])
+    assert 0 < draws.min() and draws.max() < 1
+    assert abs(draws.mean().item() - 0.5) < 0.01 and abs(draws.std().item() - 12 ** -0.5) < 0.01
+    assert abs(torch.corrcoef(draws[:2])[0, 1].item()) < 0.05  # successive steps of the same rows

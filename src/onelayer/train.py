@@ -162,18 +162,35 @@ def _truncate_log(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def rollout_step(model: nn.Module, tokenizer, task: Task, examples: list[Example], config: TrainConfig,
-                 generator: Generator) -> tuple[RolloutBatch, torch.Tensor, list, float]:
+def sample_seed(config: TrainConfig, step: int) -> int:
+    """The seed of step ``step``'s sampling stream (and of the global generator during that step)."""
+    return config.seed * 1_000_003 + step
+
+
+def score_rollouts(task: Task, batch: RolloutBatch, examples: list[Example], group_size: int
+                   ) -> tuple[torch.Tensor, list, dict]:
+    """Rewards (``[B]``, float32), per-completion scores and the step's outcome metrics of a batch of
+    ``group_size`` completions per example."""
+    scores = task.score_all(batch.texts, [e for e in examples for _ in range(group_size)])
+    rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
+    outcome = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+               "accuracy": sum(s.correct for s in scores) / len(scores),
+               **({"outcomes": outcome_fractions(scores)} if scores[0].outcome else {}),
+               "zero_signal_fraction": zero_signal_fraction(rewards, group_size)}
+    return rewards, scores, outcome
+
+
+def rollout_step(tokenizer, task: Task, examples: list[Example], config: TrainConfig, generator: Generator,
+                 step: int) -> tuple[RolloutBatch, torch.Tensor, dict, float]:
     """Sample ``group_size`` completions per example and score them. Returns the batch, the rewards
-    (``[B]``, float32), the per-completion scores and the seconds spent generating."""
+    (``[B]``, float32), the outcome metrics and the seconds spent generating."""
     prompts = render_prompts(tokenizer, [task.messages(e) for e in examples])
     start = time.perf_counter()
     batch = generator.generate(prompts, config.group_size, config.sampling.max_new_tokens,
-                               config.sampling.temperature, config.sampling.top_p)
+                               config.sampling.temperature, config.sampling.top_p, seeds=[sample_seed(config, step)])
     seconds = time.perf_counter() - start
-    scores = task.score_all(batch.texts, [e for e in examples for _ in range(config.group_size)])
-    rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
-    return batch, rewards, scores, seconds
+    rewards, _, outcome = score_rollouts(task, batch, examples, config.group_size)
+    return batch, rewards, outcome, seconds
 
 
 def episode_step(tokenizer, task: AgentTask, examples: list[Example], config: TrainConfig, generator: Generator,
@@ -294,12 +311,46 @@ def nonfinite_gradients(optimizer: torch.optim.Optimizer) -> list[tuple]:
             if p.grad is not None and not torch.isfinite(p.grad).all()]
 
 
-def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> TrainResult:
-    """Run (or resume) the RL run described by ``config``; ``model``/``tokenizer`` skip loading."""
+@dataclass
+class Run:
+    """One run's state around a model: what it trains and how, where it writes, where it resumes."""
+
+    config: TrainConfig
+    task: Task
+    algorithm: Algorithm
+    selection: LayerSelection
+    optimizer: torch.optim.Optimizer
+    trained: list[str]  # names of the trained tensors
+    initial: dict[str, torch.Tensor]  # the initial policy's trained tensors (KL reference), if beta
+    meta: dict  # checkpoint metadata without the step
+    sampler: PromptSampler
+    start: int  # first step to do (after a resume)
+    trainable: int
+    bad_steps: int = 0
+    peak_memory: int = 0
+    final_eval: dict | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def aggregation(self) -> str:
+        return self.config.loss_aggregation or self.algorithm.default_aggregation
+
+    def result(self, device: torch.device) -> TrainResult:
+        costs = {"trainable_parameters": self.trainable,
+                 "optimizer_state_bytes": sum(t.nbytes for state in self.optimizer.state.values()
+                                              for t in state.values() if torch.is_tensor(t)),
+                 "peak_memory_bytes": max(self.peak_memory, _peak_memory(device)) if device.type == "cuda" else None}
+        return TrainResult(self.out, self.config.steps, self.selection, self.final_eval, costs)
+
+
+def check_run(config: TrainConfig) -> tuple[Task, Algorithm]:
+    """Validate ``config`` and its run directory, and find its task and algorithm (before any weights load)."""
     config.validate()
-    out = Path(config.out)
-    _check_resumable(out, config)
-    algorithm = get_algorithm(config.algo)  # cheap checks before loading weights
+    _check_resumable(Path(config.out), config)
+    algorithm = get_algorithm(config.algo)
     task = get_task(config.task, config.task_options)
     agentic = isinstance(task, AgentTask)
     if algorithm.advantages is None and not agentic:
@@ -307,14 +358,13 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
                             f"not {task.name}: use grpo or dr_grpo")
     if agentic and config.mini_batches > 1:
         raise OneLayerError("agent tasks have a varying number of turns per step: use --mini-batches 1")
+    return task, algorithm
+
+
+def open_run(config: TrainConfig, model: nn.Module, task: Task, algorithm: Algorithm) -> Run:
+    """Make ``config``'s layers of ``model`` trainable (float32), build their optimizer, and resume
+    from the run directory's checkpoint if it has one. Writes ``config.json``."""
     guide = read_profile(config.lr_from) if config.lr_from else None
-    device = torch.device(config.device) if config.device else default_device()
-    torch.manual_seed(config.seed)
-    if model is None:
-        model = load_model(config.model, device, config.dtype, config.attention)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(config.model)
-    aggregation = config.loss_aggregation or algorithm.default_aggregation
     selection = select_layers(model, config.layers)
     if selection.is_empty:
         raise OneLayerError(f"layer spec '{config.layers}' selects nothing to train: name at least one layer")
@@ -325,16 +375,13 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
         groups, adapter = add_lora(model, selection, config.lora_rank, config.lora_alpha, config.weight_decay, lr_scales)
     else:
         groups, adapter = apply_selection(model, selection, config.weight_decay, lr_scales), None
-    precision = precision_context(device, next(model.parameters()).dtype)
     fp32_trained_tensors(groups)
-    trained = [n for g in groups for n in g["names"]]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
     # the KL reference is the run's initial policy: captured before a resume loads later weights
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if config.beta else {}
-
+    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
-    log_path, eval_path = out / "log.jsonl", out / "eval.jsonl"
     start = 0
     if find_checkpoint(out) is not None:
         meta = read_meta(out)
@@ -342,95 +389,131 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
         load_optimizer_state(optimizer, out)
         start = int(meta["step"])
     # steps after the checkpoint are redone, so their log lines go (all of them when starting afresh)
-    _truncate_log(log_path, start)
-    _truncate_log(eval_path, start if start else -1)
+    _truncate_log(out / "log.jsonl", start)
+    _truncate_log(out / "eval.jsonl", start if start else -1)
     trainable = sum(p.numel() for g in groups for p in g["params"])
-    meta_base = {"base_model": config.model, "layers_spec": config.layers, "layers": list(selection.layers),
-                 "extras": list(selection.extras), "trainable_parameters": trainable,
-                 **({"adapter": adapter} if adapter else {}),
-                 "selection_notes": list(selection.notes), "lr_rule": lr_rule,
-                 "lr_scales": {str(k): v for k, v in lr_scales.items()},
-                 "config": to_dict(config)}
+    meta = {"base_model": config.model, "layers_spec": config.layers, "layers": list(selection.layers),
+            "extras": list(selection.extras), "trainable_parameters": trainable,
+            **({"adapter": adapter} if adapter else {}),
+            "selection_notes": list(selection.notes), "lr_rule": lr_rule,
+            "lr_scales": {str(k): v for k, v in lr_scales.items()}, "config": to_dict(config)}
+    return Run(config, task, algorithm, selection, optimizer, [n for g in groups for n in g["names"]], initial, meta,
+               PromptSampler(task.examples("train"), config.seed), start, trainable)
+
+
+def update_phase(model: nn.Module, run: Run, batch: RolloutBatch, advantages: torch.Tensor, generator: Generator,
+                 precision, step: int) -> tuple[dict, int]:
+    """The update half of a step: free a large rollout cache, compute the KL reference if any, and run
+    :func:`policy_update`. Returns its stats and the peak memory of the phase."""
+    device = batch.input_ids.device
+    if getattr(generator, "state_bytes", 0) > RELEASE_FRACTION * _total_memory(device):
+        generator.release()  # a large model's cache would crowd out the update's activations
+    ref = None
+    with precision:
+        if run.config.beta:
+            with swapped_tensors(model, run.initial):
+                ref = _batch_logprobs(model, batch, run.config)
+        stats = policy_update(model, run.optimizer, batch, advantages, run.config, run.aggregation, step, ref)
+    return stats, _peak_memory(device)
+
+
+def step_row(run: Run, step: int, outcome: dict, batch: RolloutBatch, stats: dict, seconds: dict,
+             peaks: tuple[int, int] | None) -> dict:
+    """The log line of a step; ``seconds`` holds generation, rollout, update and step times."""
+    new_tokens = int(batch.completion_lengths.sum().item())
+    return {"step": step + 1, **outcome,
+            "completion_tokens": new_tokens / batch.size,
+            "truncated_fraction": batch.truncated.float().mean().item(),
+            **stats, "lr": run.config.lr * lr_factor(run.config, step),
+            "tokens_per_s": new_tokens / max(seconds["generation"], 1e-9),
+            **{f"seconds_{k}": v for k, v in seconds.items()},
+            **({"peak_memory_rollout_gb": peaks[0] / 2**30, "peak_memory_update_gb": peaks[1] / 2**30}
+               if peaks else {})}
+
+
+def log_step(run: Run, row: dict, stats: dict) -> None:
+    """Append the step's line to ``log.jsonl``; stop the run when updates keep being dropped."""
+    with open(run.out / "log.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    run.bad_steps = run.bad_steps + 1 if stats.get("skipped_updates") else 0
+    if run.bad_steps >= MAX_BAD_STEPS:
+        raise OneLayerError(
+            f"gradients were not finite in {run.bad_steps} steps in a row (last: step {row['step']}, tensors "
+            f"{', '.join(stats['nonfinite_grad_tensors'][:2])}): lower --lr (now {run.config.lr:g}); the last "
+            "checkpoint is intact and --out resumes from it")
+
+
+def eval_due(config: TrainConfig, done: int) -> bool:
+    return bool(config.eval_every) and (done % config.eval_every == 0 or done == config.steps)
+
+
+def record_eval(run: Run, step: int, result) -> dict:
+    """Write an evaluation after ``step`` steps (``eval.jsonl`` line and ``evals/``); returns the line."""
+    row = {"step": step, **result.summary()}
+    with open(run.out / "eval.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    write_eval(result, run.out / "evals", f"step{step:06d}")
+    run.final_eval = row
+    return row
+
+
+def save_due(run: Run, model: nn.Module, done: int) -> None:
+    """Checkpoint after ``done`` steps when the schedule or the end says so."""
+    if done % run.config.save_every == 0 or done == run.config.steps:
+        save_checkpoint(run.out / "checkpoint", model, run.trained, {**run.meta, "step": done}, run.optimizer)
+
+
+def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> TrainResult:
+    """Run (or resume) the RL run described by ``config``; ``model``/``tokenizer`` skip loading."""
+    task, algorithm = check_run(config)  # cheap checks before loading weights
+    device = torch.device(config.device) if config.device else default_device()
+    torch.manual_seed(config.seed)
+    if model is None:
+        model = load_model(config.model, device, config.dtype, config.attention)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config.model)
+    precision = precision_context(device, next(model.parameters()).dtype)  # before trained tensors go float32
+    run = open_run(config, model, task, algorithm)
     generator = make_generator(model, tokenizer, config.sampling.generation_batch_size, config.sampling.engine)
-    sampler = PromptSampler(task.examples("train"), config.seed)
     model.eval()  # no dropout: sampling and update see the same policy
 
-    def run_eval(step: int) -> dict:
+    def run_eval(step: int) -> None:
         with precision:
             result = evaluate(model, tokenizer, task, config.eval_n, max_new_tokens=config.sampling.max_new_tokens,
                               seed=config.seed, generator=generator)
-        row = {"step": step, **result.summary()}
-        with open(eval_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        write_eval(result, out / "evals", f"step{step:06d}")
-        return row
+        record_eval(run, step, result)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    final_eval, bad_steps, run_peak = None, 0, 0
-    if config.eval_every and config.eval_at_start and start == 0:
-        final_eval = run_eval(0)
-    bar = progress_bar(f"layers {selection.describe()}", progress, info=True)
+    if config.eval_every and config.eval_at_start and run.start == 0:
+        run_eval(0)
+    bar = progress_bar(f"layers {run.selection.describe()}", progress, info=True)
     with bar:
-        task_id = bar.add_task("train", total=config.steps, completed=start, info="")
-        for step in range(start, config.steps):
+        task_id = bar.add_task("train", total=config.steps, completed=run.start, info="")
+        for step in range(run.start, config.steps):
             t0 = time.perf_counter()
-            torch.manual_seed(config.seed * 1_000_003 + step)
-            examples = sampler.batch(step, config.prompts_per_step)
+            torch.manual_seed(sample_seed(config, step))
+            examples = run.sampler.batch(step, config.prompts_per_step)
             with precision:
-                if agentic:
+                if isinstance(task, AgentTask):
                     batch, advantages, outcome, seconds_generation = episode_step(tokenizer, task, examples, config,
                                                                                   generator, algorithm)
                 else:
-                    batch, rewards, scores, seconds_generation = rollout_step(model, tokenizer, task, examples,
-                                                                              config, generator)
+                    batch, rewards, outcome, seconds_generation = rollout_step(tokenizer, task, examples, config,
+                                                                               generator, step)
                     advantages = algorithm.advantages(rewards, config.group_size)
-                    outcome = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
-                               "accuracy": sum(s.correct for s in scores) / len(scores),
-                               **({"outcomes": outcome_fractions(scores)} if scores[0].outcome else {}),
-                               "zero_signal_fraction": zero_signal_fraction(rewards, config.group_size)}
             t1 = time.perf_counter()
             peak_rollout = _peak_memory(device)
-            if getattr(generator, "state_bytes", 0) > RELEASE_FRACTION * _total_memory(device):
-                generator.release()  # a large model's cache would crowd out the update's activations
-            ref = None
-            with precision:
-                if config.beta:
-                    with swapped_tensors(model, initial):
-                        ref = _batch_logprobs(model, batch, config)
-                stats = policy_update(model, optimizer, batch, advantages, config, aggregation, step, ref)
+            stats, peak_update = update_phase(model, run, batch, advantages, generator, precision, step)
             t2 = time.perf_counter()
-            peak_update = _peak_memory(device)
-            run_peak = max(run_peak, peak_rollout, peak_update)
-            new_tokens = int(batch.completion_lengths.sum().item())
-            row = {
-                "step": step + 1, **outcome,
-                "completion_tokens": new_tokens / batch.size,
-                "truncated_fraction": batch.truncated.float().mean().item(),
-                **stats, "lr": config.lr * lr_factor(config, step),
-                "tokens_per_s": new_tokens / max(seconds_generation, 1e-9),
-                "seconds_generation": seconds_generation, "seconds_rollout": t1 - t0,
-                "seconds_update": t2 - t1, "seconds_step": t2 - t0,
-                **({"peak_memory_rollout_gb": peak_rollout / 2**30, "peak_memory_update_gb": peak_update / 2**30}
-                   if device.type == "cuda" else {}),
-            }
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            bad_steps = bad_steps + 1 if stats.get("skipped_updates") else 0
-            if bad_steps >= MAX_BAD_STEPS:
-                raise OneLayerError(
-                    f"gradients were not finite in {bad_steps} steps in a row (last: step {step + 1}, tensors "
-                    f"{', '.join(stats['nonfinite_grad_tensors'][:2])}): lower --lr (now {config.lr:g}); the last "
-                    "checkpoint is intact and --out resumes from it")
-            done = step + 1
-            if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
-                final_eval = run_eval(done)
-            if done % config.save_every == 0 or done == config.steps:
-                save_checkpoint(out / "checkpoint", model, trained, {**meta_base, "step": done}, optimizer)
-            bar.update(task_id, completed=done,
+            run.peak_memory = max(run.peak_memory, peak_rollout, peak_update)
+            seconds = {"generation": seconds_generation, "rollout": t1 - t0, "update": t2 - t1, "step": t2 - t0}
+            row = step_row(run, step, outcome, batch, stats, seconds,
+                           (peak_rollout, peak_update) if device.type == "cuda" else None)
+            log_step(run, row, stats)
+            if eval_due(config, step + 1):
+                run_eval(step + 1)
+            save_due(run, model, step + 1)
+            bar.update(task_id, completed=step + 1,
                        info=f"reward {row['reward']:.3f} acc {row['accuracy']:.3f} {row['seconds_step']:.1f}s/step")
-    costs = {"trainable_parameters": trainable,
-             "optimizer_state_bytes": sum(t.nbytes for state in optimizer.state.values()
-                                          for t in state.values() if torch.is_tensor(t)),
-             "peak_memory_bytes": max(run_peak, _peak_memory(device)) if device.type == "cuda" else None}
-    return TrainResult(out, config.steps, selection, final_eval, costs)
+    return run.result(device)

@@ -23,6 +23,7 @@ from torch import nn
 
 from .batch import RolloutBatch, assemble_batch, encode_prompts, eos_token_ids, pad_columns
 from .logprobs import head_logits, logit_softcap, position_ids_from_mask
+from .streams import row_keys, uniforms
 
 WINDOW = 64  # key-window granularity of the captured decode steps (and of the cache length)
 CHECK_EVERY = 16  # decode steps between checks that every row has finished (each check syncs)
@@ -57,20 +58,29 @@ def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(sorted_probs, dtype=torch.bool).scatter(-1, order, mass_before < top_p)
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
+                  uniform: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from float32 ``logits [B, V]``, and its log-prob under the tempered distribution
     (before top-p truncation, as the trainer computes it). ``temperature <= 0`` is greedy (log-prob at T=1).
 
-    Sampling uses the Gumbel-max trick (argmax of log p - log E, E ~ Exp(1)), which draws token i with
-    probability p_i without a host sync, so it can live inside a CUDA graph.
+    Sampling inverts each row's cumulative distribution at ``uniform [B]`` (values in (0, 1); fresh
+    draws of the global generator when None): no host sync, so it can live inside a CUDA graph, and
+    with counter-based uniforms (:mod:`.streams`) a row's tokens do not depend on its batch.
     """
     if temperature <= 0:
         tokens = logits.argmax(dim=-1)
         return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
     logp = (logits / temperature).log_softmax(-1)
-    candidates = logp if top_p >= 1.0 else logp.masked_fill(~nucleus_mask(logp.exp(), top_p), float("-inf"))
-    noise = torch.empty_like(candidates).exponential_().clamp_min_(torch.finfo(candidates.dtype).tiny)
-    tokens = (candidates - noise.log()).argmax(dim=-1)
+    probs = logp.exp()
+    if top_p < 1.0:
+        probs = probs.masked_fill(~nucleus_mask(probs, top_p), 0.0)
+    cumulative = probs.cumsum(dim=-1)
+    if uniform is None:
+        uniform = torch.rand(logits.shape[0], device=logits.device)
+    # the first token whose cumulative mass exceeds u * total: never one of zero probability
+    total = cumulative[:, -1:]
+    threshold = torch.minimum(uniform[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    tokens = torch.searchsorted(cumulative, threshold, right=True)[:, 0].clamp_max_(logits.shape[-1] - 1)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
@@ -178,8 +188,9 @@ class DecodeState:
     """Buffers of one batch shape (``rows`` x ``length`` columns) and the decode steps captured on them."""
 
     def __init__(self, model: nn.Module, rows: int, length: int, temperature: float, top_p: float,
-                 eos_ids: list[int], pad_id: int, cuda_graphs: bool, ignore_eos: bool = False):
+                 eos_ids: list[int], pad_id: int, cuda_graphs: bool, ignore_eos: bool = False, row_hook=None):
         device = next(model.parameters()).device
+        self.row_hook = row_hook or (lambda start, stop: None)
         self.model, self.rows, self.length = model, rows, length
         self.temperature, self.top_p, self.pad_id, self.cuda_graphs = temperature, top_p, pad_id, cuda_graphs
         self.config = model.config.get_text_config()
@@ -194,6 +205,7 @@ class DecodeState:
         self.column = torch.zeros(1, dtype=torch.long, device=device)  # its cache column
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)  # next output column
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.keys = torch.zeros(rows, dtype=torch.long, device=device)  # each row's random stream
         self.tokens = torch.full((rows, length), pad_id, dtype=torch.long, device=device)
         self.logprobs = torch.zeros(rows, length, dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -206,7 +218,7 @@ class DecodeState:
         """Sample from ``logits``, write the token and its log-prob, and advance every row by one."""
         if self.ignore_eos:  # fixed-length generation (benchmarks): EOS is never drawn
             logits = logits.index_fill(-1, self.eos, float("-inf"))
-        tokens, logprobs = sample_tokens(logits, self.temperature, self.top_p)
+        tokens, logprobs = sample_tokens(logits, self.temperature, self.top_p, uniforms(self.keys, self.step_index))
         tokens = tokens.masked_fill(self.finished, self.pad_id)
         self.tokens.index_copy_(1, self.step_index, tokens[:, None])
         self.logprobs.index_copy_(1, self.step_index, logprobs.masked_fill(self.finished, 0.0)[:, None])
@@ -221,9 +233,11 @@ class DecodeState:
                                        past_key_values=self.cache, use_cache=True).last_hidden_state
         return head_logits(self.head, hidden[:, -1], self.softcap)
 
-    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
-        """Write the prompts' keys/values, sample every row's first token, reset the bookkeeping."""
+    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, keys: torch.Tensor) -> None:
+        """Write the prompts' keys/values, sample every row's first token (row streams ``keys``), reset
+        the bookkeeping."""
         rows, width = prompt_ids.shape
+        self.keys.copy_(keys)
         self.key_valid.fill_(True)
         self.key_valid[:, :width] = prompt_mask.bool()
         self.finished.fill_(False)
@@ -241,6 +255,7 @@ class DecodeState:
             part = slice(start, start + chunk)
             allowed = (causal[None] & self.key_valid[part, None, :width]) | diagonal[None]
             self.cache.rows = part
+            self.row_hook(start, min(start + chunk, rows))
             logits.append(self._forward(prompt_ids[part], mask_argument(self.config, allowed, columns, columns),
                                         positions[part]))
         self.cache.rows = slice(None)
@@ -255,6 +270,7 @@ class DecodeState:
         keys = self.key_columns[:window]
         allowed = (self.key_valid[:, :window] & (keys <= self.column))[:, None, :]
         mask = mask_argument(self.config, allowed, self.column, keys)
+        self.row_hook(0, self.rows)
         self._record(self._forward(self.current[:, None], mask, self.position[:, None]))
 
     def decode(self, column: int) -> None:
@@ -304,11 +320,14 @@ class FastGenerator:
     The state (cache and captured steps) is kept between calls of the same shape; it is rebuilt when the
     shape or sampling settings change or when a parameter was reallocated (graphs hold raw pointers).
     ``ignore_eos`` generates exactly ``max_new_tokens`` per row (EOS is never sampled), for benchmarks.
+    ``row_hook(start, stop)`` is called before every forward with the rows it covers (layer variants
+    route rows to their own layers by it).
     """
 
     def __init__(self, model: nn.Module, tokenizer, batch_size: int = 256, cuda_graphs: bool | None = None,
-                 ignore_eos: bool = False):
+                 ignore_eos: bool = False, row_hook=None):
         self.model, self.tokenizer, self.batch_size, self.ignore_eos = model, tokenizer, batch_size, ignore_eos
+        self.row_hook = row_hook
         self.eos_ids = eos_token_ids(model, tokenizer)
         device = next(model.parameters()).device
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -330,14 +349,14 @@ class FastGenerator:
             # headroom of one window: the next batch's prompts may be a little longer
             padded = -(-(length + WINDOW) // WINDOW) * WINDOW
             self.state = DecodeState(self.model, rows, padded, temperature, top_p, self.eos_ids,
-                                     self.tokenizer.pad_token_id, self.cuda_graphs, self.ignore_eos)
+                                     self.tokenizer.pad_token_id, self.cuda_graphs, self.ignore_eos, self.row_hook)
             self._weights = weights
         return self.state
 
-    def _generate_rows(self, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p):
+    def _generate_rows(self, prompt_ids, prompt_mask, keys, max_new_tokens, temperature, top_p):
         rows, width = prompt_ids.shape
         state = self._state_for(rows, width + max_new_tokens, temperature, top_p)
-        state.prefill(prompt_ids, prompt_mask)
+        state.prefill(prompt_ids, prompt_mask, keys)
         done = 1
         for done in range(1, max_new_tokens):
             if done % CHECK_EVERY == 0 and bool(state.finished.all()):
@@ -349,9 +368,20 @@ class FastGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], num_samples: int, max_new_tokens: int,
-                 temperature: float = 1.0, top_p: float = 1.0) -> RolloutBatch:
+                 temperature: float = 1.0, top_p: float = 1.0, seeds: list[int] | None = None) -> RolloutBatch:
+        """``num_samples`` completions per prompt. The rows form ``len(seeds)`` equal blocks, block k
+        sampling from the random stream of ``seeds[k]`` (one seed drawn from the global generator when
+        None), so a block's completions are those it would get alone."""
         tok, model = self.tokenizer, self.model
         prompt_ids, prompt_mask = encode_prompts(tok, prompts, num_samples, next(model.parameters()).device)
+        rows = prompt_ids.shape[0]
+        seeds = seeds or [int(torch.randint(0, 2**62, ()).item())]
+        if rows % len(seeds):
+            raise ValueError(f"{rows} rows do not split into {len(seeds)} equal blocks, one per seed")
+        keys = row_keys(seeds, rows // len(seeds), prompt_ids.device)
+        # with a row hook (routing rows to layer variants) every row is in one batch: a captured step
+        # bakes in the routing it was captured with
+        batch_size = rows if self.row_hook else self.batch_size
         dtype = _autocast_dtype(model, prompt_ids.device.type)
         # autocast's cache of cast weights must stay off: a captured step would read another graph's memory
         autocast = nullcontext() if dtype is None else torch.autocast(
@@ -361,9 +391,10 @@ class FastGenerator:
         tokens, logprobs = [], []
         try:
             with cached_attention_for(model), autocast:
-                for start in range(0, prompt_ids.shape[0], self.batch_size):
-                    part = slice(start, start + self.batch_size)
-                    t, lp = self._generate_rows(prompt_ids[part], prompt_mask[part], max_new_tokens, temperature, top_p)
+                for start in range(0, rows, batch_size):
+                    part = slice(start, start + batch_size)
+                    t, lp = self._generate_rows(prompt_ids[part], prompt_mask[part], keys[part], max_new_tokens,
+                                                temperature, top_p)
                     tokens.append(t)
                     logprobs.append(lp)
         finally:
