@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import EvalConfig
-from .rollout import Generator, make_generator, render_prompts
+from .rollout import Generator, RolloutBatch, make_generator, render_prompts
 from .rollout.episodes import play_episodes
 from .tasks import AgentTask, Task, get_task, outcome_fractions
 
@@ -97,11 +97,21 @@ def evaluate(model: nn.Module, tokenizer, task: Task, n: int, samples: int = 1, 
     if isinstance(task, AgentTask):
         return evaluate_episodes(model, tokenizer, task, n, samples, max_new_tokens, temperature, top_p, batch_size,
                                  seed, engine, generator)
-    examples = task.examples("eval")[:n]
+    examples, prompts = eval_prompts(tokenizer, task, n)
     torch.manual_seed(seed)
-    prompts = render_prompts(tokenizer, [task.messages(e) for e in examples])
     generator = generator or make_generator(model, tokenizer, batch_size, engine)
-    batch = generator.generate(prompts, samples, max_new_tokens, temperature, top_p)
+    batch = generator.generate(prompts, samples, max_new_tokens, temperature, top_p, seeds=[seed])
+    return eval_result(task, examples, batch, samples)
+
+
+def eval_prompts(tokenizer, task: Task, n: int) -> tuple[list, list[str]]:
+    """The first ``n`` eval examples of a single-turn task and their rendered prompts."""
+    examples = task.examples("eval")[:n]
+    return examples, render_prompts(tokenizer, [task.messages(e) for e in examples])
+
+
+def eval_result(task: Task, examples: list, batch: RolloutBatch, samples: int) -> EvalResult:
+    """Score a batch of ``samples`` completions per example (rows in example order)."""
     scores = task.score_all(batch.texts, [e for e in examples for _ in range(samples)])
     per_example = []
     for i, example in enumerate(examples):

@@ -1,0 +1,203 @@
+"""Training several layer variants of one model together: one copy of the frozen weights, one batched
+generation for all of them, then each variant's own scoring, advantages and update.
+
+Each variant is a run of its own (directory, log, checkpoints, optimizer, data order, sampling
+stream), and follows the trajectory it would follow alone with the same config, up to floating
+point: its prompts come from its own sampler, its completions from its own counter-based stream
+(:mod:`.rollout.streams`), its update sees only its rows and its own layer copy
+(:class:`.variants.LayerVariants`). Variants may be at different steps (a resumed group). A variant
+that fails (a NaN loss, say) stops alone; the others go on.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .errors import OneLayerError
+from .evaluate import eval_prompts, eval_result
+from .layers import select_layers
+from .models import default_device, load_config, load_model, load_tokenizer
+from .progress import progress_bar
+from .rollout import FastGenerator, render_prompts
+from .rollout.fast import WINDOW, unsupported_reason
+from .tasks import AgentTask
+from .train import (
+    Run,
+    TrainResult,
+    _peak_memory,
+    check_run,
+    eval_due,
+    log_step,
+    open_run,
+    precision_context,
+    record_eval,
+    sample_seed,
+    save_due,
+    score_rollouts,
+    step_row,
+    update_phase,
+)
+from .variants import LayerVariants
+
+# What every variant of a group must share: one model, one task and one batched generation.
+SHARED = ("model", "task", "task_options", "dtype", "device", "attention", "prompts_per_step", "group_size", "eval_n")
+SHARED_SAMPLING = ("max_new_tokens", "temperature", "top_p")
+# Share of free GPU memory the joint rollout cache may take (the rest: updates, logits, fragmentation).
+CACHE_FRACTION = 0.45
+
+
+def check_group(configs: list[TrainConfig]) -> None:
+    """Raise unless ``configs`` can train together (same model, task and sampling; no LoRA)."""
+    if not configs:
+        raise OneLayerError("no runs to train together")
+    first = configs[0]
+    for config in configs[1:]:
+        for name in SHARED:
+            if getattr(config, name) != getattr(first, name):
+                raise OneLayerError(f"runs trained together must share --{name.replace('_', '-')} "
+                                    f"({getattr(first, name)!r} vs {getattr(config, name)!r}): train them apart")
+        for name in SHARED_SAMPLING:
+            if getattr(config.sampling, name) != getattr(first.sampling, name):
+                raise OneLayerError(f"runs trained together must share --{name.replace('_', '-')}: train them apart")
+    for config in configs:
+        if config.lora_rank:
+            raise OneLayerError("LoRA runs cannot be trained concurrently yet: use --concurrent 1")
+        if config.sampling.engine == "plain":
+            raise OneLayerError("concurrent variants need the fast rollout engine: drop --engine plain, "
+                                "or use --concurrent 1")
+
+
+def auto_concurrency(config: TrainConfig, free_bytes: int, prompt_tokens: int = 256) -> int:
+    """How many single-layer variants of ``config`` fit their joint rollout cache (and sampling
+    logits) into ``CACHE_FRACTION`` of ``free_bytes``, assuming prompts of ``prompt_tokens``."""
+    text = load_config(config.model).get_text_config()
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    element = 4 if config.dtype == "fp32" else 2
+    columns = -(-(prompt_tokens + config.sampling.max_new_tokens + WINDOW) // WINDOW) * WINDOW
+    per_row = text.num_hidden_layers * 2 * heads * head_dim * element * columns + text.vocab_size * 16
+    rows = config.prompts_per_step * config.group_size
+    return max(1, int(CACHE_FRACTION * free_bytes // (per_row * rows)))
+
+
+def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, tokenizer=None,
+                   progress: bool = True) -> list[TrainResult | Exception]:
+    """Train (or resume) the runs ``configs``, each training its own decoder layers of the same base
+    model, together. Returns each run's result, or the exception that stopped it."""
+    check_group(configs)
+    checked = [check_run(c) for c in configs]
+    task = checked[0][0]
+    if isinstance(task, AgentTask):
+        raise OneLayerError(f"{task.name} is a multi-turn agent task; concurrent variants need a single-turn task: "
+                            "use --concurrent 1")
+    first = configs[0]
+    device = torch.device(first.device) if first.device else default_device()
+    torch.manual_seed(first.seed)
+    if model is None:
+        model = load_model(first.model, device, first.dtype, first.attention)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(first.model)
+    reason = unsupported_reason(model)
+    if reason:
+        raise OneLayerError(f"concurrent variants need the fast rollout engine, which is off because {reason}: "
+                            "use --concurrent 1")
+    precision = precision_context(device, next(model.parameters()).dtype)
+    selections = [select_layers(model, c.layers) for c in configs]
+    for config, selection in zip(configs, selections, strict=True):
+        if selection.extras or not selection.layers:
+            raise OneLayerError(f"layer spec '{config.layers}' of {config.out}: concurrent variants train decoder "
+                                "layers only (not embeddings, head or final norm): use --concurrent 1")
+    variants = LayerVariants(model, [s.layers for s in selections])
+    runs: list[Run] = []
+    for k, (config, (run_task, algorithm)) in enumerate(zip(configs, checked, strict=True)):
+        with variants.variant(k):
+            runs.append(open_run(config, model, run_task, algorithm))
+    model.eval()
+    # separate engines for training and evaluation batches: each keeps its captured steps
+    rollouts = FastGenerator(model, tokenizer, row_hook=variants.set_rows)
+    evals = FastGenerator(model, tokenizer, row_hook=variants.set_rows)
+    steps = [run.start for run in runs]
+    failed: dict[int, Exception] = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def fail(k: int, err: Exception) -> None:
+        failed[k] = err
+        print(f"concurrent variants: {runs[k].out} stopped: {err}", file=sys.stderr)
+
+    def evaluate_jointly(members: list[int]) -> None:
+        """One greedy generation of the eval prompts for every variant in ``members``."""
+        examples, prompts = eval_prompts(tokenizer, task, first.eval_n)
+        rollouts.release()  # the training cache is rebuilt at the next step
+        with precision, variants.joint(members, len(prompts)):
+            batch = evals.generate(prompts * len(members), 1, first.sampling.max_new_tokens, 0.0, 1.0,
+                                   seeds=[runs[k].config.seed for k in members])
+        evals.release()
+        for b, k in enumerate(members):
+            part = batch.rows(slice(b * len(prompts), (b + 1) * len(prompts)))
+            record_eval(runs[k], steps[k], eval_result(task, examples, part, 1))
+
+    starting = [k for k, run in enumerate(runs) if run.config.eval_every and run.config.eval_at_start and steps[k] == 0]
+    if starting:
+        evaluate_jointly(starting)
+    rows_per_variant = first.prompts_per_step * first.group_size
+    sampling = first.sampling
+    bar = progress_bar(f"{len(runs)} variants", progress, info=True)
+    with bar:
+        task_id = bar.add_task("train", total=sum(r.config.steps for r in runs), completed=sum(steps), info="")
+        while active := [k for k, run in enumerate(runs) if k not in failed and steps[k] < run.config.steps]:
+            t0 = time.perf_counter()
+            examples = {k: runs[k].sampler.batch(steps[k], first.prompts_per_step) for k in active}
+            prompts = [p for k in active for p in render_prompts(tokenizer, [task.messages(e) for e in examples[k]])]
+            try:
+                with precision, variants.joint(active, rows_per_variant):
+                    batch = rollouts.generate(prompts, first.group_size, sampling.max_new_tokens, sampling.temperature,
+                                              sampling.top_p, seeds=[sample_seed(runs[k].config, steps[k]) for k in active])
+            except torch.OutOfMemoryError:
+                raise OneLayerError(f"out of GPU memory generating for {len(active)} variants at once: use a smaller "
+                                    "--concurrent (runs resume from their checkpoints)") from None
+            seconds_generation = time.perf_counter() - t0
+            peak_rollout = _peak_memory(device)
+            due = []
+            for b, k in enumerate(active):
+                run, step = runs[k], steps[k]
+                try:
+                    t1 = time.perf_counter()
+                    torch.manual_seed(sample_seed(run.config, step))
+                    part = batch.rows(slice(b * rows_per_variant, (b + 1) * rows_per_variant))
+                    rewards, _, outcome = score_rollouts(task, part, examples[k], run.config.group_size)
+                    advantages = run.algorithm.advantages(rewards, run.config.group_size)
+                    t2 = time.perf_counter()
+                    with variants.variant(k):
+                        stats, peak_update = update_phase(model, run, part, advantages, rollouts, precision, step)
+                    t3 = time.perf_counter()
+                    run.peak_memory = max(run.peak_memory, peak_rollout, peak_update)
+                    # this run's share of the step: the joint generation split evenly, plus its own work
+                    share = seconds_generation / len(active)
+                    seconds = {"generation": seconds_generation, "rollout": share + t2 - t1, "update": t3 - t2,
+                               "step": share + t3 - t1}
+                    row = step_row(run, step, outcome, part, stats, seconds,
+                                   (peak_rollout, peak_update) if device.type == "cuda" else None)
+                    log_step(run, {**row, "concurrent_variants": len(active)}, stats)
+                    steps[k] = step + 1
+                    if eval_due(run.config, steps[k]):
+                        due.append(k)
+                    else:
+                        with variants.variant(k):
+                            save_due(run, model, steps[k])
+                except OneLayerError as err:
+                    fail(k, err)
+                bar.advance(task_id)
+            if due:
+                evaluate_jointly(due)
+                for k in due:
+                    with variants.variant(k):
+                        save_due(runs[k], model, steps[k])
+            bar.update(task_id, info=f"{len(active)} active, {time.perf_counter() - t0:.1f}s/step"
+                       + (f", {len(failed)} failed" if failed else ""))
+    return [failed[k] if k in failed else run.result(device) for k, run in enumerate(runs)]

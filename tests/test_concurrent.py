@@ -1,0 +1,141 @@
+"""Layer variants trained together follow the trajectories they follow alone."""
+
+import json
+
+import pytest
+import torch
+
+from onelayer.checkpoint import find_checkpoint, read_meta
+from onelayer.concurrent import auto_concurrency, check_group, train_variants
+from onelayer.config import SamplingConfig, TrainConfig
+from onelayer.errors import OneLayerError
+from onelayer.models import parameter_layers
+from onelayer.train import train
+from onelayer.variants import LayerVariants
+
+from .conftest import tiny_model
+
+
+def config(out, layers, **overrides):
+    base = dict(model="tiny", task="toy:repeat", layers=layers, out=str(out), steps=3, prompts_per_step=3,
+                group_size=4, lr=3e-2, sampling=SamplingConfig(max_new_tokens=10, engine="fast"),
+                micro_batch_size=5, save_every=2, eval_every=3, eval_n=6, device="cpu")
+    return TrainConfig(**{**base, **overrides})
+
+
+def log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_variants_trained_together_match_solo_runs(arch, tmp_path, tokenizer):
+    # two variants on one layer with different seeds, one with another learning rate, one on two layers
+    specs = [("1", {}), ("1", {"seed": 5}), ("2", {"lr": 1e-2}), ("0,3", {})]
+    configs = [config(tmp_path / f"v{k}", layers, **extra) for k, (layers, extra) in enumerate(specs)]
+    model = tiny_model(arch)
+    shared_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    results = train_variants(configs, model, tokenizer, progress=False)
+    assert all(not isinstance(r, Exception) for r in results)
+    # the shared weights did not move
+    assert all(torch.equal(p, shared_before[n]) for n, p in model.named_parameters())
+    layer_of = parameter_layers(model)
+    for k, (layers, extra) in enumerate(specs):
+        solo_model = tiny_model(arch)
+        solo = train(config(tmp_path / f"s{k}", layers, **extra), solo_model, tokenizer, progress=False)
+        together, alone = log(tmp_path / f"v{k}"), log(solo.out)
+        assert [r["reward"] for r in together] == [r["reward"] for r in alone]
+        for a, b in zip(together, alone, strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+            assert a["concurrent_variants"] == 4
+        assert results[k].final_eval["accuracy"] == solo.final_eval["accuracy"]
+        # the checkpoint holds exactly this variant's trained layers, equal to the solo run's weights
+        from safetensors.torch import load_file
+
+        mine = load_file(str(find_checkpoint(tmp_path / f"v{k}") / "trained.safetensors"))
+        theirs = dict(solo_model.named_parameters())
+        wanted = {int(x) for x in layers.split(",")}
+        assert set(mine) == {n for n, layer in layer_of.items() if layer in wanted}
+        for name, value in mine.items():
+            assert torch.allclose(value, theirs[name].detach(), atol=1e-5), name
+            assert not torch.equal(value, shared_before[name])  # and they trained
+        assert read_meta(tmp_path / f"v{k}")["step"] == 3
+
+
+def test_a_resumed_group_continues_each_variant_from_its_own_step(tmp_path, tokenizer):
+    import shutil
+
+    configs = [config(tmp_path / f"v{k}", str(k), steps=4) for k in range(2)]
+    whole = train_variants(configs, tiny_model("llama"), tokenizer, progress=False)
+    reference = {k: log(tmp_path / f"v{k}") for k in range(2)}
+    # variant 0 left at its step-2 checkpoint (as a kill would leave it), variant 1 never started
+    shutil.rmtree(tmp_path / "v1")
+    shutil.rmtree(find_checkpoint(tmp_path / "v0"))
+    train(config(tmp_path / "v0", "0", steps=2), tiny_model("llama"), tokenizer, progress=False)
+    assert read_meta(tmp_path / "v0")["step"] == 2
+    again = train_variants(configs, tiny_model("llama"), tokenizer, progress=False)
+    for k in range(2):
+        assert [r["reward"] for r in log(tmp_path / f"v{k}")] == [r["reward"] for r in reference[k]]
+        assert again[k].final_eval["accuracy"] == whole[k].final_eval["accuracy"]
+    assert [r["concurrent_variants"] for r in log(tmp_path / "v1")] == [2, 2, 1, 1]  # v0 finished first
+
+
+def test_a_failing_variant_stops_alone(tmp_path, tokenizer):
+    configs = [config(tmp_path / "ok", "1"), config(tmp_path / "bad", "2", lr=1e30, max_grad_norm=0.0)]
+    results = train_variants(configs, tiny_model("llama"), tokenizer, progress=False)
+    assert isinstance(results[1], OneLayerError) and "lower --lr" in str(results[1])
+    assert not isinstance(results[0], Exception) and len(log(tmp_path / "ok")) == 3
+
+
+def test_joint_rows_run_through_their_own_layer_copies(tokenizer):
+    model = tiny_model("gemma2").eval()
+    variants = LayerVariants(model, [(0,), (2,), (2, 3)])
+    g = torch.Generator().manual_seed(1)
+    for k in range(3):
+        for p in variants.parameters_of(k):
+            p.data += 0.05 * torch.randn(p.shape, generator=g)
+    ids = torch.randint(3, 50, (6, 7))
+    with torch.no_grad():
+        alone = []
+        for k in range(3):
+            with variants.variant(k):
+                alone.append(model(ids[2 * k:2 * k + 2]).logits)
+        base = model(ids).logits
+        with variants.joint([0, 1, 2], 2):
+            joint = model(ids).logits
+            variants.set_rows(2, 5)  # a chunk that starts inside a block and ends inside the next
+            chunk = model(ids[2:5]).logits
+    alone = torch.cat(alone)
+    assert torch.equal(joint, alone) and torch.equal(chunk, alone[2:5])
+    assert not torch.allclose(base, alone)
+    assert torch.equal(model(ids).logits, base)  # the shared layers are back in place
+
+
+def test_groups_that_cannot_train_together_are_refused(tmp_path):
+    with pytest.raises(OneLayerError, match="share --prompts-per-step"):
+        check_group([config(tmp_path / "a", "1"), config(tmp_path / "b", "2", prompts_per_step=5)])
+    with pytest.raises(OneLayerError, match="--concurrent 1"):
+        check_group([config(tmp_path / "a", "1", lora_rank=4)])
+    with pytest.raises(OneLayerError, match="fast rollout engine"):
+        check_group([config(tmp_path / "a", "1", sampling=SamplingConfig(engine="plain"))])
+
+
+def test_agent_tasks_and_non_decoder_layers_are_refused(tmp_path, tokenizer):
+    with pytest.raises(OneLayerError, match="single-turn"):
+        train_variants([config(tmp_path / "a", "1", task="maze:3")], tiny_model("llama"), tokenizer, progress=False)
+    with pytest.raises(OneLayerError, match="decoder layers only"):
+        train_variants([config(tmp_path / "a", "1,embed")], tiny_model("llama"), tokenizer, progress=False)
+
+
+def test_auto_concurrency_by_hand(tmp_path, monkeypatch):
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
+                                   vocab_size=100, head_dim=16)
+    monkeypatch.setattr("onelayer.concurrent.load_config", lambda name: cfg)
+    c = config(tmp_path, "1", sampling=SamplingConfig(max_new_tokens=100), prompts_per_step=2, group_size=4)
+    # columns: 256 prompt + 100 new + 64 headroom -> 448; per row 3 layers x 2 x 2 heads x 16 x 2 bytes x 448
+    # + 100 x 16 logits bytes = 172,032 + 1,600; 8 rows per variant
+    per_variant = (3 * 2 * 2 * 16 * 2 * 448 + 1600) * 8
+    assert auto_concurrency(c, int(10 * per_variant / 0.45) + 10) == 10
+    assert auto_concurrency(c, 10) == 1
