@@ -189,3 +189,67 @@ def test_a_scan_whose_full_training_gained_nothing_reports_it_loudly(tmp_path, s
     md = build_report(tmp_path / "scan").read_text()
     assert "> **Warning:** full training changed the metric by +0.0000" in md
     assert "0 of 4 layers measured with a finite contribution" in md
+
+
+def test_a_concurrent_scan_gives_the_runs_of_a_scan_one_at_a_time(tmp_path, saved_tiny):
+    args = ["scan", "--model", str(saved_tiny), "--task", "toy:repeat", "--layers", "0-3", "--steps", "2",
+            "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "6", "--eval-n", "6", "--lr", "1e-2",
+            "--device", "cpu", "--engine", "fast", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "alone"), "--concurrent", "1"]) == 0
+    assert main([*args, "--out", str(tmp_path / "together"), "--concurrent", "3"]) == 0
+    a = json.loads((tmp_path / "alone" / "profile.json").read_text())
+    b = json.loads((tmp_path / "together" / "profile.json").read_text())
+    assert [p["contribution"] for p in a["points"]] == [p["contribution"] for p in b["points"]]
+
+    def science(run):
+        return [{k: round(v, 5) if isinstance(v, float) else v for k, v in json.loads(line).items()
+                 if not k.startswith(("seconds", "tokens_per", "concurrent"))}
+                for line in (run / "log.jsonl").read_text().splitlines()]
+
+    for layer in range(4):
+        name = f"layer{layer:03d}-s0"
+        assert science(tmp_path / "alone" / "runs" / name) == science(tmp_path / "together" / "runs" / name)
+        logs = [json.loads(x) for x in (tmp_path / "together" / "runs" / name / "log.jsonl").read_text().splitlines()]
+        assert [r["concurrent_variants"] for r in logs] == ([3, 3] if layer < 3 else [1, 1])  # groups of 3 and 1
+        together = json.loads((tmp_path / "together" / "runs" / name / "result.json").read_text())
+        alone = json.loads((tmp_path / "alone" / "runs" / name / "result.json").read_text())
+        assert together["accuracy"] == alone["accuracy"] and list(together["param_change"]) == [str(layer)]
+        assert together["param_change"][str(layer)] == pytest.approx(alone["param_change"][str(layer)], rel=1e-4)
+
+
+def test_a_failed_variant_is_recorded_alone_and_the_group_retried(tmp_path, saved_tiny, monkeypatch):
+    import onelayer.scan as scan
+
+    calls = []
+
+    def group(recipes, progress):
+        calls.append([r.layers for r in recipes])
+        return [RuntimeError("boom") if r.layers == "1" and len(calls) == 1 else {"examples": "x", "accuracy": 0.5}
+                for r in recipes]
+
+    monkeypatch.setattr(scan, "train_and_evaluate_variants", group)
+    config = scan_config(tmp_path / "scan", saved_tiny, layers="0-3")
+    config.concurrent = 2
+    run_scan(config, progress=False, execute=_fake_execute([], {**SCORES, ("layer", 0): [0] * 40,
+                                                                 ("layer", 2): [0] * 40}))
+    assert calls == [["0", "1"], ["2", "3"]]
+    assert run_status(tmp_path / "scan", PlannedRun("layer001-s0", "layer", 0, 1)) == "failed"
+    assert "boom" in (tmp_path / "scan" / "runs" / "layer001-s0" / "error.txt").read_text()
+    assert run_status(tmp_path / "scan", PlannedRun("layer000-s0", "layer", 0, 0)) == "done"
+    run_scan(config, progress=False, execute=_fake_execute([], SCORES))
+    assert calls[-1] == ["1"]  # only the failed one is retried
+    assert not (tmp_path / "scan" / "runs" / "layer001-s0" / "error.txt").exists()
+
+
+def test_concurrent_flag_checks(tmp_path, saved_tiny):
+    from onelayer.scan import concurrency
+
+    config = scan_config(tmp_path, saved_tiny)
+    assert concurrency(config) == 1  # automatic on a CPU: one at a time
+    config.concurrent = -1
+    with pytest.raises(OneLayerError, match="must be >= 0"):
+        concurrency(config)
+    config.concurrent = 2
+    config.recipe.task = "maze:3"
+    with pytest.raises(OneLayerError, match="multi-turn agent task: use --concurrent 1"):
+        concurrency(config)

@@ -200,4 +200,9 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
                         save_due(runs[k], model, steps[k])
             bar.update(task_id, info=f"{len(active)} active, {time.perf_counter() - t0:.1f}s/step"
                        + (f", {len(failed)} failed" if failed else ""))
+    # runs finished before this call (killed before anyone used their result) still get an evaluation
+    unevaluated = [k for k, run in enumerate(runs) if k not in failed and run.final_eval is None
+                   and run.config.eval_every]
+    if unevaluated:
+        evaluate_jointly(unevaluated)
     return [failed[k] if k in failed else run.result(device) for k, run in enumerate(runs)]

@@ -22,13 +22,14 @@ import torch
 
 from .analysis.curves import read_jsonl
 from .analysis.param_change import relative_change, squared_norms
+from .checkpoint import checkpoint_tensors
 from .config import TrainConfig
 from .evaluate import evaluate, write_eval
 from .layers import select_layers, selected_names
 from .models import default_device, load_model, load_tokenizer, parameter_layers
 from .progress import progress_bar
 from .tasks import get_task
-from .train import precision_context, train
+from .train import TrainResult, precision_context, train
 
 
 class NamedRun(Protocol):
@@ -105,72 +106,115 @@ def barrier(shard: Shard) -> None:
     dist.barrier()
 
 
-def for_each_run(runs: list, work: Callable[[NamedRun], object], error_file: Callable[[NamedRun], Path],
+def for_each_run(runs: list, work: Callable[[NamedRun], object], error_file: Callable[[NamedRun], Path | list[Path]],
                  label: str, progress: bool = True, done: int = 0) -> None:
-    """Call ``work`` on each run under a progress bar (runs done / left, elapsed, estimate). A run that
-    raises gets its error written to ``error_file(run)`` and the others go on; a finished one removes
-    a stale error file."""
+    """Call ``work`` on each run (or group of runs) under a progress bar (done / left, elapsed,
+    estimate). A stale error file is removed when a run starts; one that raises gets its error
+    written to ``error_file(run)`` (each file, for a group) and the others go on."""
     with progress_bar(f"{label} {{task.fields[current]}}", progress) as bar:
         task_id = bar.add_task(label, total=done + len(runs), completed=done, current="")
         for run in runs:
-            bar.update(task_id, current=run.name)
-            path = error_file(run)
+            name = run.name if hasattr(run, "name") else f"{run[0].name} and {len(run) - 1} more"
+            bar.update(task_id, current=name)
+            paths = error_file(run)
+            paths = paths if isinstance(paths, list) else [paths]
+            for path in paths:
+                path.unlink(missing_ok=True)
             try:
                 work(run)
-                path.unlink(missing_ok=True)
             except KeyboardInterrupt:
                 raise
             except Exception as err:  # one broken run must not cost the others
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
+                for path in paths:
+                    write_error(path, err)
             bar.advance(task_id)
 
 
-def run_share(runs: list, work: Callable[[NamedRun], object], out: Path, shard: Shard, progress: bool,
-              label: str) -> None:
+def write_error(path: Path, err: BaseException) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trace = "".join(traceback.format_exception(err))
+    path.write_text(f"{type(err).__name__}: {err}\n\n{trace}")
+
+
+def run_share(runs: list, work: Callable, out: Path, shard: Shard, progress: bool, label: str,
+              group_size: int = 1) -> None:
     """Deal the unfinished runs of ``runs`` out over the ranks and do this rank's share, one after the
-    other; then wait for the other ranks. Dealing out only what is left keeps a resumed plan balanced."""
+    other (``work(run)``), or in groups of up to ``group_size`` (``work(list_of_runs)``); then wait
+    for the other ranks. Dealing out only what is left keeps a resumed plan balanced."""
     barrier(shard)  # every rank must see the same finished runs before the rest is dealt out
-    left = [r for r in runs if run_status(out, r) != "done"]
-    for_each_run(shard.take(left), work, lambda r: run_dir(out, r) / "error.txt", label, progress)
+    mine = shard.take([r for r in runs if run_status(out, r) != "done"])
+    if group_size > 1:
+        groups = [mine[i:i + group_size] for i in range(0, len(mine), group_size)]
+        for_each_run(groups, work, lambda g: [run_dir(out, r) / "error.txt" for r in g], label, progress)
+    else:
+        for_each_run(mine, work, lambda r: run_dir(out, r) / "error.txt", label, progress)
     barrier(shard)
+
+
+def _final_evaluation(recipe: TrainConfig, model, tokenizer, step: int, load_dtype: torch.dtype) -> dict:
+    """Evaluate ``model`` (loaded in ``load_dtype``) once on ``recipe.eval_n`` examples, written under
+    ``recipe.out/evals``."""
+    device = next(model.parameters()).device
+    task = get_task(recipe.task, recipe.task_options)
+    with precision_context(device, load_dtype):
+        result = evaluate(model, tokenizer, task, recipe.eval_n, max_new_tokens=recipe.sampling.max_new_tokens,
+                          batch_size=recipe.sampling.generation_batch_size, seed=recipe.seed,
+                          engine=recipe.sampling.engine)
+    write_eval(result, Path(recipe.out) / "evals", f"step{step:06d}")
+    return {"step": step, **result.summary()}
+
+
+def _trained_summary(recipe: TrainConfig, result: TrainResult, model, before: dict, summary: dict) -> dict:
+    """A finished run's summary: its final evaluation, the relative change of its trained tensors
+    (``before`` holds their initial values, the run's checkpoint the final ones) and what training cost."""
+    costs: dict = {"param_change": None}
+    if before:
+        after, _ = checkpoint_tensors(model, recipe.out)
+        costs["param_change"] = relative_change(squared_norms(before, {n: after[n] for n in before}),
+                                                parameter_layers(model))
+    costs.update(result.costs, layers=list(result.selection.layers))
+    costs["train_seconds"] = sum(row.get("seconds_step", 0.0) for row in read_jsonl(Path(recipe.out) / "log.jsonl"))
+    return {"examples": f"evals/step{summary['step']:06d}.examples.jsonl", **summary, **costs}
+
+
+def _initial_values(model, recipe: TrainConfig) -> dict:
+    # LoRA leaves the base weights as they are; their change is the adapters', not measured here
+    names = [] if recipe.lora_rank else selected_names(model, select_layers(model, recipe.layers))
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().to("cpu", copy=True) for n in names}
 
 
 def train_and_evaluate(recipe: TrainConfig, trained: bool = True, progress: bool = False) -> dict:
     """Train ``recipe`` (or only evaluate the base model when ``trained`` is false), evaluate it once
     on ``recipe.eval_n`` examples, and return the summary: accuracy, the per-example file (relative to
     ``recipe.out``), the relative parameter change of the trained layers, and what training cost."""
-    directory = Path(recipe.out)
-    directory.mkdir(parents=True, exist_ok=True)
+    Path(recipe.out).mkdir(parents=True, exist_ok=True)
     device = torch.device(recipe.device) if recipe.device else default_device()
     model = load_model(recipe.model, device, recipe.dtype, recipe.attention)
     tokenizer = load_tokenizer(recipe.model)
-    load_dtype = next(model.parameters()).dtype
-
-    def final_evaluation(step: int) -> dict:
-        task = get_task(recipe.task, recipe.task_options)
-        with precision_context(device, load_dtype):
-            result = evaluate(model, tokenizer, task, recipe.eval_n, max_new_tokens=recipe.sampling.max_new_tokens,
-                              batch_size=recipe.sampling.generation_batch_size, seed=recipe.seed,
-                              engine=recipe.sampling.engine)
-        write_eval(result, directory / "evals", f"step{step:06d}")
-        return {"step": step, **result.summary()}
-
-    costs: dict = {"param_change": None}
+    load_dtype = next(model.parameters()).dtype  # before training turns trained tensors float32
     if not trained:
-        summary = final_evaluation(0)
-    else:
-        # LoRA leaves the base weights as they are; their change is the adapters', not measured here
-        names = [] if recipe.lora_rank else selected_names(model, select_layers(model, recipe.layers))
-        params = dict(model.named_parameters())
-        before = {n: params[n].detach().to("cpu", copy=True) for n in names}
-        result = train(recipe, model, tokenizer, progress=progress)
-        # final_eval is None when training had already finished (killed before result.json)
-        summary = result.final_eval or final_evaluation(recipe.steps)
-        if names:
-            params = dict(model.named_parameters())  # training may have replaced bf16 tensors by fp32 ones
-            costs["param_change"] = relative_change(squared_norms(before, {n: params[n] for n in names}),
-                                                    parameter_layers(model))
-        costs.update(result.costs, layers=list(result.selection.layers))
-        costs["train_seconds"] = sum(row.get("seconds_step", 0.0) for row in read_jsonl(directory / "log.jsonl"))
-    return {"examples": f"evals/step{summary['step']:06d}.examples.jsonl", **summary, **costs}
+        summary = _final_evaluation(recipe, model, tokenizer, 0, load_dtype)
+        return {"examples": f"evals/step{summary['step']:06d}.examples.jsonl", **summary, "param_change": None}
+    before = _initial_values(model, recipe)
+    result = train(recipe, model, tokenizer, progress=progress)
+    # final_eval is None when training had already finished (killed before result.json)
+    summary = result.final_eval or _final_evaluation(recipe, model, tokenizer, recipe.steps, load_dtype)
+    return _trained_summary(recipe, result, model, before, summary)
+
+
+def train_and_evaluate_variants(recipes: list[TrainConfig], progress: bool = False) -> list[dict | Exception]:
+    """:func:`train_and_evaluate` for single-layer runs of one model trained together
+    (:func:`onelayer.concurrent.train_variants`); each run's summary, or the exception that stopped it."""
+    from .concurrent import train_variants
+
+    first = recipes[0]
+    device = torch.device(first.device) if first.device else default_device()
+    model = load_model(first.model, device, first.dtype, first.attention)
+    tokenizer = load_tokenizer(first.model)
+    before = [_initial_values(model, r) for r in recipes]
+    results = train_variants(recipes, model, tokenizer, progress=progress)
+    # every finished variant has its final evaluation (the recipes evaluate at their last step)
+    return [result if isinstance(result, Exception) else
+            _trained_summary(recipe, result, model, before[k], result.final_eval)
+            for k, (recipe, result) in enumerate(zip(recipes, results, strict=True))]

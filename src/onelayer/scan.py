@@ -11,18 +11,30 @@ training run resumes from its own checkpoint.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .analysis.contribution import Profile, layer_profile
 from .config import TrainConfig, to_dict
 from .errors import OneLayerError
 from .layers import parse_layer_spec
-from .models import model_num_layers
-from .runs import Shard, example_scores, examples_file, run_dir, run_share, run_status, train_and_evaluate
+from .models import default_device, load_skeleton, model_num_layers
+from .runs import (
+    Shard,
+    example_scores,
+    examples_file,
+    run_dir,
+    run_share,
+    run_status,
+    train_and_evaluate,
+    train_and_evaluate_variants,
+    write_error,
+)
 
 
 @dataclass
@@ -36,6 +48,9 @@ class ScanConfig:
         "help": "robustness probes: rerun --probe-layers with the learning rate times each of these, e.g. 0.5,2"})
     probe_layers: str = field(default="best,worst", metadata={
         "help": "layers the probes rerun: best, worst (by measured contribution) and/or a layer spec"})
+    concurrent: int = field(default=0, metadata={
+        "help": "single-layer runs trained together in one process, sharing the frozen weights: 0 = as many as "
+                "fit (on a GPU; 1 on a CPU), 1 = one at a time"})
 
 
 @dataclass(frozen=True)
@@ -119,11 +134,55 @@ def _recipe_for(config: ScanConfig, run: PlannedRun, scan_dir: Path) -> TrainCon
 def execute_run(config: ScanConfig, run: PlannedRun, scan_dir: Path, progress: bool = False) -> dict:
     """Train (unless base) and evaluate one run; write and return its ``result.json`` summary."""
     recipe = _recipe_for(config, run, scan_dir)
-    summary = train_and_evaluate(recipe, trained=run.kind != "base", progress=progress)
+    return _write_result(run, recipe, train_and_evaluate(recipe, trained=run.kind != "base", progress=progress))
+
+
+def execute_group(config: ScanConfig, runs: list[PlannedRun], scan_dir: Path, progress: bool = False) -> None:
+    """Train single-layer runs together (:func:`onelayer.concurrent.train_variants`) and evaluate
+    them; each writes its ``result.json``, or its ``error.txt`` when it alone failed."""
+    recipes = [_recipe_for(config, run, scan_dir) for run in runs]
+    for run, recipe, summary in zip(runs, recipes, train_and_evaluate_variants(recipes, progress), strict=True):
+        if isinstance(summary, Exception):
+            write_error(Path(recipe.out) / "error.txt", summary)
+        else:
+            _write_result(run, recipe, summary)
+
+
+def _write_result(run: PlannedRun, recipe: TrainConfig, summary: dict) -> dict:
     row = {"name": run.name, "kind": run.kind, "seed": run.seed, "layer": run.layer, "lr_scale": run.lr_scale,
            **summary}
+    Path(recipe.out).mkdir(parents=True, exist_ok=True)
     (Path(recipe.out) / "result.json").write_text(json.dumps(row, indent=2))
     return row
+
+
+def concurrency(config: ScanConfig) -> int:
+    """How many single-layer runs to train together: ``config.concurrent``, or for 0 as many as fit
+    in the free memory of the scan's GPU (1 on a CPU, or where concurrent training cannot run)."""
+    from .concurrent import auto_concurrency, check_group
+    from .rollout.fast import unsupported_reason
+    from .tasks import AgentTask, get_task
+
+    recipe = config.recipe
+    if config.concurrent < 0:
+        raise OneLayerError(f"--concurrent must be >= 0 (0 = automatic), got {config.concurrent}")
+    device = torch.device(recipe.device) if recipe.device else default_device()
+    if config.concurrent == 1 or (config.concurrent == 0 and device.type != "cuda"):
+        return 1
+    skeleton = load_skeleton(recipe.model)
+    reason = unsupported_reason(skeleton)
+    agentic = isinstance(get_task(recipe.task, recipe.task_options), AgentTask)
+    if config.concurrent > 1:
+        check_group([recipe])
+        if reason or agentic:
+            why = reason or f"{recipe.task} is a multi-turn agent task"
+            raise OneLayerError(f"--concurrent {config.concurrent} is not possible because {why}: use --concurrent 1")
+        return config.concurrent
+    if reason or agentic or recipe.lora_rank or recipe.sampling.engine == "plain":
+        return 1
+    element = 4 if recipe.dtype == "fp32" else 2
+    weights = sum(p.numel() for p in skeleton.parameters()) * element
+    return auto_concurrency(recipe, torch.cuda.mem_get_info(device)[0] - 2 * weights)
 
 
 def _save_plan(config: ScanConfig, plan: list[PlannedRun], scan_dir: Path) -> None:
@@ -133,11 +192,13 @@ def _save_plan(config: ScanConfig, plan: list[PlannedRun], scan_dir: Path) -> No
 
 
 def run_scan(config: ScanConfig, progress: bool = True,
-             execute: Callable[[ScanConfig, PlannedRun, Path], dict] | None = None) -> list[PlannedRun]:
+             execute: Callable[[ScanConfig, PlannedRun, Path], dict] | None = None,
+             execute_group_fn: Callable[[ScanConfig, list[PlannedRun], Path], None] | None = None) -> list[PlannedRun]:
     """Run every pending or failed run of the scan (this process's share of them, under torchrun);
     finished ones are skipped. A run that raises is recorded (``error.txt``) and the scan goes on.
-    With ``lr_scales``, the probe runs follow once the profile exists. Returns the whole plan once
-    every rank is done."""
+    Single-layer runs are trained ``concurrent`` at a time (:func:`concurrency`); base and full runs
+    alone. With ``lr_scales``, the probe runs follow once the profile exists. Returns the whole plan
+    once every rank is done. ``execute``/``execute_group_fn`` replace the work (tests)."""
     shard = Shard.from_env()
     config = replace(config, recipe=replace(config.recipe, device=shard.device(config.recipe.device)))
     scan_dir = Path(config.recipe.out)
@@ -148,7 +209,19 @@ def run_scan(config: ScanConfig, progress: bool = True,
     if shard.rank == 0:
         _save_plan(config, plan, scan_dir)
     execute = execute or (lambda c, r, d: execute_run(c, r, d))
-    run_share(plan, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, "scan")
+    group_size = concurrency(config) if execute_group_fn is None else config.concurrent
+    run_group = execute_group_fn or (lambda c, g, d: execute_group(c, g, d))
+
+    def share(runs: list[PlannedRun], label: str) -> None:
+        solo = [r for r in runs if r.kind in ("base", "full") or group_size == 1]
+        run_share(solo, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, label)
+        grouped = [r for r in runs if r not in solo]
+        if grouped:
+            if shard.rank == 0:
+                print(f"{label}: {len(grouped)} single-layer runs, up to {group_size} trained together", file=sys.stderr)
+            run_share(grouped, lambda g: run_group(config, g, scan_dir), scan_dir, shard, progress, label, group_size)
+
+    share(plan, "scan")
     if not config.lr_scales:
         return plan
     # every rank reads the same finished runs after the barrier, so they plan the same probes
@@ -156,7 +229,7 @@ def run_scan(config: ScanConfig, progress: bool = True,
     probes = plan_probes(config, profile)
     if shard.rank == 0:
         _save_plan(config, plan + probes, scan_dir)
-    run_share(probes, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, "lr probes")
+    share(probes, "lr probes")
     return plan + probes
 
 

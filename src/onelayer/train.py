@@ -23,6 +23,7 @@ from .adapters import add_lora
 from .algorithms import Algorithm, Normalizer, get_algorithm, policy_loss, zero_signal_fraction
 from .algorithms.gigpo import anchor_key, episode_grpo_advantages, gigpo_advantages
 from .analysis.contribution import read_profile
+from .analysis.curves import read_jsonl
 from .checkpoint import apply_checkpoint, find_checkpoint, load_optimizer_state, read_meta, save_checkpoint
 from .config import TrainConfig, from_dict, to_dict
 from .errors import OneLayerError
@@ -391,6 +392,7 @@ def open_run(config: TrainConfig, model: nn.Module, task: Task, algorithm: Algor
     # steps after the checkpoint are redone, so their log lines go (all of them when starting afresh)
     _truncate_log(out / "log.jsonl", start)
     _truncate_log(out / "eval.jsonl", start if start else -1)
+    evals = read_jsonl(out / "eval.jsonl") if start else []
     trainable = sum(p.numel() for g in groups for p in g["params"])
     meta = {"base_model": config.model, "layers_spec": config.layers, "layers": list(selection.layers),
             "extras": list(selection.extras), "trainable_parameters": trainable,
@@ -398,7 +400,9 @@ def open_run(config: TrainConfig, model: nn.Module, task: Task, algorithm: Algor
             "selection_notes": list(selection.notes), "lr_rule": lr_rule,
             "lr_scales": {str(k): v for k, v in lr_scales.items()}, "config": to_dict(config)}
     return Run(config, task, algorithm, selection, optimizer, [n for g in groups for n in g["names"]], initial, meta,
-               PromptSampler(task.examples("train"), config.seed), start, trainable)
+               PromptSampler(task.examples("train"), config.seed), start, trainable,
+               # a resumed run keeps its last evaluation when it was made at the checkpoint's step
+               final_eval=evals[-1] if evals and evals[-1]["step"] == start else None)
 
 
 def update_phase(model: nn.Module, run: Run, batch: RolloutBatch, advantages: torch.Tensor, generator: Generator,
