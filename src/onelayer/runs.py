@@ -144,7 +144,9 @@ def run_share(runs: list, work: Callable, out: Path, shard: Shard, progress: boo
     barrier(shard)  # every rank must see the same finished runs before the rest is dealt out
     mine = shard.take([r for r in runs if run_status(out, r) != "done"])
     if group_size > 1:
-        groups = [mine[i:i + group_size] for i in range(0, len(mine), group_size)]
+        # as few groups as the size allows, of even sizes (30 runs at up to 22: 15 + 15, not 22 + 8)
+        size = -(-len(mine) // max(1, -(-len(mine) // group_size))) if mine else group_size
+        groups = [mine[i:i + size] for i in range(0, len(mine), size)]
         for_each_run(groups, work, lambda g: [run_dir(out, r) / "error.txt" for r in g], label, progress)
     else:
         for_each_run(mine, work, lambda r: run_dir(out, r) / "error.txt", label, progress)

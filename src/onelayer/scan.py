@@ -182,7 +182,18 @@ def concurrency(config: ScanConfig) -> int:
         return 1
     element = 4 if recipe.dtype == "fp32" else 2
     weights = sum(p.numel() for p in skeleton.parameters()) * element
-    return auto_concurrency(recipe, torch.cuda.mem_get_info(device)[0] - 2 * weights)
+    return auto_concurrency(recipe, torch.cuda.mem_get_info(device)[0] - 2 * weights, _prompt_tokens(recipe))
+
+
+def _prompt_tokens(recipe: TrainConfig, sample: int = 64) -> int:
+    """A generous prompt length for the task: the longest of its first ``sample`` train prompts, plus 25%."""
+    from .models import load_tokenizer
+    from .rollout import render_prompts
+    from .tasks import get_task
+
+    tokenizer, task = load_tokenizer(recipe.model), get_task(recipe.task, recipe.task_options)
+    prompts = render_prompts(tokenizer, [task.messages(e) for e in task.examples("train")[:sample]])
+    return int(1.25 * max(len(tokenizer(p)["input_ids"]) for p in prompts))
 
 
 def _save_plan(config: ScanConfig, plan: list[PlannedRun], scan_dir: Path) -> None:
