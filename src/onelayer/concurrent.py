@@ -21,7 +21,7 @@ from .config import TrainConfig
 from .errors import OneLayerError
 from .evaluate import eval_prompts, eval_result
 from .layers import select_layers
-from .models import default_device, load_config, load_model, load_tokenizer
+from .models import load_config
 from .progress import progress_bar
 from .rollout import FastGenerator, render_prompts
 from .rollout.fast import WINDOW, unsupported_reason
@@ -33,6 +33,7 @@ from .train import (
     check_run,
     eval_due,
     log_step,
+    model_for,
     open_run,
     precision_context,
     record_eval,
@@ -96,12 +97,7 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
         raise OneLayerError(f"{task.name} is a multi-turn agent task; concurrent variants need a single-turn task: "
                             "use --concurrent 1")
     first = configs[0]
-    device = torch.device(first.device) if first.device else default_device()
-    torch.manual_seed(first.seed)
-    if model is None:
-        model = load_model(first.model, device, first.dtype, first.attention)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(first.model)
+    device, model, tokenizer = model_for(first, model, tokenizer)
     reason = unsupported_reason(model)
     if reason:
         raise OneLayerError(f"concurrent variants need the fast rollout engine, which is off because {reason}: "

@@ -467,15 +467,20 @@ def save_due(run: Run, model: nn.Module, done: int) -> None:
         save_checkpoint(run.out / "checkpoint", model, run.trained, {**run.meta, "step": done}, run.optimizer)
 
 
-def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> TrainResult:
-    """Run (or resume) the RL run described by ``config``; ``model``/``tokenizer`` skip loading."""
-    task, algorithm = check_run(config)  # cheap checks before loading weights
+def model_for(config: TrainConfig, model: nn.Module | None, tokenizer) -> tuple[torch.device, nn.Module, object]:
+    """The device, model and tokenizer of a run: those given, else loaded as ``config`` says (after
+    seeding, so that anything initialised at load time is reproducible)."""
     device = torch.device(config.device) if config.device else default_device()
     torch.manual_seed(config.seed)
     if model is None:
         model = load_model(config.model, device, config.dtype, config.attention)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(config.model)
+    return device, model, tokenizer if tokenizer is not None else load_tokenizer(config.model)
+
+
+def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> TrainResult:
+    """Run (or resume) the RL run described by ``config``; ``model``/``tokenizer`` skip loading."""
+    task, algorithm = check_run(config)  # cheap checks before loading weights
+    device, model, tokenizer = model_for(config, model, tokenizer)
     precision = precision_context(device, next(model.parameters()).dtype)  # before trained tensors go float32
     run = open_run(config, model, task, algorithm)
     generator = make_generator(model, tokenizer, config.sampling.generation_batch_size, config.sampling.engine)
