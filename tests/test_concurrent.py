@@ -92,7 +92,7 @@ def test_joint_rows_run_through_their_own_layer_copies(tokenizer):
     variants = LayerVariants(model, [(0,), (2,), (2, 3)])
     g = torch.Generator().manual_seed(1)
     for k in range(3):
-        for p in variants.parameters_of(k):
+        for p in (p for layer in variants.copies[k].values() for p in layer.parameters()):
             p.data += 0.05 * torch.randn(p.shape, generator=g)
     ids = torch.randint(3, 50, (6, 7))
     with torch.no_grad():

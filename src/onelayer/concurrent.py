@@ -159,14 +159,14 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
                                     "--concurrent (runs resume from their checkpoints)") from None
             seconds_generation = time.perf_counter() - t0
             peak_rollout = _peak_memory(device)
-            due = []
+            stepped = []
             for b, k in enumerate(active):
                 run, step = runs[k], steps[k]
                 try:
                     t1 = time.perf_counter()
                     torch.manual_seed(sample_seed(run.config, step))
                     part = batch.rows(slice(b * rows_per_variant, (b + 1) * rows_per_variant))
-                    rewards, _, outcome = score_rollouts(task, part, examples[k], run.config.group_size)
+                    rewards, outcome = score_rollouts(task, part, examples[k], run.config.group_size)
                     advantages = run.algorithm.advantages(rewards, run.config.group_size)
                     t2 = time.perf_counter()
                     with variants.variant(k):
@@ -181,19 +181,17 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
                                    (peak_rollout, peak_update) if device.type == "cuda" else None)
                     log_step(run, {**row, "concurrent_variants": len(active)}, stats)
                     steps[k] = step + 1
-                    if eval_due(run.config, steps[k]):
-                        due.append(k)
-                    else:
-                        with variants.variant(k):
-                            save_due(run, model, steps[k])
+                    stepped.append(k)
                 except OneLayerError as err:
                     fail(k, err)
                 bar.advance(task_id)
+            # as a solo run does: evaluate, then checkpoint (the evaluation of all that are due at once)
+            due = [k for k in stepped if eval_due(runs[k].config, steps[k])]
             if due:
                 evaluate_jointly(due)
-                for k in due:
-                    with variants.variant(k):
-                        save_due(runs[k], model, steps[k])
+            for k in stepped:
+                with variants.variant(k):
+                    save_due(runs[k], model, steps[k])
             bar.update(task_id, info=f"{len(active)} active, {time.perf_counter() - t0:.1f}s/step"
                        + (f", {len(failed)} failed" if failed else ""))
     # runs finished before this call (killed before anyone used their result) still get an evaluation

@@ -120,7 +120,7 @@ def run_ood(scan_dir: str | Path, config: OODConfig, progress: bool = True) -> l
                 ood_file(scan_dir, run, slug).write_text(json.dumps(
                     {"task": name, "task_options": options, **summary}, indent=2))
 
-        for_each_run(todo, work, lambda r: run_dir(scan_dir, r) / "ood" / "error.txt",
+        for_each_run(todo, work, lambda r: [run_dir(scan_dir, r) / "ood" / "error.txt"],
                      "ood", progress, done=len(shard.take(runs)) - len(todo))
     barrier(shard)
     return list(tasks)

@@ -26,10 +26,10 @@ from .checkpoint import checkpoint_tensors
 from .config import TrainConfig
 from .evaluate import evaluate, write_eval
 from .layers import select_layers, selected_names
-from .models import default_device, load_model, load_tokenizer, parameter_layers
+from .models import parameter_layers
 from .progress import progress_bar
 from .tasks import get_task
-from .train import TrainResult, precision_context, train
+from .train import TrainResult, model_for, precision_context, train
 
 
 class NamedRun(Protocol):
@@ -106,18 +106,27 @@ def barrier(shard: Shard) -> None:
     dist.barrier()
 
 
-def for_each_run(runs: list, work: Callable[[NamedRun], object], error_file: Callable[[NamedRun], Path | list[Path]],
+@dataclass(frozen=True)
+class RunGroup:
+    """Runs done together by one call of the work (concurrent layer variants)."""
+
+    runs: tuple
+
+    @property
+    def name(self) -> str:
+        return f"{self.runs[0].name} and {len(self.runs) - 1} more"
+
+
+def for_each_run(runs: list, work: Callable[[NamedRun], object], error_files: Callable[[NamedRun], list[Path]],
                  label: str, progress: bool = True, done: int = 0) -> None:
-    """Call ``work`` on each run (or group of runs) under a progress bar (done / left, elapsed,
-    estimate). A stale error file is removed when a run starts; one that raises gets its error
-    written to ``error_file(run)`` (each file, for a group) and the others go on."""
+    """Call ``work`` on each run (or :class:`RunGroup`) under a progress bar (done / left, elapsed,
+    estimate). Its stale error files are removed when it starts; one that raises gets its error
+    written to each of ``error_files(run)`` and the others go on."""
     with progress_bar(f"{label} {{task.fields[current]}}", progress) as bar:
         task_id = bar.add_task(label, total=done + len(runs), completed=done, current="")
         for run in runs:
-            name = run.name if hasattr(run, "name") else f"{run[0].name} and {len(run) - 1} more"
-            bar.update(task_id, current=name)
-            paths = error_file(run)
-            paths = paths if isinstance(paths, list) else [paths]
+            bar.update(task_id, current=run.name)
+            paths = error_files(run)
             for path in paths:
                 path.unlink(missing_ok=True)
             try:
@@ -139,17 +148,18 @@ def write_error(path: Path, err: BaseException) -> None:
 def run_share(runs: list, work: Callable, out: Path, shard: Shard, progress: bool, label: str,
               group_size: int = 1) -> None:
     """Deal the unfinished runs of ``runs`` out over the ranks and do this rank's share, one after the
-    other (``work(run)``), or in groups of up to ``group_size`` (``work(list_of_runs)``); then wait
-    for the other ranks. Dealing out only what is left keeps a resumed plan balanced."""
+    other (``work(run)``), or as :class:`RunGroup` s of up to ``group_size`` runs (``work(group)``);
+    then wait for the other ranks. Dealing out only what is left keeps a resumed plan balanced."""
     barrier(shard)  # every rank must see the same finished runs before the rest is dealt out
     mine = shard.take([r for r in runs if run_status(out, r) != "done"])
-    if group_size > 1:
+    if group_size > 1 and mine:
         # as few groups as the size allows, of even sizes (30 runs at up to 22: 15 + 15, not 22 + 8)
-        size = -(-len(mine) // max(1, -(-len(mine) // group_size))) if mine else group_size
-        groups = [mine[i:i + size] for i in range(0, len(mine), size)]
-        for_each_run(groups, work, lambda g: [run_dir(out, r) / "error.txt" for r in g], label, progress)
+        count = -(-len(mine) // group_size)
+        size = -(-len(mine) // count)
+        groups = [RunGroup(tuple(mine[i:i + size])) for i in range(0, len(mine), size)]
+        for_each_run(groups, work, lambda g: [run_dir(out, r) / "error.txt" for r in g.runs], label, progress)
     else:
-        for_each_run(mine, work, lambda r: run_dir(out, r) / "error.txt", label, progress)
+        for_each_run(mine, work, lambda r: [run_dir(out, r) / "error.txt"], label, progress)
     barrier(shard)
 
 
@@ -191,9 +201,7 @@ def train_and_evaluate(recipe: TrainConfig, trained: bool = True, progress: bool
     on ``recipe.eval_n`` examples, and return the summary: accuracy, the per-example file (relative to
     ``recipe.out``), the relative parameter change of the trained layers, and what training cost."""
     Path(recipe.out).mkdir(parents=True, exist_ok=True)
-    device = torch.device(recipe.device) if recipe.device else default_device()
-    model = load_model(recipe.model, device, recipe.dtype, recipe.attention)
-    tokenizer = load_tokenizer(recipe.model)
+    _, model, tokenizer = model_for(recipe, None, None)
     load_dtype = next(model.parameters()).dtype  # before training turns trained tensors float32
     if not trained:
         summary = _final_evaluation(recipe, model, tokenizer, 0, load_dtype)
@@ -210,10 +218,7 @@ def train_and_evaluate_variants(recipes: list[TrainConfig], progress: bool = Fal
     (:func:`onelayer.concurrent.train_variants`); each run's summary, or the exception that stopped it."""
     from .concurrent import train_variants
 
-    first = recipes[0]
-    device = torch.device(first.device) if first.device else default_device()
-    model = load_model(first.model, device, first.dtype, first.attention)
-    tokenizer = load_tokenizer(first.model)
+    _, model, tokenizer = model_for(recipes[0], None, None)
     before = [_initial_values(model, r) for r in recipes]
     results = train_variants(recipes, model, tokenizer, progress=progress)
     # every finished variant has its final evaluation (the recipes evaluate at their last step)

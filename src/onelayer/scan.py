@@ -171,7 +171,8 @@ def concurrency(config: ScanConfig) -> int:
         return 1
     skeleton = load_skeleton(recipe.model)
     reason = unsupported_reason(skeleton)
-    agentic = isinstance(get_task(recipe.task, recipe.task_options), AgentTask)
+    task = get_task(recipe.task, recipe.task_options)
+    agentic = isinstance(task, AgentTask)
     if config.concurrent > 1:
         check_group([recipe])
         if reason or agentic:
@@ -182,16 +183,15 @@ def concurrency(config: ScanConfig) -> int:
         return 1
     element = 4 if recipe.dtype == "fp32" else 2
     weights = sum(p.numel() for p in skeleton.parameters()) * element
-    return auto_concurrency(recipe, torch.cuda.mem_get_info(device)[0] - 2 * weights, _prompt_tokens(recipe))
+    return auto_concurrency(recipe, torch.cuda.mem_get_info(device)[0] - 2 * weights, _prompt_tokens(recipe, task))
 
 
-def _prompt_tokens(recipe: TrainConfig, sample: int = 64) -> int:
-    """A generous prompt length for the task: the longest of its first ``sample`` train prompts, plus 25%."""
+def _prompt_tokens(recipe: TrainConfig, task, sample: int = 64) -> int:
+    """A generous prompt length for ``task``: the longest of its first ``sample`` train prompts, plus 25%."""
     from .models import load_tokenizer
     from .rollout import render_prompts
-    from .tasks import get_task
 
-    tokenizer, task = load_tokenizer(recipe.model), get_task(recipe.task, recipe.task_options)
+    tokenizer = load_tokenizer(recipe.model)
     prompts = render_prompts(tokenizer, [task.messages(e) for e in task.examples("train")[:sample]])
     return int(1.25 * max(len(tokenizer(p)["input_ids"]) for p in prompts))
 
@@ -203,13 +203,12 @@ def _save_plan(config: ScanConfig, plan: list[PlannedRun], scan_dir: Path) -> No
 
 
 def run_scan(config: ScanConfig, progress: bool = True,
-             execute: Callable[[ScanConfig, PlannedRun, Path], dict] | None = None,
-             execute_group_fn: Callable[[ScanConfig, list[PlannedRun], Path], None] | None = None) -> list[PlannedRun]:
+             execute: Callable[[ScanConfig, PlannedRun, Path], dict] | None = None) -> list[PlannedRun]:
     """Run every pending or failed run of the scan (this process's share of them, under torchrun);
     finished ones are skipped. A run that raises is recorded (``error.txt``) and the scan goes on.
     Single-layer runs are trained ``concurrent`` at a time (:func:`concurrency`); base and full runs
     alone. With ``lr_scales``, the probe runs follow once the profile exists. Returns the whole plan
-    once every rank is done. ``execute``/``execute_group_fn`` replace the work (tests)."""
+    once every rank is done. ``execute`` replaces the work of one run (tests)."""
     shard = Shard.from_env()
     config = replace(config, recipe=replace(config.recipe, device=shard.device(config.recipe.device)))
     scan_dir = Path(config.recipe.out)
@@ -220,8 +219,7 @@ def run_scan(config: ScanConfig, progress: bool = True,
     if shard.rank == 0:
         _save_plan(config, plan, scan_dir)
     execute = execute or (lambda c, r, d: execute_run(c, r, d))
-    group_size = concurrency(config) if execute_group_fn is None else config.concurrent
-    run_group = execute_group_fn or (lambda c, g, d: execute_group(c, g, d))
+    group_size = concurrency(config)
 
     def share(runs: list[PlannedRun], label: str) -> None:
         solo = [r for r in runs if r.kind in ("base", "full") or group_size == 1]
@@ -230,7 +228,8 @@ def run_scan(config: ScanConfig, progress: bool = True,
         if grouped:
             if shard.rank == 0:
                 print(f"{label}: {len(grouped)} single-layer runs, up to {group_size} trained together", file=sys.stderr)
-            run_share(grouped, lambda g: run_group(config, g, scan_dir), scan_dir, shard, progress, label, group_size)
+            run_share(grouped, lambda g: execute_group(config, list(g.runs), scan_dir), scan_dir, shard, progress, label,
+                      group_size)
 
     share(plan, "scan")
     if not config.lr_scales:

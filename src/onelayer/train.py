@@ -169,16 +169,16 @@ def sample_seed(config: TrainConfig, step: int) -> int:
 
 
 def score_rollouts(task: Task, batch: RolloutBatch, examples: list[Example], group_size: int
-                   ) -> tuple[torch.Tensor, list, dict]:
-    """Rewards (``[B]``, float32), per-completion scores and the step's outcome metrics of a batch of
-    ``group_size`` completions per example."""
+                   ) -> tuple[torch.Tensor, dict]:
+    """Rewards (``[B]``, float32) and the step's outcome metrics of a batch of ``group_size``
+    completions per example."""
     scores = task.score_all(batch.texts, [e for e in examples for _ in range(group_size)])
     rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
     outcome = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
                "accuracy": sum(s.correct for s in scores) / len(scores),
                **({"outcomes": outcome_fractions(scores)} if scores[0].outcome else {}),
                "zero_signal_fraction": zero_signal_fraction(rewards, group_size)}
-    return rewards, scores, outcome
+    return rewards, outcome
 
 
 def rollout_step(tokenizer, task: Task, examples: list[Example], config: TrainConfig, generator: Generator,
@@ -190,7 +190,7 @@ def rollout_step(tokenizer, task: Task, examples: list[Example], config: TrainCo
     batch = generator.generate(prompts, config.group_size, config.sampling.max_new_tokens,
                                config.sampling.temperature, config.sampling.top_p, seeds=[sample_seed(config, step)])
     seconds = time.perf_counter() - start
-    rewards, _, outcome = score_rollouts(task, batch, examples, config.group_size)
+    rewards, outcome = score_rollouts(task, batch, examples, config.group_size)
     return batch, rewards, outcome, seconds
 
 

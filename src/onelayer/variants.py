@@ -98,9 +98,6 @@ class LayerVariants:
         self._blocks: list[int] = []
         self._block_rows = 0
 
-    def __len__(self) -> int:
-        return len(self.layer_sets)
-
     @contextmanager
     def variant(self, k: int):
         """The model as variant ``k`` alone (its own layers in the decoder list)."""
@@ -135,6 +132,3 @@ class LayerVariants:
             segments.append((row - start, end - start, self._blocks[block]))
             row = end
         self.segments = segments
-
-    def parameters_of(self, k: int) -> list[nn.Parameter]:
-        return [p for layer in self.copies[k].values() for p in layer.parameters()]
