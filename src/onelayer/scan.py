@@ -216,10 +216,10 @@ def run_scan(config: ScanConfig, progress: bool = True,
     plan = plan_scan(config, model_num_layers(config.recipe.model))
     if config.lr_scales:
         parse_scales(config.lr_scales)  # a typo should fail now, not after hours of scanning
+    group_size = concurrency(config)  # and so should an impossible --concurrent, before the plan is saved
     if shard.rank == 0:
         _save_plan(config, plan, scan_dir)
     execute = execute or (lambda c, r, d: execute_run(c, r, d))
-    group_size = concurrency(config)
 
     def share(runs: list[PlannedRun], label: str) -> None:
         solo = [r for r in runs if r.kind in ("base", "full") or group_size == 1]
