@@ -4,6 +4,7 @@ from torch import nn
 
 from onelayer.errors import OneLayerError
 from onelayer.models import (
+    converted_dir,
     decoder_layers,
     embedded_model_path,
     load_model,
@@ -76,6 +77,114 @@ def test_load_local_directory(saved_tiny):
 
 def test_unreachable_hub_id_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the hub library reads the variable when imported (another test may have imported it first)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(OneLayerError, match="cannot load model 'nobody/nothing-here'") as err:
         load_model("nobody/nothing-here", device="cpu")
     assert "\n" not in str(err.value)
+
+
+def write_tiny_gguf(path, layers=2, hidden=32, heads=4, kv_heads=2, ffn=64):
+    """A random llama in GGUF with a byte-level BPE tokenizer and a chat template."""
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    rng = np.random.default_rng(0)
+    special, merges = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], ["Ġ t", "Ġ a", "h e", "i n"]
+    tokens = special + list(bytes_to_unicode().values()) + [m.replace(" ", "") for m in merges]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * (len(tokens) - 3))
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    shapes = {"attn_q": (hidden, hidden), "attn_k": (kv_heads * hidden // heads, hidden),
+              "attn_v": (kv_heads * hidden // heads, hidden), "attn_output": (hidden, hidden),
+              "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}
+    writer.add_tensor("token_embd.weight", rng.standard_normal((len(tokens), hidden), dtype=np.float32))
+    for i in range(layers):
+        for name, shape in shapes.items():
+            writer.add_tensor(f"blk.{i}.{name}.weight", rng.standard_normal(shape, dtype=np.float32) * 0.1)
+        for name in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{i}.{name}.weight", 1 + rng.standard_normal(hidden, dtype=np.float32) * 0.1)
+    writer.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONELAYER_CACHE", str(tmp_path / "cache"))
+    return write_tiny_gguf(tmp_path / "tiny.gguf")
+
+
+def _direct_gguf(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def _chat_ids(tokenizer):
+    messages = [{"role": "user", "content": "the cat ate 12 + 7"}]
+    return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)).input_ids
+
+
+def test_gguf_model_is_converted_once_and_loads_identically(tiny_gguf, tmp_path, monkeypatch):
+    reference, reference_tokenizer = _direct_gguf(tiny_gguf)
+    model = load_model(str(tiny_gguf), "cpu", "fp32")
+    tokenizer = load_tokenizer(str(tiny_gguf))
+    converted = sorted((tmp_path / "cache" / "gguf").iterdir())
+    assert converted == [converted_dir(resolve_model_source(str(tiny_gguf)))]  # one directory, no partial one
+    expected = reference.state_dict()
+    assert model.state_dict().keys() == expected.keys()
+    assert all(torch.equal(t, expected[n]) for n, t in model.state_dict().items())
+    assert _chat_ids(tokenizer) == _chat_ids(reference_tokenizer)
+    assert tokenizer.eos_token == "<|im_end|>" or tokenizer.eos_token == reference_tokenizer.eos_token
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+
+    import onelayer.models
+
+    def no_conversion(*_):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(onelayer.models, "_convert_gguf", no_conversion)
+    again = load_model(str(tiny_gguf), "cpu", "bf16")  # later loads read the directory
+    assert all(torch.equal(t, expected[n].bfloat16()) for n, t in again.state_dict().items())
+    import os
+
+    os.utime(tiny_gguf, ns=(tiny_gguf.stat().st_atime_ns, tiny_gguf.stat().st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError, match="converted again"):  # a changed file is converted anew
+        load_model(str(tiny_gguf), "cpu", "fp32")
+
+
+def test_gguf_cache_off_or_unwritable_loads_the_file(tiny_gguf, tmp_path, monkeypatch, capsys):
+    reference, _ = _direct_gguf(tiny_gguf)
+    expected = reference.state_dict()
+    monkeypatch.setenv("ONELAYER_CACHE", "off")
+    assert converted_dir(resolve_model_source(str(tiny_gguf))) is None
+    model = load_model(str(tiny_gguf), "cpu", "fp32")
+    assert all(torch.equal(t, expected[n]) for n, t in model.state_dict().items())
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("ONELAYER_CACHE", str(blocked / "cache"))
+    model = load_model(str(tiny_gguf), "cpu", "fp32")
+    assert all(torch.equal(t, expected[n]) for n, t in model.state_dict().items())
+    assert "cannot keep a converted copy" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()

