@@ -36,6 +36,23 @@ def test_answers_match(pred, ref, ok):
     assert answers_match(pred, ref) is ok
 
 
+PLAIN_PAIRS = [("13", "12"), ("-3", "3"), ("0.5", "50"), ("5", "5.0000001"), ("0.3333333", "0.33333333"),
+               ("1000000", "1000000.5"), ("12", "12.00"), ("7", "-7.5"), ("0.0001", "0.0002"), ("99", "100")]
+
+
+def test_far_apart_plain_numbers_skip_math_verify_and_agree_with_it(monkeypatch):
+    import math_verify
+
+    expected = [bool(math_verify.verify(math_verify.parse(ref), math_verify.parse(pred))) for pred, ref in PLAIN_PAIRS]
+    calls = []
+    real_parse = math_verify.parse
+    monkeypatch.setattr(math_verify, "parse", lambda text, *a, **k: calls.append(text) or real_parse(text, *a, **k))
+    assert [answers_match(pred, ref) for pred, ref in PLAIN_PAIRS] == expected
+    # only pairs within 1e-4 (relative) of each other reach math-verify
+    assert set(calls) == {"5", "5.0000001", "0.3333333", "0.33333333", "1000000", "1000000.5", "12", "12.00",
+                          "0.0001", "0.0002"}
+
+
 def test_reasoning_gym_splits_are_disjoint_and_deterministic():
     task = get_task("rg:basic_arithmetic", {"train_size": 300, "eval_size": 100, "max_terms": 2, "max_digits": 1})
     train, held = task.examples("train"), task.examples("eval")
