@@ -11,6 +11,8 @@ Sections (each prints a table and adds to OUT/results.json; alone and together m
             training moved them
   alone     a full 30-layer scan's base, full and --solo-layers runs timed one at a time (the one-at-a-time
             layer time is their mean times 30)
+  generation  one joint generation step of --generation-variants single-layer variants x 256 rows (rows routed
+            through their own layer copies) vs the same rows on the plain model, decode eager or compiled
   together  all 30 layers trained --concurrent at a time (0 = as many as fit), then the comparison: wall
             time of the whole scan both ways, and where a concurrent step's time goes
 GPU utilisation and memory are sampled by nvidia-smi every 0.5 s.
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -199,6 +202,54 @@ def scan_together(out: Path, alone: dict, concurrent: int, eval_n: int) -> dict:
     return results
 
 
+def joint_generation(variant_count: int) -> dict:
+    """Seconds of one generation of ``variant_count`` x 256 rows (96 new tokens, the scan recipe's
+    sampling), routed through variants' layer copies or not, decode steps eager or compiled."""
+    from onelayer.models import load_model, load_tokenizer
+    from onelayer.rollout import FastGenerator, render_prompts
+    from onelayer.tasks import get_task
+    from onelayer.train import precision_context
+    from onelayer.variants import LayerVariants
+
+    tokenizer = load_tokenizer("smollm2")
+    model = load_model("smollm2", "cuda", "bf16", "eager")
+    task = get_task("rg:basic_arithmetic", dict(TASK_OPTIONS))
+    examples = task.examples("train")[:32 * variant_count]
+    prompts = render_prompts(tokenizer, [task.messages(e) for e in examples])
+    variants = LayerVariants(model, [(i % 30,) for i in range(variant_count)])
+    members = list(range(variant_count))
+    rows = []
+    for compiled in (False, True):
+        for routed in (False, True):
+            generator = FastGenerator(model, tokenizer, batch_size=len(prompts) * 8,
+                                      row_hook=variants.set_rows if routed else None, compiled=compiled)
+            seconds = []
+            for _ in range(3):  # the first call captures (and compiles)
+                with precision_context(torch.device("cuda"), torch.bfloat16), \
+                        (variants.joint(members, 256) if routed else nullcontext()):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    batch = generator.generate(prompts, 8, 96, 1.0, 1.0, seeds=list(range(variant_count)))
+                    torch.cuda.synchronize()
+                    seconds.append(time.perf_counter() - start)
+            row = {"compiled": compiled, "routed": routed, "rows": batch.size, "first_s": seconds[0],
+                   "seconds": min(seconds[1:]), "completion_tokens": float(batch.completion_lengths.float().mean())}
+            if not compiled:  # kernels of one decode step, by kind
+                from rl_speed import decode_profile, print_profile
+
+                with precision_context(torch.device("cuda"), torch.bfloat16), \
+                        (variants.joint(members, 256) if routed else nullcontext()):
+                    row["profile"] = decode_profile(generator.state)
+                print_profile(f"{'routed' if routed else 'plain'} decode step", row["profile"])
+            rows.append(row)
+            print(f"{variant_count} x 256 rows, {'routed' if routed else 'plain '} {'compiled' if compiled else 'eager'}: "
+                  f"{row['seconds']:.2f} s (first call {row['first_s']:.1f} s), {row['completion_tokens']:.0f} "
+                  "tokens per completion", flush=True)
+            del generator
+            torch.cuda.empty_cache()
+    return {"variants": variant_count, "rows": rows}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -210,6 +261,7 @@ def main() -> int:
     parser.add_argument("--solo-layers", default="0,15,29")
     parser.add_argument("--concurrent", type=int, default=0)
     parser.add_argument("--eval-n", type=int, default=200)
+    parser.add_argument("--generation-variants", type=int, default=15)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/concurrent_scan.py needs a GPU", file=sys.stderr)
@@ -227,10 +279,12 @@ def main() -> int:
             elif section == "alone":
                 layers = [int(x) for x in args.solo_layers.split(",")]
                 results["alone"] = scan_alone(out, args.steps, layers, args.eval_n)
+            elif section == "generation":
+                results["generation"] = joint_generation(args.generation_variants)
             elif section == "together":
                 results["together"] = scan_together(out, results["alone"], args.concurrent, args.eval_n)
             else:
-                raise SystemExit(f"unknown section {section}: use parity, alone, together")
+                raise SystemExit(f"unknown section {section}: use parity, alone, generation, together")
         except Exception:
             import traceback
 

@@ -6,6 +6,8 @@
 Sections (each prints a table and adds to OUT/results.json, so sections may run in separate processes):
   check       fast engine vs transformers on SmolLM2 in bf16: greedy agreement, log-prob error
   profile     where a captured decode step's time goes (kernels by kind, graph replay vs eager launches)
+  compiled    the fast engine's decode step eager vs through torch.compile (both replayed as CUDA graphs):
+              SmolLM2, 96 new tokens, batch 256/1024/3840, and the first call's cost (capture, compilation)
   generation  new tokens/s and ms per decode step, plain vs fast, at batch 64/256/1024, for SmolLM2 and
               random Qwen3-0.6B- and Qwen3-8B-shaped models (fixed lengths: EOS is never sampled)
   step        a SmolLM2 GRPO step of 32 prompts x 8 completions x 256 tokens, full vs middle:1, by phase
@@ -35,7 +37,7 @@ from onelayer.tasks import get_task
 from onelayer.train import train
 
 TASK = "rg:basic_arithmetic"
-SECTIONS = ("check", "generation", "profile", "step", "large", "trl")
+SECTIONS = ("check", "generation", "compiled", "profile", "step", "large", "trl")
 
 
 def qwen3_shaped(size: str, vocab_size: int):
@@ -65,14 +67,16 @@ def synced() -> float:
 
 
 def time_generation(generator, prompts: list[str], new_tokens: int) -> dict:
+    start = synced()
     generator.generate(prompts, 1, new_tokens, 1.0, 1.0)  # warm-up: graph capture, allocator, kernels
+    first = synced() - start
     torch.cuda.reset_peak_memory_stats()
     start = synced()
     batch = generator.generate(prompts, 1, new_tokens, 1.0, 1.0)
     seconds = synced() - start
     tokens = int(batch.completion_lengths.sum())
     return {"rows": len(prompts), "new_tokens": new_tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "ms_per_step": 1000 * seconds / new_tokens, "prompt_tokens": batch.prompt_length,
+            "ms_per_step": 1000 * seconds / new_tokens, "prompt_tokens": batch.prompt_length, "first_call_s": first,
             "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
 
 
@@ -150,6 +154,35 @@ def _time_decode(state) -> tuple:
     return graph_ms, eager_ms, prof, window
 
 
+def decode_profile(state) -> dict:
+    """A decode step of ``state`` as a graph replay and op by op, and its kernels by kind."""
+    graph_ms, eager_ms, prof, window = _time_decode(state)
+    kinds: dict[str, float] = {}
+    kernels = 0
+    for event in prof.key_averages():
+        cuda_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+        if not cuda_us or event.key.startswith("aten::") or event.key.startswith("cuda"):
+            continue
+        key = event.key.lower()
+        kind = ("matmul" if any(k in key for k in ("gemm", "cutlass", "sm90", "xmma", "cublas", "gemv"))
+                else "reduce/softmax" if any(k in key for k in ("reduce", "softmax", "argmax", "norm"))
+                else "copy/index" if any(k in key for k in ("copy", "index", "scatter", "gather", "cat"))
+                else "elementwise/other")
+        kinds[kind] = kinds.get(kind, 0.0) + cuda_us / 10 / 1000
+        kernels += event.count
+    return {"graph_ms_per_step": graph_ms, "eager_ms_per_step": eager_ms, "kernel_ms_per_step": sum(kinds.values()),
+            "kernels_per_step": kernels / 10, "kernel_ms_by_kind": kinds, "window": window,
+            "top_kernels": prof.key_averages().table(sort_by="device_time_total", row_limit=12)}
+
+
+def print_profile(label: str, row: dict) -> None:
+    print(f"{label}: graph replay {row['graph_ms_per_step']:.2f} ms/step, eager {row['eager_ms_per_step']:.2f} ms/step; "
+          f"kernels {row['kernel_ms_per_step']:.2f} ms in {row['kernels_per_step']:.0f} launches ("
+          + ", ".join(f"{k} {v:.2f}" for k, v in sorted(row["kernel_ms_by_kind"].items(), key=lambda kv: -kv[1]))
+          + ")", flush=True)
+    print("\n".join(row["top_kernels"].splitlines()[:9]), flush=True)
+
+
 def section_profile(args) -> dict:
     """Where a captured decode step's time goes: kernels by kind (from an eager step on the same state),
     and the step as a graph replay vs launched op by op."""
@@ -160,29 +193,9 @@ def section_profile(args) -> dict:
             qwen3_shaped("8B", len(tokenizer))
         generator = FastGenerator(model, tokenizer, rows, ignore_eos=True)
         generator.generate(task_prompts(tokenizer, rows), 1, 128, 1.0, 1.0)
-        graph_ms, eager_ms, prof, window = _time_decode(generator.state)
-        kinds: dict[str, float] = {}
-        kernels = 0
-        for event in prof.key_averages():
-            cuda_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
-            if not cuda_us or event.key.startswith("aten::") or event.key.startswith("cuda"):
-                continue
-            key = event.key.lower()
-            kind = ("matmul" if any(k in key for k in ("gemm", "cutlass", "sm90", "xmma", "cublas", "gemv"))
-                    else "reduce/softmax" if any(k in key for k in ("reduce", "softmax", "argmax", "norm"))
-                    else "copy/index" if any(k in key for k in ("copy", "index", "scatter", "gather", "cat"))
-                    else "elementwise/other")
-            kinds[kind] = kinds.get(kind, 0.0) + cuda_us / 10 / 1000
-            kernels += event.count
-        kernel_ms = sum(kinds.values())
         label = f"{name} batch {rows}"
-        out[label] = {"graph_ms_per_step": graph_ms, "eager_ms_per_step": eager_ms, "kernel_ms_per_step": kernel_ms,
-                      "kernels_per_step": kernels / 10, "kernel_ms_by_kind": kinds, "window": window,
-                      "top_kernels": prof.key_averages().table(sort_by="device_time_total", row_limit=12)}
-        print(f"{label}: graph replay {graph_ms:.2f} ms/step, eager {eager_ms:.2f} ms/step; kernels "
-              f"{kernel_ms:.2f} ms in {kernels / 10:.0f} launches ("
-              + ", ".join(f"{k} {v:.2f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])) + ")", flush=True)
-        print("\n".join(out[label]["top_kernels"].splitlines()[:9]), flush=True)
+        out[label] = decode_profile(generator.state)
+        print_profile(label, out[label])
         del model, generator
         torch.cuda.empty_cache()
     return out
@@ -216,6 +229,27 @@ def section_generation(args) -> dict:
             plain = next((p for p in rows if p["engine"] == "plain" and p["model"] == r["model"]
                           and p["rows"] == r["rows"] and "error" not in p), None)
             r["speedup"] = r["tokens_per_s"] / plain["tokens_per_s"] if plain else None
+    return {"rows": rows}
+
+
+def section_compiled(args) -> dict:
+    tokenizer = load_tokenizer("smollm2")
+    model = load_model("smollm2", "cuda", "bf16", "eager")
+    rows = []
+    for batch in (256, 1024, 3840):
+        prompts = task_prompts(tokenizer, batch)
+        for compiled in (False, True):
+            generator = FastGenerator(model, tokenizer, batch, ignore_eos=True, compiled=compiled)
+            row = {"compiled": compiled, **time_generation(generator, prompts, 96)}
+            rows.append(row)
+            print(f"batch {batch:5d} {'compiled' if compiled else 'eager   '}: {row['tokens_per_s']:10.0f} new tokens/s "
+                  f"{row['ms_per_step']:7.2f} ms/step; first call {row['first_call_s']:.1f} s; peak "
+                  f"{row['peak_gb']:.1f} GB", flush=True)
+            del generator
+            torch.cuda.empty_cache()
+        fused = rows[-1]
+        fused["speedup"] = fused["tokens_per_s"] / rows[-2]["tokens_per_s"]
+        print(f"batch {batch}: compiled / eager = {fused['speedup']:.2f}x", flush=True)
     return {"rows": rows}
 
 

@@ -182,3 +182,14 @@ def test_streams_are_uniform_and_independent():
     assert 0 < draws.min() and draws.max() < 1
     assert abs(draws.mean().item() - 0.5) < 0.01 and abs(draws.std().item() - 12 ** -0.5) < 0.01
     assert abs(torch.corrcoef(draws[:2])[0, 1].item()) < 0.05  # successive steps of the same rows
+
+
+def test_compiled_decode_samples_what_eager_decode_samples(tokenizer):
+    model = tiny_model("llama")
+    prompts = _prompts(tokenizer)
+    eager = FastGenerator(model, tokenizer).generate(prompts, 3, 30, temperature=1.0, seeds=[5])
+    generator = make_generator(model, tokenizer, engine="fast", compile_decode=True)
+    assert generator.compiled
+    fused = generator.generate(prompts, 3, 30, temperature=1.0, seeds=[5])
+    assert torch.equal(fused.input_ids, eager.input_ids)
+    assert torch.allclose(fused.logprobs, eager.logprobs, atol=1e-5)

@@ -47,7 +47,7 @@ from .variants import LayerVariants
 
 # What every variant of a group must share: one model, one task and one batched generation.
 SHARED = ("model", "task", "task_options", "dtype", "device", "attention", "prompts_per_step", "group_size", "eval_n")
-SHARED_SAMPLING = ("max_new_tokens", "temperature", "top_p")
+SHARED_SAMPLING = ("max_new_tokens", "temperature", "top_p", "compile_decode")
 # Share of free GPU memory the joint rollout cache may take (the rest: updates, logits, fragmentation).
 CACHE_FRACTION = 0.45
 
@@ -91,8 +91,9 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
     """Train (or resume) the runs ``configs``, each training its own decoder layers of the same base
     model, together. Returns each run's result, or the exception that stopped it."""
     check_group(configs)
-    checked = [check_run(c) for c in configs]
-    task = checked[0][0]
+    task = check_run(configs[0])[0]
+    # one task for all (they share --task and its options): its examples are made once, not per variant
+    checked = [check_run(c, task) for c in configs]
     if isinstance(task, AgentTask):
         raise OneLayerError(f"{task.name} is a multi-turn agent task; concurrent variants need a single-turn task: "
                             "use --concurrent 1")
@@ -115,7 +116,7 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
             runs.append(open_run(config, model, run_task, algorithm))
     model.eval()
     # separate engines for training and evaluation batches: each keeps its captured steps
-    rollouts = FastGenerator(model, tokenizer, row_hook=variants.set_rows)
+    rollouts = FastGenerator(model, tokenizer, row_hook=variants.set_rows, compiled=first.sampling.compile_decode)
     evals = FastGenerator(model, tokenizer, row_hook=variants.set_rows)
     steps = [run.start for run in runs]
     failed: dict[int, Exception] = {}

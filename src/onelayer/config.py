@@ -18,6 +18,10 @@ class SamplingConfig:
     engine: str = field(default="auto", metadata={
         "help": "rollout engine: auto (fast on CUDA where the architecture allows), fast (static KV cache, "
                 "CUDA graphs on CUDA) or plain (transformers generate)"})
+    compile_decode: bool = field(default=False, metadata={
+        "help": "fuse the fast engine's decode step with torch.compile: on an H100, SmolLM2 generation 1.6x faster "
+                "at batch 256, 1.4x at 1024, 1.1x at 3840, after ~1 min of compilation per batch shape (cached on "
+                "disk); pays off in long runs"})
 
     def validate(self) -> None:
         if self.engine not in ENGINES:

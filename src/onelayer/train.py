@@ -41,7 +41,7 @@ RELEASE_FRACTION = 0.2
 
 # Fields that may change when a run is resumed; any other difference means a different experiment.
 RESUMABLE_CHANGES = {"steps", "eval_every", "eval_at_start", "eval_n", "save_every", "device", "out",
-                     "sampling.engine"}
+                     "sampling.engine", "sampling.compile_decode"}
 
 
 class PromptSampler:
@@ -347,12 +347,13 @@ class Run:
         return TrainResult(self.out, self.config.steps, self.selection, self.final_eval, costs)
 
 
-def check_run(config: TrainConfig) -> tuple[Task, Algorithm]:
-    """Validate ``config`` and its run directory, and find its task and algorithm (before any weights load)."""
+def check_run(config: TrainConfig, task: Task | None = None) -> tuple[Task, Algorithm]:
+    """Validate ``config`` and its run directory, and find its task (``task`` when given: runs that
+    share one) and algorithm (before any weights load)."""
     config.validate()
     _check_resumable(Path(config.out), config)
     algorithm = get_algorithm(config.algo)
-    task = get_task(config.task, config.task_options)
+    task = task or get_task(config.task, config.task_options)
     agentic = isinstance(task, AgentTask)
     if algorithm.advantages is None and not agentic:
         raise OneLayerError(f"--algo {algorithm.name} needs a multi-turn agent task (tw:coin_collector, maze:4, ...), "
@@ -483,7 +484,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     device, model, tokenizer = model_for(config, model, tokenizer)
     precision = precision_context(device, next(model.parameters()).dtype)  # before trained tensors go float32
     run = open_run(config, model, task, algorithm)
-    generator = make_generator(model, tokenizer, config.sampling.generation_batch_size, config.sampling.engine)
+    generator = make_generator(model, tokenizer, config.sampling.generation_batch_size, config.sampling.engine,
+                               config.sampling.compile_decode)
     model.eval()  # no dropout: sampling and update see the same policy
 
     def run_eval(step: int) -> None:

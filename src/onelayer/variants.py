@@ -48,8 +48,11 @@ class RoutedLeaf(nn.Module):
         if len(pieces) == 1:
             return pieces[0][2](x, *args, **kwargs)
         outputs = [module(x[start:stop], *args, **kwargs) for start, stop, module in pieces]
-        # a float32 copy next to bf16 shared weights can return a wider dtype: keep the widest
-        dtype = max((o.dtype for o in outputs), key=lambda d: torch.finfo(d).bits)
+        # a float32 copy next to bf16 shared weights can return a wider dtype: keep the widest (a plain
+        # loop, which torch.compile traces without a graph break)
+        dtype = outputs[0].dtype
+        for output in outputs[1:]:
+            dtype = torch.promote_types(dtype, output.dtype)
         return torch.cat([o.to(dtype) for o in outputs])
 
     def __getattr__(self, name: str):

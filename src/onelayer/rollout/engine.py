@@ -12,10 +12,11 @@ from .fast import FastGenerator, unsupported_reason
 from .hf import Generator, HFGenerator
 
 
-def make_generator(model: nn.Module, tokenizer, batch_size: int = 256, engine: str = "auto") -> Generator:
+def make_generator(model: nn.Module, tokenizer, batch_size: int = 256, engine: str = "auto",
+                   compile_decode: bool = False) -> Generator:
     """``fast`` (static KV cache; CUDA graphs on CUDA), ``plain`` (transformers ``generate``), or ``auto``:
     fast on CUDA, plain on CPU. Where the fast engine cannot run the model, a one-line notice says why
-    and the plain engine is used."""
+    and the plain engine is used. ``compile_decode``: the fast engine's decode steps go through torch.compile."""
     if engine not in ENGINES:
         raise OneLayerError(f"unknown rollout engine '{engine}': use {', '.join(ENGINES)}")
     on_cuda = next(model.parameters()).device.type == "cuda"
@@ -25,4 +26,4 @@ def make_generator(model: nn.Module, tokenizer, batch_size: int = 256, engine: s
     if reason:
         print(f"rollouts: the fast engine is off because {reason}; using transformers generate", file=sys.stderr)
         return HFGenerator(model, tokenizer, batch_size)
-    return FastGenerator(model, tokenizer, batch_size)
+    return FastGenerator(model, tokenizer, batch_size, compiled=compile_decode)

@@ -184,11 +184,24 @@ def mask_argument(config, allowed: torch.Tensor, query_columns: torch.Tensor, ke
 # ------------------------------------------------------------------------------------------ decode state
 
 
+def _compiled(forward):
+    """``forward`` under torch.compile: one graph per key window (static shapes), its elementwise work
+    (norms, rotary, activations, casts, masking) fused into few kernels. Compiled code is cached on disk
+    by inductor, so a later process with the same shapes compiles in seconds."""
+    import torch._dynamo
+
+    # every batch shape, window and routing of layer variants is a graph of its own: keep more than 8
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(forward, dynamic=False)
+
+
+
 class DecodeState:
     """Buffers of one batch shape (``rows`` x ``length`` columns) and the decode steps captured on them."""
 
     def __init__(self, model: nn.Module, rows: int, length: int, temperature: float, top_p: float,
-                 eos_ids: list[int], pad_id: int, cuda_graphs: bool, ignore_eos: bool = False, row_hook=None):
+                 eos_ids: list[int], pad_id: int, cuda_graphs: bool, ignore_eos: bool = False, row_hook=None,
+                 compiled: bool = False):
         device = next(model.parameters()).device
         self.row_hook = row_hook or (lambda start, stop: None)
         self.model, self.rows, self.length = model, rows, length
@@ -210,6 +223,8 @@ class DecodeState:
         self.logprobs = torch.zeros(rows, length, dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        # the decode step's forward fused by torch.compile (prefill, run once per batch, stays eager)
+        self.step_forward = _compiled(self._forward) if compiled else self._forward
 
     def fits(self, rows: int, length: int, temperature: float, top_p: float) -> bool:
         return (rows, temperature, top_p) == (self.rows, self.temperature, self.top_p) and length <= self.length
@@ -271,7 +286,7 @@ class DecodeState:
         allowed = (self.key_valid[:, :window] & (keys <= self.column))[:, None, :]
         mask = mask_argument(self.config, allowed, self.column, keys)
         self.row_hook(0, self.rows)
-        self._record(self._forward(self.current[:, None], mask, self.position[:, None]))
+        self._record(self.step_forward(self.current[:, None], mask, self.position[:, None]))
 
     def decode(self, column: int) -> None:
         """Run the step whose input token sits at cache column ``column`` (known on the host)."""
@@ -321,13 +336,13 @@ class FastGenerator:
     shape or sampling settings change or when a parameter was reallocated (graphs hold raw pointers).
     ``ignore_eos`` generates exactly ``max_new_tokens`` per row (EOS is never sampled), for benchmarks.
     ``row_hook(start, stop)`` is called before every forward with the rows it covers (layer variants
-    route rows to their own layers by it).
+    route rows to their own layers by it). ``compiled`` runs decode steps through torch.compile.
     """
 
     def __init__(self, model: nn.Module, tokenizer, batch_size: int = 256, cuda_graphs: bool | None = None,
-                 ignore_eos: bool = False, row_hook=None):
+                 ignore_eos: bool = False, row_hook=None, compiled: bool = False):
         self.model, self.tokenizer, self.batch_size, self.ignore_eos = model, tokenizer, batch_size, ignore_eos
-        self.row_hook = row_hook
+        self.row_hook, self.compiled = row_hook, compiled
         self.eos_ids = eos_token_ids(model, tokenizer)
         device = next(model.parameters()).device
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -349,7 +364,8 @@ class FastGenerator:
             # headroom of one window: the next batch's prompts may be a little longer
             padded = -(-(length + WINDOW) // WINDOW) * WINDOW
             self.state = DecodeState(self.model, rows, padded, temperature, top_p, self.eos_ids,
-                                     self.tokenizer.pad_token_id, self.cuda_graphs, self.ignore_eos, self.row_hook)
+                                     self.tokenizer.pad_token_id, self.cuda_graphs, self.ignore_eos, self.row_hook,
+                                     self.compiled)
             self._weights = weights
         return self.state
 
