@@ -125,6 +125,22 @@ def test_state_is_reused_and_rebuilt_when_weights_move(tokenizer):
     assert gen.state is not state
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_released_state_is_freed_at_once(tokenizer, compiled):
+    import gc
+    import weakref
+
+    gen = FastGenerator(tiny_model("llama"), tokenizer, compiled=compiled)
+    gen.generate(_prompts(tokenizer), 1, 4, temperature=0.0)
+    state = weakref.ref(gen.state)
+    gc.disable()  # freed by reference counting, not whenever the collector runs (a cycle would keep its cache)
+    try:
+        gen.release()
+        assert state() is None
+    finally:
+        gc.enable()
+
+
 def test_mixed_precision_is_as_accurate_as_transformers_in_bf16(tokenizer):
     """A bf16 model with one float32 trained layer (as training leaves it) samples under bf16 autocast;
     its log-probs are as close to the float32 model's as transformers' own bf16 forward is."""

@@ -16,6 +16,7 @@ On CPU the same loop runs eagerly (tests check it against ``generate`` and a pla
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -184,15 +185,18 @@ def mask_argument(config, allowed: torch.Tensor, query_columns: torch.Tensor, ke
 # ------------------------------------------------------------------------------------------ decode state
 
 
-def _compiled(forward):
-    """``forward`` under torch.compile: one graph per key window (static shapes), its elementwise work
-    (norms, rotary, activations, casts, masking) fused into few kernels. Compiled code is cached on disk
-    by inductor, so a later process with the same shapes compiles in seconds."""
+@functools.cache
+def _compiled_forward():
+    """:meth:`DecodeState._forward` under torch.compile: one graph per key window (static shapes), its
+    elementwise work (norms, rotary, activations, casts, masking) fused into few kernels. Inductor caches
+    compiled code on disk, so a later process with the same shapes compiles in seconds. (The plain
+    function, not a bound method kept on the state: that would be a reference cycle, and a released
+    state's cache would stay allocated until the garbage collector ran.)"""
     import torch._dynamo
 
     # every batch shape, window and routing of layer variants is a graph of its own: keep more than 8
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return torch.compile(forward, dynamic=False)
+    return torch.compile(DecodeState._forward, dynamic=False)
 
 
 
@@ -223,8 +227,7 @@ class DecodeState:
         self.logprobs = torch.zeros(rows, length, dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
-        # the decode step's forward fused by torch.compile (prefill, run once per batch, stays eager)
-        self.step_forward = _compiled(self._forward) if compiled else self._forward
+        self.compiled = compiled  # decode steps through torch.compile (prefill, once per batch, stays eager)
 
     def fits(self, rows: int, length: int, temperature: float, top_p: float) -> bool:
         return (rows, temperature, top_p) == (self.rows, self.temperature, self.top_p) and length <= self.length
@@ -286,7 +289,8 @@ class DecodeState:
         allowed = (self.key_valid[:, :window] & (keys <= self.column))[:, None, :]
         mask = mask_argument(self.config, allowed, self.column, keys)
         self.row_hook(0, self.rows)
-        self._record(self.step_forward(self.current[:, None], mask, self.position[:, None]))
+        forward = _compiled_forward() if self.compiled else DecodeState._forward
+        self._record(forward(self, self.current[:, None], mask, self.position[:, None]))
 
     def decode(self, column: int) -> None:
         """Run the step whose input token sits at cache column ``column`` (known on the host)."""
