@@ -170,8 +170,10 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
                     rewards, outcome = score_rollouts(task, part, examples[k], run.config.group_size)
                     advantages = run.algorithm.advantages(rewards, run.config.group_size)
                     t2 = time.perf_counter()
+                    # the joint cache stays (no generator to free): the group was sized for the cache to fit
+                    # next to the updates, and rebuilding it would re-capture its decode steps every step
                     with variants.variant(k):
-                        stats, peak_update = update_phase(model, run, part, advantages, rollouts, precision, step)
+                        stats, peak_update = update_phase(model, run, part, advantages, None, precision, step)
                     t3 = time.perf_counter()
                     run.peak_memory = max(run.peak_memory, peak_rollout, peak_update)
                     # this run's share of the step: the joint generation split evenly, plus its own work
@@ -185,6 +187,10 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
                     stepped.append(k)
                 except OneLayerError as err:
                     fail(k, err)
+                except torch.OutOfMemoryError:
+                    raise OneLayerError(f"out of GPU memory updating one of {len(active)} variants next to their "
+                                        "rollout cache: use a smaller --concurrent (runs resume from their "
+                                        "checkpoints)") from None
                 bar.advance(task_id)
             # as a solo run does: evaluate, then checkpoint (the evaluation of all that are due at once)
             due = [k for k in stepped if eval_due(runs[k].config, steps[k])]

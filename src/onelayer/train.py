@@ -406,10 +406,10 @@ def open_run(config: TrainConfig, model: nn.Module, task: Task, algorithm: Algor
                final_eval=evals[-1] if evals and evals[-1]["step"] == start else None)
 
 
-def update_phase(model: nn.Module, run: Run, batch: RolloutBatch, advantages: torch.Tensor, generator: Generator,
-                 precision, step: int) -> tuple[dict, int]:
-    """The update half of a step: free a large rollout cache, compute the KL reference if any, and run
-    :func:`policy_update`. Returns its stats and the peak memory of the phase."""
+def update_phase(model: nn.Module, run: Run, batch: RolloutBatch, advantages: torch.Tensor,
+                 generator: Generator | None, precision, step: int) -> tuple[dict, int]:
+    """The update half of a step: free ``generator``'s rollout cache if it is large, compute the KL
+    reference if any, and run :func:`policy_update`. Returns its stats and the peak memory of the phase."""
     device = batch.input_ids.device
     if getattr(generator, "state_bytes", 0) > RELEASE_FRACTION * _total_memory(device):
         generator.release()  # a large model's cache would crowd out the update's activations
