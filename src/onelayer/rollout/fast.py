@@ -199,7 +199,6 @@ def _compiled_forward():
     return torch.compile(DecodeState._forward, dynamic=False)
 
 
-
 class DecodeState:
     """Buffers of one batch shape (``rows`` x ``length`` columns) and the decode steps captured on them."""
 
