@@ -157,3 +157,17 @@ def test_auto_concurrency_by_hand(tmp_path, monkeypatch):
     per_variant = (3 * 2 * 2 * 16 * 2 * 448 + 1600) * 8
     assert auto_concurrency(c, int(10 * per_variant / 0.45) + 10) == 10
     assert auto_concurrency(c, 10) == 1
+
+
+def test_the_joint_rollout_cache_is_kept_between_steps(tmp_path, tokenizer, monkeypatch):
+    import onelayer.train
+    from onelayer.rollout.fast import DecodeState
+
+    # as if the device had 1 byte: a solo run would free any rollout cache before its update
+    monkeypatch.setattr(onelayer.train, "_total_memory", lambda device: 1.0)
+    built = []
+    original = DecodeState.__init__
+    monkeypatch.setattr(DecodeState, "__init__", lambda self, *a, **k: built.append(a[1]) or original(self, *a, **k))
+    configs = [config(tmp_path / f"v{k}", str(k), steps=3, eval_every=0) for k in range(2)]
+    train_variants(configs, tiny_model("llama"), tokenizer, progress=False)
+    assert built == [2 * 3 * 4]  # one state for the 2 x 3 prompts x 4 samples, reused by all three steps
