@@ -86,14 +86,19 @@ def auto_concurrency(config: TrainConfig, free_bytes: int, prompt_tokens: int = 
     return max(1, int(CACHE_FRACTION * free_bytes // (per_row * rows)))
 
 
+def _out_of_memory(doing: str) -> OneLayerError:
+    return OneLayerError(f"out of GPU memory {doing}: use a smaller --concurrent (runs resume from their checkpoints)")
+
+
 def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, tokenizer=None,
                    progress: bool = True) -> list[TrainResult | Exception]:
     """Train (or resume) the runs ``configs``, each training its own decoder layers of the same base
     model, together. Returns each run's result, or the exception that stopped it."""
     check_group(configs)
-    task = check_run(configs[0])[0]
+    checked = [check_run(configs[0])]
+    task = checked[0][0]
     # one task for all (they share --task and its options): its examples are made once, not per variant
-    checked = [check_run(c, task) for c in configs]
+    checked += [check_run(c, task) for c in configs[1:]]
     if isinstance(task, AgentTask):
         raise OneLayerError(f"{task.name} is a multi-turn agent task; concurrent variants need a single-turn task: "
                             "use --concurrent 1")
@@ -156,8 +161,7 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
                     batch = rollouts.generate(prompts, first.group_size, sampling.max_new_tokens, sampling.temperature,
                                               sampling.top_p, seeds=[sample_seed(runs[k].config, steps[k]) for k in active])
             except torch.OutOfMemoryError:
-                raise OneLayerError(f"out of GPU memory generating for {len(active)} variants at once: use a smaller "
-                                    "--concurrent (runs resume from their checkpoints)") from None
+                raise _out_of_memory(f"generating for {len(active)} variants at once") from None
             seconds_generation = time.perf_counter() - t0
             peak_rollout = _peak_memory(device)
             stepped = []
@@ -170,10 +174,10 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
                     rewards, outcome = score_rollouts(task, part, examples[k], run.config.group_size)
                     advantages = run.algorithm.advantages(rewards, run.config.group_size)
                     t2 = time.perf_counter()
-                    # the joint cache stays (no generator to free): the group was sized for the cache to fit
+                    # the joint cache stays (unlike a solo run's large one): the group was sized for it to fit
                     # next to the updates, and rebuilding it would re-capture its decode steps every step
                     with variants.variant(k):
-                        stats, peak_update = update_phase(model, run, part, advantages, None, precision, step)
+                        stats, peak_update = update_phase(model, run, part, advantages, precision, step)
                     t3 = time.perf_counter()
                     run.peak_memory = max(run.peak_memory, peak_rollout, peak_update)
                     # this run's share of the step: the joint generation split evenly, plus its own work
@@ -188,9 +192,7 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
                 except OneLayerError as err:
                     fail(k, err)
                 except torch.OutOfMemoryError:
-                    raise OneLayerError(f"out of GPU memory updating one of {len(active)} variants next to their "
-                                        "rollout cache: use a smaller --concurrent (runs resume from their "
-                                        "checkpoints)") from None
+                    raise _out_of_memory(f"updating one of {len(active)} variants next to their rollout cache") from None
                 bar.advance(task_id)
             # as a solo run does: evaluate, then checkpoint (the evaluation of all that are due at once)
             due = [k for k in stepped if eval_due(runs[k].config, steps[k])]

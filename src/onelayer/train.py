@@ -406,13 +406,11 @@ def open_run(config: TrainConfig, model: nn.Module, task: Task, algorithm: Algor
                final_eval=evals[-1] if evals and evals[-1]["step"] == start else None)
 
 
-def update_phase(model: nn.Module, run: Run, batch: RolloutBatch, advantages: torch.Tensor,
-                 generator: Generator | None, precision, step: int) -> tuple[dict, int]:
-    """The update half of a step: free ``generator``'s rollout cache if it is large, compute the KL
-    reference if any, and run :func:`policy_update`. Returns its stats and the peak memory of the phase."""
+def update_phase(model: nn.Module, run: Run, batch: RolloutBatch, advantages: torch.Tensor, precision,
+                 step: int) -> tuple[dict, int]:
+    """The update half of a step: compute the KL reference if any, and run :func:`policy_update`.
+    Returns its stats and the peak memory of the phase."""
     device = batch.input_ids.device
-    if getattr(generator, "state_bytes", 0) > RELEASE_FRACTION * _total_memory(device):
-        generator.release()  # a large model's cache would crowd out the update's activations
     ref = None
     with precision:
         if run.config.beta:
@@ -515,7 +513,9 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
                     advantages = algorithm.advantages(rewards, config.group_size)
             t1 = time.perf_counter()
             peak_rollout = _peak_memory(device)
-            stats, peak_update = update_phase(model, run, batch, advantages, generator, precision, step)
+            if getattr(generator, "state_bytes", 0) > RELEASE_FRACTION * _total_memory(device):
+                generator.release()  # a large model's cache would crowd out the update's activations
+            stats, peak_update = update_phase(model, run, batch, advantages, precision, step)
             t2 = time.perf_counter()
             run.peak_memory = max(run.peak_memory, peak_rollout, peak_update)
             seconds = {"generation": seconds_generation, "rollout": t1 - t0, "update": t2 - t1, "step": t2 - t0}
