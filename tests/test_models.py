@@ -174,6 +174,16 @@ def test_gguf_model_is_converted_once_and_loads_identically(tiny_gguf, tmp_path,
         load_model(str(tiny_gguf), "cpu", "fp32")
 
 
+def test_a_broken_gguf_file_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONELAYER_CACHE", str(tmp_path / "cache"))
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file" * 10)
+    with pytest.raises(OneLayerError, match="cannot load model .*broken.gguf.*not a GGUF file") as err:
+        load_model(str(broken), "cpu")
+    assert "\n" not in str(err.value)
+    assert not list((tmp_path / "cache" / "gguf").iterdir())  # no half-converted directory left
+
+
 def test_gguf_cache_off_or_unwritable_loads_the_file(tiny_gguf, tmp_path, monkeypatch, capsys):
     reference, _ = _direct_gguf(tiny_gguf)
     expected = reference.state_dict()

@@ -154,10 +154,12 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def _loadable(source: ModelSource) -> ModelSource:
-    """``source``, or for a GGUF file its converted directory (converting it on first use). Reading a
-    GGUF file parses all its metadata and dequantizes every tensor (~15-50 s for the embedded model);
-    a saved directory loads in about a second. Falls back to the GGUF file if the cache is not writable."""
+def _loadable(name: str) -> ModelSource:
+    """Where to load model ``name`` from: its source, or for a GGUF file its converted directory
+    (converting it on first use). Reading a GGUF file parses all its metadata and dequantizes every
+    tensor (~15-50 s for the embedded model); a saved directory loads in about a second. Falls back to
+    the GGUF file if the cache is not writable."""
+    source = resolve_model_source(name)
     if not source.is_gguf:
         return source
     target = converted_dir(source)
@@ -167,6 +169,8 @@ def _loadable(source: ModelSource) -> ModelSource:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             _convert_gguf(source, target)
+        except ValueError as err:  # not a GGUF file, or one transformers cannot read
+            raise _load_error(name, err) from err
         except OSError as err:
             print(f"onelayer: cannot keep a converted copy in {target.parent} ({err}); loading the GGUF file "
                   "each time (set ONELAYER_CACHE to a writable directory)", file=sys.stderr)
@@ -178,7 +182,7 @@ def load_config(name: str):
     """The model's config, without loading weights."""
     from transformers import AutoConfig
 
-    source = _loadable(resolve_model_source(name))
+    source = _loadable(name)
     try:
         return AutoConfig.from_pretrained(source.path, **_hub_kwargs(source))
     except (OSError, ValueError) as err:
@@ -215,7 +219,7 @@ def load_model(name: str, device: str | torch.device | None = None, dtype: str =
     """
     from transformers import AutoModelForCausalLM
 
-    source = _loadable(resolve_model_source(name))
+    source = _loadable(name)
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, device)
     extra = {"attn_implementation": attention} if attention else {}
@@ -234,7 +238,7 @@ def load_tokenizer(name: str):
     """The model's tokenizer, with a pad token (EOS if it has none) and left padding for generation."""
     from transformers import AutoTokenizer
 
-    source = _loadable(resolve_model_source(name))
+    source = _loadable(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **_hub_kwargs(source))
     except (OSError, ValueError) as err:
