@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from onelayer.layers import apply_selection, select_layers
-from onelayer.rollout import HFGenerator, completion_logprobs, completion_mask, render_prompts
+from onelayer.rollout import (
+    HFGenerator,
+    assemble_batch,
+    completion_logprobs,
+    completion_mask,
+    encode_prompts,
+    render_prompts,
+)
 
 from .conftest import ARCHS, tiny_model
 
@@ -12,6 +19,31 @@ def test_completion_mask_by_hand():
     mask, truncated = completion_mask(completions, [1])
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert truncated.tolist() == [False, False, True]
+
+
+def test_prompts_are_left_padded_and_repeated_per_sample(tokenizer):
+    ids, mask = encode_prompts(tokenizer, ["ab", "abcd"], 2, torch.device("cpu"))
+    a, b, c, d = (tokenizer.convert_tokens_to_ids(x) for x in "abcd")
+    assert ids.tolist() == [[0, 0, a, b], [0, 0, a, b], [a, b, c, d], [a, b, c, d]]
+    assert mask.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_completion_texts_are_what_batch_decode_gives(tokenizer, clean_up):
+    """The whole-batch decode (or, with clean-up on, transformers' own) stops at each row's first EOS."""
+    tokenizer.clean_up_tokenization_spaces = clean_up
+    try:
+        ids, mask = encode_prompts(tokenizer, ["x", "y", "z"], 1, torch.device("cpu"))
+        rows = [tokenizer("a b .c", add_special_tokens=False)["input_ids"] + [1, 5, 6],
+                [1, 7, 8, 9, 10, 11], tokenizer("hi !?", add_special_tokens=False)["input_ids"][:6]]
+        completions = torch.tensor([r + [0] * (9 - len(r)) for r in rows])
+        batch = assemble_batch(tokenizer, ids, mask, completions, [1])
+        # transformers' clean-up drops spaces before punctuation: the fast path must not skip it
+        assert batch.texts == (["a b.c", "", "hi!?"] if clean_up else ["a b .c", "", "hi !?"])
+        assert batch.texts == [tokenizer.decode(c[m.bool()], skip_special_tokens=True)
+                               for c, m in zip(batch.input_ids[:, 1:], batch.completion_mask, strict=True)]
+    finally:
+        tokenizer.clean_up_tokenization_spaces = False
 
 
 def _batch(tokenizer):

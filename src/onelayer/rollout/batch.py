@@ -67,21 +67,29 @@ def encode_prompts(tokenizer, prompts: list[str], num_samples: int,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids ``[prompts * num_samples, P]`` of every row, left-padded, and their attention mask."""
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    rows = [ids for ids in encoded for _ in range(num_samples)]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
+    width = max(1, max(len(ids) for ids in encoded))
+    # one padded row per prompt, then repeated: a row-by-row loop cost ~0.3 s for 3,840 rows
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in encoded], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in encoded], dtype=torch.long)
+    ids, mask = ids.to(device), mask.to(device)
+    return ids.repeat_interleave(num_samples, dim=0), mask.repeat_interleave(num_samples, dim=0)
 
 
 def pad_columns(pieces: list[torch.Tensor], value: float) -> torch.Tensor:
     """Row blocks of different widths stacked into one tensor, right-padded with ``value``."""
     width = max(1, max(p.shape[1] for p in pieces))
     return torch.cat([nn.functional.pad(p, (0, width - p.shape[1]), value=value) for p in pieces])
+
+
+def decode_texts(tokenizer, rows: list[list[int]]) -> list[str]:
+    """The texts of token-id lists, special tokens skipped, as ``tokenizer.batch_decode`` gives them.
+
+    A Rust-backed tokenizer without clean-up decodes the whole batch in one parallel call (transformers
+    decodes row after row: ~0.5 s for 3,840 completions on two cores)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return tokenizer.batch_decode(rows, skip_special_tokens=True)
+    return backend.decode_batch(rows, skip_special_tokens=True)
 
 
 def assemble_batch(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.Tensor,
@@ -92,8 +100,9 @@ def assemble_batch(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     completions = completions.masked_fill(mask == 0, tokenizer.pad_token_id)
     if logprobs is not None:
         logprobs = logprobs.masked_fill(mask == 0, 0.0)
-    texts = tokenizer.batch_decode([c[m.bool()] for c, m in zip(completions, mask, strict=True)],
-                                   skip_special_tokens=True)
+    # one host copy and plain lists: indexing each row of a GPU tensor synced once per row
+    lengths = mask.sum(dim=1).tolist()
+    texts = decode_texts(tokenizer, [row[:n] for row, n in zip(completions.tolist(), lengths, strict=True)])
     return RolloutBatch(
         input_ids=torch.cat([prompt_ids, completions], dim=1),
         attention_mask=torch.cat([prompt_mask, mask], dim=1),
