@@ -13,6 +13,8 @@ Sections (each prints a table and adds to OUT/results.json; alone and together m
             layer time is their mean times 30)
   generation  one joint generation step of --generation-variants single-layer variants x 256 rows (rows routed
             through their own layer copies) vs the same rows on the plain model, decode eager or compiled
+  architectures  tiny random models of every fast-engine architecture (the tests' models, on the GPU in
+            float32): three single-layer variants trained together and each alone, rewards, losses and weights
   together  all 30 layers trained --concurrent at a time (0 = as many as fit), then the comparison: wall
             time of the whole scan both ways, and where a concurrent step's time goes
 GPU utilisation and memory are sampled by nvidia-smi every 0.5 s.
@@ -149,6 +151,52 @@ def parity(out: Path, steps: int, dtype: str, layers: list[str]) -> dict:
     return {"steps": steps, "dtype": dtype, "layers": rows}
 
 
+def architectures(out: Path, steps: int = 3) -> dict:
+    """Per architecture: layers 0, 1 and 3 of the tests' tiny random model trained together, then each
+    alone, on the GPU in float32 (CUDA graphs, routed layer copies): do they follow one trajectory?"""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tiny models (no pytest needed)
+    from safetensors.torch import load_file
+
+    from onelayer.concurrent import train_variants
+    from onelayer.train import train
+    from tests.tiny import ARCHS, make_char_tokenizer, tiny_model
+
+    tokenizer = make_char_tokenizer()
+    rows = []
+    for arch in ARCHS:
+        root = out / "architectures" / arch
+
+        def config(name: str, layer: str, root=root) -> TrainConfig:
+            return TrainConfig(model="tiny", task="toy:repeat", layers=layer, out=str(root / name), steps=steps,
+                               prompts_per_step=4, group_size=4, lr=3e-2, micro_batch_size=16, save_every=steps,
+                               eval_every=steps, eval_n=8, device="cuda", seed=1,
+                               sampling=SamplingConfig(max_new_tokens=12, engine="fast"))
+
+        layers = ["0", "1", "3"]
+        start = time.time()
+        base = tiny_model(arch).cuda()
+        initial = {n: p.detach().clone() for n, p in base.named_parameters()}
+        together = train_variants([config(f"together-{x}", x) for x in layers], base, tokenizer, progress=False)
+        errors = [str(r) for r in together if isinstance(r, Exception)]
+        row = {"arch": arch, "errors": errors, "rewards_equal": True, "max_loss_diff": 0.0, "weights_apart": 0.0}
+        for x in layers:
+            train(config(f"alone-{x}", x), tiny_model(arch).cuda(), tokenizer, progress=False)
+            logs = [read_log(root / f"{mode}-{x}") for mode in ("together", "alone")]
+            row["rewards_equal"] &= [r["reward"] for r in logs[0]] == [r["reward"] for r in logs[1]]
+            row["max_loss_diff"] = max([row["max_loss_diff"]] + [abs(a["loss"] - b["loss"]) for a, b in zip(*logs, strict=True)])
+            weights = [load_file(str(root / f"{mode}-{x}" / "checkpoint" / "trained.safetensors"))
+                       for mode in ("together", "alone")]
+            moved = sum(((v.cuda() - initial[n]) ** 2).sum().item() for n, v in weights[1].items()) ** 0.5
+            apart = sum(((weights[0][n] - v) ** 2).sum().item() for n, v in weights[1].items()) ** 0.5
+            row["weights_apart"] = max(row["weights_apart"], apart / max(moved, 1e-12))
+        row["seconds"] = time.time() - start
+        rows.append(row)
+        print(f"{arch:9s} together vs alone: rewards {'equal' if row['rewards_equal'] else 'DIFFER'}, max |loss "
+              f"diff| {row['max_loss_diff']:.2e}, final weights apart / moved {row['weights_apart']:.2e}"
+              + (f", ERRORS {errors}" if errors else "") + f" ({row['seconds']:.0f} s)", flush=True)
+    return {"steps": steps, "rows": rows}
+
+
 def scan_alone(out: Path, steps: int, solo_layers: list[int], eval_n: int) -> dict:
     """Base, full and the ``solo_layers`` runs, one at a time (as a scan with --concurrent 1 runs them)."""
     results: dict = {"steps": steps, "solo_layers": solo_layers}
@@ -279,12 +327,14 @@ def main() -> int:
             elif section == "alone":
                 layers = [int(x) for x in args.solo_layers.split(",")]
                 results["alone"] = scan_alone(out, args.steps, layers, args.eval_n)
+            elif section == "architectures":
+                results["architectures"] = architectures(out)
             elif section == "generation":
                 results["generation"] = joint_generation(args.generation_variants)
             elif section == "together":
                 results["together"] = scan_together(out, results["alone"], args.concurrent, args.eval_n)
             else:
-                raise SystemExit(f"unknown section {section}: use parity, alone, generation, together")
+                raise SystemExit(f"unknown section {section}: use parity, alone, architectures, generation, together")
         except Exception:
             import traceback
 

@@ -10,6 +10,9 @@ Sections (each prints a table and adds to OUT/results.json, so sections may run 
               SmolLM2, 96 new tokens, batch 256/1024/3840, and the first call's cost (capture, compilation)
   generation  new tokens/s and ms per decode step, plain vs fast, at batch 64/256/1024, for SmolLM2 and
               random Qwen3-0.6B- and Qwen3-8B-shaped models (fixed lengths: EOS is never sampled)
+  update      one single-layer SmolLM2 update (32 x 8 rollouts, at most 96 new tokens; layers 15 and 0)
+              at micro-batches of 64/128/256 rows, eager vs SDPA attention, and a profile of one: GPU kernel
+              time against wall time (a GPU idle between kernels waits on Python)
   step        a SmolLM2 GRPO step of 32 prompts x 8 completions x 256 tokens, full vs middle:1, by phase
   large       the Qwen3-8B-shaped model: middle:1 and middle:4 steps of 256 x 512 tokens; does full fit?
   trl         the SmolLM2 step through TRL's GRPOTrainer (its plain generate path), same settings
@@ -34,10 +37,10 @@ from onelayer.models import load_model, load_tokenizer
 from onelayer.rollout import FastGenerator, HFGenerator, completion_logprobs, render_prompts
 from onelayer.rollout.fast import cached_attention_for
 from onelayer.tasks import get_task
-from onelayer.train import train
+from onelayer.train import check_run, open_run, precision_context, train, update_phase
 
 TASK = "rg:basic_arithmetic"
-SECTIONS = ("check", "generation", "compiled", "profile", "step", "large", "trl")
+SECTIONS = ("check", "generation", "compiled", "profile", "update", "step", "large", "trl")
 
 
 def qwen3_shaped(size: str, vocab_size: int):
@@ -157,22 +160,29 @@ def _time_decode(state) -> tuple:
 def decode_profile(state) -> dict:
     """A decode step of ``state`` as a graph replay and op by op, and its kernels by kind."""
     graph_ms, eager_ms, prof, window = _time_decode(state)
+    kinds, kernels = kernel_kinds(prof, 10)
+    return {"graph_ms_per_step": graph_ms, "eager_ms_per_step": eager_ms, "kernel_ms_per_step": sum(kinds.values()),
+            "kernels_per_step": kernels, "kernel_ms_by_kind": kinds, "window": window,
+            "top_kernels": prof.key_averages().table(sort_by="device_time_total", row_limit=12)}
+
+
+def kernel_kinds(prof, repeats: int) -> tuple[dict[str, float], float]:
+    """GPU kernel milliseconds by kind, and the number of kernels, per repeat of the profiled work."""
     kinds: dict[str, float] = {}
     kernels = 0
     for event in prof.key_averages():
-        cuda_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
-        if not cuda_us or event.key.startswith("aten::") or event.key.startswith("cuda"):
+        # kernels only: operators, autograd nodes and the optimizer's ranges carry their kernels' time too
+        if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
+        cuda_us = event.self_device_time_total
         key = event.key.lower()
         kind = ("matmul" if any(k in key for k in ("gemm", "cutlass", "sm90", "xmma", "cublas", "gemv"))
                 else "reduce/softmax" if any(k in key for k in ("reduce", "softmax", "argmax", "norm"))
                 else "copy/index" if any(k in key for k in ("copy", "index", "scatter", "gather", "cat"))
                 else "elementwise/other")
-        kinds[kind] = kinds.get(kind, 0.0) + cuda_us / 10 / 1000
+        kinds[kind] = kinds.get(kind, 0.0) + cuda_us / repeats / 1000
         kernels += event.count
-    return {"graph_ms_per_step": graph_ms, "eager_ms_per_step": eager_ms, "kernel_ms_per_step": sum(kinds.values()),
-            "kernels_per_step": kernels / 10, "kernel_ms_by_kind": kinds, "window": window,
-            "top_kernels": prof.key_averages().table(sort_by="device_time_total", row_limit=12)}
+    return kinds, kernels / repeats
 
 
 def print_profile(label: str, row: dict) -> None:
@@ -251,6 +261,74 @@ def section_compiled(args) -> dict:
         fused["speedup"] = fused["tokens_per_s"] / rows[-2]["tokens_per_s"]
         print(f"batch {batch}: compiled / eager = {fused['speedup']:.2f}x", flush=True)
     return {"rows": rows}
+
+
+def _time_update(update, profiled: bool) -> dict:
+    """Median seconds of 5 calls of ``update`` after a warm-up, their peak memory, and optionally a profile."""
+    update()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(5):
+        start = synced()
+        update()
+        times.append(synced() - start)
+    row = {"seconds": statistics.median(times), "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    if profiled:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            start = synced()
+            for _ in range(3):
+                update()
+            wall = (synced() - start) / 3 * 1000
+        kinds, kernels = kernel_kinds(prof, 3)
+        row.update(profile_wall_ms=wall, kernel_ms=sum(kinds.values()), kernels=kernels, kernel_ms_by_kind=kinds,
+                   top_kernels=prof.key_averages().table(sort_by="device_time_total", row_limit=15))
+    return row
+
+
+def section_update(args) -> dict:
+    """One single-layer update on one fixed rollout batch, timed per micro-batch size and attention kernel
+    (a fresh model each, the median of 5 updates after one warm-up), and profiled at the scan recipe's
+    128 rows: if the kernels' GPU time is well below the wall time, the GPU waits on Python."""
+    tokenizer = load_tokenizer("smollm2")
+    task = get_task(TASK)
+    device = torch.device("cuda")
+    precision = precision_context(device, torch.bfloat16)
+    base = load_model("smollm2", device, "bf16", "eager")
+    torch.manual_seed(0)
+    with precision:
+        batch = FastGenerator(base, tokenizer, 256).generate(task_prompts(tokenizer, 32), 8, 96, 1.0, 1.0)
+    del base
+    advantages = torch.randn(batch.size, generator=torch.Generator().manual_seed(0))
+    tokens = batch.attention_mask.sum().item()
+    print(f"rollout batch: {batch.size} rows x {batch.input_ids.shape[1]} columns ({tokens / batch.size:.0f} real "
+          f"tokens a row, {batch.completion_lengths.float().mean():.0f} of them completion)", flush=True)
+    rows = []
+    for attention in ("eager", "sdpa"):
+        for layers in ("15", "0"):
+            for micro in (64, 128, 256):
+                model = load_model("smollm2", device, "bf16", attention)
+                with tempfile.TemporaryDirectory() as out:
+                    config = TrainConfig(model="smollm2", task=TASK, layers=layers, out=out, prompts_per_step=32,
+                                         group_size=8, lr=1e-6, micro_batch_size=micro, dtype="bf16",
+                                         attention=attention, sampling=SamplingConfig(max_new_tokens=96))
+                    run = open_run(config, model, *check_run(config, task))
+                    profiled = (attention, layers, micro) in (("eager", "15", 128), ("sdpa", "15", 256))
+                    row = {"attention": attention, "layers": layers, "micro_batch": micro,
+                           **_time_update(lambda m=model, r=run: update_phase(m, r, batch, advantages, precision, 0),
+                                          profiled)}
+                rows.append(row)
+                print(f"{attention:5s} layer {layers:>2s} micro-batch {micro:3d}: update {row['seconds'] * 1000:6.1f} ms, "
+                      f"peak {row['peak_gb']:5.1f} GB", flush=True)
+                if "kernel_ms" in row:
+                    print(f"  profiled: wall {row['profile_wall_ms']:.1f} ms, GPU kernels {row['kernel_ms']:.1f} ms "
+                          f"in {row['kernels']:.0f} launches (" + ", ".join(
+                              f"{k} {v:.1f}" for k, v in sorted(row["kernel_ms_by_kind"].items(), key=lambda kv: -kv[1]))
+                          + ")", flush=True)
+                    print("\n".join(row["top_kernels"].splitlines()[:12]), flush=True)
+                del model
+                torch.cuda.empty_cache()
+    return {"rows": rows, "rows_per_update": batch.size, "columns": batch.input_ids.shape[1]}
 
 
 def run_steps(model_name: str, layers: str, steps: int, model=None, tokenizer=None, **overrides) -> dict:

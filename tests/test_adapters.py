@@ -9,8 +9,8 @@ from onelayer.checkpoint import TENSORS, apply_checkpoint, find_checkpoint, read
 from onelayer.errors import OneLayerError
 from onelayer.train import train
 
-from .conftest import tiny_model
 from .test_train import config, rewards
+from .tiny import tiny_model
 
 
 def test_matched_rank_by_hand():

@@ -13,7 +13,7 @@ from onelayer.rollout.episodes import play_episodes
 from onelayer.tasks import get_task
 from onelayer.tasks.agent import parse_action
 
-from .conftest import tiny_model
+from .tiny import tiny_model
 
 
 def test_maze_is_a_deterministic_perfect_maze():

@@ -13,7 +13,7 @@ from onelayer.models import parameter_layers
 from onelayer.train import train
 from onelayer.variants import LayerVariants
 
-from .conftest import tiny_model
+from .tiny import tiny_model
 
 
 def config(out, layers, **overrides):

@@ -3,7 +3,7 @@ import pytest
 from onelayer.evaluate import evaluate, mean_interval, pass_at_k, wilson_interval
 from onelayer.tasks import get_task
 
-from .conftest import tiny_model
+from .tiny import tiny_model
 
 
 def test_wilson_interval_by_hand():

@@ -8,7 +8,7 @@ from onelayer.errors import OneLayerError
 from onelayer.rollout import FastGenerator, HFGenerator, completion_logprobs, make_generator, render_prompts
 from onelayer.rollout.fast import WINDOW, nucleus_mask, sample_tokens
 
-from .conftest import ARCHS, tiny_model
+from .tiny import ARCHS, tiny_model
 
 
 def _prompts(tokenizer, texts=("abc", "x y z qq", "12")):

@@ -5,7 +5,7 @@ from onelayer.errors import OneLayerError
 from onelayer.layers import apply_selection, parameter_counts, parse_layer_spec, select_layers
 from onelayer.models import parameter_layers
 
-from .conftest import tiny_model
+from .tiny import tiny_model
 
 
 @pytest.mark.parametrize("spec,n,expected", [

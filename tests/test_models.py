@@ -13,7 +13,7 @@ from onelayer.models import (
     resolve_model_source,
 )
 
-from .conftest import ARCHS, tiny_config, tiny_model
+from .tiny import ARCHS, tiny_config, tiny_model
 
 EXPECTED_PREFIX = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
 

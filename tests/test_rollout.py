@@ -11,7 +11,7 @@ from onelayer.rollout import (
     render_prompts,
 )
 
-from .conftest import ARCHS, tiny_model
+from .tiny import ARCHS, tiny_model
 
 
 def test_completion_mask_by_hand():

@@ -13,8 +13,8 @@ from onelayer.layers import lr_scales_from_profile, parse_layer_spec, top_layers
 from onelayer.models import parameter_layers
 from onelayer.train import train
 
-from .conftest import tiny_model
 from .test_train import config
+from .tiny import tiny_model
 
 
 def hand_profile(measured: dict[int, float], n: int, interpolated: dict[int, float] | None = None,

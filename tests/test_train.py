@@ -11,7 +11,7 @@ from onelayer.models import parameter_layers
 from onelayer.tasks.toy import RepeatTask
 from onelayer.train import PromptSampler, lr_factor, train
 
-from .conftest import tiny_model
+from .tiny import tiny_model
 
 
 def config(tmp_path, **overrides):

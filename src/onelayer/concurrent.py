@@ -155,7 +155,11 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
         while active := [k for k, run in enumerate(runs) if k not in failed and steps[k] < run.config.steps]:
             t0 = time.perf_counter()
             examples = {k: runs[k].sampler.batch(steps[k], first.prompts_per_step) for k in active}
-            prompts = [p for k in active for p in render_prompts(tokenizer, [task.messages(e) for e in examples[k]])]
+            # variants of one seed draw the same examples: each is rendered once
+            unique = list({id(e): e for k in active for e in examples[k]}.values())
+            rendered = dict(zip(map(id, unique), render_prompts(tokenizer, [task.messages(e) for e in unique]),
+                                strict=True))
+            prompts = [rendered[id(e)] for k in active for e in examples[k]]
             try:
                 with precision, variants.joint(active, rows_per_variant):
                     batch = rollouts.generate(prompts, first.group_size, sampling.max_new_tokens, sampling.temperature,

@@ -1,0 +1,71 @@
+"""A character-level tokenizer and tiny random models of every architecture the fast engine supports (used
+by the tests, and by the benchmarks to check those architectures on a GPU; no pytest needed)."""
+
+from __future__ import annotations
+
+import torch
+
+CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:#-+*/=()?!\\{}$\n")
+
+
+def make_char_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from onelayer.models import prepare_tokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    raw.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    return prepare_tokenizer(tok)
+
+
+VOCAB = len(CHARS) + 3
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+              initializer_range=0.3)
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    if arch == "qwen3":
+        return tf.Qwen3Config(**COMMON, head_dim=8)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**COMMON)
+    if arch == "llama":
+        return tf.LlamaConfig(**COMMON, tie_word_embeddings=True)
+    if arch == "mistral":
+        return tf.MistralConfig(**COMMON)
+    if arch == "gemma2":
+        return tf.Gemma2Config(**COMMON, head_dim=8, final_logit_softcapping=5.0)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(**COMMON, head_dim=8)
+    if arch == "phi3":
+        return tf.Phi3Config(**COMMON)
+    if arch == "olmo2":
+        return tf.Olmo2Config(**COMMON)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=256,
+                             pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                num_attention_heads=4, max_position_embeddings=256, pad_token_id=0,
+                                eos_token_id=1, bos_token_id=1)
+    raise ValueError(arch)
+
+
+ARCHS = ["qwen3", "qwen2", "llama", "mistral", "gemma2", "gemma3", "phi3", "olmo2", "gpt2", "gpt_neox"]
+
+
+def tiny_model(arch: str = "llama", seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    model.config.eos_token_id = 1
+    model.generation_config.eos_token_id = 1
+    model.generation_config.pad_token_id = 0
+    return model.eval()
