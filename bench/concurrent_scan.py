@@ -47,12 +47,17 @@ TASK_OPTIONS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2
                 "allow_parentheses": False, "allow_negation": False, "eval_size": 500}
 
 
+# Settings that change speed, not the science, set from the command line (--micro-batch, --compile-layers):
+# alone and together runs of one call always share them.
+TUNING = {"micro_batch_size": 128, "compile_layers": False}
+
+
 def recipe(out: Path, steps: int, layers: str, eval_n: int) -> TrainConfig:
     """The scan recipe of docs/results/2026-11-22-scan-smollm2 at 32 prompts x 8 samples."""
     return TrainConfig(model="smollm2", task="rg:basic_arithmetic", task_options=dict(TASK_OPTIONS), algo="grpo",
                        layers=layers, out=str(out), steps=steps, prompts_per_step=32, group_size=8, lr=2e-5,
-                       micro_batch_size=128, save_every=steps, eval_n=eval_n, attention="eager", seed=0,
-                       sampling=SamplingConfig(max_new_tokens=96, generation_batch_size=256))
+                       save_every=steps, eval_n=eval_n, attention="eager", seed=0,
+                       sampling=SamplingConfig(max_new_tokens=96, generation_batch_size=256), **TUNING)
 
 
 class GpuSampler:
@@ -310,7 +315,10 @@ def main() -> int:
     parser.add_argument("--concurrent", type=int, default=0)
     parser.add_argument("--eval-n", type=int, default=200)
     parser.add_argument("--generation-variants", type=int, default=15)
+    parser.add_argument("--micro-batch", type=int, default=128, help="rows per forward/backward of every run")
+    parser.add_argument("--compile-layers", action="store_true", help="updates through compiled decoder layers")
     args = parser.parse_args()
+    TUNING.update(micro_batch_size=args.micro_batch, compile_layers=args.compile_layers)
     if not torch.cuda.is_available():
         print("bench/concurrent_scan.py needs a GPU", file=sys.stderr)
         return 2

@@ -10,9 +10,9 @@ Sections (each prints a table and adds to OUT/results.json, so sections may run 
               SmolLM2, 96 new tokens, batch 256/1024/3840, and the first call's cost (capture, compilation)
   generation  new tokens/s and ms per decode step, plain vs fast, at batch 64/256/1024, for SmolLM2 and
               random Qwen3-0.6B- and Qwen3-8B-shaped models (fixed lengths: EOS is never sampled)
-  update      one single-layer SmolLM2 update (32 x 8 rollouts, at most 96 new tokens; layers 15 and 0)
-              at micro-batches of 64/128/256 rows, eager vs SDPA attention, and a profile of one: GPU kernel
-              time against wall time (a GPU idle between kernels waits on Python)
+  update      one SmolLM2 update (32 x 8 rollouts, at most 96 new tokens) of layer 15, layer 0 or all layers,
+              at micro-batches of 64/128/256 rows, eager vs SDPA attention, eager vs compiled decoder layers
+              (--compile-layers), some profiled: GPU kernel time by kind against wall time
   step        a SmolLM2 GRPO step of 32 prompts x 8 completions x 256 tokens, full vs middle:1, by phase
   large       the Qwen3-8B-shaped model: middle:1 and middle:4 steps of 256 x 512 tokens; does full fit?
   trl         the SmolLM2 step through TRL's GRPOTrainer (its plain generate path), same settings
@@ -264,15 +264,17 @@ def section_compiled(args) -> dict:
 
 
 def _time_update(update, profiled: bool) -> dict:
-    """Median seconds of 5 calls of ``update`` after a warm-up, their peak memory, and optionally a profile."""
-    update()
-    torch.cuda.reset_peak_memory_stats()
+    """Seconds of the first call of ``update`` (compilation, if any), the median of the next 5, their peak
+    memory (as the update reports it), and optionally a profile of 3 more."""
+    start = synced()
+    peaks = [update()[1]]
+    row = {"first_call_seconds": synced() - start}
     times = []
     for _ in range(5):
         start = synced()
-        update()
+        peaks.append(update()[1])
         times.append(synced() - start)
-    row = {"seconds": statistics.median(times), "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    row.update(seconds=statistics.median(times), peak_gb=max(peaks) / 2**30)
     if profiled:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -286,10 +288,17 @@ def _time_update(update, profiled: bool) -> dict:
     return row
 
 
+# (attention, layers, micro-batch rows, compiled layers, profiled)
+UPDATE_CASES = [(attention, layers, micro, False, False) for attention in ("eager", "sdpa") for layers in ("15", "0")
+                for micro in (64, 128, 256)] + [
+    ("eager", "15", 128, True, True), ("sdpa", "15", 256, True, True), ("sdpa", "0", 256, True, False),
+    ("sdpa", "all", 128, False, False), ("sdpa", "all", 128, True, False)]
+
+
 def section_update(args) -> dict:
-    """One single-layer update on one fixed rollout batch, timed per micro-batch size and attention kernel
-    (a fresh model each, the median of 5 updates after one warm-up), and profiled at the scan recipe's
-    128 rows: if the kernels' GPU time is well below the wall time, the GPU waits on Python."""
+    """One update on one fixed rollout batch per case (a fresh model each): single layers 15 and 0 and all
+    layers, micro-batch sizes, eager vs SDPA attention, eager vs compiled decoder layers; some profiled:
+    kernel time by kind against wall time (the rest of the wall time, the GPU waits on Python)."""
     tokenizer = load_tokenizer("smollm2")
     task = get_task(TASK)
     device = torch.device("cuda")
@@ -304,30 +313,27 @@ def section_update(args) -> dict:
     print(f"rollout batch: {batch.size} rows x {batch.input_ids.shape[1]} columns ({tokens / batch.size:.0f} real "
           f"tokens a row, {batch.completion_lengths.float().mean():.0f} of them completion)", flush=True)
     rows = []
-    for attention in ("eager", "sdpa"):
-        for layers in ("15", "0"):
-            for micro in (64, 128, 256):
-                model = load_model("smollm2", device, "bf16", attention)
-                with tempfile.TemporaryDirectory() as out:
-                    config = TrainConfig(model="smollm2", task=TASK, layers=layers, out=out, prompts_per_step=32,
-                                         group_size=8, lr=1e-6, micro_batch_size=micro, dtype="bf16",
-                                         attention=attention, sampling=SamplingConfig(max_new_tokens=96))
-                    run = open_run(config, model, *check_run(config, task))
-                    profiled = (attention, layers, micro) in (("eager", "15", 128), ("sdpa", "15", 256))
-                    row = {"attention": attention, "layers": layers, "micro_batch": micro,
-                           **_time_update(lambda m=model, r=run: update_phase(m, r, batch, advantages, precision, 0),
-                                          profiled)}
-                rows.append(row)
-                print(f"{attention:5s} layer {layers:>2s} micro-batch {micro:3d}: update {row['seconds'] * 1000:6.1f} ms, "
-                      f"peak {row['peak_gb']:5.1f} GB", flush=True)
-                if "kernel_ms" in row:
-                    print(f"  profiled: wall {row['profile_wall_ms']:.1f} ms, GPU kernels {row['kernel_ms']:.1f} ms "
-                          f"in {row['kernels']:.0f} launches (" + ", ".join(
-                              f"{k} {v:.1f}" for k, v in sorted(row["kernel_ms_by_kind"].items(), key=lambda kv: -kv[1]))
-                          + ")", flush=True)
-                    print("\n".join(row["top_kernels"].splitlines()[:12]), flush=True)
-                del model
-                torch.cuda.empty_cache()
+    for attention, layers, micro, compile_layers, profiled in UPDATE_CASES:
+        model = load_model("smollm2", device, "bf16", attention)
+        with tempfile.TemporaryDirectory() as out:
+            config = TrainConfig(model="smollm2", task=TASK, layers=layers, out=out, prompts_per_step=32, group_size=8,
+                                 lr=1e-6, micro_batch_size=micro, dtype="bf16", attention=attention,
+                                 compile_layers=compile_layers, sampling=SamplingConfig(max_new_tokens=96))
+            run = open_run(config, model, *check_run(config, task))
+            row = {"attention": attention, "layers": layers, "micro_batch": micro, "compiled": compile_layers,
+                   **_time_update(lambda m=model, r=run: update_phase(m, r, batch, advantages, precision, 0), profiled)}
+        rows.append(row)
+        print(f"{attention:5s} layers {layers:>3s} micro-batch {micro:3d} {'compiled' if compile_layers else 'eager   '}: "
+              f"update {row['seconds'] * 1000:6.1f} ms (first call {row['first_call_seconds']:.1f} s), "
+              f"peak {row['peak_gb']:5.1f} GB", flush=True)
+        if "kernel_ms" in row:
+            print(f"  profiled: wall {row['profile_wall_ms']:.1f} ms, GPU kernels {row['kernel_ms']:.1f} ms in "
+                  f"{row['kernels']:.0f} launches (" + ", ".join(
+                      f"{k} {v:.1f}" for k, v in sorted(row["kernel_ms_by_kind"].items(), key=lambda kv: -kv[1]))
+                  + ")", flush=True)
+            print("\n".join(row["top_kernels"].splitlines()[:10]), flush=True)
+        del model
+        torch.cuda.empty_cache()
     return {"rows": rows, "rows_per_update": batch.size, "columns": batch.input_ids.shape[1]}
 
 

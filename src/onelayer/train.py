@@ -25,6 +25,7 @@ from .algorithms.gigpo import anchor_key, episode_grpo_advantages, gigpo_advanta
 from .analysis.contribution import read_profile
 from .analysis.curves import read_jsonl
 from .checkpoint import apply_checkpoint, find_checkpoint, load_optimizer_state, read_meta, save_checkpoint
+from .compiled import compiled_layers
 from .config import TrainConfig, from_dict, to_dict
 from .errors import OneLayerError
 from .evaluate import evaluate, write_eval
@@ -41,7 +42,7 @@ RELEASE_FRACTION = 0.2
 
 # Fields that may change when a run is resumed; any other difference means a different experiment.
 RESUMABLE_CHANGES = {"steps", "eval_every", "eval_at_start", "eval_n", "save_every", "device", "out",
-                     "sampling.engine", "sampling.compile_decode"}
+                     "sampling.engine", "sampling.compile_decode", "compile_layers"}
 
 
 class PromptSampler:
@@ -412,7 +413,7 @@ def update_phase(model: nn.Module, run: Run, batch: RolloutBatch, advantages: to
     Returns its stats and the peak memory of the phase."""
     device = batch.input_ids.device
     ref = None
-    with precision:
+    with precision, compiled_layers(model, run.config.compile_layers):
         if run.config.beta:
             with swapped_tensors(model, run.initial):
                 ref = _batch_logprobs(model, batch, run.config)

@@ -22,6 +22,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from ..compiled import allow_recompiles
 from .batch import RolloutBatch, assemble_batch, encode_prompts, eos_token_ids, pad_columns
 from .logprobs import head_logits, logit_softcap, position_ids_from_mask
 from .streams import row_keys, uniforms
@@ -192,10 +193,7 @@ def _compiled_forward():
     compiled code on disk, so a later process with the same shapes compiles in seconds. (The plain
     function, not a bound method kept on the state: that would be a reference cycle, and a released
     state's cache would stay allocated until the garbage collector ran.)"""
-    import torch._dynamo
-
-    # every batch shape, window and routing of layer variants is a graph of its own: keep more than 8
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    allow_recompiles()  # every batch shape, window and routing of layer variants is a graph of its own
     return torch.compile(DecodeState._forward, dynamic=False)
 
 
