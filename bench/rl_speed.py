@@ -368,8 +368,11 @@ def section_step(args) -> dict:
     for layers in ("all", "middle:1"):
         for engine in args.step_engines.split(","):
             label = f"smollm2 {layers} {engine}"
-            rows[label] = run_steps("smollm2", layers, args.steps,
-                                    sampling=SamplingConfig(max_new_tokens=256, engine=engine))
+            # "compiled": the fast engine with --compile-decode and --compile-layers (the first step compiles)
+            compiled = engine == "compiled"
+            rows[label] = run_steps("smollm2", layers, args.steps, compile_layers=compiled,
+                                    sampling=SamplingConfig(max_new_tokens=256, engine="fast" if compiled else engine,
+                                                            compile_decode=compiled))
             _print_step(label, rows[label])
             torch.cuda.empty_cache()
     return rows
@@ -448,7 +451,8 @@ def main() -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--models", default="smollm2,qwen3-0.6B,qwen3-8B", help="generation section models")
     parser.add_argument("--steps", type=int, default=5, help="RL steps per measurement (the first is a warm-up)")
-    parser.add_argument("--step-engines", default="fast", help="engines for the step section: fast,plain")
+    parser.add_argument("--step-engines", default="fast",
+                        help="engines for the step section: fast, plain, compiled (fast + --compile-decode/-layers)")
     parser.add_argument("--large-steps", type=int, default=3)
     parser.add_argument("--large-micro-batch", type=int, default=8)
     args = parser.parse_args()
