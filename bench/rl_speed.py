@@ -365,7 +365,7 @@ def _print_step(label: str, row: dict) -> None:
 
 def section_step(args) -> dict:
     rows = {}
-    for layers in ("all", "middle:1"):
+    for layers in args.step_layers.split(","):
         for engine in args.step_engines.split(","):
             label = f"smollm2 {layers} {engine}"
             # "compiled": the fast engine with --compile-decode and --compile-layers (the first step compiles)
@@ -453,6 +453,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="RL steps per measurement (the first is a warm-up)")
     parser.add_argument("--step-engines", default="fast",
                         help="engines for the step section: fast, plain, compiled (fast + --compile-decode/-layers)")
+    parser.add_argument("--step-layers", default="all,middle:1", help="layer specs for the step section")
     parser.add_argument("--large-steps", type=int, default=3)
     parser.add_argument("--large-micro-batch", type=int, default=8)
     args = parser.parse_args()
