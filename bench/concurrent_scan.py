@@ -103,14 +103,14 @@ def read_log(directory: Path) -> list[dict]:
 
 
 def timed(results: dict, key: str, sampler: GpuSampler, work) -> float:
-    torch.cuda.reset_peak_memory_stats()
+    """Wall time of ``work``, with nvidia-smi's utilisation and memory over it (torch's peak counter is reset
+    by every training step, and each run logs its own peaks)."""
     start = time.time()
     work()
     end = time.time()
-    results[key] = {"seconds": end - start, "peak_gb": torch.cuda.max_memory_allocated() / 2**30,
-                    **sampler.summary(start, end)}
-    print(f"{key}: {end - start:.1f} s, peak {results[key]['peak_gb']:.1f} GB, "
-          f"GPU util {results[key].get('gpu_util_mean', float('nan')):.0f}%", flush=True)
+    results[key] = {"seconds": end - start, **sampler.summary(start, end)}
+    print(f"{key}: {end - start:.1f} s, GPU memory up to {results[key].get('gpu_mem_max_mib', float('nan')) / 1024:.1f} "
+          f"GB, GPU util {results[key].get('gpu_util_mean', float('nan')):.0f}%", flush=True)
     return end - start
 
 
