@@ -75,3 +75,18 @@ def test_layers_share_their_graphs(tokenizer, aot_eager):
     assert update(1, 2, 7) == 0
     # without the block the layers run their plain modules
     assert all(layer._compiled_call_impl is None for layer in layers)
+
+
+def test_a_failed_compilation_is_one_line_that_names_the_fix(tmp_path, tokenizer, monkeypatch):
+    import torch._dynamo
+
+    from onelayer.errors import OneLayerError
+
+    def broken(graph, example_inputs):
+        raise RuntimeError("no kernels today")
+
+    monkeypatch.setattr(compiled, "BACKEND", broken)
+    torch._dynamo.reset()
+    with pytest.raises(OneLayerError, match="compiling the decoder layers failed .*drop --compile-layers"):
+        train(config(tmp_path, steps=1, compile_layers=True), tiny_model("llama"), tokenizer, progress=False)
+    torch._dynamo.reset()

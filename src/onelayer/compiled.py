@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .errors import OneLayerError
 from .models import decoder_layers
 
 BACKEND = "inductor"  # tests use "aot_eager": the same graphs and autograd, without code generation
@@ -50,6 +51,12 @@ def compiled_layers(model: nn.Module, enabled: bool = True):
         layer._compiled_call_impl = torch.compile(layer._call_impl, backend=BACKEND, dynamic=True)
     try:
         yield model
+    except Exception as err:
+        if not type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OneLayerError(f"compiling the decoder layers failed ({first[:200]}): drop --compile-layers "
+                            "(the last checkpoint is intact and --out resumes from it)") from err
     finally:
         for layer in layers:
             layer._compiled_call_impl = None

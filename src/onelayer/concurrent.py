@@ -46,8 +46,7 @@ from .train import (
 from .variants import LayerVariants
 
 # What every variant of a group must share: one model, one task and one batched generation.
-SHARED = ("model", "task", "task_options", "dtype", "device", "attention", "prompts_per_step", "group_size", "eval_n",
-          "compile_layers")
+SHARED = ("model", "task", "task_options", "dtype", "device", "attention", "prompts_per_step", "group_size", "eval_n")
 SHARED_SAMPLING = ("max_new_tokens", "temperature", "top_p", "compile_decode")
 # Share of free GPU memory the joint rollout cache may take (the rest: updates, logits, fragmentation).
 CACHE_FRACTION = 0.45
