@@ -54,7 +54,8 @@ def compiled_layers(model: nn.Module, enabled: bool = True):
     except Exception as err:
         if not type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        cause = getattr(err, "inner_exception", None) or err  # a backend's own error, when it raised one
+        first = f"{type(cause).__name__}: {cause}".strip().splitlines()[0]
         raise OneLayerError(f"compiling the decoder layers failed ({first[:200]}): drop --compile-layers "
                             "(the last checkpoint is intact and --out resumes from it)") from err
     finally:
