@@ -54,6 +54,17 @@ def test_profile_is_flagged_when_full_training_gained_nothing():
     assert not profile.reliable and "within noise" in profile.warning
 
 
+def test_profile_is_flagged_when_full_training_lost_accuracy():
+    """A significant loss makes C(l) rank the most harmful layers first: flagged, not read as gains."""
+    n = 400
+    base = [[1] * (n // 2) + [0] * (n // 2)]
+    full = [[0] * n]  # -0.5
+    profile = layer_profile(base, full, {0: full, 2: base}, 4, n_resamples=300)
+    assert profile.full_gain.high < 0
+    assert not profile.reliable and "lowered the metric" in profile.warning and "--lr" in profile.warning
+    assert {p.layer: p.contribution for p in profile.points}[0] == pytest.approx(1.0)
+
+
 def test_profile_with_a_real_gain():
     n = 400
     base = [[0] * n]

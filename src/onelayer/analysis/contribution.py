@@ -79,8 +79,8 @@ class LayerPoint:
 
 @dataclass(frozen=True)
 class Profile:
-    """A contribution profile over all layers; ``reliable`` is False when the full-training gain's
-    interval includes 0, in which case contributions are noise and ``warning`` says so."""
+    """A contribution profile over all layers; ``reliable`` is False unless full training's gain is above
+    the noise (its interval excludes 0 and it is positive); ``warning`` then says why."""
 
     points: tuple[LayerPoint, ...]
     full_gain: Estimate
@@ -111,9 +111,13 @@ def layer_profile(base: Sequence[Sequence[float]], full: Sequence[Sequence[float
         raise OneLayerError("every run must be scored on the same eval examples: rerun eval with the same --n")
     indices = bootstrap_indices(b.size, n_resamples, seed)
     gain = gain_estimate(b, f, indices, level)
-    reliable = gain.low > 0 or gain.high < 0
+    # C(l) reads as the share of full training's gain a layer recovers: that needs a gain above the noise
+    reliable = gain.low > 0
+    change = f"{gain.value:+.4f} [{gain.low:+.4f}, {gain.high:+.4f}]"
     warning = "" if reliable else (
-        f"full training changed the metric by {gain.value:+.4f} [{gain.low:+.4f}, {gain.high:+.4f}], within noise: "
+        f"full training lowered the metric by {change}: contributions would rank the layers that hurt most "
+        "first; lower --lr or train longer before reading them") if gain.high < 0 else (
+        f"full training changed the metric by {change}, within noise: "
         "contributions are not meaningful; train longer, use more eval examples or seeds")
     estimates = {layer: contribution_estimate(b, f, s, indices, level) for layer, s in per_layer.items()}
     values = interpolate({k: e.value for k, e in estimates.items()}, num_layers)
