@@ -255,9 +255,9 @@ def scan_together(out: Path, alone: dict, concurrent: int, eval_n: int) -> dict:
     return results
 
 
-def joint_generation(variant_count: int) -> dict:
+def joint_generation(variant_count: int, modes: list[str]) -> dict:
     """Seconds of one generation of ``variant_count`` x 256 rows (96 new tokens, the scan recipe's
-    sampling), routed through variants' layer copies or not, decode steps eager or compiled."""
+    sampling), routed through variants' layer copies or not, decode steps eager and/or compiled (``modes``)."""
     from onelayer.models import load_model, load_tokenizer
     from onelayer.rollout import FastGenerator, render_prompts
     from onelayer.tasks import get_task
@@ -272,7 +272,7 @@ def joint_generation(variant_count: int) -> dict:
     variants = LayerVariants(model, [(i % 30,) for i in range(variant_count)])
     members = list(range(variant_count))
     rows = []
-    for compiled in (False, True):
+    for compiled in [mode == "compiled" for mode in modes]:
         for routed in (False, True):
             generator = FastGenerator(model, tokenizer, batch_size=len(prompts) * 8,
                                       row_hook=variants.set_rows if routed else None, compiled=compiled)
@@ -315,6 +315,7 @@ def main() -> int:
     parser.add_argument("--concurrent", type=int, default=0)
     parser.add_argument("--eval-n", type=int, default=200)
     parser.add_argument("--generation-variants", type=int, default=15)
+    parser.add_argument("--generation-modes", default="eager,compiled", help="decode steps eager and/or compiled")
     parser.add_argument("--micro-batch", type=int, default=128, help="rows per forward/backward of every run")
     parser.add_argument("--compile-layers", action="store_true", help="updates through compiled decoder layers")
     args = parser.parse_args()
@@ -338,7 +339,7 @@ def main() -> int:
             elif section == "architectures":
                 results["architectures"] = architectures(out)
             elif section == "generation":
-                results["generation"] = joint_generation(args.generation_variants)
+                results["generation"] = joint_generation(args.generation_variants, args.generation_modes.split(","))
             elif section == "together":
                 results["together"] = scan_together(out, results["alone"], args.concurrent, args.eval_n)
             else:
