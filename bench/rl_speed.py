@@ -8,8 +8,7 @@ Sections (each prints a table and adds to OUT/results.json, so sections may run 
   profile     where a captured decode step's time goes (kernels by kind, graph replay vs eager launches)
   compiled    the fast engine's decode step eager vs through torch.compile (both replayed as CUDA graphs):
               SmolLM2, 96 new tokens, batch 256/1024/3840, and the first call's cost (capture, compilation)
-  generation  new tokens/s and ms per decode step, plain vs fast (attention as SDPA or as two matmuls),
-              at batch 64/256/1024, for SmolLM2 and
+  generation  new tokens/s and ms per decode step, plain vs fast, at batch 64/256/1024, for SmolLM2 and
               random Qwen3-0.6B- and Qwen3-8B-shaped models (fixed lengths: EOS is never sampled)
   update      one SmolLM2 update (32 x 8 rollouts, at most 96 new tokens) of layer 15, layer 0 or all layers,
               at micro-batches of 64/128/256 rows, eager vs SDPA attention, eager vs compiled decoder layers
@@ -36,7 +35,6 @@ import torch
 from onelayer.config import SamplingConfig, TrainConfig
 from onelayer.models import load_model, load_tokenizer
 from onelayer.rollout import FastGenerator, HFGenerator, completion_logprobs, render_prompts
-from onelayer.rollout import fast as fast_module
 from onelayer.rollout.fast import cached_attention_for
 from onelayer.tasks import get_task
 from onelayer.train import check_run, open_run, precision_context, train, update_phase
@@ -223,23 +221,21 @@ def section_generation(args) -> dict:
             model, new_tokens = qwen3_shaped(name.removeprefix("qwen3-"), len(tokenizer)), 128
         for batch in (64, 256, 1024):
             prompts = task_prompts(tokenizer, batch)
-            for engine, cls in (("plain", HFGenerator), ("fast-matmul", FastGenerator), ("fast", FastGenerator)):
-                # fast-matmul: the fast engine with its attention as two matmuls and a softmax (before SDPA)
-                fast_module.FUSED_ATTENTION = engine != "fast-matmul"
+            for engine, cls in (("plain", HFGenerator), ("fast", FastGenerator)):
                 try:
                     row = time_generation(cls(model, tokenizer, batch, ignore_eos=True), prompts, new_tokens)
                 except torch.cuda.OutOfMemoryError:
                     row = {"rows": batch, "new_tokens": new_tokens, "error": "out of GPU memory"}
                 torch.cuda.empty_cache()
                 rows.append({"model": name, "engine": engine, **row})
-                print(f"{name:12s} {engine:11s} batch {batch:5d}: " + (
+                print(f"{name:12s} {engine:5s} batch {batch:5d}: " + (
                     row["error"] if "error" in row else
                     f"{row['tokens_per_s']:10.0f} new tokens/s {row['ms_per_step']:7.2f} ms/step "
                     f"(peak {row['peak_gb']:.1f} GB)"), flush=True)
         del model
         torch.cuda.empty_cache()
     for r in rows:
-        if r["engine"].startswith("fast") and "error" not in r:
+        if r["engine"] == "fast" and "error" not in r:
             plain = next((p for p in rows if p["engine"] == "plain" and p["model"] == r["model"]
                           and p["rows"] == r["rows"] and "error" not in p), None)
             r["speedup"] = r["tokens_per_s"] / plain["tokens_per_s"] if plain else None

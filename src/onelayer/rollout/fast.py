@@ -31,7 +31,6 @@ WINDOW = 64  # key-window granularity of the captured decode steps (and of the c
 CHECK_EVERY = 16  # decode steps between checks that every row has finished (each check syncs)
 PREFILL_TOKENS = 32_768  # prompt tokens per prefill chunk: bounds activations and attention scores
 ATTENTION = "onelayer_static_cache"
-FUSED_ATTENTION = True  # SDPA over the cache; False: two matmuls and a softmax (always so with logit softcapping)
 
 # model_type values whose decode path the tests check against transformers (greedy tokens, log-probs);
 # any other architecture falls back to the plain path with a notice.
@@ -136,12 +135,6 @@ def cached_attention(module, query, key, value, attention_mask, scaling=None, dr
     kv_heads = key.shape[1]
     groups = q_heads // kv_heads
     q = query.reshape(batch, kv_heads, groups * queries, dim)
-    if FUSED_ATTENTION and not softcap:
-        # one fused kernel (scores, mask, softmax, values) that reads each KV head's cache once; the mask's
-        # rows follow q's (group, query) order
-        mask = attention_mask.repeat(1, 1, groups, 1)
-        out = nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
-        return out.view(batch, q_heads, queries, -1).transpose(1, 2), None
     scores = torch.matmul(q, key.transpose(-1, -2)).float() * (scaling if scaling is not None else dim ** -0.5)
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
