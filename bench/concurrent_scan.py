@@ -102,6 +102,11 @@ def read_log(directory: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
 
 
+def distance(a: dict, b: dict) -> float:
+    """Euclidean distance between two sets of named tensors, over the names of ``b``."""
+    return sum(((a[n] - v.to(a[n].device)) ** 2).sum().item() for n, v in b.items()) ** 0.5
+
+
 def timed(results: dict, key: str, sampler: GpuSampler, work) -> float:
     """Wall time of ``work``, with nvidia-smi's utilisation and memory over it (torch's peak counter is reset
     by every training step, and each run logs its own peaks)."""
@@ -136,10 +141,10 @@ def parity(out: Path, steps: int, dtype: str, layers: list[str]) -> dict:
         train(floor, progress=False)
         weights = {name: load_file(str(Path(c.out) / "checkpoint" / "trained.safetensors"))
                    for name, c in (("together", joint), ("alone", solo), ("floor", floor))}
-        moved = sum(((v - base[n]) ** 2).sum().item() for n, v in weights["alone"].items()) ** 0.5
+        moved = distance(base, weights["alone"])
 
         def apart(a: str, b: str, weights=weights, moved=moved) -> float:
-            return sum(((weights[a][n] - weights[b][n]) ** 2).sum().item() for n in weights[b]) ** 0.5 / moved
+            return distance(weights[a], weights[b]) / moved
 
         logs = {name: read_log(Path(c.out)) for name, c in (("together", joint), ("alone", solo), ("floor", floor))}
         evals = {name: json.loads((Path(c.out) / "eval.jsonl").read_text().splitlines()[-1])["accuracy"]
@@ -191,9 +196,8 @@ def architectures(out: Path, steps: int = 3) -> dict:
             row["max_loss_diff"] = max([row["max_loss_diff"]] + [abs(a["loss"] - b["loss"]) for a, b in zip(*logs, strict=True)])
             weights = [load_file(str(root / f"{mode}-{x}" / "checkpoint" / "trained.safetensors"))
                        for mode in ("together", "alone")]
-            moved = sum(((v.cuda() - initial[n]) ** 2).sum().item() for n, v in weights[1].items()) ** 0.5
-            apart = sum(((weights[0][n] - v) ** 2).sum().item() for n, v in weights[1].items()) ** 0.5
-            row["weights_apart"] = max(row["weights_apart"], apart / max(moved, 1e-12))
+            moved = distance(initial, weights[1])
+            row["weights_apart"] = max(row["weights_apart"], distance(weights[0], weights[1]) / max(moved, 1e-12))
         row["seconds"] = time.time() - start
         rows.append(row)
         print(f"{arch:9s} together vs alone: rewards {'equal' if row['rewards_equal'] else 'DIFFER'}, max |loss "

@@ -114,11 +114,14 @@ def layer_profile(base: Sequence[Sequence[float]], full: Sequence[Sequence[float
     # C(l) reads as the share of full training's gain a layer recovers: that needs a gain above the noise
     reliable = gain.low > 0
     change = f"{gain.value:+.4f} [{gain.low:+.4f}, {gain.high:+.4f}]"
-    warning = "" if reliable else (
-        f"full training lowered the metric by {change}: contributions would rank the layers that hurt most "
-        "first; lower --lr or train longer before reading them") if gain.high < 0 else (
-        f"full training changed the metric by {change}, within noise: "
-        "contributions are not meaningful; train longer, use more eval examples or seeds")
+    if reliable:
+        warning = ""
+    elif gain.high < 0:
+        warning = (f"full training lowered the metric by {change}: contributions would rank the layers that hurt "
+                   "most first; lower --lr or train longer before reading them")
+    else:
+        warning = (f"full training changed the metric by {change}, within noise: contributions are not meaningful; "
+                   "train longer, use more eval examples or seeds")
     estimates = {layer: contribution_estimate(b, f, s, indices, level) for layer, s in per_layer.items()}
     values = interpolate({k: e.value for k, e in estimates.items()}, num_layers)
     lows = interpolate({k: e.low for k, e in estimates.items()}, num_layers)
