@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from .tiny import make_char_tokenizer, tiny_model
+# the fast engine's Triton kernels run on CPU through Triton's interpreter, chosen before triton is imported
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from .tiny import make_char_tokenizer, tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,7 @@ from .variants import LayerVariants
 
 # What every variant of a group must share: one model, one task and one batched generation.
 SHARED = ("model", "task", "task_options", "dtype", "device", "attention", "prompts_per_step", "group_size", "eval_n")
-SHARED_SAMPLING = ("max_new_tokens", "temperature", "top_p", "compile_decode")
+SHARED_SAMPLING = ("max_new_tokens", "temperature", "top_p", "compile_decode", "fused_kernels")
 # Share of free GPU memory the joint rollout cache may take (the rest: updates, logits, fragmentation).
 CACHE_FRACTION = 0.45
 
@@ -121,8 +121,10 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
             runs.append(open_run(config, model, run_task, algorithm))
     model.eval()
     # separate engines for training and evaluation batches: each keeps its captured steps
-    rollouts = FastGenerator(model, tokenizer, row_hook=variants.set_rows, compiled=first.sampling.compile_decode)
-    evals = FastGenerator(model, tokenizer, row_hook=variants.set_rows)
+    kernels = None if first.sampling.fused_kernels else False
+    rollouts = FastGenerator(model, tokenizer, row_hook=variants.set_rows, compiled=first.sampling.compile_decode,
+                             kernels=kernels)
+    evals = FastGenerator(model, tokenizer, row_hook=variants.set_rows, kernels=kernels)
     steps = [run.start for run in runs]
     failed: dict[int, Exception] = {}
     if device.type == "cuda":

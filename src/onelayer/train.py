@@ -42,7 +42,7 @@ RELEASE_FRACTION = 0.2
 
 # Fields that may change when a run is resumed; any other difference means a different experiment.
 RESUMABLE_CHANGES = {"steps", "eval_every", "eval_at_start", "eval_n", "save_every", "device", "out",
-                     "sampling.engine", "sampling.compile_decode", "compile_layers"}
+                     "sampling.engine", "sampling.compile_decode", "sampling.fused_kernels", "compile_layers"}
 
 
 class PromptSampler:
@@ -484,7 +484,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     precision = precision_context(device, next(model.parameters()).dtype)  # before trained tensors go float32
     run = open_run(config, model, task, algorithm)
     generator = make_generator(model, tokenizer, config.sampling.generation_batch_size, config.sampling.engine,
-                               config.sampling.compile_decode)
+                               config.sampling.compile_decode, config.sampling.fused_kernels)
     model.eval()  # no dropout: sampling and update see the same policy
 
     def run_eval(step: int) -> None:

@@ -13,10 +13,11 @@ from .hf import Generator, HFGenerator
 
 
 def make_generator(model: nn.Module, tokenizer, batch_size: int = 256, engine: str = "auto",
-                   compile_decode: bool = False) -> Generator:
+                   compile_decode: bool = False, fused_kernels: bool = True) -> Generator:
     """``fast`` (static KV cache; CUDA graphs on CUDA), ``plain`` (transformers ``generate``), or ``auto``:
     fast on CUDA, plain on CPU. Where the fast engine cannot run the model, a one-line notice says why
-    and the plain engine is used. ``compile_decode``: the fast engine's decode steps go through torch.compile."""
+    and the plain engine is used. ``compile_decode``: the fast engine's decode steps go through torch.compile;
+    ``fused_kernels``: its attention and sampling run as Triton kernels where they can (False: never)."""
     if engine not in ENGINES:
         raise OneLayerError(f"unknown rollout engine '{engine}': use {', '.join(ENGINES)}")
     on_cuda = next(model.parameters()).device.type == "cuda"
@@ -26,4 +27,4 @@ def make_generator(model: nn.Module, tokenizer, batch_size: int = 256, engine: s
     if reason:
         print(f"rollouts: the fast engine is off because {reason}; using transformers generate", file=sys.stderr)
         return HFGenerator(model, tokenizer, batch_size)
-    return FastGenerator(model, tokenizer, batch_size, compiled=compile_decode)
+    return FastGenerator(model, tokenizer, batch_size, compiled=compile_decode, kernels=None if fused_kernels else False)

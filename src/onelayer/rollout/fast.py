@@ -9,6 +9,8 @@ whatever the batch; the GPU needs a few. Here:
   per-query-head copies) under a boolean mask built from tensors, then samples on the GPU and does the
   EOS bookkeeping: fixed shapes and no host sync, so on CUDA each step is captured once per key window
   (multiples of ``WINDOW`` columns, so early steps do not read the empty end of the cache) and replayed;
+- on CUDA, attention and sampling run as Triton kernels (:mod:`.kernels`), the attention kernel skipping
+  masked blocks of the cache itself (so one window, one captured step, serves every column);
 - the loop asks every ``CHECK_EVERY`` steps whether all rows have finished and stops early.
 
 On CPU the same loop runs eagerly (tests check it against ``generate`` and a plain forward).
@@ -23,6 +25,8 @@ import torch
 from torch import nn
 
 from ..compiled import allow_recompiles
+from ..errors import OneLayerError
+from . import kernels as _kernels
 from .batch import RolloutBatch, assemble_batch, encode_prompts, eos_token_ids, pad_columns
 from .logprobs import head_logits, logit_softcap, position_ids_from_mask
 from .streams import row_keys, uniforms
@@ -31,6 +35,7 @@ WINDOW = 64  # key-window granularity of the captured decode steps (and of the c
 CHECK_EVERY = 16  # decode steps between checks that every row has finished (each check syncs)
 PREFILL_TOKENS = 32_768  # prompt tokens per prefill chunk: bounds activations and attention scores
 ATTENTION = "onelayer_static_cache"
+FUSED_ATTENTION = "onelayer_static_cache_fused"
 
 # model_type values whose decode path the tests check against transformers (greedy tokens, log-probs);
 # any other architecture falls back to the plain path with a notice.
@@ -61,14 +66,18 @@ def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                  uniform: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  uniform: torch.Tensor | None = None, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from float32 ``logits [B, V]``, and its log-prob under the tempered distribution
     (before top-p truncation, as the trainer computes it). ``temperature <= 0`` is greedy (log-prob at T=1).
 
     Sampling inverts each row's cumulative distribution at ``uniform [B]`` (values in (0, 1); fresh
     draws of the global generator when None): no host sync, so it can live inside a CUDA graph, and
     with counter-based uniforms (:mod:`.streams`) a row's tokens do not depend on its batch.
+    ``fused``: the same inversion in one Triton kernel (:func:`.kernels.sample`) where it applies
+    (temperature > 0, no top-p truncation, uniforms given).
     """
+    if fused and temperature > 0 and top_p >= 1.0 and uniform is not None:
+        return _kernels.sample(logits, temperature, uniform)
     if temperature <= 0:
         tokens = logits.argmax(dim=-1)
         return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
@@ -144,22 +153,34 @@ def cached_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.transpose(1, 2), None
 
 
+def fused_cached_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                           **kwargs):
+    """:func:`cached_attention` with a decode step's single query per row through the Triton kernel
+    (:func:`.kernels.decode_attention`); prefill keeps the matmuls."""
+    if query.shape[2] != 1:
+        return cached_attention(module, query, key, value, attention_mask, scaling, dropout, softcap, **kwargs)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return _kernels.decode_attention(query, key, value, attention_mask, scaling, softcap or 0.0), None
+
+
 _registered = False
 
 
 @contextmanager
-def cached_attention_for(model: nn.Module):
-    """Route ``model``'s attention modules to :func:`cached_attention` for the duration."""
+def cached_attention_for(model: nn.Module, fused: bool = False):
+    """Route ``model``'s attention modules to :func:`cached_attention` (``fused``:
+    :func:`fused_cached_attention`) for the duration."""
     global _registered
     if not _registered:
         from transformers import AttentionInterface
 
         AttentionInterface.register(ATTENTION, cached_attention)
+        AttentionInterface.register(FUSED_ATTENTION, fused_cached_attention)
         _registered = True
     configs = {id(c): c for c in (model.config, model.config.get_text_config())}.values()
     saved = [(c, c._attn_implementation) for c in configs]
     for c, _ in saved:
-        c._attn_implementation = ATTENTION
+        c._attn_implementation = FUSED_ATTENTION if fused else ATTENTION
     try:
         yield
     finally:
@@ -202,7 +223,7 @@ class DecodeState:
 
     def __init__(self, model: nn.Module, rows: int, length: int, temperature: float, top_p: float,
                  eos_ids: list[int], pad_id: int, cuda_graphs: bool, ignore_eos: bool = False, row_hook=None,
-                 compiled: bool = False):
+                 compiled: bool = False, fused: bool = False):
         device = next(model.parameters()).device
         self.row_hook = row_hook or (lambda start, stop: None)
         self.model, self.rows, self.length = model, rows, length
@@ -225,6 +246,7 @@ class DecodeState:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         self.compiled = compiled  # decode steps through torch.compile (prefill, once per batch, stays eager)
+        self.fused = fused  # sampling (and, through the attention implementation, attention) in Triton kernels
 
     def fits(self, rows: int, length: int, temperature: float, top_p: float) -> bool:
         return (rows, temperature, top_p) == (self.rows, self.temperature, self.top_p) and length <= self.length
@@ -233,7 +255,8 @@ class DecodeState:
         """Sample from ``logits``, write the token and its log-prob, and advance every row by one."""
         if self.ignore_eos:  # fixed-length generation (benchmarks): EOS is never drawn
             logits = logits.index_fill(-1, self.eos, float("-inf"))
-        tokens, logprobs = sample_tokens(logits, self.temperature, self.top_p, uniforms(self.keys, self.step_index))
+        tokens, logprobs = sample_tokens(logits, self.temperature, self.top_p, uniforms(self.keys, self.step_index),
+                                         self.fused)
         tokens = tokens.masked_fill(self.finished, self.pad_id)
         self.tokens.index_copy_(1, self.step_index, tokens[:, None])
         self.logprobs.index_copy_(1, self.step_index, logprobs.masked_fill(self.finished, 0.0)[:, None])
@@ -291,7 +314,8 @@ class DecodeState:
 
     def decode(self, column: int) -> None:
         """Run the step whose input token sits at cache column ``column`` (known on the host)."""
-        window = min(self.length, (column // WINDOW + 1) * WINDOW)
+        # the attention kernel skips unwritten columns itself: one window, one captured step, for them all
+        window = self.length if self.fused else min(self.length, (column // WINDOW + 1) * WINDOW)
         if not self.cuda_graphs:
             self._decode(window)
             return
@@ -338,15 +362,21 @@ class FastGenerator:
     ``ignore_eos`` generates exactly ``max_new_tokens`` per row (EOS is never sampled), for benchmarks.
     ``row_hook(start, stop)`` is called before every forward with the rows it covers (layer variants
     route rows to their own layers by it). ``compiled`` runs decode steps through torch.compile.
+    ``kernels`` runs decode attention and sampling in Triton kernels (:mod:`.kernels`): None = where they
+    run by default (CUDA sm80+ with Triton installed), True = always (on CPU through Triton's interpreter,
+    for tests), False = never.
     """
 
     def __init__(self, model: nn.Module, tokenizer, batch_size: int = 256, cuda_graphs: bool | None = None,
-                 ignore_eos: bool = False, row_hook=None, compiled: bool = False):
+                 ignore_eos: bool = False, row_hook=None, compiled: bool = False, kernels: bool | None = None):
         self.model, self.tokenizer, self.batch_size, self.ignore_eos = model, tokenizer, batch_size, ignore_eos
         self.row_hook, self.compiled = row_hook, compiled
         self.eos_ids = eos_token_ids(model, tokenizer)
         device = next(model.parameters()).device
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if kernels and (reason := _kernels.unavailable_reason(device)):
+            raise ValueError(f"the fast engine's Triton kernels cannot run: {reason}")
+        self.kernels = _kernels.available(device) if kernels is None else kernels
         self.state: DecodeState | None = None
         self._weights: tuple = ()
 
@@ -366,7 +396,7 @@ class FastGenerator:
             padded = -(-(length + WINDOW) // WINDOW) * WINDOW
             self.state = DecodeState(self.model, rows, padded, temperature, top_p, self.eos_ids,
                                      self.tokenizer.pad_token_id, self.cuda_graphs, self.ignore_eos, self.row_hook,
-                                     self.compiled)
+                                     self.compiled, self.kernels)
             self._weights = weights
         return self.state
 
@@ -407,13 +437,19 @@ class FastGenerator:
         model.eval()
         tokens, logprobs = [], []
         try:
-            with cached_attention_for(model), autocast:
+            with cached_attention_for(model, self.kernels), autocast:
                 for start in range(0, rows, batch_size):
                     part = slice(start, start + batch_size)
                     t, lp = self._generate_rows(prompt_ids[part], prompt_mask[part], keys[part], max_new_tokens,
                                                 temperature, top_p)
                     tokens.append(t)
                     logprobs.append(lp)
+        except Exception as error:
+            if self.kernels and _kernels.raised_by_triton(error):
+                raise OneLayerError(f"the fast engine's Triton kernels failed ({type(error).__name__}: "
+                                    f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+                                    "rerun with --no-fused-kernels") from error
+            raise
         finally:
             model.train(was_training)
         return assemble_batch(tok, prompt_ids, prompt_mask, pad_columns(tokens, tok.pad_token_id), self.eos_ids,
