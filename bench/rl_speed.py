@@ -8,8 +8,10 @@ Sections (each prints a table and adds to OUT/results.json, so sections may run 
   profile     where a captured decode step's time goes (kernels by kind, graph replay vs eager launches)
   compiled    the fast engine's decode step eager vs through torch.compile (both replayed as CUDA graphs):
               SmolLM2, 96 new tokens, batch 256/1024/3840, and the first call's cost (capture, compilation)
-  generation  new tokens/s and ms per decode step, plain vs fast, at batch 64/256/1024, for SmolLM2 and
-              random Qwen3-0.6B- and Qwen3-8B-shaped models (fixed lengths: EOS is never sampled)
+  generation  new tokens/s and ms per decode step at batch 64/256/1024 (--batches) for SmolLM2 and random
+              Qwen3-0.6B- and Qwen3-8B-shaped models (fixed lengths: EOS is never sampled), by engine
+              (--generation-engines): plain generate, fast-ops (the fast engine's torch ops), fast (its
+              Triton attention and sampling kernels), fast-compiled (and its decode step through torch.compile)
   update      one SmolLM2 update (32 x 8 rollouts, at most 96 new tokens) of layer 15, layer 0 or all layers,
               at micro-batches of 64/128/256 rows, eager vs SDPA attention, eager vs compiled decoder layers
               (--compile-layers), some profiled: GPU kernel time by kind against wall time
@@ -64,6 +66,16 @@ def task_prompts(tokenizer, n: int) -> list[str]:
     return render_prompts(tokenizer, [task.messages(e) for e in examples])
 
 
+# rollout engines by name: transformers' generate; the fast engine with torch ops for attention and
+# sampling; with its Triton kernels (the default on CUDA); and with its decode step through torch.compile
+GENERATORS = {
+    "plain": lambda model, tokenizer, batch, **kw: HFGenerator(model, tokenizer, batch, **kw),
+    "fast-ops": lambda model, tokenizer, batch, **kw: FastGenerator(model, tokenizer, batch, kernels=False, **kw),
+    "fast": lambda model, tokenizer, batch, **kw: FastGenerator(model, tokenizer, batch, **kw),
+    "fast-compiled": lambda model, tokenizer, batch, **kw: FastGenerator(model, tokenizer, batch, compiled=True, **kw),
+}
+
+
 def synced() -> float:
     torch.cuda.synchronize()
     return time.perf_counter()
@@ -100,23 +112,38 @@ def section_check(args) -> dict:
     tokenizer = load_tokenizer("smollm2")
     prompts = task_prompts(tokenizer, 64)
     models = {dtype: load_model("smollm2", "cuda", dtype, "eager") for dtype in ("fp32", "bf16")}
-    greedy = {(dtype, engine): cls(model, tokenizer, 64).generate(prompts, 1, 128, temperature=0.0)
-              for dtype, model in models.items() for engine, cls in (("fast", FastGenerator), ("plain", HFGenerator))}
+    greedy = {(dtype, engine): GENERATORS[engine](model, tokenizer, 64).generate(prompts, 1, 128, temperature=0.0)
+              for dtype, model in models.items() for engine in ("fast", "fast-ops", "plain")}
     result = {}
     for label, a, b in (("fp32 fast vs plain", ("fp32", "fast"), ("fp32", "plain")),
+                        ("fp32 fast-ops vs plain", ("fp32", "fast-ops"), ("fp32", "plain")),
                         ("bf16 fast vs plain", ("bf16", "fast"), ("bf16", "plain")),
+                        ("bf16 fast-ops vs plain", ("bf16", "fast-ops"), ("bf16", "plain")),
+                        ("bf16 fast vs fast-ops", ("bf16", "fast"), ("bf16", "fast-ops")),
                         ("bf16 plain vs fp32 plain", ("bf16", "plain"), ("fp32", "plain")),
                         ("bf16 fast vs fp32 plain", ("bf16", "fast"), ("fp32", "plain"))):
         same, first = _greedy_agreement(greedy[a], greedy[b])
         result[f"greedy {label}"] = {"identical_fraction": same, "first_difference_tokens": first}
         print(f"greedy, {label:26s}: {same:.2f} of 64 completions identical; first differences at {first[:8]}")
-    torch.manual_seed(0)
-    sampled = FastGenerator(models["bf16"], tokenizer, 256).generate(task_prompts(tokenizer, 32), 8, 256, 1.0)
+    sampled, ops = (GENERATORS[engine](models["bf16"], tokenizer, 256).generate(task_prompts(tokenizer, 32), 8, 256,
+                                                                               1.0, seeds=[0])
+                    for engine in ("fast", "fast-ops"))
+    same, first = _greedy_agreement(sampled, ops)
+    result["sampled bf16 fast vs fast-ops"] = {"identical_fraction": same, "first_difference_tokens": first}
+    print(f"sampled, bf16 fast vs fast-ops (same uniforms): {same:.2f} of 256 completions identical; first "
+          f"differences at {first[:8]}")
     args_ = (sampled.input_ids, sampled.attention_mask, sampled.prompt_length, sampled.completion_mask)
     with torch.no_grad():
         exact = completion_logprobs(models["fp32"], *args_)
         plain_bf16 = completion_logprobs(models["bf16"], *args_)
+        exact_ops = completion_logprobs(models["fp32"], ops.input_ids, ops.attention_mask, ops.prompt_length,
+                                        ops.completion_mask)
     where = sampled.completion_mask.bool()
+    error = (ops.logprobs - exact_ops)[ops.completion_mask.bool()].abs()
+    result["logprob error, fast-ops bf16 sampler vs fp32 forward"] = {
+        "mean": error.mean().item(), "p99": error.quantile(0.99).item(), "max": error.max().item()}
+    print(f"log-prob |error| of the fast-ops bf16 sampler vs an fp32 forward: mean {error.mean():.4f}, p99 "
+          f"{error.quantile(0.99):.4f}, max {error.max():.4f}")
     for label, values in (("fast bf16 sampler", sampled.logprobs), ("plain bf16 forward", plain_bf16)):
         error = (values - exact)[where].abs()
         result[f"logprob error, {label} vs fp32 forward"] = {
@@ -147,7 +174,7 @@ def _time_decode(state) -> tuple:
         return (synced() - start) / n * 1000
 
     graph_ms = timed(state.graphs[window].replay)
-    with cached_attention_for(state.model):  # as FastGenerator.generate runs it
+    with cached_attention_for(state.model, state.fused):  # as FastGenerator.generate runs it
         eager_ms = timed(lambda: state._decode(window))
         rewind()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -176,7 +203,8 @@ def kernel_kinds(prof, repeats: int) -> tuple[dict[str, float], float]:
             continue
         cuda_us = event.self_device_time_total
         key = event.key.lower()
-        kind = ("matmul" if any(k in key for k in ("gemm", "cutlass", "sm90", "xmma", "cublas", "gemv"))
+        kind = ("onelayer kernels" if any(k in key for k in ("_attention_kernel", "_sample_kernel"))
+                else "matmul" if any(k in key for k in ("gemm", "cutlass", "sm90", "xmma", "cublas", "gemv"))
                 else "reduce/softmax" if any(k in key for k in ("reduce", "softmax", "argmax", "norm"))
                 else "copy/index" if any(k in key for k in ("copy", "index", "scatter", "gather", "cat"))
                 else "elementwise/other")
@@ -198,12 +226,13 @@ def section_profile(args) -> dict:
     and the step as a graph replay vs launched op by op."""
     tokenizer = load_tokenizer("smollm2")
     out = {}
-    for name, rows in (("smollm2", 1024), ("smollm2", 64), ("qwen3-8B", 256)):
+    for name, rows, engine in (("smollm2", 1024, "fast-ops"), ("smollm2", 1024, "fast"), ("smollm2", 64, "fast"),
+                               ("qwen3-8B", 256, "fast-ops"), ("qwen3-8B", 256, "fast")):
         model = load_model("smollm2", "cuda", "bf16", "eager") if name == "smollm2" else \
             qwen3_shaped("8B", len(tokenizer))
-        generator = FastGenerator(model, tokenizer, rows, ignore_eos=True)
+        generator = GENERATORS[engine](model, tokenizer, rows, ignore_eos=True)
         generator.generate(task_prompts(tokenizer, rows), 1, 128, 1.0, 1.0)
-        label = f"{name} batch {rows}"
+        label = f"{name} batch {rows} {engine}"
         out[label] = decode_profile(generator.state)
         print_profile(label, out[label])
         del model, generator
@@ -219,26 +248,30 @@ def section_generation(args) -> dict:
             model, new_tokens = load_model("smollm2", "cuda", "bf16", "eager"), 256
         else:
             model, new_tokens = qwen3_shaped(name.removeprefix("qwen3-"), len(tokenizer)), 128
-        for batch in (64, 256, 1024):
+        for batch in map(int, args.batches.split(",")):
             prompts = task_prompts(tokenizer, batch)
-            for engine, cls in (("plain", HFGenerator), ("fast", FastGenerator)):
+            for engine in args.generation_engines.split(","):
                 try:
-                    row = time_generation(cls(model, tokenizer, batch, ignore_eos=True), prompts, new_tokens)
+                    generator = GENERATORS[engine](model, tokenizer, batch, ignore_eos=True)
+                    row = time_generation(generator, prompts, new_tokens)
                 except torch.cuda.OutOfMemoryError:
                     row = {"rows": batch, "new_tokens": new_tokens, "error": "out of GPU memory"}
+                generator = None
                 torch.cuda.empty_cache()
                 rows.append({"model": name, "engine": engine, **row})
-                print(f"{name:12s} {engine:5s} batch {batch:5d}: " + (
+                print(f"{name:12s} {engine:13s} batch {batch:5d}: " + (
                     row["error"] if "error" in row else
                     f"{row['tokens_per_s']:10.0f} new tokens/s {row['ms_per_step']:7.2f} ms/step "
-                    f"(peak {row['peak_gb']:.1f} GB)"), flush=True)
+                    f"(peak {row['peak_gb']:.1f} GB; first call {row['first_call_s']:.1f} s)"), flush=True)
         del model
         torch.cuda.empty_cache()
     for r in rows:
-        if r["engine"] == "fast" and "error" not in r:
+        if r["engine"] != "plain" and "error" not in r:
             plain = next((p for p in rows if p["engine"] == "plain" and p["model"] == r["model"]
                           and p["rows"] == r["rows"] and "error" not in p), None)
             r["speedup"] = r["tokens_per_s"] / plain["tokens_per_s"] if plain else None
+            if plain:
+                print(f"{r['model']:12s} {r['engine']:13s} batch {r['rows']:5d}: {r['speedup']:.1f}x plain", flush=True)
     return {"rows": rows}
 
 
@@ -368,11 +401,12 @@ def section_step(args) -> dict:
     for layers in args.step_layers.split(","):
         for engine in args.step_engines.split(","):
             label = f"smollm2 {layers} {engine}"
-            # "compiled": the fast engine with --compile-decode and --compile-layers (the first step compiles)
+            # "compiled": the fast engine with --compile-decode and --compile-layers (the first step compiles);
+            # "fast-ops": the fast engine without its Triton kernels
             compiled = engine == "compiled"
-            rows[label] = run_steps("smollm2", layers, args.steps, compile_layers=compiled,
-                                    sampling=SamplingConfig(max_new_tokens=256, engine="fast" if compiled else engine,
-                                                            compile_decode=compiled))
+            sampling = SamplingConfig(max_new_tokens=256, engine="plain" if engine == "plain" else "fast",
+                                      compile_decode=compiled, fused_kernels=engine != "fast-ops")
+            rows[label] = run_steps("smollm2", layers, args.steps, compile_layers=compiled, sampling=sampling)
             _print_step(label, rows[label])
             torch.cuda.empty_cache()
     return rows
@@ -450,9 +484,13 @@ def main() -> None:
     parser.add_argument("--out", default="bench-out")
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--models", default="smollm2,qwen3-0.6B,qwen3-8B", help="generation section models")
+    parser.add_argument("--batches", default="64,256,1024", help="generation section batch sizes")
+    parser.add_argument("--generation-engines", default="plain,fast-ops,fast",
+                        help=f"generation section engines, of: {', '.join(GENERATORS)}")
     parser.add_argument("--steps", type=int, default=5, help="RL steps per measurement (the first is a warm-up)")
     parser.add_argument("--step-engines", default="fast",
-                        help="engines for the step section: fast, plain, compiled (fast + --compile-decode/-layers)")
+                        help="engines for the step section: fast, fast-ops (--no-fused-kernels), plain, compiled "
+                             "(fast + --compile-decode/-layers)")
     parser.add_argument("--step-layers", default="all,middle:1", help="layer specs for the step section")
     parser.add_argument("--large-steps", type=int, default=3)
     parser.add_argument("--large-micro-batch", type=int, default=8)
