@@ -5,6 +5,7 @@
 
 Sections (each prints a table and adds to OUT/results.json, so sections may run in separate processes):
   check       fast engine vs transformers on SmolLM2 in bf16: greedy agreement, log-prob error
+  attention   one layer's decode attention: the Triton kernel (columns per step, warps) vs the torch ops, GB/s
   profile     where a captured decode step's time goes (kernels by kind, graph replay vs eager launches)
   compiled    the fast engine's decode step eager vs through torch.compile (both replayed as CUDA graphs):
               SmolLM2, 96 new tokens, batch 256/1024/3840, and the first call's cost (capture, compilation)
@@ -25,6 +26,7 @@ Ratios are measured within one run on one machine; timings are medians over repe
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -42,7 +44,7 @@ from onelayer.tasks import get_task
 from onelayer.train import check_run, open_run, precision_context, train, update_phase
 
 TASK = "rg:basic_arithmetic"
-SECTIONS = ("check", "generation", "compiled", "profile", "update", "step", "large", "trl")
+SECTIONS = ("check", "attention", "generation", "compiled", "profile", "update", "step", "large", "trl")
 
 
 def qwen3_shaped(size: str, vocab_size: int):
@@ -238,6 +240,66 @@ def section_profile(args) -> dict:
         del model, generator
         torch.cuda.empty_cache()
     return out
+
+
+def graph_time_us(call, repeats: int = 20, replays: int = 5) -> float:
+    """Microseconds per call of ``call`` on the GPU alone: ``repeats`` calls captured in a CUDA graph
+    (no launch overhead), replayed ``replays`` times."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            call()
+    graph.replay()
+    start = synced()
+    for _ in range(replays):
+        graph.replay()
+    return (synced() - start) / (repeats * replays) * 1e6
+
+
+def _first(function, *args, **kwargs):
+    return function(*args, **kwargs)[0]
+
+
+def section_attention(args) -> dict:
+    """One decode step's attention of one layer: the Triton kernel at several block sizes vs the torch ops,
+    on bf16 caches shaped as SmolLM2's (batch 1024) and the Qwen3-8B-shaped model's (batch 256), rows
+    left-padded by 0-40 columns and written up to column 280 of 320/640. GB/s counts the visible keys
+    and values once."""
+    from onelayer.rollout.fast import cached_attention
+    from onelayer.rollout.kernels import decode_attention
+
+    rows = []
+    for name, batch, q_heads, kv_heads, dim, columns in (("smollm2", 1024, 9, 3, 64, 320),
+                                                         ("qwen3-8B", 256, 32, 8, 128, 640)):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        query = torch.randn(batch, q_heads, 1, dim, device="cuda", generator=g, dtype=torch.bfloat16)
+        key, value = (torch.randn(batch, kv_heads, columns, dim, device="cuda", generator=g, dtype=torch.bfloat16)
+                      for _ in range(2))
+        padding = torch.randint(0, 41, (batch, 1), device="cuda", generator=g)
+        position = torch.arange(columns, device="cuda")
+        mask = ((position >= padding) & (position <= 280))[:, None, None, :]
+        visible_bytes = int(mask.sum()) * kv_heads * dim * 2 * 2
+        window = 320  # the torch ops read the captured window: the written columns rounded up to 64
+        scale = dim ** -0.5
+        candidates = {f"kernel {b} cols {w} warps": functools.partial(decode_attention, query, key, value, mask, scale,
+                                                                      0.0, b, w)
+                      for b, w in ((32, 4), (64, 4), (128, 4), (64, 8), (128, 8), (64, 2))}
+        candidates["torch ops"] = functools.partial(_first, cached_attention, None, query, key[:, :, :window],
+                                                    value[:, :, :window], mask[..., :window], scaling=scale)
+        reference = candidates["torch ops"]().float()
+        for label, call in candidates.items():
+            error = (call().float() - reference).abs().max().item()
+            us = graph_time_us(call)
+            rows.append({"model": name, "rows": batch, "variant": label, "us": us, "gb_per_s": visible_bytes / us / 1e3,
+                         "max_difference_vs_ops": error})
+            print(f"{name:9s} batch {batch:5d} {label:22s} {us:8.1f} us  {visible_bytes / us / 1e3:7.0f} GB/s "
+                  f"(max |difference| vs torch ops {error:.3g})", flush=True)
+    return {"rows": rows}
 
 
 def section_generation(args) -> dict:

@@ -29,6 +29,9 @@ except ImportError:  # CPU installs: the fast engine keeps its torch ops
     triton = None
 
 MIN_CAPABILITY = (8, 0)  # bf16 loads and the register file these block sizes assume
+# warps per program of the attention kernel, and its cache columns per loop step for 64-wide heads (half
+# as many for 128-wide): the fastest of those measured on an H100 (bench/rl_speed.py --sections attention)
+WARPS, BLOCK_64 = 4, 64
 # Triton's interpreter runs kernels on CPU tensors; it must be chosen before triton is imported
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -63,7 +66,8 @@ if triton is not None:
     def _attention_kernel(Q, K, V, MASK, OUT, scale, softcap, columns,
                           sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_n, so_b, so_h,
                           GROUPS: tl.constexpr, GROUPS_P: tl.constexpr, DIM: tl.constexpr, DIM_P: tl.constexpr,
-                          BLOCK: tl.constexpr, SOFTCAP: tl.constexpr, FP32_DOTS: tl.constexpr):
+                          BLOCK: tl.constexpr, SPAN_BLOCK: tl.constexpr, SOFTCAP: tl.constexpr,
+                          FP32_DOTS: tl.constexpr):
         row, head = tl.program_id(0), tl.program_id(1)
         g, d = tl.arange(0, GROUPS_P), tl.arange(0, DIM_P)
         q_heads = head * GROUPS + g
@@ -75,31 +79,39 @@ if triton is not None:
         top = tl.full([GROUPS_P], -3.0e38, tl.float32)
         total = tl.zeros([GROUPS_P], tl.float32)
         acc = tl.zeros([GROUPS_P, DIM_P], tl.float32)
-        for start in range(0, columns, BLOCK):
-            n = start + tl.arange(0, BLOCK)
+        # the span of visible columns (left padding and unwritten columns lie outside it): one cheap pass
+        # over the mask, so that the main loop reads only the blocks it needs and has no branch in it
+        lo, hi = columns, 0
+        for start in range(0, columns, SPAN_BLOCK):
+            n = start + tl.arange(0, SPAN_BLOCK)
             valid = tl.load(MASK + row * sm_b + n * sm_n, mask=n < columns, other=0) != 0
-            if tl.max(valid.to(tl.int32), 0) > 0:  # whole blocks of padding or unwritten columns cost no reads
-                kv_mask = valid[:, None] & (d < DIM)[None, :]
-                k = tl.load(K + row * sk_b + head * sk_h + n[:, None] * sk_n + d[None, :], mask=kv_mask, other=0.0)
-                if FP32_DOTS:  # float32 caches, and Triton's interpreter (it multiplies bf16 wrongly): not TF32
-                    s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
-                s = s * scale  # [GROUPS_P, BLOCK], float32
-                if SOFTCAP:
-                    s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
-                s = tl.where(valid[None, :], s, float("-inf"))
-                new_top = tl.maximum(top, tl.max(s, 1))
-                p = tl.exp(s - new_top[:, None])
-                rescale = tl.exp(top - new_top)
-                v = tl.load(V + row * sv_b + head * sv_h + n[:, None] * sv_n + d[None, :], mask=kv_mask, other=0.0)
-                total = total * rescale + tl.sum(p, 1)  # before rounding p, as softmax normalises
-                p = p.to(V.dtype.element_ty)  # rounded as the matmul path rounds its probabilities
-                if FP32_DOTS:
-                    acc = acc * rescale[:, None] + tl.dot(p.to(tl.float32), v.to(tl.float32), input_precision="ieee")
-                else:
-                    acc = acc * rescale[:, None] + tl.dot(p, v)
-                top = new_top
+            lo = tl.minimum(lo, tl.min(tl.where(valid, n, columns), 0))
+            hi = tl.maximum(hi, tl.max(tl.where(valid, n + 1, 0), 0))
+        for start in range((lo // BLOCK) * BLOCK, hi, BLOCK):
+            n = start + tl.arange(0, BLOCK)
+            valid = tl.load(MASK + row * sm_b + n * sm_n, mask=n < hi, other=0) != 0
+            kv_mask = valid[:, None] & (d < DIM)[None, :]
+            # both loads issued before any arithmetic: more bytes in flight per program
+            k = tl.load(K + row * sk_b + head * sk_h + n[:, None] * sk_n + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + row * sv_b + head * sv_h + n[:, None] * sv_n + d[None, :], mask=kv_mask, other=0.0)
+            if FP32_DOTS:  # float32 caches, and Triton's interpreter (it multiplies bf16 wrongly): not TF32
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s * scale  # [GROUPS_P, BLOCK], float32
+            if SOFTCAP:
+                s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            new_top = tl.maximum(top, tl.max(s, 1))
+            p = tl.exp(s - new_top[:, None])
+            rescale = tl.exp(top - new_top)
+            total = total * rescale + tl.sum(p, 1)  # before rounding p, as softmax normalises
+            p = p.to(V.dtype.element_ty)  # rounded as the matmul path rounds its probabilities
+            if FP32_DOTS:
+                acc = acc * rescale[:, None] + tl.dot(p.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * rescale[:, None] + tl.dot(p, v)
+            top = new_top
         out = acc / total[:, None]
         tl.store(OUT + row * so_b + q_heads[:, None] * so_h + d[None, :], out.to(OUT.dtype.element_ty), mask=q_mask)
 
@@ -145,10 +157,11 @@ def _power_of_two(n: int, least: int = 1) -> int:
 # tracing into the launch.
 @torch.library.custom_op("onelayer::decode_attention", mutates_args=())
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                     scaling: float, softcap: float = 0.0) -> torch.Tensor:
+                     scaling: float, softcap: float = 0.0, block: int = 0, warps: int = 0) -> torch.Tensor:
     """Attention of one query per row ``[B, Hq, 1, D]`` over cached ``[B, Hkv, W, D]`` keys/values
     under a boolean mask broadcastable to ``[B, 1, 1, W]`` (``softcap`` 0: none); returns
-    ``[B, 1, Hq, D]`` in the values' dtype."""
+    ``[B, 1, Hq, D]`` in the values' dtype. ``block``: cache columns per step of the kernel's loop,
+    ``warps``: warps per program (0: the measured defaults)."""
     if triton is None:
         raise RuntimeError(unavailable_reason(query.device))
     batch, q_heads, queries, dim = query.shape
@@ -160,18 +173,18 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     mask = mask.expand(batch, 1, 1, columns)
     out = torch.empty(batch, 1, q_heads, dim, dtype=value.dtype, device=value.device)
     groups_p, dim_p = _power_of_two(groups, 16), _power_of_two(dim, 16)
+    block = block or min(128, max(16, BLOCK_64 * 64 // dim_p))
     _attention_kernel[(batch, kv_heads)](
         query, key, value, mask, out, float(scaling), float(softcap or 1.0), columns,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), mask.stride(0), mask.stride(3), out.stride(0), out.stride(2),
-        GROUPS=groups, GROUPS_P=groups_p, DIM=dim, DIM_P=dim_p, BLOCK=64, SOFTCAP=bool(softcap),
-        FP32_DOTS=value.dtype == torch.float32 or query.device.type != "cuda",
-        num_warps=4)
+        GROUPS=groups, GROUPS_P=groups_p, DIM=dim, DIM_P=dim_p, BLOCK=block, SPAN_BLOCK=256, SOFTCAP=bool(softcap),
+        FP32_DOTS=value.dtype == torch.float32 or query.device.type != "cuda", num_warps=warps or WARPS)
     return out
 
 
 @decode_attention.register_fake
-def _(query, key, value, mask, scaling, softcap=0.0):
+def _(query, key, value, mask, scaling, softcap=0.0, block=0, warps=0):
     batch, q_heads, _, dim = query.shape
     return query.new_empty(batch, 1, q_heads, dim, dtype=value.dtype)
 
