@@ -84,6 +84,26 @@ def test_sample_draws_the_token_the_torch_ops_draw():
     assert torch.equal(sample_tokens(logits, 0.7, 1.0, uniform, fused=True)[0], tokens)
 
 
+def test_sample_reads_bf16_logits_as_their_float32_values():
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(16, 5000, generator=g) * 3).bfloat16()
+    uniform = torch.rand(16, generator=g)
+    tokens, logprobs = kernels.sample(logits, 1.0, uniform)
+    expected_tokens, expected_logprobs = kernels.sample(logits.float(), 1.0, uniform)
+    assert torch.equal(tokens, expected_tokens) and torch.equal(logprobs, expected_logprobs)
+
+
+@pytest.mark.parametrize("arch,temperature,top_p,raw", [("llama", 1.0, 1.0, True), ("llama", 0.0, 1.0, False),
+                                                        ("llama", 1.0, 0.9, False), ("gemma2", 1.0, 1.0, False)])
+def test_the_head_output_goes_to_the_sampling_kernel_uncast_only_where_it_samples(tokenizer, arch, temperature,
+                                                                                  top_p, raw):
+    # greedy and top-p use the torch ops (float32 logits); Gemma 2 softcaps its logits in float32 first
+    from onelayer.rollout.fast import DecodeState
+
+    state = DecodeState(tiny_model(arch), 2, 64, temperature, top_p, [1], 0, cuda_graphs=False, fused=True)
+    assert state.raw_logits is raw
+
+
 # Triton's interpreter runs each program in Python (~0.1 s a launch here): a few short generations
 @pytest.mark.parametrize("arch", ["qwen3", "gemma2"])
 def test_greedy_with_kernels_equals_generate(arch, tokenizer):

@@ -247,6 +247,9 @@ class DecodeState:
         self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         self.compiled = compiled  # decode steps through torch.compile (prefill, once per batch, stays eager)
         self.fused = fused  # sampling (and, through the attention implementation, attention) in Triton kernels
+        # the sampling kernel reads the head's logits in their own dtype (a float32 copy of [rows, vocab]
+        # costs more than the rest of sampling) where it samples and no softcap needs float32 first
+        self.raw_logits = fused and temperature > 0 and top_p >= 1.0 and not self.softcap
 
     def fits(self, rows: int, length: int, temperature: float, top_p: float) -> bool:
         return (rows, temperature, top_p) == (self.rows, self.temperature, self.top_p) and length <= self.length
@@ -269,6 +272,8 @@ class DecodeState:
     def _forward(self, input_ids, mask, position_ids) -> torch.Tensor:
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                        past_key_values=self.cache, use_cache=True).last_hidden_state
+        if self.raw_logits:
+            return self.head(hidden[:, -1])
         return head_logits(self.head, hidden[:, -1], self.softcap)
 
     def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, keys: torch.Tensor) -> None:

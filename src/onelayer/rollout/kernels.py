@@ -83,7 +83,7 @@ if triton is not None:
         # over the mask, so that the main loop reads only the blocks it needs and has no branch in it
         lo, hi = columns, 0
         for start in range(0, columns, SPAN_BLOCK):
-            n = start + tl.arange(0, SPAN_BLOCK)
+            n = start + tl.arange(0, SPAN_BLOCK)  # one step for windows up to SPAN_BLOCK columns
             valid = tl.load(MASK + row * sm_b + n * sm_n, mask=n < columns, other=0) != 0
             lo = tl.minimum(lo, tl.min(tl.where(valid, n, columns), 0))
             hi = tl.maximum(hi, tl.max(tl.where(valid, n + 1, 0), 0))
@@ -178,7 +178,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         query, key, value, mask, out, float(scaling), float(softcap or 1.0), columns,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), mask.stride(0), mask.stride(3), out.stride(0), out.stride(2),
-        GROUPS=groups, GROUPS_P=groups_p, DIM=dim, DIM_P=dim_p, BLOCK=block, SPAN_BLOCK=256, SOFTCAP=bool(softcap),
+        GROUPS=groups, GROUPS_P=groups_p, DIM=dim, DIM_P=dim_p, BLOCK=block,
+        SPAN_BLOCK=min(1024, _power_of_two(columns, 16)), SOFTCAP=bool(softcap),
         FP32_DOTS=value.dtype == torch.float32 or query.device.type != "cuda", num_warps=warps or WARPS)
     return out
 
@@ -191,8 +192,9 @@ def _(query, key, value, mask, scaling, softcap=0.0, block=0, warps=0):
 
 @torch.library.custom_op("onelayer::sample", mutates_args=())
 def sample(logits: torch.Tensor, temperature: float, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row of ``logits [B, V]`` drawn by inverting the tempered distribution's cumulative
-    mass at ``uniform [B]``, and its log-prob (float32) under that distribution."""
+    """One token per row of ``logits [B, V]`` (any float dtype, read as float32) drawn by inverting the
+    tempered distribution's cumulative mass at ``uniform [B]``, and its log-prob (float32) under that
+    distribution."""
     if triton is None:
         raise RuntimeError(unavailable_reason(logits.device))
     rows, vocab = logits.shape
