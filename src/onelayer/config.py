@@ -20,7 +20,7 @@ class SamplingConfig:
                 "CUDA graphs on CUDA) or plain (transformers generate)"})
     compile_decode: bool = field(default=False, metadata={
         "help": "fuse the fast engine's decode step with torch.compile: on an H100, SmolLM2 generation 1.45x "
-                "faster at batch 1024, after ~40 s of compilation per batch shape (cached on disk); pays off in long "
+                "faster at batch 1024, after 30-40 s of compilation per batch shape (cached on disk); pays off in long "
                 "runs"})
     fused_kernels: bool = field(default=True, metadata={
         "help": "the fast engine's decode attention and sampling as Triton kernels on CUDA GPUs (sm80+, Triton "
