@@ -73,8 +73,8 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
     Sampling inverts each row's cumulative distribution at ``uniform [B]`` (values in (0, 1); fresh
     draws of the global generator when None): no host sync, so it can live inside a CUDA graph, and
     with counter-based uniforms (:mod:`.streams`) a row's tokens do not depend on its batch.
-    ``fused``: the same inversion in one Triton kernel (:func:`.kernels.sample`) where it applies
-    (temperature > 0, no top-p truncation, uniforms given).
+    ``fused``: the same inversion in one Triton kernel (:func:`.kernels.sample`, which also reads bf16
+    logits) where it applies (temperature > 0, no top-p truncation, uniforms given).
     """
     if fused and temperature > 0 and top_p >= 1.0 and uniform is not None:
         return _kernels.sample(logits, temperature, uniform)
