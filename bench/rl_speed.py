@@ -5,6 +5,7 @@
 
 Sections (each prints a table and adds to OUT/results.json, so sections may run in separate processes):
   check       fast engine vs transformers on SmolLM2 in bf16: greedy agreement, log-prob error
+  architectures  the tests' tiny model of every architecture in float32: fast engine (kernels) vs generate
   attention   one layer's decode attention: the Triton kernel (columns per step, warps) vs the torch ops, GB/s
   profile     where a captured decode step's time goes (kernels by kind, graph replay vs eager launches)
   compiled    the fast engine's decode step eager vs through torch.compile (both replayed as CUDA graphs):
@@ -44,7 +45,7 @@ from onelayer.tasks import get_task
 from onelayer.train import check_run, open_run, precision_context, train, update_phase
 
 TASK = "rg:basic_arithmetic"
-SECTIONS = ("check", "attention", "generation", "compiled", "profile", "update", "step", "large", "trl")
+SECTIONS = ("check", "architectures", "attention", "generation", "compiled", "profile", "update", "step", "large", "trl")
 
 
 def qwen3_shaped(size: str, vocab_size: int):
@@ -259,6 +260,33 @@ def graph_time_us(call, repeats: int = 20, replays: int = 5) -> float:
     for _ in range(replays):
         graph.replay()
     return (synced() - start) / (repeats * replays) * 1e6
+
+
+def section_architectures(args) -> dict:
+    """The tests' tiny random model of every fast-engine architecture, float32 on the GPU: greedy tokens of
+    the fast engine (Triton kernels, CUDA graphs) against transformers' generate, and its sampled log-probs
+    against a plain forward."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tiny models (no pytest needed)
+    from tests.tiny import ARCHS, make_char_tokenizer, tiny_model
+
+    tokenizer = make_char_tokenizer()
+    prompts = render_prompts(tokenizer, [[{"role": "user", "content": t}] for t in ("abc", "x y z qq", "12")])
+    rows = []
+    for arch in ARCHS:
+        model = tiny_model(arch).cuda()
+        fast = FastGenerator(model, tokenizer, 4).generate(prompts, 2, 150, temperature=0.0)
+        plain = HFGenerator(model, tokenizer, 4).generate(prompts, 2, 150, temperature=0.0)
+        sampled = FastGenerator(model, tokenizer, 6).generate(prompts, 2, 150, temperature=1.5, seeds=[0])
+        with torch.no_grad():
+            forward = completion_logprobs(model, sampled.input_ids, sampled.attention_mask, sampled.prompt_length,
+                                          sampled.completion_mask, temperature=1.5)
+        row = {"arch": arch, "kernels": FastGenerator(model, tokenizer).kernels,
+               "greedy_identical": fast.texts == plain.texts and torch.equal(fast.input_ids, plain.input_ids),
+               "logprob_max_error": (sampled.logprobs - forward).abs().max().item()}
+        rows.append(row)
+        print(f"{arch:9s} kernels {row['kernels']}: greedy {'identical to' if row['greedy_identical'] else 'DIFFERS from'}"
+              f" generate; sampled log-probs vs a plain forward: max |error| {row['logprob_max_error']:.1e}", flush=True)
+    return {"rows": rows}
 
 
 def _first(function, *args, **kwargs):
