@@ -5,9 +5,10 @@ cast, scale, mask, softmax, cast back) and reads every column of the key window,
 columns not yet written included; sampling makes some eight passes over ``[B, V]`` float32 logits
 (temperature, log-softmax, exp, cumsum, ...). Each kernel here reads its inputs once or twice:
 
-- :func:`decode_attention`: one program per (row, KV head) streams that head's keys and values in
-  blocks, skips blocks the mask hides entirely, and keeps an online softmax for the query heads of its
-  group (grouped-query attention without repeating the cache);
+- :func:`decode_attention`: one program per (row, KV head) finds the span of visible columns in the
+  mask, streams that head's keys and values over it in blocks (left padding and columns not yet written
+  are never read), and keeps an online softmax for the query heads of its group as one tensor-core dot
+  (grouped-query attention without repeating the cache);
 - :func:`sample`: one program per row finds the maximum and normaliser of the tempered distribution in
   one pass, then walks the cumulative distribution up to the row's uniform in a second: the token the
   torch path draws from the same uniform (barring float rounding at a boundary between two tokens).
@@ -38,8 +39,7 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 def available(device: torch.device) -> bool:
     """Whether the fast engine uses the kernels on ``device`` by default (CUDA sm80+, Triton installed)."""
-    return (triton is not None and device.type == "cuda"
-            and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY)
+    return device.type == "cuda" and unavailable_reason(device) is None
 
 
 def unavailable_reason(device: torch.device) -> str | None:
