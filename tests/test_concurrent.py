@@ -13,7 +13,7 @@ from onelayer.models import parameter_layers
 from onelayer.train import train
 from onelayer.variants import LayerVariants
 
-from .tiny import tiny_model
+from .tiny import joint_generations, tiny_model
 
 
 def config(out, layers, **overrides):
@@ -112,19 +112,7 @@ def test_joint_rows_run_through_their_own_layer_copies(tokenizer):
 
 
 def test_compiled_joint_generation_equals_eager(tokenizer):
-    from onelayer.rollout import FastGenerator, render_prompts
-
-    model = tiny_model("llama").eval()
-    variants = LayerVariants(model, [(1,), (3,)])
-    for p in (p for layer in variants.copies[1].values() for p in layer.parameters()):
-        p.data += 0.05
-    prompts = render_prompts(tokenizer, [[{"role": "user", "content": t}] for t in ("ab", "xyz")])
-    batches = []
-    for compiled in (False, True):
-        generator = FastGenerator(model, tokenizer, row_hook=variants.set_rows, compiled=compiled)
-        with variants.joint([0, 1], 6):  # 2 prompts x 3 samples per variant
-            batches.append(generator.generate(prompts * 2, 3, 12, temperature=1.0, seeds=[3, 4]))
-    eager, fused = batches
+    eager, fused = joint_generations(tokenizer, [{"compiled": False}, {"compiled": True}])
     assert torch.equal(fused.input_ids, eager.input_ids)
     assert torch.allclose(fused.logprobs, eager.logprobs, atol=1e-5)
 

@@ -14,7 +14,7 @@ from onelayer.rollout import (
 )
 from onelayer.rollout.fast import cached_attention, sample_tokens
 
-from .tiny import tiny_model
+from .tiny import joint_generations, tiny_model
 
 
 def _prompts(tokenizer, texts=("abc", "x y z qq", "12")):
@@ -165,18 +165,7 @@ def test_a_failing_kernel_is_one_line_naming_the_fix(tokenizer, monkeypatch):
 
 def test_joint_generation_of_layer_variants_with_kernels_equals_without(tokenizer):
     # routing acts on the weighted leaves; the attention kernel sees the whole joint batch as it is
-    from onelayer.variants import LayerVariants
-
-    model = tiny_model("llama")
-    variants = LayerVariants(model, [(1,), (3,)])
-    for p in (p for layer in variants.copies[1].values() for p in layer.parameters()):
-        p.data += 0.05
-    prompts = _prompts(tokenizer, ("ab",))
-    batches = []
-    for use_kernels in (True, False):
-        generator = FastGenerator(model, tokenizer, row_hook=variants.set_rows, kernels=use_kernels)
-        with variants.joint([0, 1], 2):  # 1 prompt x 2 samples per variant
-            batches.append(generator.generate(prompts * 2, 2, 6, temperature=1.0, seeds=[3, 4]))
-    with_kernels, without = batches
+    with_kernels, without = joint_generations(tokenizer, [{"kernels": True}, {"kernels": False}], texts=("ab",),
+                                              samples=2, new_tokens=6)
     assert torch.equal(with_kernels.input_ids, without.input_ids)
     torch.testing.assert_close(with_kernels.logprobs, without.logprobs, atol=1e-5, rtol=0)

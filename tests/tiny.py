@@ -69,3 +69,23 @@ def tiny_model(arch: str = "llama", seed: int = 0):
     model.generation_config.eos_token_id = 1
     model.generation_config.pad_token_id = 0
     return model.eval()
+
+
+def joint_generations(tokenizer, generator_options: list[dict], texts=("ab", "xyz"), samples: int = 3,
+                      new_tokens: int = 12) -> list:
+    """Joint generations of a tiny llama's layer variants (layer 1, its copy moved; layer 3), one per dict
+    of FastGenerator options: rows of ``texts`` x ``samples`` per variant, each block its own seed."""
+    from onelayer.rollout import FastGenerator, render_prompts
+    from onelayer.variants import LayerVariants
+
+    model = tiny_model("llama")
+    variants = LayerVariants(model, [(1,), (3,)])
+    for p in (p for layer in variants.copies[1].values() for p in layer.parameters()):
+        p.data += 0.05
+    prompts = render_prompts(tokenizer, [[{"role": "user", "content": t}] for t in texts])
+    batches = []
+    for options in generator_options:
+        generator = FastGenerator(model, tokenizer, row_hook=variants.set_rows, **options)
+        with variants.joint([0, 1], len(texts) * samples):
+            batches.append(generator.generate(prompts * 2, samples, new_tokens, temperature=1.0, seeds=[3, 4]))
+    return batches
