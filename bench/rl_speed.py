@@ -135,28 +135,26 @@ def section_check(args) -> dict:
     result["sampled bf16 fast vs fast-ops"] = {"identical_fraction": same, "first_difference_tokens": first}
     print(f"sampled, bf16 fast vs fast-ops (same uniforms): {same:.2f} of 256 completions identical; first "
           f"differences at {first[:8]}")
-    args_ = (sampled.input_ids, sampled.attention_mask, sampled.prompt_length, sampled.completion_mask)
     with torch.no_grad():
-        exact = completion_logprobs(models["fp32"], *args_)
-        plain_bf16 = completion_logprobs(models["bf16"], *args_)
-        exact_ops = completion_logprobs(models["fp32"], ops.input_ids, ops.attention_mask, ops.prompt_length,
-                                        ops.completion_mask)
-    where = sampled.completion_mask.bool()
-    error = (ops.logprobs - exact_ops)[ops.completion_mask.bool()].abs()
-    result["logprob error, fast-ops bf16 sampler vs fp32 forward"] = {
-        "mean": error.mean().item(), "p99": error.quantile(0.99).item(), "max": error.max().item()}
-    print(f"log-prob |error| of the fast-ops bf16 sampler vs an fp32 forward: mean {error.mean():.4f}, p99 "
-          f"{error.quantile(0.99):.4f}, max {error.max():.4f}")
-    for label, values in (("fast bf16 sampler", sampled.logprobs), ("plain bf16 forward", plain_bf16)):
-        error = (values - exact)[where].abs()
-        result[f"logprob error, {label} vs fp32 forward"] = {
-            "mean": error.mean().item(), "p99": error.quantile(0.99).item(), "max": error.max().item()}
-        print(f"log-prob |error| of the {label:18s} vs an fp32 forward over {int(where.sum())} tokens: mean "
-              f"{error.mean():.4f}, p99 {error.quantile(0.99):.4f}, max {error.max():.4f}")
-    error = (sampled.logprobs - plain_bf16)[where].abs()
-    result["logprob difference, fast bf16 sampler vs plain bf16 forward"] = {
-        "mean": error.mean().item(), "p99": error.quantile(0.99).item(), "max": error.max().item()}
+        exact, plain_bf16 = (_forward_logprobs(models[dtype], sampled) for dtype in ("fp32", "bf16"))
+        exact_ops = _forward_logprobs(models["fp32"], ops)
+    for key, values, reference, batch in (
+            ("logprob error, fast-ops bf16 sampler vs fp32 forward", ops.logprobs, exact_ops, ops),
+            ("logprob error, fast bf16 sampler vs fp32 forward", sampled.logprobs, exact, sampled),
+            ("logprob error, plain bf16 forward vs fp32 forward", plain_bf16, exact, sampled),
+            ("logprob difference, fast bf16 sampler vs plain bf16 forward", sampled.logprobs, plain_bf16, sampled)):
+        where = batch.completion_mask.bool()
+        error = (values - reference)[where].abs()
+        result[key] = {"mean": error.mean().item(), "p99": error.quantile(0.99).item(), "max": error.max().item()}
+        print(f"{key} over {int(where.sum())} tokens: |error| mean {error.mean():.4f}, p99 "
+              f"{error.quantile(0.99):.4f}, max {error.max():.4f}")
     return result
+
+
+def _forward_logprobs(model, batch, temperature: float = 1.0):
+    """``batch``'s completion log-probs under a plain forward of ``model``."""
+    return completion_logprobs(model, batch.input_ids, batch.attention_mask, batch.prompt_length,
+                               batch.completion_mask, temperature=temperature)
 
 
 @torch.no_grad()
@@ -216,11 +214,15 @@ def kernel_kinds(prof, repeats: int) -> tuple[dict[str, float], float]:
     return kinds, kernels / repeats
 
 
+def by_kind(kinds: dict[str, float], digits: int) -> str:
+    """Kernel milliseconds by kind, largest first."""
+    return ", ".join(f"{k} {v:.{digits}f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
 def print_profile(label: str, row: dict) -> None:
     print(f"{label}: graph replay {row['graph_ms_per_step']:.2f} ms/step, eager {row['eager_ms_per_step']:.2f} ms/step; "
-          f"kernels {row['kernel_ms_per_step']:.2f} ms in {row['kernels_per_step']:.0f} launches ("
-          + ", ".join(f"{k} {v:.2f}" for k, v in sorted(row["kernel_ms_by_kind"].items(), key=lambda kv: -kv[1]))
-          + ")", flush=True)
+          f"kernels {row['kernel_ms_per_step']:.2f} ms in {row['kernels_per_step']:.0f} launches "
+          f"({by_kind(row['kernel_ms_by_kind'], 2)})", flush=True)
     print("\n".join(row["top_kernels"].splitlines()[:9]), flush=True)
 
 
@@ -282,8 +284,7 @@ def section_architectures(args) -> dict:
             sampled = FastGenerator(model, tokenizer, 6, kernels=use_kernels).generate(prompts, 2, 150,
                                                                                        temperature=1.5, seeds=[0])
             with torch.no_grad():
-                forward = completion_logprobs(model, sampled.input_ids, sampled.attention_mask, sampled.prompt_length,
-                                              sampled.completion_mask, temperature=1.5)
+                forward = _forward_logprobs(model, sampled, temperature=1.5)
             key = "logprob_max_error" + ("" if use_kernels else "_torch_ops")
             row[key] = (sampled.logprobs - forward).abs().max().item()
         rows.append(row)
@@ -455,9 +456,7 @@ def section_update(args) -> dict:
               f"peak {row['peak_gb']:5.1f} GB", flush=True)
         if "kernel_ms" in row:
             print(f"  profiled: wall {row['profile_wall_ms']:.1f} ms, GPU kernels {row['kernel_ms']:.1f} ms in "
-                  f"{row['kernels']:.0f} launches (" + ", ".join(
-                      f"{k} {v:.1f}" for k, v in sorted(row["kernel_ms_by_kind"].items(), key=lambda kv: -kv[1]))
-                  + ")", flush=True)
+                  f"{row['kernels']:.0f} launches ({by_kind(row['kernel_ms_by_kind'], 1)})", flush=True)
             print("\n".join(row["top_kernels"].splitlines()[:10]), flush=True)
         del model
         torch.cuda.empty_cache()
