@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from onelayer import compiled
+from onelayer import compat, compiled
 from onelayer.checkpoint import find_checkpoint
 from onelayer.compiled import compiled_layers
 from onelayer.models import decoder_layers
@@ -41,7 +41,7 @@ def test_compiled_layers_follow_the_eager_trajectory(tmp_path, tokenizer, aot_ea
               progress=False)
         runs[compile_layers] = (steps(out), load_file(str(find_checkpoint(out) / "trained.safetensors")))
         # the layers are plain modules again (generation and checkpoints never see the compiled wrapper)
-        assert all(layer._compiled_call_impl is None for layer in decoder_layers(model)[1])
+        assert all(compat.compiled_call(layer) is None for layer in decoder_layers(model)[1])
     (eager_log, eager_weights), (compiled_log, compiled_weights) = runs[False], runs[True]
     assert [r["reward"] for r in compiled_log] == [r["reward"] for r in eager_log]
     for a, b in zip(compiled_log, eager_log, strict=True):
@@ -74,7 +74,7 @@ def test_layers_share_their_graphs(tokenizer, aot_eager):
     assert update(2, 5, 13) == 0
     assert update(1, 2, 7) == 0
     # without the block the layers run their plain modules
-    assert all(layer._compiled_call_impl is None for layer in layers)
+    assert all(compat.compiled_call(layer) is None for layer in layers)
 
 
 def test_a_failed_compilation_is_one_line_that_names_the_fix(tmp_path, tokenizer, monkeypatch):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from onelayer import compat
+
 CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:#-+*/=()?!\\{}$\n")
 
 
@@ -63,8 +65,9 @@ ARCHS = ["qwen3", "qwen2", "llama", "mistral", "gemma2", "gemma3", "phi3", "olmo
 def tiny_model(arch: str = "llama", seed: int = 0):
     from transformers import AutoModelForCausalLM
 
+    config = tiny_config(arch)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=compat.default_attention(config))
     model.config.eos_token_id = 1
     model.generation_config.eos_token_id = 1
     model.generation_config.pad_token_id = 0

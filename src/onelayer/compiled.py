@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from . import compat
 from .errors import OneLayerError, first_line
 from .models import decoder_layers
 
@@ -29,9 +30,7 @@ RECOMPILES = 64  # graphs kept per function: layer kinds x gradient patterns x s
 def allow_recompiles() -> None:
     """Keep up to ``RECOMPILES`` graphs per compiled function (torch's default, 8, evicts them: every
     batch shape, window, layer kind and gradient pattern is a graph of its own)."""
-    import torch._dynamo
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILES)
+    compat.allow_recompiles(RECOMPILES)
 
 
 @contextmanager
@@ -46,13 +45,12 @@ def compiled_layers(model: nn.Module, enabled: bool = True):
     allow_recompiles()
     _, layers = decoder_layers(model)
     for layer in layers:
-        # nn.Module.__call__ runs _compiled_call_impl when set (what Module.compile sets); the wrapper is
-        # cheap to make, and the graphs live on the shared code, so every layer reuses them
-        layer._compiled_call_impl = torch.compile(layer._call_impl, backend=BACKEND, dynamic=True)
+        # the wrapper is cheap to make, and the graphs live on the shared code, so every layer reuses them
+        compat.set_compiled_call(layer, torch.compile(compat.plain_call(layer), backend=BACKEND, dynamic=True))
     try:
         yield model
     except Exception as err:
-        if not type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        if not compat.raised_by_compiler(err):
             raise
         cause = getattr(err, "inner_exception", None) or err  # a backend's own error, when it raised one
         first = f"{type(cause).__name__}: {first_line(cause)}"
@@ -60,4 +58,4 @@ def compiled_layers(model: nn.Module, enabled: bool = True):
                             "(the last checkpoint is intact and --out resumes from it)") from err
     finally:
         for layer in layers:
-            layer._compiled_call_impl = None
+            compat.set_compiled_call(layer, None)

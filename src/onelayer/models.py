@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import compat
 from .errors import OneLayerError, first_line
 
 # alias -> (package that ships the file, file name inside it). The package is found, never imported.
@@ -140,7 +141,7 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
           "ONELAYER_CACHE=off skips this)", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-    _undo_gguf_quantized_flag(model)
+    compat.clear_quantized_flags(model)
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     try:
         model.save_pretrained(partial)
@@ -200,15 +201,6 @@ def load_skeleton(name: str) -> nn.Module:
             raise OneLayerError(f"'{name}' ({type(config).__name__}) is not a causal LM transformers can build: {err}") from err
 
 
-def _undo_gguf_quantized_flag(model: nn.Module) -> None:
-    # transformers dequantizes GGUF weights on load but still marks the model as quantized, which makes
-    # save_pretrained and training refuse it; the weights are plain tensors, so drop the marks.
-    model.hf_quantizer = None
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    model.is_quantized = False
-
-
 def load_model(name: str, device: str | torch.device | None = None, dtype: str = "auto",
                attention: str = "") -> nn.Module:
     """Load a causal LM by name (see module docstring), on ``device`` in ``dtype``, in eval mode.
@@ -221,13 +213,14 @@ def load_model(name: str, device: str | torch.device | None = None, dtype: str =
     source = _loadable(name)
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, device)
+    attention = attention or compat.default_attention(load_config(name))
     extra = {"attn_implementation": attention} if attention else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **_hub_kwargs(source), **extra)
     except (OSError, ValueError) as err:
         raise _load_error(name, err) from err
     if source.is_gguf:
-        _undo_gguf_quantized_flag(model)
+        compat.clear_quantized_flags(model)
     model.to(device=device, dtype=torch_dtype)
     model.eval()
     return model

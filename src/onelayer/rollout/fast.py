@@ -24,6 +24,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from .. import compat
 from ..compiled import allow_recompiles
 from ..errors import OneLayerError, first_line
 from . import kernels as _kernels
@@ -98,13 +99,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
 # --------------------------------------------------------------------------------------- cache, attention
 
 
-def _cache_base():
-    from transformers.cache_utils import Cache
-
-    return Cache
-
-
-class StaticKVCache(_cache_base()):
+class StaticKVCache(compat.cache_base()):
     """Keys and values of ``rows`` sequences of up to ``length`` columns, preallocated per layer on first use.
 
     ``update`` (called by every attention module) writes ``columns`` of rows ``rows`` in place and returns
@@ -118,7 +113,8 @@ class StaticKVCache(_cache_base()):
         self.values: dict[int, torch.Tensor] = {}
         self.rows, self.columns, self.window = slice(None), None, length
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        # what follows layer_idx differs between transformers releases and is not needed (see compat)
         if layer_idx not in self.keys:
             heads = key_states.shape[1]
             self.keys[layer_idx] = key_states.new_zeros(self.rows_total, heads, self.length, key_states.shape[-1])
@@ -163,29 +159,14 @@ def fused_cached_attention(module, query, key, value, attention_mask, scaling=No
     return _kernels.decode_attention(query, key, value, attention_mask, scaling, softcap or 0.0), None
 
 
-_registered = False
-
-
 @contextmanager
 def cached_attention_for(model: nn.Module, fused: bool = False):
     """Route ``model``'s attention modules to :func:`cached_attention` (``fused``:
     :func:`fused_cached_attention`) for the duration."""
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(ATTENTION, cached_attention)
-        AttentionInterface.register(FUSED_ATTENTION, fused_cached_attention)
-        _registered = True
-    configs = {id(c): c for c in (model.config, model.config.get_text_config())}.values()
-    saved = [(c, c._attn_implementation) for c in configs]
-    for c, _ in saved:
-        c._attn_implementation = FUSED_ATTENTION if fused else ATTENTION
-    try:
+    compat.register_attention(ATTENTION, cached_attention)
+    compat.register_attention(FUSED_ATTENTION, fused_cached_attention)
+    with compat.attention_implementation(model, FUSED_ATTENTION if fused else ATTENTION):
         yield
-    finally:
-        for c, name in saved:
-            c._attn_implementation = name
 
 
 def _sliding_window(config) -> int | None:
@@ -231,6 +212,7 @@ class DecodeState:
         self.config = model.config.get_text_config()
         self.head, self.softcap = model.get_output_embeddings(), logit_softcap(model)
         self.cache = StaticKVCache(rows, length)
+        self.cache_argument = compat.cache_argument(model.base_model, self.cache)  # found once, outside graphs
         self.eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
         self.ignore_eos = ignore_eos
         self.key_columns = torch.arange(length, device=device)
@@ -271,7 +253,7 @@ class DecodeState:
 
     def _forward(self, input_ids, mask, position_ids) -> torch.Tensor:
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                       past_key_values=self.cache, use_cache=True).last_hidden_state
+                                       use_cache=True, **self.cache_argument).last_hidden_state
         if self.raw_logits:
             return self.head(hidden[:, -1])
         return head_logits(self.head, hidden[:, -1], self.softcap)
