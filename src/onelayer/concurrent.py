@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .errors import OneLayerError
+from .errors import FastEngineUnavailable, OneLayerError
 from .evaluate import eval_prompts, eval_result
 from .layers import select_layers
 from .models import load_config
 from .progress import progress_bar
 from .rollout import FastGenerator, render_prompts
 from .rollout.fast import WINDOW, unsupported_reason
+from .rollout.selfcheck import fast_engine_problem
 from .tasks import AgentTask
 from .train import (
     Run,
@@ -104,10 +105,11 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
                             "use --concurrent 1")
     first = configs[0]
     device, model, tokenizer = model_for(first, model, tokenizer)
-    reason = unsupported_reason(model)
+    kernels = None if first.sampling.fused_kernels else False
+    reason = unsupported_reason(model) or fast_engine_problem(model, tokenizer, kernels)
     if reason:
-        raise OneLayerError(f"concurrent variants need the fast rollout engine, which is off because {reason}: "
-                            "use --concurrent 1")
+        raise FastEngineUnavailable(f"concurrent variants need the fast rollout engine, which is off because "
+                                    f"{reason}: use --concurrent 1")
     precision = precision_context(device, next(model.parameters()).dtype)
     selections = [select_layers(model, c.layers) for c in configs]
     for config, selection in zip(configs, selections, strict=True):
@@ -121,7 +123,6 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
             runs.append(open_run(config, model, run_task, algorithm))
     model.eval()
     # separate engines for training and evaluation batches: each keeps its captured steps
-    kernels = None if first.sampling.fused_kernels else False
     rollouts = FastGenerator(model, tokenizer, row_hook=variants.set_rows, compiled=first.sampling.compile_decode,
                              kernels=kernels)
     evals = FastGenerator(model, tokenizer, row_hook=variants.set_rows, kernels=kernels)

@@ -5,6 +5,11 @@ class OneLayerError(Exception):
     """A user-facing error. The CLI prints its message without a traceback and exits non-zero."""
 
 
+class FastEngineUnavailable(OneLayerError):
+    """The fast rollout engine cannot run a model (an unsupported architecture, or a failed self-check);
+    work that needs it can fall back to ``generate``."""
+
+
 def first_line(err: BaseException) -> str:
     """The first line of ``err``'s message (its type's name when it has none), to quote another
     library's error inside a one-line :class:`OneLayerError`."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from .analysis.curves import read_jsonl
 from .analysis.param_change import relative_change, squared_norms
 from .checkpoint import checkpoint_tensors
 from .config import TrainConfig
+from .errors import FastEngineUnavailable
 from .evaluate import evaluate, write_eval
 from .layers import select_layers, selected_names
 from .models import parameter_layers
@@ -213,6 +215,13 @@ def train_and_evaluate(recipe: TrainConfig, trained: bool = True, progress: bool
     return _trained_summary(recipe, result, model, before, summary)
 
 
+def _solo(recipe: TrainConfig, progress: bool) -> dict | Exception:
+    try:
+        return train_and_evaluate(recipe, progress=progress)
+    except Exception as err:  # as a concurrent variant fails alone
+        return err
+
+
 def train_and_evaluate_variants(recipes: list[TrainConfig], progress: bool = False) -> list[dict | Exception]:
     """:func:`train_and_evaluate` for single-layer runs of one model trained together
     (:func:`onelayer.concurrent.train_variants`); each run's summary, or the exception that stopped it."""
@@ -220,7 +229,12 @@ def train_and_evaluate_variants(recipes: list[TrainConfig], progress: bool = Fal
 
     _, model, tokenizer = model_for(recipes[0], None, None)
     before = [_initial_values(model, r) for r in recipes]
-    results = train_variants(recipes, model, tokenizer, progress=progress)
+    try:
+        results = train_variants(recipes, model, tokenizer, progress=progress)
+    except FastEngineUnavailable as err:
+        print(f"{err}; training these {len(recipes)} runs one at a time instead", file=sys.stderr)
+        del model
+        return [_solo(recipe, progress) for recipe in recipes]
     # every finished variant has its final evaluation (the recipes evaluate at their last step)
     return [result if isinstance(result, Exception) else
             _trained_summary(recipe, result, model, before[k], result.final_eval)
