@@ -164,7 +164,7 @@ def test_agent_eval_reports_success_and_return_with_intervals(tokenizer):
 
 
 def test_textworld_games_are_deterministic_per_seed(tmp_path, monkeypatch):
-    pytest.importorskip("textworld")
+    import textworld  # noqa: F401  (a test dependency: CI must run this test, not skip it)
     monkeypatch.setenv("ONELAYER_CACHE", str(tmp_path))
     task = get_task("tw:coin_collector", {"level": 1, "train_size": 2})
     seeds = [e.meta["seed"] for e in task.examples("train")]
@@ -188,3 +188,31 @@ def test_textworld_games_are_deterministic_per_seed(tmp_path, monkeypatch):
     assert one.reset(seed) == two.reset(seed)
     one.close()
     two.close()
+
+
+def test_the_trainer_gives_each_turn_its_gigpo_advantage_with_the_configured_gamma_and_step_weight():
+    """Two episodes of one maze, scripted: (move, invalid, invalid) and (invalid, move, invalid); an invalid
+    turn is a no-op costing 0.5. Both returns are -1, so the episode advantages are 0 and every turn's
+    advantage is omega times its anchor-state advantage, by hand with gamma 0.5 and omega 0.25:
+    discounted returns (-0.375, -0.75, -0.5) and (-0.625, -0.25, -0.5); the start state holds (-0.375,
+    -0.625, -0.25), the state after the move (-0.75, -0.5, -0.5), each normalised by its mean and std."""
+    from onelayer.algorithms import get_algorithm
+    from onelayer.config import SamplingConfig, TrainConfig
+    from onelayer.tasks import Example
+    from onelayer.train import episode_step
+
+    task = get_task("maze:3", {"max_steps": 3, "invalid_penalty": 0.5})
+    seed = 11
+    start = task.make_env().reset(seed)
+    move = f"<action>{start.admissible[0]}</action>"
+    generator = ScriptedGenerator([move, "nope", "nope", move, "nope", "nope"])
+    cfg = TrainConfig(algo="gigpo", group_size=2, gamma=0.5, step_weight=0.25, sampling=SamplingConfig(max_new_tokens=8))
+    batch, advantages, metrics, _ = episode_step(TokenizerStub(), task, [Example("x", "", "", {"seed": seed})], cfg,
+                                                 generator, get_algorithm("gigpo"))
+    assert batch.size == 6 and metrics["reward"] == -1.0 and metrics["accuracy"] == 0.0
+    # turns are batched in lockstep, episodes in order: rows 0, 1 are turn 1, rows 2, 3 turn 2, rows 4, 5 turn 3
+    rows = advantages.tolist()
+    first, second = rows[0::2], rows[1::2]
+    assert first == pytest.approx([0.25 * 0.21822, 0.25 * -1.15470, 0.25 * 0.57735], abs=1e-5)
+    assert second == pytest.approx([0.25 * -1.09109, 0.25 * 0.87287, 0.25 * 0.57735], abs=1e-5)
+    assert metrics["anchored_turn_fraction"] == 1.0

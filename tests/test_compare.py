@@ -159,3 +159,29 @@ def test_ensemble_members_from_a_scan_reuse_their_final_evaluation(tmp_path, sav
 def test_compare_refuses_a_layer_spec_outside_strategies(capsys):
     assert main(["compare", "--strategies", "full", "--layers", "3"]) == 2
     assert "--strategies" in capsys.readouterr().err
+
+
+def test_an_ensemble_refuses_a_member_whose_training_stopped_early(tmp_path, saved_tiny, tokenizer, monkeypatch):
+    import onelayer.train as train_module
+    from onelayer.config import EvalConfig
+    from onelayer.specialists import run_ensemble
+    from onelayer.train import train
+
+    from .test_train import config
+
+    finished = tmp_path / "finished"
+    train(config(tmp_path, out=str(finished), model=str(saved_tiny), steps=2, save_every=2), progress=False)
+    real_update = train_module.policy_update
+
+    def dies_at_step_3(*args, **kwargs):
+        if args[6] == 2:  # the third step (index 2), after the checkpoint of step 2
+            raise KeyboardInterrupt
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "policy_update", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path, out=str(tmp_path / "early"), model=str(saved_tiny), steps=4, save_every=2),
+              progress=False)
+    base = EvalConfig(model=str(saved_tiny), task="toy:repeat", n=4, device="cpu")
+    with pytest.raises(OneLayerError, match=r"early stopped at step 2 of 4: finish its training"):
+        run_ensemble([str(finished), str(tmp_path / "early")], base, tmp_path / "vote")

@@ -22,6 +22,11 @@ from .tiny import tiny_model
     ("middle:30", 30, list(range(30))),
     ("frac:0.33-0.66", 30, list(range(10, 20))),
     ("frac:0-1", 4, [0, 1, 2, 3]),
+    # both ends are inclusive: layer centres (l + 0.5) / 4 are 0.125, 0.375, 0.625, 0.875 (exact in binary)
+    ("frac:0.125-0.375", 4, [0, 1]),
+    ("frac:0.375-0.625", 4, [1, 2]),
+    ("frac:0.376-0.874", 4, [2]),
+    ("frac:0.5-1", 4, [2, 3]),
     ("every:3", 10, [0, 3, 6, 9]),
     ("every:1", 3, [0, 1, 2]),
     ("0, 2-3 ,middle:1", 8, [0, 2, 3]),

@@ -107,7 +107,7 @@ def test_jsonl_errors(tmp_path):
 
 
 def test_hf_dataset_task_on_a_local_folder(tmp_path):
-    pytest.importorskip("datasets")
+    import datasets  # noqa: F401  (a test dependency: CI must run this test, not skip it)
     _write_jsonl(tmp_path / "train.jsonl", [{"question": f"{i}+{i}?", "answer": str(2 * i)} for i in range(30)])
     _write_jsonl(tmp_path / "test.jsonl", [{"question": f"{i}*2?", "answer": str(2 * i)} for i in range(10)]
                  + [{"question": "3+3?", "answer": "6"}])

@@ -121,13 +121,128 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, to
     assert read_meta(tmp_path / "run")["step"] == 2
 
 
-def test_dr_grpo_ppo_epochs_minibatches_and_kl(tmp_path, tokenizer):
-    cfg = config(tmp_path, algo="dr_grpo", steps=3, ppo_epochs=2, mini_batches=2, beta=0.1, lr=5e-2,
-                 layers="2-3", save_every=3)
-    train(cfg, tiny_model("qwen3"), tokenizer, progress=False)
-    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert log[0]["kl"] >= 0 and log[-1]["kl"] > 0  # the policy moved away from the reference
-    assert any(row["clip_fraction"] > 0 for row in log)  # later epochs saw ratios outside the clip range
+def test_ppo_epochs_minibatches_and_the_kl_term_all_act(tmp_path, tokenizer):
+    def run(name, beta):
+        cfg = config(tmp_path / name, algo="dr_grpo", steps=3, ppo_epochs=2, mini_batches=2, beta=beta, lr=5e-2,
+                     layers="2-3", save_every=3)
+        model = tiny_model("qwen3")
+        train(cfg, model, tokenizer, progress=False)
+        return [json.loads(x) for x in (tmp_path / name / "run" / "log.jsonl").read_text().splitlines()], model
+
+    with_kl, kl_model = run("kl", 0.1)
+    without, plain_model = run("plain", 0.0)
+    assert all(row["kl"] > 0 for row in with_kl)  # after the first optimizer step the policy left the reference
+    assert all(row["kl"] == 0 for row in without)
+    assert any(row["clip_fraction"] > 0 for row in with_kl)  # later epochs saw ratios outside the clip range
+    # the penalty changed the update: same first rollouts, different weights
+    assert with_kl[0]["reward"] == without[0]["reward"]
+    assert not all(torch.equal(p, q) for p, q in zip(kl_model.parameters(), plain_model.parameters(), strict=True))
+
+
+def _log_rows(run_dir):
+    return [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algo, aggregation", [("grpo", ""), ("dr_grpo", ""), ("grpo", "token-mean")])
+def test_micro_batches_of_32_and_5_log_and_train_exactly_what_the_whole_batch_does(tmp_path, tokenizer, algo,
+                                                                                   aggregation, monkeypatch):
+    """32 rollouts a step: micro-batches of 32 (one) and of 5 (5, 5, 5, 5, 5, 5, 2; with two mini-batches of
+    16, 5, 5, 5, 1) must accumulate the same gradient, so the same weights and the same logged numbers."""
+    real_step, grads = torch.optim.AdamW.step, []
+
+    def step(self, *args, **kwargs):  # what each optimizer step was given
+        grads.append([p.grad.clone() for g in self.param_groups for p in g["params"]])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    runs = {}
+    for micro in (32, 5):
+        grads.clear()
+        model = tiny_model("qwen3")
+        cfg = config(tmp_path / str(micro), algo=algo, loss_aggregation=aggregation, steps=2, ppo_epochs=2,
+                     mini_batches=2, beta=0.05, micro_batch_size=micro, save_every=2, layers="1-2")
+        train(cfg, model, tokenizer, progress=False)
+        runs[micro] = (_log_rows(tmp_path / str(micro) / "run"), model, list(grads))
+    (whole, whole_model, whole_grads), (split, split_model, split_grads) = runs[32], runs[5]
+    for a, b in zip(whole, split, strict=True):
+        assert a["reward"] == b["reward"] and a["completion_tokens"] == b["completion_tokens"]
+        for key in ("loss", "kl", "clip_fraction", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    assert any(row["kl"] > 0 and row["clip_fraction"] > 0 for row in whole)  # the statistics were not all 0
+    assert len(whole_grads) == len(split_grads) == 8  # 2 steps x 2 epochs x 2 mini-batches
+    # the first optimizer step starts from the same weights: its accumulated gradient is the whole batch's
+    for g, h in zip(whole_grads[0], split_grads[0], strict=True):
+        torch.testing.assert_close(h, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))
+    # Adam divides by each element's running gradient scale, so rounding in elements whose gradient is ~0 can
+    # move a weight by ~1e-3 of a step (lr 3e-2); a wrong normaliser would move whole tensors by ~lr
+    for p, q in zip(whole_model.parameters(), split_model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4)
+
+
+def _hand_batch(tokenizer):
+    """Four completions of lengths 2, 5, 7 and 3 after a 3-token prompt (completion width 7)."""
+    from onelayer.rollout import RolloutBatch
+
+    torch.manual_seed(1)
+    lengths = [2, 5, 7, 3]
+    ids = torch.randint(3, 80, (4, 10))
+    mask = torch.tensor([[1] * n + [0] * (7 - n) for n in lengths])
+    attention = torch.cat([torch.ones(4, 3, dtype=torch.long), mask], dim=1)
+    return RolloutBatch(ids * attention, attention, mask, 3, [""] * 4, torch.zeros(4, dtype=torch.bool)), lengths
+
+
+@pytest.mark.parametrize("algo", ["dr_grpo", "grpo"])
+def test_the_update_is_the_gradient_of_the_loss_written_by_hand(tokenizer, algo):
+    """With max_new_tokens 12 and completions of width 7, Dr. GRPO divides the batch's token sum by 4 x 12 (the
+    length cap, not the longest completion); GRPO averages each completion's tokens, then the completions. SGD
+    with lr 1 and no clipping turns the update into minus the gradient."""
+    from onelayer.algorithms import get_algorithm
+    from onelayer.layers import apply_selection, select_layers
+    from onelayer.rollout import completion_logprobs
+    from onelayer.train import policy_update
+
+    batch, lengths = _hand_batch(tokenizer)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    model, reference = tiny_model("llama"), tiny_model("llama")
+    groups = apply_selection(model, select_layers(model, "2"), 0.0, {})
+    before = {n: p.detach().clone() for g in groups for n, p in zip(g["names"], g["params"], strict=True)}
+    cfg = TrainConfig(algo=algo, lr=1.0, max_grad_norm=0.0, micro_batch_size=3,
+                      sampling=SamplingConfig(max_new_tokens=12))
+    stats = policy_update(model, torch.optim.SGD(groups, lr=1.0), batch, advantages, cfg,
+                          get_algorithm(algo).default_aggregation, step=0)
+
+    logp = completion_logprobs(reference, batch.input_ids, batch.attention_mask, 3, batch.completion_mask)
+    weighted = advantages[:, None] * logp * batch.completion_mask
+    if algo == "dr_grpo":
+        loss = -weighted.sum() / (4 * 12)
+        value = -(1 * 2 - 1 * 5 + 0.5 * 7 - 0.5 * 3) / 48  # rho = 1: the loss is minus the advantage-weighted tokens
+    else:
+        loss = -(weighted.sum(dim=1) / torch.tensor(lengths)).sum() / 4
+        value = -(1 - 1 + 0.5 - 0.5) / 4
+    loss.backward()
+    assert stats["loss"] == pytest.approx(value, abs=1e-7)
+    grads = {n: p.grad for n, p in reference.named_parameters() if n in before}
+    after = dict(model.named_parameters())
+    for name, grad in grads.items():
+        torch.testing.assert_close(before[name] - after[name].detach(), grad, rtol=1e-4, atol=1e-7)
+
+
+def test_the_optimizer_follows_warm_up_then_the_cosine_schedule_between_its_endpoints(tmp_path, tokenizer,
+                                                                                     monkeypatch):
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train(config(tmp_path, steps=6, warmup_steps=2, lr_schedule="cosine", lr=0.1, save_every=6), tiny_model("llama"),
+          tokenizer, progress=False)
+    # warm-up (s + 1) / 3 for steps 0, 1; then 0.5 (1 + cos(pi (s - 2) / 4)) for steps 2..5
+    expected = [0.1 / 3, 0.2 / 3, 0.1, 0.05 * (1 + math.cos(math.pi / 4)), 0.05, 0.05 * (1 + math.cos(3 * math.pi / 4))]
+    assert seen == pytest.approx(expected, rel=1e-12)
+    assert [row["lr"] for row in _log_rows(tmp_path / "run")] == pytest.approx(expected, rel=1e-12)
 
 
 def test_periodic_eval_is_logged(tmp_path, tokenizer):
@@ -163,6 +278,10 @@ def test_lr_schedule():
     cfg = TrainConfig(steps=10, warmup_steps=3, lr_schedule="cosine")
     assert [round(lr_factor(cfg, s), 3) for s in (0, 1, 2)] == [0.25, 0.5, 0.75]
     assert lr_factor(cfg, 3) == 1.0 and lr_factor(cfg, 10) == pytest.approx(0.0)
+    # between the endpoints: progress (s - 3) / 7 along half a cosine
+    assert lr_factor(cfg, 5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 7)), rel=1e-12)
+    assert lr_factor(cfg, 8) == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 7)), rel=1e-12)
+    assert lr_factor(TrainConfig(steps=10, warmup_steps=3), 8) == 1.0  # constant after warm-up
 
 
 def test_bf16_model_trains_fp32_copies_of_the_selected_layer_only(tmp_path, tokenizer):

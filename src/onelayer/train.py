@@ -262,7 +262,8 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
             norm = Normalizer(len(mini), int(batch.completion_mask[mini.to(device)].sum().item()),
                               config.sampling.max_new_tokens)
             optimizer.zero_grad(set_to_none=True)
-            loss_sum, stats_sum, micros = 0.0, {"clip_fraction": 0.0, "kl": 0.0}, 0
+            # token-weighted, so that any micro-batching logs what the whole mini-batch at once would
+            loss_sum, stats_sum = 0.0, {"clip_fraction": 0.0, "kl": 0.0}
             for start in range(0, len(mini), config.micro_batch_size):
                 rows = mini[start:start + config.micro_batch_size].to(device)
                 part = batch.rows(rows)
@@ -278,9 +279,9 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
                                         "check the rewards; the last checkpoint is intact and --out resumes from it")
                 loss.backward()
                 loss_sum += loss.item()
+                tokens = int(part.completion_mask.sum().item())
                 for k in stats_sum:
-                    stats_sum[k] += stats[k]
-                micros += 1
+                    stats_sum[k] += stats[k] * tokens / max(norm.num_tokens, 1)
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if not math.isfinite(grad_norm):
@@ -294,8 +295,8 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
                 group["lr"] = config.lr * lr_factor(config, step) * group["lr_scale"]
             optimizer.step()
             totals["loss"] += loss_sum
-            totals["clip_fraction"] += stats_sum["clip_fraction"] / micros
-            totals["kl"] += stats_sum["kl"] / micros
+            totals["clip_fraction"] += stats_sum["clip_fraction"]
+            totals["kl"] += stats_sum["kl"]
             totals["grad_norm"] += grad_norm
             updates += 1
     stats = {k: v / max(updates, 1) for k, v in totals.items()}
