@@ -201,11 +201,14 @@ def test_streams_are_uniform_and_independent():
 
 
 def test_compiled_decode_samples_what_eager_decode_samples(tokenizer):
-    model = tiny_model("llama")
+    # float64: compiled kernels sum in another order than eager ones, and in float32 a row's uniform can land
+    # within that rounding of a boundary of the cumulative distribution and draw the neighbouring token (this
+    # test failed that way once in two full runs); in float64 that rounding is ~1e-16, far below any gap here
+    model = tiny_model("llama").double()
     prompts = _prompts(tokenizer)
     eager = FastGenerator(model, tokenizer).generate(prompts, 3, 30, temperature=1.0, seeds=[5])
     generator = make_generator(model, tokenizer, engine="fast", compile_decode=True)
     assert generator.compiled
     fused = generator.generate(prompts, 3, 30, temperature=1.0, seeds=[5])
     assert torch.equal(fused.input_ids, eager.input_ids)
-    assert torch.allclose(fused.logprobs, eager.logprobs, atol=1e-5)
+    assert torch.allclose(fused.logprobs, eager.logprobs, atol=1e-10)

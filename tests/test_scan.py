@@ -151,22 +151,34 @@ def test_scan_end_to_end_from_the_command_line(tmp_path, saved_tiny, capsys):
     assert main(["profile", str(tmp_path)]) == 2
 
 
-def test_two_process_scan_gives_the_same_profile_as_one(tmp_path, saved_tiny):
+def _run(command: list[str], seconds: float):
+    """Run ``command`` in its own process group; a hang past ``seconds`` kills the group and fails the test
+    (instead of stalling CI)."""
     import os
+    import signal
     import subprocess
+
+    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = process.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"{' '.join(command[:6])} ... did not finish in {seconds} s")
+    assert process.returncode == 0, err[-2000:]
+
+
+def test_two_process_scan_gives_the_same_profile_as_one(tmp_path, saved_tiny):
     import sys
 
     args = ["scan", "--model", str(saved_tiny), "--task", "toy:repeat", "--layers", "1,3", "--steps", "2",
             "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "6", "--eval-n", "6", "--lr", "1e-2",
             "--device", "cpu", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    solo = subprocess.run([sys.executable, "-m", "onelayer", *args, "--out", str(tmp_path / "solo")], env=env,
-                          capture_output=True, text=True)
-    assert solo.returncode == 0, solo.stderr[-2000:]
-    duo = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29517", "-m", "onelayer", *args, "--out", str(tmp_path / "duo")], env=env,
-                         capture_output=True, text=True)
-    assert duo.returncode == 0, duo.stderr[-2000:]
+    _run([sys.executable, "-m", "onelayer", *args, "--out", str(tmp_path / "solo")], seconds=300)
+    # --standalone: a rendezvous on a free port, so concurrent test runs on one machine do not collide
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "onelayer",
+          *args, "--out", str(tmp_path / "duo")], seconds=300)
     a = json.loads((tmp_path / "solo" / "profile.json").read_text())
     b = json.loads((tmp_path / "duo" / "profile.json").read_text())
     assert a["points"] == b["points"] and a["full_gain"] == b["full_gain"]
