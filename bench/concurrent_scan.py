@@ -39,9 +39,9 @@ from pathlib import Path
 
 import torch
 
-from onelayer.config import SamplingConfig, TrainConfig
-from onelayer.runs import run_dir
-from onelayer.scan import PlannedRun, ScanConfig, concurrency, execute_run, run_scan
+from onelayer.config import SamplingConfig, ScanConfig, TrainConfig
+from onelayer.experiments.rundir import run_dir
+from onelayer.experiments.scan import PlannedRun, concurrency, execute_run, run_scan
 
 TASK_OPTIONS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2, "operators": ["+", "-"],
                 "allow_parentheses": False, "allow_negation": False, "eval_size": 500}
@@ -124,9 +124,8 @@ def parity(out: Path, steps: int, dtype: str, layers: list[str]) -> dict:
     another generation batch size (same random streams, other kernel shapes, so other rounding)."""
     from safetensors.torch import load_file
 
-    from onelayer.concurrent import train_variants
     from onelayer.models import load_model
-    from onelayer.train import train
+    from onelayer.training import train, train_variants
 
     root = out / f"parity-{dtype}"
     together = [replace(recipe(root / f"together-{x}", steps, x, 100), eval_every=steps, dtype=dtype) for x in layers]
@@ -167,8 +166,7 @@ def architectures(out: Path, steps: int = 3) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tiny models (no pytest needed)
     from safetensors.torch import load_file
 
-    from onelayer.concurrent import train_variants
-    from onelayer.train import train
+    from onelayer.training import train, train_variants
     from tests.tiny import ARCHS, make_char_tokenizer, tiny_model
 
     tokenizer = make_char_tokenizer()
@@ -262,10 +260,9 @@ def scan_together(out: Path, alone: dict, concurrent: int, eval_n: int) -> dict:
 def joint_generation(variant_count: int, modes: list[str]) -> dict:
     """Seconds of one generation of ``variant_count`` x 256 rows (96 new tokens, the scan recipe's
     sampling), routed through variants' layer copies or not, decode steps eager and/or compiled (``modes``)."""
-    from onelayer.models import load_model, load_tokenizer
+    from onelayer.models import load_model, load_tokenizer, precision_context
     from onelayer.rollout import FastGenerator, render_prompts
     from onelayer.tasks import get_task
-    from onelayer.train import precision_context
     from onelayer.variants import LayerVariants
 
     tokenizer = load_tokenizer("smollm2")

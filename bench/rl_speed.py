@@ -38,11 +38,13 @@ from pathlib import Path
 import torch
 
 from onelayer.config import SamplingConfig, TrainConfig
-from onelayer.models import load_model, load_tokenizer
+from onelayer.models import load_model, load_tokenizer, precision_context
 from onelayer.rollout import FastGenerator, HFGenerator, completion_logprobs, render_prompts
 from onelayer.rollout.fast import cached_attention_for
 from onelayer.tasks import get_task
-from onelayer.train import check_run, open_run, precision_context, train, update_phase
+from onelayer.training import train
+from onelayer.training.setup import check_run, open_run
+from onelayer.training.step import update_phase
 
 TASK = "rg:basic_arithmetic"
 SECTIONS = ("check", "architectures", "attention", "generation", "compiled", "profile", "update", "step", "large", "trl")

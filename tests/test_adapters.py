@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from onelayer.adapters import lora_targets, matched_rank
 from onelayer.checkpoint import TENSORS, apply_checkpoint, find_checkpoint, read_meta
 from onelayer.errors import OneLayerError
-from onelayer.train import train
+from onelayer.training import train
 
 from .test_train import config, rewards
 from .tiny import tiny_model

@@ -196,19 +196,25 @@ def test_the_trainer_gives_each_turn_its_gigpo_advantage_with_the_configured_gam
     advantage is omega times its anchor-state advantage, by hand with gamma 0.5 and omega 0.25:
     discounted returns (-0.375, -0.75, -0.5) and (-0.625, -0.25, -0.5); the start state holds (-0.375,
     -0.625, -0.25), the state after the move (-0.75, -0.5, -0.5), each normalised by its mean and std."""
+    from types import SimpleNamespace
+
     from onelayer.algorithms import get_algorithm
     from onelayer.config import SamplingConfig, TrainConfig
     from onelayer.tasks import Example
-    from onelayer.train import episode_step
+    from onelayer.training.setup import PromptSampler
+    from onelayer.training.step import episode_step
 
     task = get_task("maze:3", {"max_steps": 3, "invalid_penalty": 0.5})
     seed = 11
     start = task.make_env().reset(seed)
     move = f"<action>{start.admissible[0]}</action>"
     generator = ScriptedGenerator([move, "nope", "nope", move, "nope", "nope"])
-    cfg = TrainConfig(algo="gigpo", group_size=2, gamma=0.5, step_weight=0.25, sampling=SamplingConfig(max_new_tokens=8))
-    batch, advantages, metrics, _ = episode_step(TokenizerStub(), task, [Example("x", "", "", {"seed": seed})], cfg,
-                                                 generator, get_algorithm("gigpo"))
+    cfg = TrainConfig(algo="gigpo", prompts_per_step=1, group_size=2, gamma=0.5, step_weight=0.25,
+                      sampling=SamplingConfig(max_new_tokens=8))
+    run = SimpleNamespace(config=cfg, task=task, algorithm=get_algorithm("gigpo"),
+                          sampler=PromptSampler([Example("x", "", "", {"seed": seed})], 0))
+    rollouts = episode_step(run, TokenizerStub(), generator, 0)
+    batch, advantages, metrics = rollouts.batch, rollouts.advantages, rollouts.metrics
     assert batch.size == 6 and metrics["reward"] == -1.0 and metrics["accuracy"] == 0.0
     # turns are batched in lockstep, episodes in order: rows 0, 1 are turn 1, rows 2, 3 turn 2, rows 4, 5 turn 3
     rows = advantages.tolist()

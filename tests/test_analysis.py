@@ -3,11 +3,11 @@ import math
 import pytest
 import torch
 
-from onelayer.analysis.contribution import Estimate, LayerPoint, Profile
 from onelayer.analysis.document import Callout, Figure, Section, Table, to_html, to_markdown
 from onelayer.analysis.param_change import relative_change, squared_norms
 from onelayer.analysis.rank import align, correlation_matrix, layer_ranks, rank_correlation
 from onelayer.errors import OneLayerError
+from onelayer.profile import Estimate, LayerPoint, Profile
 
 
 def profile(values: dict[int, float], n: int) -> Profile:

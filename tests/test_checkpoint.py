@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from onelayer.checkpoint import find_checkpoint, read_meta
-from onelayer.train import train
+from onelayer.training import train
 
 from .test_train import config, rewards
 from .tiny import tiny_model

@@ -7,11 +7,11 @@ import pytest
 
 from onelayer.checkpoint import read_meta
 from onelayer.cli import main
-from onelayer.compare import CompareConfig, comparison_results, parse_strategies, plan_comparison, recipe_for
-from onelayer.config import SamplingConfig, TrainConfig
+from onelayer.config import CompareConfig, SamplingConfig, ScanConfig, TrainConfig
 from onelayer.errors import OneLayerError
+from onelayer.experiments.compare import comparison_results, parse_strategies, plan_comparison, recipe_for
+from onelayer.experiments.scan import run_scan
 from onelayer.layers import parse_layer_spec
-from onelayer.scan import ScanConfig, run_scan
 
 from .test_strategies import hand_profile, write_profile
 
@@ -59,8 +59,8 @@ def test_bad_strategies_fail_before_any_training(strategies, message):
 
 
 def test_comparison_runs_every_strategy_and_reports_costs(tmp_path, saved_tiny):
-    from onelayer.compare import run_comparison
-    from onelayer.report import compare_section
+    from onelayer.experiments.compare import run_comparison
+    from onelayer.experiments.report import compare_section
 
     scan = write_profile(tmp_path / "scan", PROFILE)
     out = tmp_path / "compare"
@@ -124,7 +124,7 @@ def test_compare_takes_the_scans_recipe_and_copies_its_base_and_full_runs(tmp_pa
 
 def test_ensemble_members_from_a_scan_reuse_their_final_evaluation(tmp_path, saved_tiny, monkeypatch):
     from onelayer.config import EvalConfig
-    from onelayer.specialists import run_ensemble
+    from onelayer.experiments.specialists import run_ensemble
 
     scan_dir = tmp_path / "scan"
     run_scan(ScanConfig(recipe=recipe(scan_dir, saved_tiny, layers="1,2", steps=1)), progress=False)
@@ -133,7 +133,7 @@ def test_ensemble_members_from_a_scan_reuse_their_final_evaluation(tmp_path, sav
     def no_eval(config):
         raise AssertionError(f"{config.checkpoint} was evaluated again")
 
-    monkeypatch.setattr("onelayer.specialists.run_eval", no_eval)
+    monkeypatch.setattr("onelayer.experiments.specialists.run_eval", no_eval)
     same = EvalConfig(task="toy:repeat", n=5, sampling=SamplingConfig(max_new_tokens=6, temperature=0.0))
     summary = run_ensemble(members, same, tmp_path / "vote")
     assert len(summary.votes) == 5
@@ -162,10 +162,10 @@ def test_compare_refuses_a_layer_spec_outside_strategies(capsys):
 
 
 def test_an_ensemble_refuses_a_member_whose_training_stopped_early(tmp_path, saved_tiny, tokenizer, monkeypatch):
-    import onelayer.train as train_module
+    import onelayer.training.step as train_module
     from onelayer.config import EvalConfig
-    from onelayer.specialists import run_ensemble
-    from onelayer.train import train
+    from onelayer.experiments.specialists import run_ensemble
+    from onelayer.training import train
 
     from .test_train import config
 

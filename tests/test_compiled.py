@@ -9,7 +9,7 @@ from onelayer import compat, compiled
 from onelayer.checkpoint import find_checkpoint
 from onelayer.compiled import compiled_layers
 from onelayer.models import decoder_layers
-from onelayer.train import train
+from onelayer.training import train
 
 from .test_train import config
 from .tiny import tiny_model

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from onelayer.checkpoint import find_checkpoint, read_meta
-from onelayer.concurrent import auto_concurrency, check_group, train_variants
 from onelayer.config import SamplingConfig, TrainConfig
 from onelayer.errors import OneLayerError
 from onelayer.models import parameter_layers
-from onelayer.train import train
+from onelayer.training import train
+from onelayer.training.concurrent import auto_concurrency, check_group, train_variants
 from onelayer.variants import LayerVariants
 
 from .tiny import joint_generations, tiny_model
@@ -138,7 +138,7 @@ def test_auto_concurrency_by_hand(tmp_path, monkeypatch):
 
     cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
                                    vocab_size=100, head_dim=16)
-    monkeypatch.setattr("onelayer.concurrent.load_config", lambda name: cfg)
+    monkeypatch.setattr("onelayer.training.concurrent.load_config", lambda name: cfg)
     c = config(tmp_path, "1", sampling=SamplingConfig(max_new_tokens=100), prompts_per_step=2, group_size=4)
     # columns: 256 prompt + 100 new + 64 headroom -> 448; per row 3 layers x 2 x 2 heads x 16 x 2 bytes x 448
     # + 100 x 16 logits bytes = 172,032 + 1,600; 8 rows per variant
@@ -148,11 +148,13 @@ def test_auto_concurrency_by_hand(tmp_path, monkeypatch):
 
 
 def test_the_joint_rollout_cache_is_kept_between_steps(tmp_path, tokenizer, monkeypatch):
-    import onelayer.train
+    import importlib
+
     from onelayer.rollout.fast import DecodeState
 
-    # as if the device had 1 byte: a solo run would free any rollout cache before its update
-    monkeypatch.setattr(onelayer.train, "_total_memory", lambda device: 1.0)
+    # as if the device had 1 byte: a solo run would free any rollout cache before its update (the module,
+    # not the function the package exports under the same name)
+    monkeypatch.setattr(importlib.import_module("onelayer.training.train"), "total_memory", lambda device: 1.0)
     built = []
     original = DecodeState.__init__
     monkeypatch.setattr(DecodeState, "__init__", lambda self, *a, **k: built.append(a[1]) or original(self, *a, **k))

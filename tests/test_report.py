@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from onelayer.cli import main
+from onelayer.experiments.ood import _Swapper, task_slug
+from onelayer.experiments.scan import load_plan
 from onelayer.models import load_model
-from onelayer.ood import _Swapper, task_slug
-from onelayer.scan import load_plan
 
 ARGS = ["--task", "toy:repeat", "--layers", "0,1,3", "--steps", "2", "--prompts-per-step", "2", "--group-size", "4",
         "--max-new-tokens", "6", "--eval-n", "8", "--lr", "1e-2", "--device", "cpu", "--no-progress"]

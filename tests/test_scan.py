@@ -5,8 +5,8 @@ import pytest
 from onelayer.cli import main
 from onelayer.config import SamplingConfig, TrainConfig
 from onelayer.errors import OneLayerError
-from onelayer.runs import run_dir, run_status
-from onelayer.scan import (
+from onelayer.experiments.rundir import run_dir, run_status
+from onelayer.experiments.scan import (
     PlannedRun,
     ScanConfig,
     plan_scan,
@@ -148,6 +148,15 @@ def test_scan_end_to_end_from_the_command_line(tmp_path, saved_tiny, capsys):
     assert json.loads((out / "runs" / "base" / "result.json").read_text())["param_change"] is None
     code = main(["profile", str(out)])
     assert code == 0
+    # the same scan from Python leaves the same files, its profile included
+    python = tmp_path / "python"
+    run_scan(scan_config(python, saved_tiny), progress=False)
+
+    def files(root):
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+    assert files(python) == files(out)
+    assert json.loads((python / "profile.json").read_text()) == profile
     assert main(["profile", str(tmp_path)]) == 2
 
 
@@ -191,7 +200,7 @@ def test_two_process_scan_gives_the_same_profile_as_one(tmp_path, saved_tiny):
 
 
 def test_a_scan_whose_full_training_gained_nothing_reports_it_loudly(tmp_path, saved_tiny):
-    from onelayer.report import build_report
+    from onelayer.experiments.report import build_report
 
     flat = {("base", None): [1] * 10 + [0] * 30, ("full", None): [1] * 10 + [0] * 30,
             ("layer", 1): [1] * 12 + [0] * 28, ("layer", 3): [1] * 10 + [0] * 30}
@@ -230,7 +239,7 @@ def test_a_concurrent_scan_gives_the_runs_of_a_scan_one_at_a_time(tmp_path, save
 
 
 def test_a_failed_variant_is_recorded_alone_and_the_group_retried(tmp_path, saved_tiny, monkeypatch):
-    import onelayer.scan as scan
+    import onelayer.experiments.recipes as recipes
 
     calls = []
 
@@ -239,7 +248,7 @@ def test_a_failed_variant_is_recorded_alone_and_the_group_retried(tmp_path, save
         return [RuntimeError("boom") if r.layers == "1" and len(calls) == 1 else {"examples": "x", "accuracy": 0.5}
                 for r in recipes]
 
-    monkeypatch.setattr(scan, "train_and_evaluate_variants", group)
+    monkeypatch.setattr(recipes, "train_and_evaluate_variants", group)
     config = scan_config(tmp_path / "scan", saved_tiny, layers="0-3")
     config.concurrent = 2
     run_scan(config, progress=False, execute=_fake_execute([], {**SCORES, ("layer", 0): [0] * 40,
@@ -254,7 +263,7 @@ def test_a_failed_variant_is_recorded_alone_and_the_group_retried(tmp_path, save
 
 
 def test_concurrent_flag_checks(tmp_path, saved_tiny):
-    from onelayer.scan import concurrency
+    from onelayer.experiments.scan import concurrency
 
     config = scan_config(tmp_path, saved_tiny)
     assert concurrency(config) == 1  # automatic on a CPU: one at a time

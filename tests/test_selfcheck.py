@@ -8,7 +8,7 @@ import torch
 
 from onelayer.rollout import FastGenerator, HFGenerator, make_generator, selfcheck
 from onelayer.rollout.fast import StaticKVCache
-from onelayer.train import train
+from onelayer.training import train
 
 from .test_train import config
 from .tiny import tiny_model
@@ -88,7 +88,7 @@ def test_a_run_whose_fast_engine_fails_its_check_trains_with_generate(tmp_path, 
 
 def test_concurrent_variants_whose_engine_fails_its_check_train_one_at_a_time(tmp_path, tokenizer, monkeypatch,
                                                                               saved_tiny, capsys):
-    from onelayer.runs import train_and_evaluate_variants
+    from onelayer.experiments.recipes import train_and_evaluate_variants
 
     real = _future_protocol(monkeypatch)
     recipes = [config(tmp_path / f"l{layer}", model=str(saved_tiny), layers=str(layer), steps=1, save_every=1,

@@ -6,12 +6,12 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from onelayer.analysis.contribution import Estimate, LayerPoint, Profile, read_profile
 from onelayer.checkpoint import read_meta
 from onelayer.errors import OneLayerError
 from onelayer.layers import lr_scales_from_profile, parse_layer_spec, top_layers
 from onelayer.models import parameter_layers
-from onelayer.train import train
+from onelayer.profile import Estimate, LayerPoint, Profile, read_profile
+from onelayer.training import train
 
 from .test_train import config
 from .tiny import tiny_model

@@ -9,7 +9,9 @@ from onelayer.config import SamplingConfig, TrainConfig
 from onelayer.errors import OneLayerError
 from onelayer.models import parameter_layers
 from onelayer.tasks.toy import RepeatTask
-from onelayer.train import PromptSampler, lr_factor, train
+from onelayer.training import train
+from onelayer.training.setup import PromptSampler
+from onelayer.training.step import lr_factor
 
 from .tiny import tiny_model
 
@@ -60,7 +62,7 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, tokenizer, monkeypatc
     whole = train(config(tmp_path / "a", steps=6, save_every=2), m_whole := tiny_model("llama"), tokenizer,
                   progress=False)
 
-    import onelayer.train as train_module
+    import onelayer.training.step as train_module
     real_update = train_module.policy_update
 
     def dies_at_step_3(*args, **kwargs):
@@ -199,7 +201,7 @@ def test_the_update_is_the_gradient_of_the_loss_written_by_hand(tokenizer, algo)
     from onelayer.algorithms import get_algorithm
     from onelayer.layers import apply_selection, select_layers
     from onelayer.rollout import completion_logprobs
-    from onelayer.train import policy_update
+    from onelayer.training.step import policy_update
 
     batch, lengths = _hand_batch(tokenizer)
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
@@ -316,7 +318,7 @@ class _NanGrad(torch.autograd.Function):
 
 
 def _nan_grads_in_steps(monkeypatch, bad_steps):
-    import onelayer.train as train_module
+    import onelayer.training.step as train_module
 
     real_update, real_logprobs = train_module.policy_update, train_module.completion_logprobs
     current = {"step": None}

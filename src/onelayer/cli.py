@@ -13,10 +13,17 @@ import sys
 from dataclasses import MISSING, fields, is_dataclass, replace
 from pathlib import Path
 
-from .config import EvalConfig, SamplingConfig, TrainConfig
+from .config import (
+    GROUPS,
+    CompareConfig,
+    EvalConfig,
+    OODConfig,
+    SamplingConfig,
+    ScanConfig,
+    TrainConfig,
+    config_fields,
+)
 from .errors import OneLayerError
-from .ood import OODConfig
-from .scan import ScanConfig
 
 
 def _flag(name: str) -> str:
@@ -34,28 +41,36 @@ def _parse_option(text: str) -> tuple[str, object]:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None, only_given: bool = False,
-                     nested_from: str = "", _from: str = "") -> None:
-    """Add one flag per field of dataclass ``cls`` (nested dataclasses flattened). With ``only_given``,
-    flags the user did not pass stay out of the namespace (see :func:`config_with_overrides`);
-    ``nested_from`` names where the nested dataclasses' defaults then come from (e.g. "the scan's")."""
+                     nested_from: str = "", _from: str = "", _sections: dict | None = None) -> None:
+    """Add one flag per field of dataclass ``cls`` (nested dataclasses flattened), listed under the section
+    its metadata names. With ``only_given``, flags the user did not pass stay out of the namespace (see
+    :func:`config_with_overrides`); ``nested_from`` names where the nested dataclasses' defaults then come
+    from (e.g. "the scan's")."""
     defaults = defaults if defaults is not None else cls()
+    if _sections is None:  # one argparse group per section, in the order of GROUPS
+        groups = {f.metadata.get("group") for _, f in config_fields(cls)}
+        _sections = {g: parser.add_argument_group(f"{g} options") for g in GROUPS if g in groups}
     for f in fields(cls):
         value = getattr(defaults, f.name)
         if is_dataclass(value):
-            add_config_flags(parser, type(value), value, only_given, nested_from, _from or nested_from)
+            add_config_flags(parser, type(value), value, only_given, nested_from, _from or nested_from, _sections)
             continue
+        section = _sections[f.metadata["group"]]
         help_text = f.metadata.get("help", "")
+        choices = [c for c in f.metadata.get("choices", ()) if c]
+        metavar = "{" + ",".join(choices) + "}" if choices else None
         default = argparse.SUPPRESS if only_given else value
         shown = f" (default: {_from}, else {value})" if _from else f" (default: {value})"
         if isinstance(value, bool):
-            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text + shown)
+            section.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                 help=help_text + shown)
         elif isinstance(value, dict):
             singular = f.name[:-1] if f.name.endswith("s") else f.name
-            parser.add_argument(_flag(singular), dest=f.name, action="append", type=_parse_option,
-                                default=argparse.SUPPRESS if only_given else [], metavar="KEY=VALUE", help=help_text)
+            section.add_argument(_flag(singular), dest=f.name, action="append", type=_parse_option,
+                                 default=argparse.SUPPRESS if only_given else [], metavar="KEY=VALUE", help=help_text)
         else:
-            parser.add_argument(_flag(f.name), dest=f.name, type=type(value), default=default, help=help_text + shown)
+            section.add_argument(_flag(f.name), dest=f.name, type=type(value), default=default, metavar=metavar,
+                                 help=help_text + shown)
 
 
 def config_with_overrides(config, args: argparse.Namespace):
@@ -118,7 +133,7 @@ def cmd_layers(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import train
+    from .training import train
 
     config = config_from_args(TrainConfig, args)
     result = train(config, progress=not args.no_progress)
@@ -174,8 +189,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """A real scan of the embedded model: base, full and single-layer runs, profile, report."""
     import torch
 
-    from .report import build_report
-    from .scan import run_scan
+    from .experiments.report import build_report
+    from .experiments.scan import run_scan
 
     gpu = torch.cuda.is_available() and not args.cpu_scale
     config = demo_config(args.out, gpu)
@@ -184,7 +199,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
           "(rerun to resume)")
     run_scan(config, progress=True)
     scan_dir = Path(r.out)
-    write_profile(scan_dir)
+    print_profile(scan_dir)
     report = build_report(scan_dir)
     print(f"report: {report.with_suffix('.html')}")
     if not gpu:
@@ -192,34 +207,29 @@ def cmd_demo(args: argparse.Namespace) -> None:
               "scans every layer; docs/results/ has GPU scans.")
 
 
-def write_profile(scan_dir: Path) -> None:
-    """Compute a scan's profile and write profile.json, profile.md and profile.png into it."""
-    from dataclasses import asdict
+def print_profile(scan_dir: Path) -> None:
+    """Print the profile a scan wrote (its table, any warning, where the files are)."""
+    from .profile import read_profile
 
-    from .analysis.figures import plot_profile, profile_table
-    from .scan import scan_profile
-
-    profile, status = scan_profile(scan_dir)
-    (scan_dir / "profile.json").write_text(json.dumps({**asdict(profile), "runs": status}, indent=2))
-    table = profile_table(profile)
-    (scan_dir / "profile.md").write_text(table)
-    figure = plot_profile(profile, scan_dir / "profile.png", title=f"layer contribution: {scan_dir.name}")
-    print(table)
+    if not (scan_dir / "profile.json").is_file():
+        return  # the scan said why there is none
+    profile = read_profile(scan_dir)
+    print((scan_dir / "profile.md").read_text())
     if not profile.reliable:
         print(f"WARNING: {profile.warning}")
-    print(f"profile in {scan_dir}/profile.md, profile.json and {figure}")
+    print(f"profile in {scan_dir}/profile.md, profile.json and profile.png")
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from .runs import Shard
-    from .scan import run_scan
+    from .experiments.scan import run_scan
+    from .experiments.sharding import Shard
 
     config = config_from_args(ScanConfig, args)
     run_scan(config, progress=not args.no_progress)
     if Shard.from_env().rank != 0:
         return 0  # rank 0 reports for everyone
     scan_dir = Path(config.recipe.out)
-    write_profile(scan_dir)
+    print_profile(scan_dir)
     return failed_runs(scan_dir)
 
 
@@ -233,12 +243,15 @@ def failed_runs(out: Path) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    write_profile(Path(args.scan))
+    from .experiments.scan import write_profile
+
+    write_profile(args.scan)
+    print_profile(Path(args.scan))
 
 
 def _write_analysis(title: str, section, out_dir: Path, stem: str) -> None:
     from .analysis.document import Table
-    from .report import write_sections
+    from .experiments.report import write_sections
 
     md, page, _ = write_sections(title, [section], out_dir, stem)
     for block in section.blocks:
@@ -252,14 +265,14 @@ def _write_analysis(title: str, section, out_dir: Path, stem: str) -> None:
 
 
 def cmd_analyze_rank(args: argparse.Namespace) -> None:
-    from .report import rank_of_scans
+    from .experiments.report import rank_of_scans
 
     out = Path(args.out)
     _write_analysis("Rank correlation of layer profiles", rank_of_scans(args.scans, out), out, "rank")
 
 
 def cmd_analyze_params(args: argparse.Namespace) -> None:
-    from .report import params_section
+    from .experiments.report import params_section
 
     scan = Path(args.scan)
     section = params_section(scan, scan / "analysis" / "figures")
@@ -270,9 +283,9 @@ def cmd_analyze_params(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze_ood(args: argparse.Namespace) -> None:
-    from .ood import ood_results, run_ood
-    from .report import ood_section
-    from .runs import Shard
+    from .experiments.ood import ood_results, run_ood
+    from .experiments.report import ood_section
+    from .experiments.sharding import Shard
 
     scan = Path(args.scan)
     run_ood(scan, config_from_args(OODConfig, args), progress=not args.no_progress)
@@ -286,14 +299,14 @@ def cmd_analyze_ood(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .report import build_report
+    from .experiments.report import build_report
 
     md = build_report(args.scan, args.compare, args.out or None)
     print(f"report: {md} and {md.with_suffix('.html')} (self-contained), numbers in {md.with_suffix('.json')}")
 
 
 def cmd_ensemble(args: argparse.Namespace) -> None:
-    from .specialists import run_ensemble, run_self_consistency, summary_lines
+    from .experiments.specialists import run_ensemble, run_self_consistency, summary_lines
 
     base = config_from_args(EvalConfig, args)
     out = Path(args.out or "ensemble-out")
@@ -309,9 +322,9 @@ def cmd_ensemble(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import CompareConfig, recipe_from_profile, run_comparison
-    from .report import compare_section
-    from .runs import Shard
+    from .experiments.compare import recipe_from_profile, run_comparison
+    from .experiments.report import compare_section
+    from .experiments.sharding import Shard
 
     for name in ("layers", "lr_from"):
         if hasattr(args, name):
@@ -394,8 +407,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=7, help="samples for self-consistency (default: 7)")
     add_config_flags(p, EvalConfig, EvalConfig(n=500))
     p.set_defaults(func=cmd_ensemble)
-
-    from .compare import CompareConfig
 
     p = sub.add_parser("compare", help="train strategies (full, top:k, lr-guided, middle:k, random:k, lora) with one "
                                        "budget and seeds; table and figure (resumable)")

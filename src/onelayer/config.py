@@ -1,96 +1,172 @@
-"""Typed configuration shared by the Python API and the CLI (which builds its flags from these)."""
+"""Typed configuration shared by the Python API and the CLI (which builds its flags from these).
+
+A field's meaning is written once, in its metadata (:func:`option`), and everything else is derived
+from it: the CLI flag, its help and its section; the values it accepts; whether a run may be resumed
+with another value (``resumable``: it changes how, not what, is computed); whether layer variants
+trained together must agree on it (``shared``); and whether it is part of what a run computes
+(``science``; a finished run with the same science can be reused instead of repeated). Adding a field
+is one line here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from collections.abc import Iterator
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dataclass
 
 from .errors import OneLayerError
 
 ENGINES = ("auto", "fast", "plain")
+DTYPES = ("auto", "bf16", "fp32")
+
+# CLI sections, in the order --help lists them
+GROUPS = ("model", "task", "layers", "algorithm", "optimisation", "batch", "rollouts", "speed", "evaluation",
+          "run", "scan", "compare", "ood")
+
+
+def option(default=MISSING, *, help: str, group: str, factory=MISSING, choices: tuple = (), resumable: bool = False,
+           shared: bool = False, science: bool = True):
+    """A config field and what it means (see the module docstring)."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown option group {group!r}")
+    metadata = {"help": help, "group": group, "choices": choices, "resumable": resumable, "shared": shared,
+                "science": science}
+    return field(default=default, default_factory=factory, metadata=metadata)
+
+
+def nested(cls, **defaults):
+    """A field holding another config dataclass (its fields keep their own metadata)."""
+    return field(default_factory=(lambda: cls(**defaults)) if defaults else cls)
+
+
+def config_fields(cls, prefix: str = "") -> Iterator[tuple[str, Field]]:
+    """Every leaf field of config dataclass ``cls`` as (dotted name, field), nested configs flattened."""
+    for f in fields(cls):
+        if f.default_factory is not MISSING and is_dataclass(sample := f.default_factory()):
+            yield from config_fields(type(sample), f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f
+
+
+def names_where(cls, key: str) -> frozenset[str]:
+    """Dotted names of the fields of ``cls`` whose metadata ``key`` is true (e.g. ``resumable``)."""
+    return frozenset(name for name, f in config_fields(cls) if f.metadata.get(key))
+
+
+def flat(data: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{"sampling.top_p": ..., ...}`` (dict-valued options stay whole)."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "task_options":
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a (dotted) field name: ``sampling.max_new_tokens`` -> ``--max-new-tokens``."""
+    return "--" + name.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def check_choices(config) -> None:
+    """Raise a one-line error for any field whose value is not one of its ``choices``."""
+    values = flat(asdict(config))
+    for name, f in config_fields(type(config)):
+        choices = f.metadata.get("choices")
+        if choices and values[name] not in choices:
+            raise OneLayerError(f"unknown {flag(name)} '{values[name]}': use {', '.join(choices)}")
+
+
+def check_positive(config, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(config, name) < 1:
+            raise OneLayerError(f"{flag(name)} must be >= 1, got {getattr(config, name)}")
 
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = field(default=256, metadata={"help": "completion length cap in tokens"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; 0 = greedy"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
-    generation_batch_size: int = field(default=256, metadata={"help": "rows per generate() call"})
-    engine: str = field(default="auto", metadata={
-        "help": "rollout engine: auto (fast on CUDA where the architecture allows), fast (static KV cache, "
-                "CUDA graphs on CUDA) or plain (transformers generate)"})
-    compile_decode: bool = field(default=False, metadata={
-        "help": "fuse the fast engine's decode step with torch.compile: on an H100, SmolLM2 generation 1.45x "
-                "faster at batch 1024, after 30-40 s of compilation per batch shape (cached on disk); pays off in long "
-                "runs"})
-    fused_kernels: bool = field(default=True, metadata={
-        "help": "the fast engine's decode attention and sampling as Triton kernels on CUDA GPUs (sm80+, Triton "
-                "installed); --no-fused-kernels keeps torch ops"})
+    max_new_tokens: int = option(256, group="rollouts", shared=True, help="completion length cap in tokens")
+    temperature: float = option(1.0, group="rollouts", shared=True, help="sampling temperature; 0 = greedy")
+    top_p: float = option(1.0, group="rollouts", shared=True, help="nucleus sampling mass")
+    generation_batch_size: int = option(256, group="rollouts", help="rows per generate() call")
+    engine: str = option("auto", group="speed", choices=ENGINES, resumable=True, help=(
+        "rollout engine: auto (fast on CUDA where the architecture allows), fast (static KV cache, CUDA graphs on "
+        "CUDA) or plain (transformers generate)"))
+    compile_decode: bool = option(False, group="speed", resumable=True, shared=True, help=(
+        "fuse the fast engine's decode step with torch.compile: on an H100, SmolLM2 generation 1.45x faster at "
+        "batch 1024, after 30-40 s of compilation per batch shape (cached on disk); pays off in long runs"))
+    fused_kernels: bool = option(True, group="speed", resumable=True, shared=True, help=(
+        "the fast engine's decode attention and sampling as Triton kernels on CUDA GPUs (sm80+, Triton installed); "
+        "--no-fused-kernels keeps torch ops"))
 
     def validate(self) -> None:
-        if self.engine not in ENGINES:
-            raise OneLayerError(f"unknown --engine '{self.engine}': use {', '.join(ENGINES)}")
-        if self.generation_batch_size < 1:
-            raise OneLayerError(f"--generation-batch-size must be >= 1, got {self.generation_batch_size}")
+        check_choices(self)
+        check_positive(self, ("generation_batch_size",))
 
 
 @dataclass
 class TrainConfig:
     """One RL run: which model, task, algorithm and layers, for how long, written where."""
 
-    model: str = field(default="smollm2", metadata={"help": "hub id, local dir, .gguf file or 'smollm2'"})
-    task: str = field(default="rg:basic_arithmetic", metadata={"help": "task name, e.g. rg:basic_arithmetic"})
-    task_options: dict = field(default_factory=dict, metadata={"help": "task option KEY=VALUE (repeatable)"})
-    algo: str = field(default="grpo", metadata={"help": "grpo, dr_grpo or gigpo (agent tasks)"})
-    layers: str = field(default="all", metadata={"help": "layer spec: all, 14, 3,7, 10-19, middle:4, ..."})
-    out: str = field(default="runs/onelayer", metadata={"help": "run directory (resumed if it exists)"})
-    steps: int = field(default=200, metadata={"help": "RL steps (rollout batches)"})
-    prompts_per_step: int = field(default=32, metadata={"help": "prompts per step"})
-    group_size: int = field(default=8, metadata={"help": "completions per prompt (G)"})
-    lr: float = field(default=1e-6, metadata={"help": "peak learning rate (tune it for full training)"})
-    lr_from: str = field(default="", metadata={
-        "help": "scan dir or profile.json: per-layer learning rates lr * max(C,0) / mean(max(C,0)) over the trained layers"})
-    lora_rank: int = field(default=0, metadata={
-        "help": "train LoRA adapters of this rank on the selected layers' linear maps instead of the layers; 0 = off"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / rank)"})
-    lr_schedule: str = field(default="constant", metadata={"help": "constant or cosine, after warm-up"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm; 0 = off"})
-    micro_batch_size: int = field(default=32, metadata={"help": "rows per forward/backward (accumulated)"})
-    compile_layers: bool = field(default=False, metadata={
-        "help": "update through torch.compile'd decoder layers (fused norms, rotary, activations): faster "
-                "updates on a GPU after about a minute of compilation per process"})
-    mini_batches: int = field(default=1, metadata={"help": "optimizer steps per PPO epoch"})
-    ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
-    clip_low: float = field(default=0.2, metadata={"help": "PPO clip epsilon below 1"})
-    clip_high: float = field(default=0.2, metadata={"help": "PPO clip epsilon above 1"})
-    beta: float = field(default=0.0, metadata={"help": "KL weight to the initial policy (k3)"})
-    gamma: float = field(default=0.95, metadata={"help": "GiGPO: discount of step returns"})
-    step_weight: float = field(default=1.0, metadata={"help": "GiGPO: weight omega of step advantages"})
-    loss_aggregation: str = field(default="", metadata={
-        "help": "seq-mean-token-mean, token-mean or seq-mean-token-sum-norm; empty = the algorithm's"})
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (and at 0 and the end); 0 = off"})
-    eval_at_start: bool = field(default=True, metadata={"help": "with --eval-every, also evaluate before step 1"})
-    eval_n: int = field(default=200, metadata={"help": "eval examples for periodic evaluation"})
-    save_every: int = field(default=10, metadata={"help": "checkpoint every N steps (and at the end)"})
-    seed: int = field(default=0, metadata={"help": "seed of data order, sampling and init"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp32"})
-    device: str = field(default="", metadata={"help": "cuda, cpu, cuda:1; empty = cuda if available"})
-    attention: str = field(default="", metadata={
-        "help": "attention implementation: sdpa, eager, flash_attention_2; empty = transformers' default"})
+    model: str = option("smollm2", group="model", shared=True, help="hub id, local dir, .gguf file or 'smollm2'")
+    task: str = option("rg:basic_arithmetic", group="task", shared=True, help="task name, e.g. rg:basic_arithmetic")
+    task_options: dict = option(group="task", factory=dict, shared=True, help="task option KEY=VALUE (repeatable)")
+    algo: str = option("grpo", group="algorithm", help="grpo, dr_grpo or gigpo (agent tasks)")
+    layers: str = option("all", group="layers", help="layer spec: all, 14, 3,7, 10-19, middle:4, ...")
+    out: str = option("runs/onelayer", group="run", resumable=True, science=False,
+                      help="run directory (resumed if it exists)")
+    steps: int = option(200, group="batch", resumable=True, help="RL steps (rollout batches)")
+    prompts_per_step: int = option(32, group="batch", shared=True, help="prompts per step")
+    group_size: int = option(8, group="batch", shared=True, help="completions per prompt (G)")
+    lr: float = option(1e-6, group="optimisation", help="peak learning rate (tune it for full training)")
+    lr_from: str = option("", group="layers", help=(
+        "scan dir or profile.json: per-layer learning rates lr * max(C,0) / mean(max(C,0)) over the trained layers"))
+    lora_rank: int = option(0, group="layers", help=(
+        "train LoRA adapters of this rank on the selected layers' linear maps instead of the layers; 0 = off"))
+    lora_alpha: float = option(32.0, group="layers", help="LoRA alpha (the update is scaled by alpha / rank)")
+    lr_schedule: str = option("constant", group="optimisation", choices=("constant", "cosine"),
+                              help="constant or cosine, after warm-up")
+    warmup_steps: int = option(0, group="optimisation", help="linear warm-up steps")
+    weight_decay: float = option(0.0, group="optimisation", help="AdamW weight decay (matrices only)")
+    max_grad_norm: float = option(1.0, group="optimisation", help="gradient clipping norm; 0 = off")
+    micro_batch_size: int = option(32, group="batch", help="rows per forward/backward (accumulated)")
+    compile_layers: bool = option(False, group="speed", resumable=True, help=(
+        "update through torch.compile'd decoder layers (fused norms, rotary, activations): faster updates on a GPU "
+        "after about a minute of compilation per process"))
+    mini_batches: int = option(1, group="algorithm", help="optimizer steps per PPO epoch")
+    ppo_epochs: int = option(1, group="algorithm", help="passes over each rollout batch")
+    clip_low: float = option(0.2, group="algorithm", help="PPO clip epsilon below 1")
+    clip_high: float = option(0.2, group="algorithm", help="PPO clip epsilon above 1")
+    beta: float = option(0.0, group="algorithm", help="KL weight to the initial policy (k3)")
+    gamma: float = option(0.95, group="algorithm", help="GiGPO: discount of step returns")
+    step_weight: float = option(1.0, group="algorithm", help="GiGPO: weight omega of step advantages")
+    loss_aggregation: str = option("", group="algorithm", help=(
+        "seq-mean-token-mean, token-mean or seq-mean-token-sum-norm; empty = the algorithm's"))
+    sampling: SamplingConfig = nested(SamplingConfig)
+    eval_every: int = option(0, group="evaluation", resumable=True, science=False,
+                             help="evaluate every N steps (and at 0 and the end); 0 = off")
+    eval_at_start: bool = option(True, group="evaluation", resumable=True, science=False,
+                                 help="with --eval-every, also evaluate before step 1")
+    eval_n: int = option(200, group="evaluation", resumable=True, shared=True,
+                         help="eval examples for periodic evaluation")
+    save_every: int = option(10, group="run", resumable=True, science=False,
+                             help="checkpoint every N steps (and at the end)")
+    seed: int = option(0, group="run", help="seed of data order, sampling and init")
+    dtype: str = option("auto", group="model", choices=DTYPES, shared=True,
+                        help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
+    device: str = option("", group="model", resumable=True, shared=True, science=False,
+                         help="cuda, cpu, cuda:1; empty = cuda if available")
+    attention: str = option("", group="model", shared=True, help=(
+        "attention implementation: sdpa, eager, flash_attention_2; empty = transformers' default"))
 
     def validate(self) -> None:
-        positive = ("steps", "prompts_per_step", "group_size", "micro_batch_size", "mini_batches", "ppo_epochs")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise OneLayerError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        check_choices(self)
+        check_positive(self, ("steps", "prompts_per_step", "group_size", "micro_batch_size", "mini_batches",
+                              "ppo_epochs"))
         if not self.lr > 0:
             raise OneLayerError(f"--lr must be > 0, got {self.lr}")
         if self.lora_rank < 0:
             raise OneLayerError(f"--lora-rank must be >= 0 (0 = no LoRA), got {self.lora_rank}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise OneLayerError(f"--lr-schedule must be constant or cosine, got '{self.lr_schedule}'")
         if (self.prompts_per_step * self.group_size) % self.mini_batches:
             raise OneLayerError(f"--mini-batches {self.mini_batches} must divide the "
                                 f"{self.prompts_per_step * self.group_size} rollouts of a step")
@@ -103,25 +179,34 @@ class TrainConfig:
         self.sampling.validate()
 
 
+#: fields a run may be resumed with another value of (any other difference is another experiment)
+RESUMABLE = names_where(TrainConfig, "resumable")
+#: fields every layer variant trained together must share (one model, task and batched generation)
+SHARED = names_where(TrainConfig, "shared")
+#: fields that do not change what a run computes
+NOT_SCIENCE = frozenset(name for name, f in config_fields(TrainConfig) if not f.metadata.get("science", True))
+
+
 @dataclass
 class EvalConfig:
     """Evaluate a base model, or a base model plus a onelayer checkpoint, on a task's eval split."""
 
-    model: str = field(default="", metadata={"help": "model; empty = the checkpoint's base model"})
-    checkpoint: str = field(default="", metadata={"help": "run or checkpoint directory to apply"})
-    task: str = field(default="rg:basic_arithmetic", metadata={"help": "task name"})
-    task_options: dict = field(default_factory=dict, metadata={"help": "task option KEY=VALUE (repeatable)"})
-    n: int = field(default=500, metadata={"help": "eval examples (the first n of the eval split)"})
-    samples: int = field(default=1, metadata={"help": "completions per example (for pass@k)"})
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
-    out: str = field(default="", metadata={"help": "directory for results (summary and per-example)"})
-    dtype: str = field(default="auto", metadata={"help": "auto, bf16 or fp32"})
-    device: str = field(default="", metadata={"help": "cuda, cpu; empty = cuda if available"})
-    attention: str = field(default="", metadata={
-        "help": "attention implementation: sdpa, eager, flash_attention_2; empty = transformers' default"})
+    model: str = option("", group="model", help="model; empty = the checkpoint's base model")
+    checkpoint: str = option("", group="model", help="run or checkpoint directory to apply")
+    task: str = option("rg:basic_arithmetic", group="task", help="task name")
+    task_options: dict = option(group="task", factory=dict, help="task option KEY=VALUE (repeatable)")
+    n: int = option(500, group="evaluation", help="eval examples (the first n of the eval split)")
+    samples: int = option(1, group="evaluation", help="completions per example (for pass@k)")
+    sampling: SamplingConfig = nested(SamplingConfig, temperature=0.0)
+    seed: int = option(0, group="run", help="sampling seed")
+    out: str = option("", group="run", help="directory for results (summary and per-example)")
+    dtype: str = option("auto", group="model", choices=DTYPES, help="auto, bf16 or fp32")
+    device: str = option("", group="model", help="cuda, cpu; empty = cuda if available")
+    attention: str = option("", group="model", help=(
+        "attention implementation: sdpa, eager, flash_attention_2; empty = transformers' default"))
 
     def validate(self) -> None:
+        check_choices(self)
         if not self.model and not self.checkpoint:
             raise OneLayerError("eval needs --model, --checkpoint or both")
         if self.n < 1 or self.samples < 1:
@@ -129,6 +214,52 @@ class EvalConfig:
         if self.samples > 1 and self.sampling.temperature <= 0:
             raise OneLayerError("--samples > 1 needs --temperature > 0 (greedy samples are all the same)")
         self.sampling.validate()
+
+
+@dataclass
+class ScanConfig:
+    """A scan: ``recipe`` is the training recipe shared by every run. In it, ``layers`` names the layers
+    that get a single-layer run and ``out`` is the scan directory."""
+
+    recipe: TrainConfig = nested(TrainConfig)
+    seeds: int = option(1, group="scan", help="seeds per trained configuration")
+    lr_scales: str = option("", group="scan", help=(
+        "robustness probes: rerun --probe-layers with the learning rate times each of these, e.g. 0.5,2"))
+    probe_layers: str = option("best,worst", group="scan", help=(
+        "layers the probes rerun: best, worst (by measured contribution) and/or a layer spec"))
+    concurrent: int = option(0, group="scan", help=(
+        "single-layer runs trained together in one process, sharing the frozen weights: 0 = as many as fit (on a "
+        "GPU; 1 on a CPU), 1 = one at a time"))
+
+
+DEFAULT_STRATEGIES = "full,top:10,lr-guided,middle:10,random:10,lora"
+
+
+@dataclass
+class CompareConfig:
+    """``recipe`` is shared by every strategy (its ``layers`` is ignored; ``out`` is the comparison's
+    directory). Without flags, ``onelayer compare SCAN`` takes the scan's own recipe."""
+
+    recipe: TrainConfig = nested(TrainConfig)
+    strategies: str = option(DEFAULT_STRATEGIES, group="compare", help="comma-separated strategies")
+    profile: str = option("", group="compare", help="scan dir or profile.json for top:k and lr-guided")
+    seeds: int = option(2, group="compare", help="seeds per strategy")
+    lora_lr_scale: float = option(10.0, group="compare", help=(
+        "LoRA's learning rate is --lr times this (LoRA needs a larger one; ~10x is the usual finding)"))
+
+
+@dataclass
+class OODConfig:
+    """Which tasks, and how to evaluate on them (0 = the scan's own setting)."""
+
+    tasks: str = option("", group="ood", help=(
+        "comma-separated tasks, each optionally TASK?KEY=VALUE&KEY=VALUE, e.g. rg:gcd?max_value=20"))
+    task_options: dict = option(group="ood", factory=dict, help="option KEY=VALUE for every task")
+    eval_n: int = option(0, group="ood", help="eval examples per task; 0 = the scan's --eval-n")
+    max_new_tokens: int = option(0, group="ood", help="completion cap; 0 = the scan's")
+    generation_batch_size: int = option(0, group="ood", help="rows per generate call; 0 = the scan's")
+    dtype: str = option("", group="ood", choices=("", *DTYPES), help="auto, bf16, fp32; empty = the scan's")
+    device: str = option("", group="ood", help="cuda, cpu; empty = cuda if available")
 
 
 def to_dict(config) -> dict:
@@ -141,6 +272,7 @@ def from_dict(cls, data: dict):
     for f in fields(cls):
         if f.name in data:
             value = data[f.name]
-            sub = f.default_factory if is_dataclass(f.default_factory) else None
+            sample = f.default_factory() if f.default_factory is not MISSING else None
+            sub = type(sample) if is_dataclass(sample) else None
             kwargs[f.name] = from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
     return cls(**kwargs)

@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import OneLayerError
 from .models import LayerId, decoder_layers, head_is_tied, num_layers, parameter_layers
+from .profile import read_profile
 
 EXTRAS = ("embed", "head", "norm")
 SPEC_FORMS = ("all, none, 7, 3,7,11, 10-19, middle:k, frac:0.33-0.66, every:3, top:k@SCAN, random:k[:seed], "
@@ -110,8 +111,6 @@ def _top(arg: str, term: str, n: int, notes: list[str]) -> list[int]:
     count, at, path = arg.partition("@")
     if not at or not re.fullmatch(r"\d+", count) or not 1 <= int(count) <= n or not path:
         raise _bad(term, f"top:k@SCAN needs 1 <= k <= {n} and a scan directory or profile.json, e.g. top:4@scans/a", n)
-    from .analysis.contribution import read_profile
-
     profile = read_profile(path)
     if len(profile.points) != n:
         raise _bad(term, f"the profile at {path} is for a model of {len(profile.points)} layers", n)

@@ -18,6 +18,7 @@ import importlib.util
 import os
 import shutil
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,3 +314,12 @@ def head_is_tied(model: nn.Module) -> bool:
     """Whether the output projection shares its weight with the input embeddings."""
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     return head is not None and embed is not None and head.weight is embed.weight
+
+
+def precision_context(device: torch.device, load_dtype: torch.dtype):
+    """bf16 autocast for models loaded in bf16 (matmuls in bf16, fp32 trained weights cast on the fly)."""
+    if load_dtype == torch.float16:
+        raise OneLayerError("training in fp16 needs loss scaling, which onelayer does not do: use --dtype bf16 or fp32")
+    if load_dtype == torch.bfloat16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()

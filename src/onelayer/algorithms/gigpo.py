@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 
 import torch
 
@@ -92,3 +93,22 @@ def episode_grpo_advantages(step_rewards: list[list[float]], normalize: str = "s
     returns = torch.tensor([sum(r) for r in step_rewards], dtype=torch.float64)
     episode = episode_advantages(returns, normalize, eps).tolist()
     return [[episode[i]] * len(r) for i, r in enumerate(step_rewards)]
+
+
+def turn_advantages(step_rewards: list[list[float]], observations: list[list[str]], group_size: int,
+                    step_level: bool, gamma: float = 0.95, omega: float = 1.0, normalize: str = "std",
+                    eps: float = 1e-6) -> tuple[list[list[float]], int]:
+    """Every turn's advantage, for episodes in groups of ``group_size`` consecutive ones (each group started
+    from one state): GiGPO's :func:`gigpo_advantages` when ``step_level``, else :func:`episode_grpo_advantages`.
+    ``observations[i][t]`` is what episode ``i`` acted on at turn ``t``. Also returns how many turns share
+    their anchor state with another turn of their group."""
+    out, anchored = [], 0
+    for g in range(0, len(step_rewards), group_size):
+        rewards = step_rewards[g:g + group_size]
+        if step_level:
+            anchors = [[anchor_key(o) for o in episode] for episode in observations[g:g + group_size]]
+            out += gigpo_advantages(rewards, anchors, gamma, omega, normalize, eps)
+            anchored += sum(c for c in Counter(k for keys in anchors for k in keys).values() if c > 1)
+        else:
+            out += episode_grpo_advantages(rewards, normalize, eps)
+    return out, anchored

@@ -9,14 +9,12 @@ score over seeds. When the full-training gain's own interval includes 0 the rati
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import OneLayerError
+from ..profile import Estimate, LayerPoint, Profile
 
 
 def contribution(s_layer: float, s_base: float, s_full: float) -> float:
@@ -32,13 +30,6 @@ def per_example_scores(runs: Sequence[Sequence[float]]) -> np.ndarray:
     if array.ndim != 2 or array.shape[1] == 0:
         raise OneLayerError("per-example scores must be a non-empty table of seeds x examples")
     return array.mean(axis=0)
-
-
-@dataclass(frozen=True)
-class Estimate:
-    value: float
-    low: float
-    high: float
 
 
 def _interval(samples: np.ndarray, value: float, level: float) -> Estimate:
@@ -66,26 +57,6 @@ def contribution_estimate(base: np.ndarray, full: np.ndarray, layer: np.ndarray,
     with np.errstate(divide="ignore", invalid="ignore"):
         samples = np.where(f != b, (s - b) / (f - b), np.nan)
     return _interval(samples, contribution(float(layer.mean()), float(base.mean()), float(full.mean())), level)
-
-
-@dataclass(frozen=True)
-class LayerPoint:
-    layer: int
-    contribution: float
-    low: float
-    high: float
-    interpolated: bool
-
-
-@dataclass(frozen=True)
-class Profile:
-    """A contribution profile over all layers; ``reliable`` is False unless full training's gain is above
-    the noise (its interval excludes 0 and it is positive); ``warning`` then says why."""
-
-    points: tuple[LayerPoint, ...]
-    full_gain: Estimate
-    reliable: bool
-    warning: str
 
 
 def interpolate(measured: Mapping[int, float], num_layers: int) -> list[tuple[float, bool]]:
@@ -129,22 +100,3 @@ def layer_profile(base: Sequence[Sequence[float]], full: Sequence[Sequence[float
     points = tuple(LayerPoint(layer, v, lo, hi, flag)
                    for layer, ((v, flag), (lo, _), (hi, _)) in enumerate(zip(values, lows, highs, strict=True)))
     return Profile(points, gain, reliable, warning)
-
-
-def profile_from_dict(data: Mapping) -> Profile:
-    """The inverse of ``dataclasses.asdict`` on a :class:`Profile` (as in ``profile.json``)."""
-    return Profile(tuple(LayerPoint(**p) for p in data["points"]), Estimate(**data["full_gain"]),
-                   bool(data["reliable"]), str(data["warning"]))
-
-
-def read_profile(path: str | Path) -> Profile:
-    """A profile from a scan directory (its ``profile.json``) or from a profile JSON file."""
-    path = Path(path)
-    file = path / "profile.json" if path.is_dir() else path
-    if not file.is_file():
-        raise OneLayerError(f"no contribution profile at {file}: pass a scan directory whose profile exists "
-                            "(onelayer profile SCAN writes it) or a profile.json")
-    try:
-        return profile_from_dict(json.loads(file.read_text()))
-    except (KeyError, TypeError, json.JSONDecodeError) as err:
-        raise OneLayerError(f"{file} is not a onelayer profile.json ({err})") from err

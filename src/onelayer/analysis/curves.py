@@ -6,12 +6,8 @@ import json
 from pathlib import Path
 
 from ..errors import OneLayerError
+from ..jsonl import read_jsonl
 from .figures import pyplot, save_figure
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSON-lines file (none when it does not exist yet)."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def load_run_logs(run_dir: str | Path) -> dict:

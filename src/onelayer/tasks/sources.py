@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
-from pathlib import Path
 
+from .. import jsonl
 from ..errors import OneLayerError
 from .base import Example, dedup_against
 
@@ -18,18 +17,10 @@ def check_split(split: str) -> str:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """The JSON objects of a ``.jsonl`` file, one per non-empty line."""
-    file = Path(path).expanduser()
-    if not file.is_file():
+    """The JSON objects of a task's ``.jsonl`` file (or ``.jsonl.gz``), one per non-empty line."""
+    if not jsonl.exists(path):
         raise OneLayerError(f"task file {path} does not exist: check the path")
-    rows = []
-    for number, line in enumerate(file.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise OneLayerError(f"{path}:{number} is not valid JSON ({err.msg}): fix that line") from err
-    return rows
+    return jsonl.read_jsonl(path)
 
 
 def load_hf_splits(dataset: str, config: str | None, train_split: str, eval_split: str) -> dict:

@@ -13,13 +13,14 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from .analysis.contribution import Profile
-from .analysis.curves import plot_scan_rewards, read_jsonl
-from .analysis.document import Callout, Figure, Section, Table, to_html, to_markdown
-from .analysis.figures import plot_change_vs_contribution, plot_profile, plot_rank_heatmap
-from .analysis.rank import correlation_matrix, measured, rank_correlation
-from .errors import OneLayerError
-from .runs import read_result, run_dir, run_status
+from ..analysis.curves import plot_scan_rewards
+from ..analysis.document import Callout, Figure, Section, Table, to_html, to_markdown
+from ..analysis.figures import plot_change_vs_contribution, plot_profile, plot_rank_heatmap
+from ..analysis.rank import correlation_matrix, measured, rank_correlation
+from ..errors import OneLayerError
+from ..jsonl import read_jsonl
+from ..profile import Profile
+from .rundir import read_result, run_dir, run_status
 from .scan import load_plan, probe_results, scan_profile
 
 
@@ -106,7 +107,7 @@ def curves_section(scan_dir: Path, figures: Path) -> Section | None:
     runs = [r for r in runs if r["steps"]]
     if not runs:
         return None
-    from .models import model_num_layers
+    from ..models import model_num_layers
 
     n_layers = model_num_layers(config["recipe"]["model"])
     figure = plot_scan_rewards(runs, n_layers, figures / "rewards.png")
@@ -211,9 +212,9 @@ def _bytes(n) -> str:
 def compare_section(compare_dir: Path, figures: Path) -> Section:
     """``onelayer compare``: every strategy's accuracy over seeds, its gain over full training, and
     what it cost."""
-    from .analysis.figures import plot_strategies
+    from ..analysis.figures import plot_strategies
+    from ..layers import compact_layers
     from .compare import comparison_results
-    from .layers import compact_layers
 
     comparison = comparison_results(compare_dir)
     base, results = comparison.base_accuracy, comparison.strategies

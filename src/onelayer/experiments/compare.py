@@ -21,51 +21,21 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from . import adapters
-from .analysis.contribution import (
-    Estimate,
-    bootstrap_indices,
-    contribution_estimate,
-    gain_estimate,
-    read_profile,
-)
-from .config import TrainConfig, from_dict, to_dict
-from .errors import OneLayerError
-from .layers import parse_layer_spec
-from .models import load_skeleton, model_num_layers
-from .runs import (
-    Shard,
-    example_scores,
-    examples_file,
-    read_result,
-    run_dir,
-    run_share,
-    run_status,
-    train_and_evaluate,
-)
+from .. import adapters
+from ..analysis.contribution import bootstrap_indices, contribution_estimate, gain_estimate
+from ..config import DEFAULT_STRATEGIES, NOT_SCIENCE, CompareConfig, TrainConfig, flat, from_dict, to_dict
+from ..errors import OneLayerError
+from ..layers import parse_layer_spec
+from ..models import load_skeleton, model_num_layers
+from ..profile import Estimate, read_profile
+from .rundir import example_scores, examples_file, read_result, run_dir, run_status
 from .scan import load_plan
-
-DEFAULT_STRATEGIES = "full,top:10,lr-guided,middle:10,random:10,lora"
-# Fields that do not change what a run computes: a scan's run with equal other fields is reusable.
-_NOT_SCIENCE = ("layers", "out", "device", "eval_every", "eval_at_start", "save_every")
-
-
-@dataclass
-class CompareConfig:
-    """``recipe`` is shared by every strategy (its ``layers`` is ignored; ``out`` is the comparison's
-    directory). Without flags, ``onelayer compare SCAN`` takes the scan's own recipe."""
-
-    recipe: TrainConfig = field(default_factory=TrainConfig)
-    strategies: str = field(default=DEFAULT_STRATEGIES, metadata={"help": "comma-separated strategies"})
-    profile: str = field(default="", metadata={"help": "scan dir or profile.json for top:k and lr-guided"})
-    seeds: int = field(default=2, metadata={"help": "seeds per strategy"})
-    lora_lr_scale: float = field(default=10.0, metadata={
-        "help": "LoRA's learning rate is --lr times this (LoRA needs a larger one; ~10x is the usual finding)"})
+from .sharding import Shard, run_share
 
 
 @dataclass(frozen=True)
@@ -148,8 +118,10 @@ def recipe_for(config: CompareConfig, run: StrategyRun, out: Path) -> TrainConfi
 
 
 def _science(recipe: dict) -> dict:
-    normal = to_dict(from_dict(TrainConfig, recipe))  # older saved recipes lack newer fields
-    return {k: v for k, v in normal.items() if k not in _NOT_SCIENCE}
+    """What a run computes. A scan's saved recipe names its scanned layers, not those of its full run, so
+    ``layers`` is left out too (the caller matches the kind of run)."""
+    normal = flat(to_dict(from_dict(TrainConfig, recipe)))  # older saved recipes lack newer fields
+    return {k: v for k, v in normal.items() if k not in NOT_SCIENCE and k != "layers"}
 
 
 def reuse_from_scan(config: CompareConfig, run: StrategyRun, out: Path) -> bool:
@@ -183,6 +155,8 @@ def reuse_from_scan(config: CompareConfig, run: StrategyRun, out: Path) -> bool:
 def execute(config: CompareConfig, run: StrategyRun, out: Path, progress: bool = False) -> dict:
     if reuse_from_scan(config, run, out):
         return read_result(out, run)
+    from .recipes import train_and_evaluate  # training loads only to run: reading results needs none of it
+
     recipe = recipe_for(config, run, out)
     summary = train_and_evaluate(recipe, trained=run.strategy is not None, progress=progress)
     row = {"name": run.name, "strategy": run.strategy.label if run.strategy else "base", "seed": run.seed,

@@ -4,7 +4,7 @@ The study asks whether the layers that carry in-domain gains also carry transfer
 scan (base, full, single layers, probes) is evaluated on each task with the scan's eval settings;
 results go to ``runs/NAME/ood/SLUG.json`` and ``SLUG.examples.jsonl``, so an interrupted evaluation
 resumes, a run whose evaluation failed has the error in ``runs/NAME/ood/error.txt``, and the contribution profile on a task is
-computed exactly like the in-domain one (:func:`onelayer.scan.scan_profile` with ``source=SLUG``).
+computed exactly like the in-domain one (:func:`onelayer.experiments.scan.scan_profile` with ``source=SLUG``).
 The base model is loaded once; each run's trained tensors are swapped in and back out.
 """
 
@@ -13,42 +13,31 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .analysis.contribution import Profile
-from .analysis.rank import RankCorrelation, compare_profiles
-from .checkpoint import assign, checkpoint_tensors, find_checkpoint
-from .errors import OneLayerError
-from .evaluate import evaluate, write_eval
-from .models import default_device, load_model, load_tokenizer
-from .rollout import make_generator
-from .runs import Shard, barrier, for_each_run, run_dir, run_status
+from ..analysis.rank import RankCorrelation, compare_profiles
+from ..checkpoint import assign, checkpoint_tensors, find_checkpoint
+from ..config import OODConfig
+from ..errors import OneLayerError
+from ..evaluate import evaluate, write_eval
+from ..models import default_device, load_model, load_tokenizer, precision_context
+from ..profile import Profile
+from ..rollout import make_generator
+from ..tasks import get_task, parse_task_ref, split_task_list
+from .rundir import run_dir, run_status
 from .scan import PlannedRun, load_plan, scan_profile
-from .tasks import get_task, parse_task_ref, split_task_list
-from .train import precision_context
+from .sharding import Shard, barrier, for_each_run
 
 
-@dataclass
-class OODConfig:
-    """Which tasks, and how to evaluate on them (0 = the scan's own setting)."""
-
-    tasks: str = field(default="", metadata={
-        "help": "comma-separated tasks, each optionally TASK?KEY=VALUE&KEY=VALUE, e.g. rg:gcd?max_value=20"})
-    task_options: dict = field(default_factory=dict, metadata={"help": "option KEY=VALUE for every task"})
-    eval_n: int = field(default=0, metadata={"help": "eval examples per task; 0 = the scan's --eval-n"})
-    max_new_tokens: int = field(default=0, metadata={"help": "completion cap; 0 = the scan's"})
-    generation_batch_size: int = field(default=0, metadata={"help": "rows per generate call; 0 = the scan's"})
-    dtype: str = field(default="", metadata={"help": "auto, bf16, fp32; empty = the scan's"})
-    device: str = field(default="", metadata={"help": "cuda, cpu; empty = cuda if available"})
-
-    def task_refs(self) -> list[tuple[str, dict]]:
-        refs = [parse_task_ref(t) for t in split_task_list(self.tasks)]
-        if not refs:
-            raise OneLayerError("analyze ood needs --tasks, e.g. --tasks rg:chain_sum,rg:gcd?max_value=20")
-        return [(name, {**self.task_options, **options}) for name, options in refs]
+def task_refs(config: OODConfig) -> list[tuple[str, dict]]:
+    """The tasks of ``config.tasks``, each with its own options over the common ones."""
+    refs = [parse_task_ref(t) for t in split_task_list(config.tasks)]
+    if not refs:
+        raise OneLayerError("analyze ood needs --tasks, e.g. --tasks rg:chain_sum,rg:gcd?max_value=20")
+    return [(name, {**config.task_options, **options}) for name, options in refs]
 
 
 def task_slug(name: str, options: dict) -> str:
@@ -89,7 +78,7 @@ def run_ood(scan_dir: str | Path, config: OODConfig, progress: bool = True) -> l
     scan_dir = Path(scan_dir)
     saved, plan = load_plan(scan_dir)
     recipe = saved["recipe"]
-    refs = config.task_refs()
+    refs = task_refs(config)
     tasks = {task_slug(name, options): (name, options, get_task(name, options)) for name, options in refs}
     shard = Shard.from_env()
     runs = [r for r in plan if run_status(scan_dir, r) == "done"]

@@ -13,14 +13,14 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from .analysis.curves import read_jsonl
-from .analysis.ensemble import EnsembleSummary, ensemble
-from .checkpoint import find_checkpoint, read_meta
-from .config import EvalConfig
-from .errors import OneLayerError
-from .evaluate import run_eval
-from .runs import final_examples
-from .tasks import get_task
+from ..analysis.ensemble import EnsembleSummary, ensemble
+from ..checkpoint import find_checkpoint, read_meta
+from ..config import EvalConfig
+from ..errors import OneLayerError
+from ..evaluate import run_eval
+from ..jsonl import read_jsonl
+from ..tasks import get_task
+from .rundir import final_examples
 
 
 def _answers(config: EvalConfig) -> list[dict]:

@@ -13,44 +13,27 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .analysis.contribution import Profile, layer_profile
-from .config import TrainConfig, to_dict
-from .errors import OneLayerError
-from .layers import parse_layer_spec
-from .models import default_device, load_skeleton, model_num_layers
-from .runs import (
-    Shard,
-    example_scores,
-    examples_file,
-    run_dir,
-    run_share,
-    run_status,
-    train_and_evaluate,
-    train_and_evaluate_variants,
-    write_error,
+from ..analysis.contribution import (
+    bootstrap_indices,
+    contribution_estimate,
+    layer_profile,
+    per_example_scores,
 )
-
-
-@dataclass
-class ScanConfig:
-    """A scan: ``recipe`` is the training recipe shared by every run. In it, ``layers`` names the layers
-    that get a single-layer run and ``out`` is the scan directory."""
-
-    recipe: TrainConfig = field(default_factory=TrainConfig)
-    seeds: int = field(default=1, metadata={"help": "seeds per trained configuration"})
-    lr_scales: str = field(default="", metadata={
-        "help": "robustness probes: rerun --probe-layers with the learning rate times each of these, e.g. 0.5,2"})
-    probe_layers: str = field(default="best,worst", metadata={
-        "help": "layers the probes rerun: best, worst (by measured contribution) and/or a layer spec"})
-    concurrent: int = field(default=0, metadata={
-        "help": "single-layer runs trained together in one process, sharing the frozen weights: 0 = as many as "
-                "fit (on a GPU; 1 on a CPU), 1 = one at a time"})
+from ..analysis.figures import plot_profile, profile_table
+from ..analysis.rank import layer_ranks, measured
+from ..config import ScanConfig, TrainConfig, to_dict
+from ..errors import OneLayerError
+from ..layers import parse_layer_spec
+from ..models import default_device, load_skeleton, model_num_layers
+from ..profile import Profile
+from .rundir import example_scores, examples_file, run_dir, run_status, write_error
+from .sharding import Shard, run_share
 
 
 @dataclass(frozen=True)
@@ -133,6 +116,8 @@ def _recipe_for(config: ScanConfig, run: PlannedRun, scan_dir: Path) -> TrainCon
 
 def execute_run(config: ScanConfig, run: PlannedRun, scan_dir: Path, progress: bool = False) -> dict:
     """Train (unless base) and evaluate one run; write and return its ``result.json`` summary."""
+    from .recipes import train_and_evaluate  # training loads only to run: reading a profile needs none of it
+
     recipe = _recipe_for(config, run, scan_dir)
     return _write_result(run, recipe, train_and_evaluate(recipe, trained=run.kind != "base", progress=progress))
 
@@ -140,6 +125,8 @@ def execute_run(config: ScanConfig, run: PlannedRun, scan_dir: Path, progress: b
 def execute_group(config: ScanConfig, runs: list[PlannedRun], scan_dir: Path, progress: bool = False) -> None:
     """Train single-layer runs together (:func:`onelayer.concurrent.train_variants`) and evaluate
     them; each writes its ``result.json``, or its ``error.txt`` when it alone failed."""
+    from .recipes import train_and_evaluate_variants
+
     recipes = [_recipe_for(config, run, scan_dir) for run in runs]
     for run, recipe, summary in zip(runs, recipes, train_and_evaluate_variants(recipes, progress), strict=True):
         if isinstance(summary, Exception):
@@ -159,9 +146,9 @@ def _write_result(run: PlannedRun, recipe: TrainConfig, summary: dict) -> dict:
 def concurrency(config: ScanConfig) -> int:
     """How many single-layer runs to train together: ``config.concurrent``, or for 0 as many as fit
     in the free memory of the scan's GPU (1 on a CPU, or where concurrent training cannot run)."""
-    from .concurrent import auto_concurrency, check_group
-    from .rollout.fast import unsupported_reason
-    from .tasks import AgentTask, get_task
+    from ..rollout.fast import unsupported_reason
+    from ..tasks import AgentTask, get_task
+    from ..training.concurrent import auto_concurrency, check_group
 
     recipe = config.recipe
     if config.concurrent < 0:
@@ -188,8 +175,8 @@ def concurrency(config: ScanConfig) -> int:
 
 def _prompt_tokens(recipe: TrainConfig, task, sample: int = 64) -> int:
     """A generous prompt length for ``task``: the longest of its first ``sample`` train prompts, plus 25%."""
-    from .models import load_tokenizer
-    from .rollout import render_prompts
+    from ..models import load_tokenizer
+    from ..rollout import render_prompts
 
     tokenizer = load_tokenizer(recipe.model)
     prompts = render_prompts(tokenizer, [task.messages(e) for e in task.examples("train")[:sample]])
@@ -207,8 +194,9 @@ def run_scan(config: ScanConfig, progress: bool = True,
     """Run every pending or failed run of the scan (this process's share of them, under torchrun);
     finished ones are skipped. A run that raises is recorded (``error.txt``) and the scan goes on.
     Single-layer runs are trained ``concurrent`` at a time (:func:`concurrency`); base and full runs
-    alone. With ``lr_scales``, the probe runs follow once the profile exists. Returns the whole plan
-    once every rank is done. ``execute`` replaces the work of one run (tests)."""
+    alone. With ``lr_scales``, the probe runs follow once the profile exists. Then rank 0 writes the profile
+    (:func:`write_profile`). Returns the whole plan once every rank is done. ``execute`` replaces the work of
+    one run (tests)."""
     shard = Shard.from_env()
     config = replace(config, recipe=replace(config.recipe, device=shard.device(config.recipe.device)))
     scan_dir = Path(config.recipe.out)
@@ -232,15 +220,20 @@ def run_scan(config: ScanConfig, progress: bool = True,
                       group_size)
 
     share(plan, "scan")
-    if not config.lr_scales:
-        return plan
-    # every rank reads the same finished runs after the barrier, so they plan the same probes
-    profile, _ = scan_profile(scan_dir)
-    probes = plan_probes(config, profile)
+    if config.lr_scales:
+        # every rank reads the same finished runs after the barrier, so they plan the same probes
+        profile, _ = scan_profile(scan_dir)
+        probes = plan_probes(config, profile)
+        if shard.rank == 0:
+            _save_plan(config, plan + probes, scan_dir)
+        share(probes, "lr probes")
+        plan = plan + probes
     if shard.rank == 0:
-        _save_plan(config, plan + probes, scan_dir)
-    share(probes, "lr probes")
-    return plan + probes
+        try:
+            write_profile(scan_dir)
+        except OneLayerError as err:  # too few runs finished (the failed ones are retried by the same command)
+            print(f"no profile written: {err}", file=sys.stderr)
+    return plan
 
 
 def load_plan(scan_dir: str | Path) -> tuple[dict, list[PlannedRun]]:
@@ -283,9 +276,6 @@ def probe_results(scan_dir: str | Path, n_resamples: int = 2000) -> list[dict]:
     """For each probed layer and learning-rate scale: its contribution at the scan's learning rate and
     at the scaled one (against the same base and full runs), and its rank among the measured layers
     at both (the probed value replacing the layer's own)."""
-    from .analysis.contribution import bootstrap_indices, contribution_estimate, per_example_scores
-    from .analysis.rank import layer_ranks, measured
-
     scan_dir = Path(scan_dir)
     _, plan = load_plan(scan_dir)
     done = [r for r in plan if r.kind == "probe" and run_status(scan_dir, r) == "done"]
@@ -311,3 +301,14 @@ def probe_results(scan_dir: str | Path, n_resamples: int = 2000) -> list[dict]:
                      "probe_contribution": est.value, "probe_low": est.low, "probe_high": est.high,
                      "probe_rank": ranks_after[layer], "measured_layers": len(at_base)})
     return rows
+
+
+def write_profile(scan_dir: str | Path) -> Profile:
+    """Compute a scan's profile from its finished runs and write ``profile.json``, ``profile.md`` (the table)
+    and ``profile.png`` into it."""
+    scan_dir = Path(scan_dir)
+    profile, status = scan_profile(scan_dir)
+    (scan_dir / "profile.json").write_text(json.dumps({**asdict(profile), "runs": status}, indent=2))
+    (scan_dir / "profile.md").write_text(profile_table(profile))
+    plot_profile(profile, scan_dir / "profile.png", title=f"layer contribution: {scan_dir.name}")
+    return profile

@@ -4,8 +4,8 @@ generation for all of them, then each variant's own scoring, advantages and upda
 Each variant is a run of its own (directory, log, checkpoints, optimizer, data order, sampling
 stream), and follows the trajectory it would follow alone with the same config, up to floating
 point: its prompts come from its own sampler, its completions from its own counter-based stream
-(:mod:`.rollout.streams`), its update sees only its rows and its own layer copy
-(:class:`.variants.LayerVariants`). Variants may be at different steps (a resumed group). A variant
+(:mod:`onelayer.rollout.streams`), its update sees only its rows and its own layer copy
+(:class:`onelayer.variants.LayerVariants`). Variants may be at different steps (a resumed group). A variant
 that fails (a NaN loss, say) stops alone; the others go on.
 """
 
@@ -17,55 +17,35 @@ import time
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .errors import FastEngineUnavailable, OneLayerError
-from .evaluate import eval_prompts, eval_result
-from .layers import select_layers
-from .models import load_config
-from .progress import progress_bar
-from .rollout import FastGenerator, render_prompts
-from .rollout.fast import WINDOW, unsupported_reason
-from .rollout.selfcheck import fast_engine_problem
-from .tasks import AgentTask
-from .train import (
-    Run,
-    TrainResult,
-    _peak_memory,
-    check_run,
-    eval_due,
-    log_step,
-    model_for,
-    open_run,
-    precision_context,
-    record_eval,
-    sample_seed,
-    save_due,
-    score_rollouts,
-    step_row,
-    update_phase,
-)
-from .variants import LayerVariants
+from ..config import SHARED, TrainConfig, flag, flat, to_dict
+from ..errors import FastEngineUnavailable, OneLayerError
+from ..evaluate import eval_prompts, eval_result
+from ..layers import select_layers
+from ..models import load_config, precision_context
+from ..progress import progress_bar
+from ..rollout import FastGenerator, render_prompts
+from ..rollout.fast import WINDOW, unsupported_reason
+from ..rollout.selfcheck import fast_engine_problem
+from ..tasks import AgentTask
+from ..variants import LayerVariants
+from .setup import Run, TrainResult, check_run, model_for, open_run, peak_memory
+from .step import Rollouts, eval_due, record_eval, sample_seed, save_due, scored, update_and_log
 
-# What every variant of a group must share: one model, one task and one batched generation.
-SHARED = ("model", "task", "task_options", "dtype", "device", "attention", "prompts_per_step", "group_size", "eval_n")
-SHARED_SAMPLING = ("max_new_tokens", "temperature", "top_p", "compile_decode", "fused_kernels")
 # Share of free GPU memory the joint rollout cache may take (the rest: updates, logits, fragmentation).
 CACHE_FRACTION = 0.45
 
 
 def check_group(configs: list[TrainConfig]) -> None:
-    """Raise unless ``configs`` can train together (same model, task and sampling; no LoRA)."""
+    """Raise unless ``configs`` can train together (the fields marked ``shared`` agree; no LoRA)."""
     if not configs:
         raise OneLayerError("no runs to train together")
-    first = configs[0]
+    first = flat(to_dict(configs[0]))
     for config in configs[1:]:
-        for name in SHARED:
-            if getattr(config, name) != getattr(first, name):
-                raise OneLayerError(f"runs trained together must share --{name.replace('_', '-')} "
-                                    f"({getattr(first, name)!r} vs {getattr(config, name)!r}): train them apart")
-        for name in SHARED_SAMPLING:
-            if getattr(config.sampling, name) != getattr(first.sampling, name):
-                raise OneLayerError(f"runs trained together must share --{name.replace('_', '-')}: train them apart")
+        values = flat(to_dict(config))
+        for name in sorted(SHARED):
+            if values[name] != first[name]:
+                raise OneLayerError(f"runs trained together must share {flag(name)} ({first[name]!r} vs "
+                                    f"{values[name]!r}): train them apart")
     for config in configs:
         if config.lora_rank:
             raise OneLayerError("LoRA runs cannot be trained concurrently yet: use --concurrent 1")
@@ -128,8 +108,7 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
     evals = FastGenerator(model, tokenizer, row_hook=variants.set_rows, kernels=kernels)
     steps = [run.start for run in runs]
     failed: dict[int, Exception] = {}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    peak_memory(device)  # reset the counter
 
     def fail(k: int, err: Exception) -> None:
         failed[k] = err
@@ -170,7 +149,7 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
             except torch.OutOfMemoryError:
                 raise _out_of_memory(f"generating for {len(active)} variants at once") from None
             seconds_generation = time.perf_counter() - t0
-            peak_rollout = _peak_memory(device)
+            peak_rollout = peak_memory(device)
             stepped = []
             for b, k in enumerate(active):
                 run, step = runs[k], steps[k]
@@ -178,22 +157,16 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
                     t1 = time.perf_counter()
                     torch.manual_seed(sample_seed(run.config, step))
                     part = batch.rows(slice(b * rows_per_variant, (b + 1) * rows_per_variant))
-                    rewards, outcome = score_rollouts(task, part, examples[k], run.config.group_size)
-                    advantages = run.algorithm.advantages(rewards, run.config.group_size)
-                    t2 = time.perf_counter()
-                    # the joint cache stays (unlike a solo run's large one): the group was sized for it to fit
-                    # next to the updates, and rebuilding it would re-capture its decode steps every step
-                    with variants.variant(k):
-                        stats, peak_update = update_phase(model, run, part, advantages, precision, step)
-                    t3 = time.perf_counter()
-                    run.peak_memory = max(run.peak_memory, peak_rollout, peak_update)
-                    # this run's share of the step: the joint generation split evenly, plus its own work
+                    advantages, metrics = scored(run, part, examples[k])
+                    # this run's share of the step: the joint generation split evenly, plus its own work; the
+                    # joint cache stays (unlike a solo run's large one): the group was sized for it to fit next
+                    # to the updates, and rebuilding it would re-capture its decode steps every step
                     share = seconds_generation / len(active)
-                    seconds = {"generation": seconds_generation, "rollout": share + t2 - t1, "update": t3 - t2,
-                               "step": share + t3 - t1}
-                    row = step_row(run, step, outcome, part, stats, seconds,
-                                   (peak_rollout, peak_update) if device.type == "cuda" else None)
-                    log_step(run, {**row, "concurrent_variants": len(active)}, stats)
+                    own = Rollouts(part, advantages, metrics, {"generation": seconds_generation,
+                                                                "rollout": share + time.perf_counter() - t1})
+                    with variants.variant(k):
+                        update_and_log(model, run, own, precision, step, peak_rollout,
+                                       {"concurrent_variants": len(active)})
                     steps[k] = step + 1
                     stepped.append(k)
                 except OneLayerError as err:

@@ -1,0 +1,61 @@
+"""A directory of named runs: where each run lives and what it leaves behind.
+
+Scans and strategy comparisons are both plans of named runs under ``DIR/runs/NAME``. A run is done
+when its ``result.json`` exists; a run that raised leaves ``error.txt`` (and is retried the next time,
+without redoing the others); a finished run's per-example results are the file its ``result.json``
+names. Reading these needs nothing of the training stack.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+from typing import Protocol
+
+from ..jsonl import read_jsonl
+
+
+class NamedRun(Protocol):
+    name: str
+
+
+def run_dir(out: Path, run: NamedRun) -> Path:
+    return Path(out) / "runs" / run.name
+
+
+def run_status(out: Path, run: NamedRun) -> str:
+    directory = run_dir(out, run)
+    if (directory / "result.json").is_file():
+        return "done"
+    return "failed" if (directory / "error.txt").is_file() else "pending"
+
+
+def read_result(out: Path, run: NamedRun) -> dict:
+    return json.loads((run_dir(out, run) / "result.json").read_text())
+
+
+def examples_file(out: Path, run: NamedRun, source: str = "") -> Path:
+    """Per-example results of a finished run: in-domain ones (``source`` empty), or those of the
+    out-of-domain evaluation named ``source`` (see :mod:`onelayer.experiments.ood`)."""
+    directory = run_dir(out, run)
+    return directory / "ood" / f"{source}.examples.jsonl" if source else final_examples(directory)
+
+
+def final_examples(directory: Path) -> Path:
+    """The per-example file of the final evaluation that a run directory's ``result.json`` names."""
+    path = Path(json.loads((Path(directory) / "result.json").read_text())["examples"])
+    # older runs stored absolute paths: fall back to the run's own evals/ when the directory was moved
+    return path if path.is_absolute() and path.is_file() else Path(directory) / "evals" / path.name
+
+
+def example_scores(path: Path) -> list[float]:
+    """Each example's score: the fraction of its samples judged correct (``.jsonl.gz`` read as well)."""
+    rows = read_jsonl(path, missing_ok=False)
+    return [sum(r["correct"]) / len(r["correct"]) for r in rows]
+
+
+def write_error(path: Path, err: BaseException) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trace = "".join(traceback.format_exception(err))
+    path.write_text(f"{type(err).__name__}: {err}\n\n{trace}")

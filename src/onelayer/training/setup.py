@@ -1,0 +1,248 @@
+"""Setting up a run: its model and precision, what it trains and with which optimizer, and where it resumes.
+
+:func:`open_run` composes the parts into a :class:`Run`, the state one run carries through its steps;
+:func:`check_run` does every check that needs no weights, so a bad config fails before loading.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..adapters import add_lora
+from ..algorithms import Algorithm, get_algorithm
+from ..checkpoint import apply_checkpoint, find_checkpoint, load_optimizer_state, read_meta
+from ..config import RESUMABLE, TrainConfig, flat, from_dict, to_dict
+from ..errors import OneLayerError
+from ..jsonl import read_jsonl, write_jsonl
+from ..layers import LayerSelection, apply_selection, lr_scales_from_profile, select_layers
+from ..models import default_device, load_model, load_tokenizer
+from ..profile import read_profile
+from ..tasks import AgentTask, Example, Task, get_task
+
+# ------------------------------------------------------------------------------------------ model, precision
+
+
+def model_for(config: TrainConfig, model: nn.Module | None, tokenizer) -> tuple[torch.device, nn.Module, object]:
+    """The device, model and tokenizer of a run: those given, else loaded as ``config`` says (after
+    seeding, so that anything initialised at load time is reproducible)."""
+    device = torch.device(config.device) if config.device else default_device()
+    torch.manual_seed(config.seed)
+    if model is None:
+        model = load_model(config.model, device, config.dtype, config.attention)
+    return device, model, tokenizer if tokenizer is not None else load_tokenizer(config.model)
+
+
+def fp32_trained_tensors(groups: list[dict]) -> None:
+    """Keep trained tensors in float32 while frozen ones stay in the load dtype.
+
+    Adam steps of ~1e-6 vanish when added to bf16 weights (8 mantissa bits), so a bf16 model would
+    barely train; float32 copies of the trained tensors only cost little (one layer: ~1/L of the model).
+    """
+    for group in groups:
+        for param in group["params"]:
+            if param.dtype in (torch.bfloat16, torch.float16):
+                param.data = param.data.float()
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak CUDA memory since the last call (0 elsewhere); resets the counter."""
+    if device.type != "cuda":
+        return 0
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def total_memory(device: torch.device) -> float:
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else float("inf")
+
+
+# ------------------------------------------------------------------------------------- trained tensors, optimizer
+
+
+@dataclass
+class Trainable:
+    """What a run trains: the selected layers, their parameter groups (float32), and how their learning
+    rates were set."""
+
+    selection: LayerSelection
+    groups: list[dict]  # optimizer parameter groups: params, names, layer, lr_scale, weight_decay
+    adapter: dict | None  # the LoRA adapter's description, if LoRA
+    lr_scales: dict
+    lr_rule: str
+
+    @property
+    def names(self) -> list[str]:
+        return [n for g in self.groups for n in g["names"]]
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for g in self.groups for p in g["params"])
+
+
+def trainable(config: TrainConfig, model: nn.Module) -> Trainable:
+    """Make ``config``'s layers of ``model`` trainable (float32 copies; LoRA adapters with ``lora_rank``)
+    and freeze everything else."""
+    guide = read_profile(config.lr_from) if config.lr_from else None
+    selection = select_layers(model, config.layers)
+    if selection.is_empty:
+        raise OneLayerError(f"layer spec '{config.layers}' selects nothing to train: name at least one layer")
+    for note in selection.notes:
+        print(f"layer selection: {note}", file=sys.stderr)
+    lr_scales, lr_rule = lr_scales_from_profile(guide, selection.layers) if guide else ({}, "")
+    if config.lora_rank:
+        groups, adapter = add_lora(model, selection, config.lora_rank, config.lora_alpha, config.weight_decay, lr_scales)
+    else:
+        groups, adapter = apply_selection(model, selection, config.weight_decay, lr_scales), None
+    fp32_trained_tensors(groups)
+    return Trainable(selection, groups, adapter, lr_scales, lr_rule)
+
+
+def make_optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+# ------------------------------------------------------------------------------------------------- resume
+
+
+def _check_resumable(out: Path, config: TrainConfig) -> None:
+    saved_path = out / "config.json"
+    if not saved_path.is_file():
+        return
+    saved = flat(to_dict(from_dict(TrainConfig, json.loads(saved_path.read_text()))))
+    now = flat(to_dict(config))
+    diffs = [k for k in now if k not in RESUMABLE and now[k] != saved.get(k)]
+    if diffs:
+        k = diffs[0]
+        raise OneLayerError(f"{out} holds a run with another {k} ({saved.get(k)!r}, now {now[k]!r}): "
+                            "pass another --out, or delete that directory to start over")
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop log lines of steps after the checkpoint: they are about to be redone."""
+    if path.is_file():
+        write_jsonl(path, [row for row in read_jsonl(path) if row["step"] <= last_step])
+
+
+def resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+    """Load the run directory's checkpoint, if any, into ``model`` and ``optimizer``; drop the log lines of
+    steps after it (they are redone). Returns the first step to do and the evaluations kept."""
+    start = 0
+    if find_checkpoint(out) is not None:
+        meta = read_meta(out)
+        apply_checkpoint(model, out)
+        load_optimizer_state(optimizer, out)
+        start = int(meta["step"])
+    _truncate_log(out / "log.jsonl", start)
+    _truncate_log(out / "eval.jsonl", start if start else -1)
+    return start, read_jsonl(out / "eval.jsonl") if start else []
+
+
+# --------------------------------------------------------------------------------------------------- the run
+
+
+class PromptSampler:
+    """Epoch-wise shuffles of the train split; the batch of a step depends only on (seed, step)."""
+
+    def __init__(self, examples: list[Example], seed: int):
+        if not examples:
+            raise OneLayerError("the task's train split is empty: give it more examples")
+        self.examples, self.seed = examples, seed
+
+    def batch(self, step: int, size: int) -> list[Example]:
+        n, out = len(self.examples), []
+        for position in range(step * size, (step + 1) * size):
+            epoch, index = divmod(position, n)
+            order = list(range(n))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            out.append(self.examples[order[index]])
+        return out
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps_done: int
+    selection: LayerSelection
+    final_eval: dict | None
+    costs: dict  # trainable_parameters, optimizer_state_bytes, peak_memory_bytes (CUDA only, this process)
+
+
+@dataclass
+class Run:
+    """One run's state around a model: what it trains and how, where it writes, where it resumes."""
+
+    config: TrainConfig
+    task: Task
+    algorithm: Algorithm
+    selection: LayerSelection
+    optimizer: torch.optim.Optimizer
+    trained: list[str]  # names of the trained tensors
+    initial: dict[str, torch.Tensor]  # the initial policy's trained tensors (KL reference), if beta
+    meta: dict  # checkpoint metadata without the step
+    sampler: PromptSampler
+    start: int  # first step to do (after a resume)
+    trainable: int
+    bad_steps: int = 0
+    peak_memory: int = 0
+    final_eval: dict | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def aggregation(self) -> str:
+        return self.config.loss_aggregation or self.algorithm.default_aggregation
+
+    def result(self, device: torch.device) -> TrainResult:
+        costs = {"trainable_parameters": self.trainable,
+                 "optimizer_state_bytes": sum(t.nbytes for state in self.optimizer.state.values()
+                                              for t in state.values() if torch.is_tensor(t)),
+                 "peak_memory_bytes": max(self.peak_memory, peak_memory(device)) if device.type == "cuda" else None}
+        return TrainResult(self.out, self.config.steps, self.selection, self.final_eval, costs)
+
+
+def check_run(config: TrainConfig, task: Task | None = None) -> tuple[Task, Algorithm]:
+    """Validate ``config`` and its run directory, and find its task (``task`` when given: runs that
+    share one) and algorithm (before any weights load)."""
+    config.validate()
+    _check_resumable(Path(config.out), config)
+    algorithm = get_algorithm(config.algo)
+    task = task or get_task(config.task, config.task_options)
+    agentic = isinstance(task, AgentTask)
+    if algorithm.advantages is None and not agentic:
+        raise OneLayerError(f"--algo {algorithm.name} needs a multi-turn agent task (tw:coin_collector, maze:4, ...), "
+                            f"not {task.name}: use grpo or dr_grpo")
+    if agentic and config.mini_batches > 1:
+        raise OneLayerError("agent tasks have a varying number of turns per step: use --mini-batches 1")
+    return task, algorithm
+
+
+def open_run(config: TrainConfig, model: nn.Module, task: Task, algorithm: Algorithm) -> Run:
+    """Make ``config``'s layers of ``model`` trainable, build their optimizer, and resume from the run
+    directory's checkpoint if it has one. Writes ``config.json``."""
+    parts = trainable(config, model)
+    optimizer = make_optimizer(parts.groups, config)
+    # the KL reference is the run's initial policy: captured before a resume loads later weights
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if config.beta else {}
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    start, evals = resume(out, model, optimizer)
+    meta = {"base_model": config.model, "layers_spec": config.layers, "layers": list(parts.selection.layers),
+            "extras": list(parts.selection.extras), "trainable_parameters": parts.parameters,
+            **({"adapter": parts.adapter} if parts.adapter else {}),
+            "selection_notes": list(parts.selection.notes), "lr_rule": parts.lr_rule,
+            "lr_scales": {str(k): v for k, v in parts.lr_scales.items()}, "config": to_dict(config)}
+    return Run(config, task, algorithm, parts.selection, optimizer, parts.names, initial, meta,
+               PromptSampler(task.examples("train"), config.seed), start, parts.parameters,
+               # a resumed run keeps its last evaluation when it was made at the checkpoint's step
+               final_eval=evals[-1] if evals and evals[-1]["step"] == start else None)

@@ -1,0 +1,308 @@
+"""The parts of one RL step, shared by a run alone (:mod:`.train`) and by layer variants trained
+together (:mod:`.concurrent`): sample prompts -> roll out and score -> advantages -> update the trained
+tensors -> log -> evaluate -> checkpoint.
+
+Both kinds of step return :class:`Rollouts` (the batch, an advantage per row, the step's metrics and
+seconds): single-turn tasks score one completion per row, multi-turn ones play episodes whose turns are
+the rows. Everything a step does is a function of (seed, step), so a run killed at any point resumes from
+its last checkpoint and repeats exactly what it would have done.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..algorithms import Normalizer, policy_loss, zero_signal_fraction
+from ..algorithms.gigpo import turn_advantages
+from ..checkpoint import save_checkpoint
+from ..compiled import compiled_layers
+from ..config import TrainConfig
+from ..errors import OneLayerError
+from ..evaluate import write_eval
+from ..jsonl import append_jsonl
+from ..rollout import Generator, RolloutBatch, completion_logprobs, render_prompts
+from ..rollout.episodes import play_episodes
+from ..tasks import AgentTask, Example, Task, outcome_fractions
+from .setup import Run, peak_memory
+
+MAX_BAD_STEPS = 3  # consecutive steps whose updates were all dropped for non-finite gradients
+
+
+def sample_seed(config: TrainConfig, step: int) -> int:
+    """The seed of step ``step``'s sampling stream (and of the global generator during that step)."""
+    return config.seed * 1_000_003 + step
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """Multiplier of the peak learning rate at ``step``: linear warm-up, then constant or cosine."""
+    if step < config.warmup_steps:
+        return (step + 1) / (config.warmup_steps + 1)
+    if config.lr_schedule == "cosine":
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
+
+
+# ------------------------------------------------------------------------------------------- rollouts
+
+
+@dataclass
+class Rollouts:
+    """What the first half of a step produced: rows to learn from and how much each is worth."""
+
+    batch: RolloutBatch
+    advantages: torch.Tensor  # [rows], float32
+    metrics: dict  # reward, accuracy, zero-signal groups, ... (the step's log line)
+    seconds: dict  # generation (sampling alone) and rollout (the whole first half)
+
+
+def score_rollouts(task: Task, batch: RolloutBatch, examples: list[Example], group_size: int
+                   ) -> tuple[torch.Tensor, dict]:
+    """Rewards (``[B]``, float32) and the step's outcome metrics of a batch of ``group_size``
+    completions per example."""
+    scores = task.score_all(batch.texts, [e for e in examples for _ in range(group_size)])
+    rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
+    outcome = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+               "accuracy": sum(s.correct for s in scores) / len(scores),
+               **({"outcomes": outcome_fractions(scores)} if scores[0].outcome else {}),
+               "zero_signal_fraction": zero_signal_fraction(rewards, group_size)}
+    return rewards, outcome
+
+
+def scored(run: Run, batch: RolloutBatch, examples: list[Example]) -> tuple[torch.Tensor, dict]:
+    """Score a single-turn batch and give every row its group-relative advantage."""
+    rewards, metrics = score_rollouts(run.task, batch, examples, run.config.group_size)
+    return run.algorithm.advantages(rewards, run.config.group_size), metrics
+
+
+def rollout_step(run: Run, tokenizer, generator: Generator, step: int) -> Rollouts:
+    """Single-turn: ``group_size`` completions of each of the step's prompts, scored."""
+    config, start = run.config, time.perf_counter()
+    examples = run.sampler.batch(step, config.prompts_per_step)
+    prompts = render_prompts(tokenizer, [run.task.messages(e) for e in examples])
+    t0 = time.perf_counter()
+    batch = generator.generate(prompts, config.group_size, config.sampling.max_new_tokens,
+                               config.sampling.temperature, config.sampling.top_p, seeds=[sample_seed(config, step)])
+    generation = time.perf_counter() - t0
+    advantages, metrics = scored(run, batch, examples)
+    return Rollouts(batch, advantages, metrics, {"generation": generation, "rollout": time.perf_counter() - start})
+
+
+def episode_step(run: Run, tokenizer, generator: Generator, step: int) -> Rollouts:
+    """Multi-turn: ``group_size`` episodes from each of the step's environment seeds; every turn is a row
+    with GiGPO's episode + anchor-state step advantage, or (grpo, dr_grpo) its episode's."""
+    config, algorithm, start = run.config, run.algorithm, time.perf_counter()
+    task: AgentTask = run.task
+    seeds = [e.meta["seed"] for e in run.sampler.batch(step, config.prompts_per_step)]
+    s = config.sampling
+    episodes, batch = play_episodes(generator, tokenizer, task, seeds, config.group_size, s.max_new_tokens,
+                                    s.temperature, s.top_p)
+    generation = time.perf_counter() - start
+    values, anchored = turn_advantages([e.rewards for e in episodes], [e.observations for e in episodes],
+                                       config.group_size, algorithm.step_level, config.gamma, config.step_weight,
+                                       algorithm.episode_normalize)
+    advantages = torch.zeros(batch.size, dtype=torch.float32)
+    for episode, per_turn in zip(episodes, values, strict=True):
+        advantages[episode.rows] = torch.tensor(per_turn, dtype=torch.float32)
+    returns = torch.tensor([e.total_return for e in episodes], dtype=torch.float32)
+    metrics = {"reward": returns.mean().item(), "reward_std": returns.std().item(),
+               "accuracy": sum(e.won for e in episodes) / len(episodes),
+               "zero_signal_fraction": zero_signal_fraction(returns, config.group_size),
+               "turns": batch.size / len(episodes),
+               "invalid_action_fraction": sum(e.invalid_actions for e in episodes) / batch.size,
+               **({"anchored_turn_fraction": anchored / batch.size} if algorithm.step_level else {})}
+    return Rollouts(batch, advantages, metrics, {"generation": generation, "rollout": time.perf_counter() - start})
+
+
+def step_rollouts(run: Run, tokenizer, generator: Generator, step: int) -> Rollouts:
+    """The first half of a step for the run's kind of task."""
+    torch.manual_seed(sample_seed(run.config, step))
+    kind = episode_step if isinstance(run.task, AgentTask) else rollout_step
+    return kind(run, tokenizer, generator, step)
+
+
+# --------------------------------------------------------------------------------------------- update
+
+
+@contextmanager
+def swapped_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]):
+    """Temporarily give ``model`` other values for some parameters (e.g. the initial policy's)."""
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in tensors}
+    with torch.no_grad():
+        for n, value in tensors.items():
+            params[n].copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, value in saved.items():
+                params[n].copy_(value)
+
+
+def batch_logprobs(model: nn.Module, batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
+    """Log-probs of the whole batch under the current weights, without gradients, micro-batched."""
+    out = torch.zeros(batch.completion_mask.shape, dtype=torch.float32, device=batch.input_ids.device)
+    with torch.no_grad():
+        for start in range(0, batch.size, config.micro_batch_size):
+            part = batch.rows(slice(start, start + config.micro_batch_size))
+            lp = completion_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length,
+                                     part.completion_mask, config.sampling.temperature)
+            out[start:start + config.micro_batch_size, :lp.shape[1]] = lp
+    return out
+
+
+def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: RolloutBatch,
+                  advantages: torch.Tensor, config: TrainConfig, aggregation: str, step: int,
+                  ref_logprobs: torch.Tensor | None = None) -> dict[str, float]:
+    """PPO epochs x mini-batches of optimizer steps over one rollout batch, each accumulated over
+    micro-batches. With one epoch and one mini-batch the old log-probs are the new ones detached,
+    so the ratio is exactly 1."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    device = batch.input_ids.device
+    advantages = advantages.to(device)
+    old_logprobs = batch_logprobs(model, batch, config) if config.ppo_epochs * config.mini_batches > 1 else None
+    rows_per_mini = batch.size // config.mini_batches
+    totals = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "grad_norm": 0.0}
+    updates, skipped, bad_tensors = 0, 0, set()
+    generator = torch.Generator().manual_seed(config.seed * 7919 + step)
+    for _epoch in range(config.ppo_epochs):
+        order = torch.randperm(batch.size, generator=generator) if config.mini_batches > 1 else torch.arange(batch.size)
+        for mb in range(config.mini_batches):
+            mini = order[mb * rows_per_mini:(mb + 1) * rows_per_mini]
+            norm = Normalizer(len(mini), int(batch.completion_mask[mini.to(device)].sum().item()),
+                              config.sampling.max_new_tokens)
+            optimizer.zero_grad(set_to_none=True)
+            # token-weighted, so that any micro-batching logs what the whole mini-batch at once would
+            loss_sum, stats_sum = 0.0, {"clip_fraction": 0.0, "kl": 0.0}
+            for start in range(0, len(mini), config.micro_batch_size):
+                rows = mini[start:start + config.micro_batch_size].to(device)
+                part = batch.rows(rows)
+                width = part.completion_mask.shape[1]
+                logp = completion_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length,
+                                           part.completion_mask, config.sampling.temperature)
+                old = logp.detach() if old_logprobs is None else old_logprobs[rows, :width]
+                ref = None if ref_logprobs is None else ref_logprobs[rows, :width]
+                loss, stats = policy_loss(logp, old, advantages[rows], part.completion_mask, aggregation,
+                                          config.clip_low, config.clip_high, ref, config.beta, norm)
+                if not torch.isfinite(loss):
+                    raise OneLayerError(f"loss is {loss.item()} at step {step + 1}: lower --lr (now {config.lr:g}) or "
+                                        "check the rewards; the last checkpoint is intact and --out resumes from it")
+                loss.backward()
+                loss_sum += loss.item()
+                tokens = int(part.completion_mask.sum().item())
+                for k in stats_sum:
+                    stats_sum[k] += stats[k] * tokens / max(norm.num_tokens, 1)
+            max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if not math.isfinite(grad_norm):
+                # As AMP's grad scaler does: drop this update rather than write NaN into the weights,
+                # and say which tensors went bad; the loop stops if it keeps happening.
+                bad_tensors.update(nonfinite_gradients(optimizer))
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * lr_factor(config, step) * group["lr_scale"]
+            optimizer.step()
+            totals["loss"] += loss_sum
+            totals["clip_fraction"] += stats_sum["clip_fraction"]
+            totals["kl"] += stats_sum["kl"]
+            totals["grad_norm"] += grad_norm
+            updates += 1
+    stats = {k: v / max(updates, 1) for k, v in totals.items()}
+    if skipped:
+        layers = sorted({layer for layer, _ in bad_tensors}, key=str)
+        stats.update(skipped_updates=skipped, nonfinite_grad_layers=layers,
+                     nonfinite_grad_tensors=sorted(name for _, name in bad_tensors)[:4])
+    return stats
+
+
+def nonfinite_gradients(optimizer: torch.optim.Optimizer) -> list[tuple]:
+    """(layer, name) of each trained tensor whose gradient has a NaN or an infinity."""
+    return [(group["layer"], name) for group in optimizer.param_groups
+            for name, p in zip(group["names"], group["params"], strict=True)
+            if p.grad is not None and not torch.isfinite(p.grad).all()]
+
+
+def update_phase(model: nn.Module, run: Run, batch: RolloutBatch, advantages: torch.Tensor, precision,
+                 step: int) -> tuple[dict, int]:
+    """The update half of a step: compute the KL reference if any, and run :func:`policy_update`.
+    Returns its stats and the peak memory of the phase."""
+    device = batch.input_ids.device
+    ref = None
+    with precision, compiled_layers(model, run.config.compile_layers):
+        if run.config.beta:
+            with swapped_tensors(model, run.initial):
+                ref = batch_logprobs(model, batch, run.config)
+        stats = policy_update(model, run.optimizer, batch, advantages, run.config, run.aggregation, step, ref)
+    return stats, peak_memory(device)
+
+
+# ------------------------------------------------------------------------------- log, evaluate, save
+
+
+def step_row(run: Run, step: int, metrics: dict, batch: RolloutBatch, stats: dict, seconds: dict,
+             peaks: tuple[int, int] | None) -> dict:
+    """The log line of a step; ``seconds`` holds generation, rollout, update and step times."""
+    new_tokens = int(batch.completion_lengths.sum().item())
+    return {"step": step + 1, **metrics,
+            "completion_tokens": new_tokens / batch.size,
+            "truncated_fraction": batch.truncated.float().mean().item(),
+            **stats, "lr": run.config.lr * lr_factor(run.config, step),
+            "tokens_per_s": new_tokens / max(seconds["generation"], 1e-9),
+            **{f"seconds_{k}": v for k, v in seconds.items()},
+            **({"peak_memory_rollout_gb": peaks[0] / 2**30, "peak_memory_update_gb": peaks[1] / 2**30}
+               if peaks else {})}
+
+
+def log_step(run: Run, row: dict, stats: dict) -> None:
+    """Append the step's line to ``log.jsonl``; stop the run when updates keep being dropped."""
+    append_jsonl(run.out / "log.jsonl", row)
+    run.bad_steps = run.bad_steps + 1 if stats.get("skipped_updates") else 0
+    if run.bad_steps >= MAX_BAD_STEPS:
+        raise OneLayerError(
+            f"gradients were not finite in {run.bad_steps} steps in a row (last: step {row['step']}, tensors "
+            f"{', '.join(stats['nonfinite_grad_tensors'][:2])}): lower --lr (now {run.config.lr:g}); the last "
+            "checkpoint is intact and --out resumes from it")
+
+
+def update_and_log(model: nn.Module, run: Run, rollouts: Rollouts, precision, step: int, peak_rollout: int,
+                   extra: dict | None = None) -> dict:
+    """The second half of a step: update the trained tensors on ``rollouts``, then log the step (with
+    ``extra`` fields). Returns the log line."""
+    start = time.perf_counter()
+    stats, peak_update = update_phase(model, run, rollouts.batch, rollouts.advantages, precision, step)
+    update = time.perf_counter() - start
+    run.peak_memory = max(run.peak_memory, peak_rollout, peak_update)
+    seconds = {**rollouts.seconds, "update": update, "step": rollouts.seconds["rollout"] + update}
+    on_cuda = rollouts.batch.input_ids.device.type == "cuda"
+    row = {**step_row(run, step, rollouts.metrics, rollouts.batch, stats, seconds,
+                      (peak_rollout, peak_update) if on_cuda else None), **(extra or {})}
+    log_step(run, row, stats)
+    return row
+
+
+def eval_due(config: TrainConfig, done: int) -> bool:
+    return bool(config.eval_every) and (done % config.eval_every == 0 or done == config.steps)
+
+
+def record_eval(run: Run, step: int, result) -> dict:
+    """Write an evaluation after ``step`` steps (``eval.jsonl`` line and ``evals/``); returns the line."""
+    row = {"step": step, **result.summary()}
+    append_jsonl(run.out / "eval.jsonl", row)
+    write_eval(result, run.out / "evals", f"step{step:06d}")
+    run.final_eval = row
+    return row
+
+
+def save_due(run: Run, model: nn.Module, done: int) -> None:
+    """Checkpoint after ``done`` steps when the schedule or the end says so."""
+    if done % run.config.save_every == 0 or done == run.config.steps:
+        save_checkpoint(run.out / "checkpoint", model, run.trained, {**run.meta, "step": done}, run.optimizer)

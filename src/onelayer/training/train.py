@@ -1,0 +1,53 @@
+"""The RL recipe for one run: rollout -> reward -> advantage -> update the selected layers -> log ->
+evaluate -> checkpoint, step after step (the parts are in :mod:`.step`, the setup in :mod:`.setup`)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import TrainConfig
+from ..evaluate import evaluate
+from ..models import precision_context
+from ..progress import progress_bar
+from ..rollout import make_generator
+from .setup import TrainResult, check_run, model_for, open_run, peak_memory, total_memory
+from .step import eval_due, record_eval, save_due, step_rollouts, update_and_log
+
+# A rollout cache larger than this share of the GPU is freed before each update (and rebuilt next step).
+RELEASE_FRACTION = 0.2
+
+
+def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> TrainResult:
+    """Run (or resume) the RL run described by ``config``; ``model``/``tokenizer`` skip loading."""
+    task, algorithm = check_run(config)  # cheap checks before loading weights
+    device, model, tokenizer = model_for(config, model, tokenizer)
+    precision = precision_context(device, next(model.parameters()).dtype)  # before trained tensors go float32
+    run = open_run(config, model, task, algorithm)
+    s = config.sampling
+    generator = make_generator(model, tokenizer, s.generation_batch_size, s.engine, s.compile_decode, s.fused_kernels)
+    model.eval()  # no dropout: sampling and update see the same policy
+
+    def run_eval(step: int) -> None:
+        with precision:
+            result = evaluate(model, tokenizer, task, config.eval_n, max_new_tokens=s.max_new_tokens,
+                              seed=config.seed, generator=generator)
+        record_eval(run, step, result)
+
+    peak_memory(device)  # reset the counter
+    if config.eval_every and config.eval_at_start and run.start == 0:
+        run_eval(0)
+    with progress_bar(f"layers {run.selection.describe()}", progress, info=True) as bar:
+        task_id = bar.add_task("train", total=config.steps, completed=run.start, info="")
+        for step in range(run.start, config.steps):
+            with precision:
+                rollouts = step_rollouts(run, tokenizer, generator, step)
+            peak_rollout = peak_memory(device)
+            if getattr(generator, "state_bytes", 0) > RELEASE_FRACTION * total_memory(device):
+                generator.release()  # a large model's cache would crowd out the update's activations
+            row = update_and_log(model, run, rollouts, precision, step, peak_rollout)
+            if eval_due(config, step + 1):
+                run_eval(step + 1)
+            save_due(run, model, step + 1)
+            bar.update(task_id, completed=step + 1,
+                       info=f"reward {row['reward']:.3f} acc {row['accuracy']:.3f} {row['seconds_step']:.1f}s/step")
+    return run.result(device)
