@@ -19,10 +19,11 @@ import builtins
 import gzip
 import json
 import re
+import warnings
 from pathlib import Path
 
 from ..errors import OneLayerError
-from ..sandbox import Call, Check, Limits, Outcome, TestSuite, run_programs
+from ..sandbox import PACKAGES, Call, Check, Limits, Outcome, TestSuite, check_isolation, run_programs
 from .base import Example, Score, Task
 from .sources import check_split, dataset_splits, file_splits, read_jsonl
 
@@ -165,16 +166,24 @@ class CodeTask(Task):
 
     ``reward`` is ``fraction`` (of tests passed) or ``all`` (1 only if all pass); ``correct`` is
     always all-pass. ``timeout`` is the wall-clock seconds per program; ``workers`` the programs
-    run at once (default one per core).
+    run at once (default one per core); ``packages`` the third-party packages programs may import.
+    ``isolation`` is ``bwrap`` (OS isolation; the task refuses to start where it cannot be had) or
+    ``none``: the unsafe opt-out that runs model-written code as the calling user.
     """
 
     system_prompt = CODE_SYSTEM_PROMPT
 
     def __init__(self, name: str, reward: str = "fraction", timeout: float = 5.0, memory_mb: int = 1024,
-                 workers: int | None = None, system_prompt: str | None = None):
+                 workers: int | None = None, system_prompt: str | None = None, isolation: str = "bwrap",
+                 packages: str | list[str] = PACKAGES):
         if reward not in REWARD_MODES:
             raise OneLayerError(f"unknown code reward '{reward}': use {' or '.join(REWARD_MODES)}")
-        self.name, self.reward_mode, self.workers = name, reward, workers
+        check_isolation(isolation)
+        if isolation == "none":
+            warnings.warn(f"{name}: isolation=none runs model-written code WITHOUT OS isolation, as this user; "
+                          "a program can read, write and kill what this user can", stacklevel=2)
+        self.name, self.reward_mode, self.workers, self.isolation = name, reward, workers, isolation
+        self.packages = (packages,) if isinstance(packages, str) else tuple(packages)
         self.limits = Limits(seconds=float(timeout), memory_mb=int(memory_mb))
         if system_prompt is not None:
             self.system_prompt = system_prompt or None
@@ -193,7 +202,7 @@ class CodeTask(Task):
     def score_all(self, completions: list[str], examples: list[Example]) -> list[Score]:
         programs = [self.program(c, e) for c, e in zip(completions, examples, strict=True)]
         outcomes = run_programs([(p, e.meta["suite"]) for p, e in zip(programs, examples, strict=True)], self.limits,
-                                self.workers)
+                                self.workers, self.isolation, self.packages)
         return [self._score(o, p) for o, p in zip(outcomes, programs, strict=True)]
 
     def same_answer(self, a: str, b: str) -> bool:
@@ -290,14 +299,3 @@ class CodeDatasetTask(CodeTask):
 
     def examples(self, split: str) -> list[Example]:
         return self._splits[check_split(split)]
-
-
-def code_task(arg: str, **options) -> Task:
-    """The ``code:`` family: see the module docstring."""
-    if arg == "humaneval":
-        return HumanEvalTask(**options)
-    if arg == "synth":
-        from .code_synth import SynthCodeTask
-
-        return SynthCodeTask(**options)
-    return CodeDatasetTask(arg, **options)
