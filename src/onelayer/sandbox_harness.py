@@ -55,12 +55,16 @@ def describe(err: BaseException) -> str:
 def install_audit_hook(on_violation) -> None:
     # Everything the hook uses is bound here, so shadowing names in __main__ or builtins, or a
     # str subclass with its own methods, changes nothing it does.
-    def hook(event, args, blocked=BLOCKED_EVENTS, modules=BLOCKED_MODULES, str_type=str, type_of=type,
+    def hook(event, args, blocked=BLOCKED_EVENTS, modules=BLOCKED_MODULES, split=str.partition,
              refuse=PermissionError, report=on_violation):
-        if event == "import" and args and type_of(args[0]) is str_type:
-            if str_type.partition(args[0], ".")[0] in modules:
-                report("import " + args[0])
-                raise refuse("sandbox: import " + args[0] + " is not allowed")
+        if event == "import":
+            try:
+                root = split(args[0], ".")[0]  # str's own method: a str subclass's cannot answer for it
+            except (TypeError, IndexError):
+                return  # not a str: the import itself rejects it
+            if root in modules:
+                report("import " + root)
+                raise refuse("sandbox: import " + root + " is not allowed")
         elif event in blocked:
             report(event)
             raise refuse("sandbox: " + event + " is not allowed")
