@@ -357,7 +357,7 @@ def test_its_own_directory_is_writable():
 
 def test_honest_programs_with_numpy_and_the_standard_library_work():
     numpy = ("import numpy as np\ndef add(a, b):\n    m = np.linalg.inv(np.array([[2.0, 0.0], [0.0, 2.0]]))\n"
-             "    return float(np.array([a, b]).sum() * m[0, 0] * 2)\n")
+             "    return np.array([a, b]).sum() * m[0, 0] * 2\n")  # a numpy scalar counts as its value
     stdlib = ("import math, re, itertools, functools, collections, heapq, string, typing, dataclasses, json, hashlib\n"
               "import decimal, fractions, statistics, random, datetime, bisect, array, struct, zlib, ctypes, copy\n"
               "from collections import namedtuple\nPoint = namedtuple('Point', 'x y')\nT = typing.TypeVar('T')\n"

@@ -118,6 +118,8 @@ def main() -> None:
         try:
             if kind == "call":
                 value = evaluate(compile_source(source, "<test>", "eval"), namespace)
+                if not plain(value) and type_of(value).__module__ == "numpy" and getattr(value, "shape", 1) == ():
+                    value = value.item()  # a numpy scalar, as `==` in the test would have compared it
                 if not plain(value):
                     results.append(["error", "unsupported result type " + type_of(value).__name__])
                     continue
