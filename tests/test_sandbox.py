@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -159,12 +160,13 @@ def test_malformed_reports_are_invalid_programs_not_a_crash_of_the_batch():
 
 def test_the_audit_hook_stays_on_when_the_program_tampers_with_it():
     results = all_zero({
-        "emptied deny lists": "import __main__\n__main__.BLOCKED_EVENTS = frozenset()\n"
-                              "__main__.BLOCKED_MODULES = frozenset()\n" + escapes(tries("import _posixsubprocess")),
-        "shadowed built-ins": "import builtins\nbuiltins.type = lambda *a: object\nbuiltins.PermissionError = None\n"
-                              + escapes(tries("import multiprocessing")),
-        "str subclass name": "class Name(str):\n    def partition(self, sep):\n        return ('math', sep, '')\n"
-                             + escapes(tries("__import__(Name('_posixsubprocess'))")),
+        "emptied deny list": "import __main__\n__main__.BLOCKED_EVENTS = frozenset()\n"
+                             + escapes(tries("assert os.system('true') == 0")),
+        "shadowed built-ins": "import builtins\nbuiltins.PermissionError = None\nbuiltins.str = bytes\n"
+                              + escapes(tries("__import__('os').fork()")),
+        "str subclass argument": "class Name(str):\n    def __eq__(self, other):\n        return False\n"
+                                 "    __hash__ = str.__hash__\n"
+                                 + escapes(tries("assert os.system(Name('true')) == 0")),
     })
     assert {r.status for r in results.values()} == {"blocked"}
 
@@ -327,11 +329,29 @@ def test_no_process_survives_the_sandbox():
     assert sys.stdout is not None and os.getcwd()
 
 
+def test_the_sandbox_dies_with_the_process_that_runs_it():
+    harness = sandbox._harness().splitlines()[0].encode()
+    runner = subprocess.Popen([sys.executable, "-c", "from onelayer.sandbox import *\n"
+                               "run_program('while True: pass', TestSuite('f', (Call('f()', 1),)), Limits(seconds=60))"])
+    try:
+        deadline = time.monotonic() + 20
+        while not _sandbox_processes(harness) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _sandbox_processes(harness), "the sandbox did not start"
+    finally:
+        runner.kill()  # as a trainer killed with SIGKILL: it cannot clean up
+        runner.wait()
+    deadline = time.monotonic() + 5
+    while _sandbox_processes(harness) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _sandbox_processes(harness) == []
+
+
 @pytest.mark.parametrize("name,program,status", [
     ("sleep", "import time\ntime.sleep(60)\n", "timeout"),
     ("fork bomb", "import os\nwhile True:\n    os.fork()\n", "blocked"),
     ("subprocess", "import subprocess\nsubprocess.run(['sh', '-c', 'echo hi'])\n", "blocked"),
-    ("multiprocessing", "import multiprocessing\n", "blocked"),
+    ("multiprocessing", "import multiprocessing\nmultiprocessing.Process(target=print).start()\n", "blocked"),
     ("allocating 50 GB in the function", "def add(a, b):\n    return len(bytearray(50 * 2**30))\n", "memory"),
     ("printing gigabytes", "import sys\nwhile True:\n    sys.stdout.write('x' * 1_000_000)\n", "output_limit"),
     ("printing to fd 1 directly", "import os\nwhile True:\n    os.write(1, b'x' * 1_000_000)\n", "output_limit"),
@@ -365,6 +385,16 @@ def test_honest_programs_with_numpy_and_the_standard_library_work():
               "assert hashlib.sha256(b'x').hexdigest() and random.random() < 1 and str(datetime.date(2020, 1, 1))\n"
               "@functools.lru_cache(None)\ndef add(a, b):\n    return Box(Point(a, b).x).v + b\n")
     assert [r.status for r in run_programs([(numpy, ADD), (stdlib, ADD)], FAST)] == ["passed", "passed"]
+
+
+def test_only_the_allowed_packages_can_be_imported():
+    pytest.importorskip("scipy")
+    program = "import scipy.special\ndef add(a, b):\n    return float(scipy.special.expit(0) * 2 * (a + b))\n"
+    default = run_program(program, ADD, FAST)
+    allowed = run_program(program, ADD, FAST, packages=("numpy", "scipy"))
+    assert default.status == "error" and "No module named 'scipy'" in default.detail
+    assert allowed.status == "passed"
+    assert run_program("import torch\n" + GOOD, ADD, FAST).status == "error"  # installed here, not inside
 
 
 def test_many_programs_run_in_order_across_workers():

@@ -37,6 +37,7 @@ and a wall-clock deadline, then kills the sandbox and waits until its PID namesp
 from __future__ import annotations
 
 import ast
+import contextlib
 import errno
 import functools
 import importlib.util
@@ -275,7 +276,10 @@ def isolation_problem() -> str | None:
         seccomp_program()
     except Exception as err:  # ImportError, or pyseccomp's RuntimeError when libseccomp is missing
         return f"no seccomp filter ({first_line(err)}): install libseccomp2 and `pip install pyseccomp`"
-    probe = run_program("def f():\n    return 1\n", TestSuite("f", (Call("f()", 1),)), Limits(seconds=20))
+    try:
+        probe = run_program("def f():\n    return 1\n", TestSuite("f", (Call("f()", 1),)), Limits(seconds=20))
+    except OSError as err:
+        return f"the sandbox does not start ({first_line(err)}): reinstall bubblewrap and util-linux"
     if probe.status != "passed":
         return (f"bubblewrap cannot start a sandbox here ({probe.status}: {probe.detail[:200]}): allow user "
                 "namespaces (sysctl user.max_user_namespaces, kernel.unprivileged_userns_clone)")
@@ -315,53 +319,65 @@ def run_program(program: str, suite: TestSuite, limits: Limits = Limits(), isola
                 packages: Sequence[str] = PACKAGES) -> Outcome:
     """Run ``program`` and then ``suite``'s tests in a sandbox; see the module docstring. Call
     :func:`check_isolation` first: this function does not check that bwrap works."""
-    results_r, results_w = os.pipe()
-    if isolation == "bwrap":
-        info_r, info_w = os.pipe()
-        seccomp_r, seccomp_w = os.pipe()
-        os.write(seccomp_w, seccomp_program())  # a few hundred bytes: fits the pipe's buffer
-        os.close(seccomp_w)
-        command = _sandbox_command(limits, tuple(packages), info_w, seccomp_r)
-        keep, cwd, env, own_session = (results_w, info_w, seccomp_r), "/", _ENV, False
-        scratch = None
-    else:
-        info_r = -1
-        scratch = tempfile.TemporaryDirectory(prefix="onelayer-sandbox-")
-        command = [sys.executable]
-        keep, cwd, own_session = (results_w,), scratch.name, True
-        env = {**_ENV, "HOME": scratch.name, "TMPDIR": scratch.name}
-    payload = json.dumps(child_payload(program, suite, limits, isolation)).encode()
-    start = time.monotonic()
-    try:
+    with contextlib.ExitStack() as cleanup:
+        fds = _Descriptors()
+        cleanup.callback(fds.close_all)
+        results_r, results_w = fds.pipe()
+        if isolation == "bwrap":
+            info_r, info_w = fds.pipe()
+            seccomp_r, seccomp_w = fds.pipe()
+            os.write(seccomp_w, seccomp_program())  # a few hundred bytes: fits the pipe's buffer
+            command = _sandbox_command(limits, tuple(packages), info_w, seccomp_r)
+            keep, cwd, env, own_session = (results_w, info_w, seccomp_r), "/", _ENV, False
+        else:
+            info_r, scratch = None, cleanup.enter_context(tempfile.TemporaryDirectory(prefix="onelayer-sandbox-"))
+            command, keep, cwd, own_session = [sys.executable], (results_w,), scratch, True
+            env = {**_ENV, "HOME": scratch, "TMPDIR": scratch}
+        payload = json.dumps(child_payload(program, suite, limits, isolation)).encode()
+        start = time.monotonic()
         process = subprocess.Popen([*command, "-I", "-c", _harness(), str(results_w)], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env,
                                    pass_fds=keep, start_new_session=own_session)
-    finally:
-        for fd in keep:
-            os.close(fd)
-    sandbox_pid = None
-    try:
+        fds.close(*keep, *((seccomp_w,) if isolation == "bwrap" else ()))  # the child's ends: its exit is EOF here
+        sandbox_pidfd = None
         try:
-            process.stdin.write(payload)
-            process.stdin.close()
-        except BrokenPipeError:
-            pass
-        streams = {"output": (process.stdout.fileno(), limits.output_kb << 10),
-                   "results": (results_r, (suite.total + 1) * ((limits.result_kb << 10) + 1024) + 65536)}
-        if info_r >= 0:
-            streams["info"] = (info_r, 65536)
-        read, stopped = _read_streams(streams, start + limits.seconds)
-        # PID 1 may have exited by now; its pid cannot have been reused in these few milliseconds
-        sandbox_pid = _pidfd(read.get("info", b""))
-    finally:
-        _end(process, sandbox_pid, own_session)
-        os.close(results_r)
-        if info_r >= 0:
-            os.close(info_r)
-        if scratch is not None:
-            scratch.cleanup()
+            try:
+                process.stdin.write(payload)
+                process.stdin.close()
+            except BrokenPipeError:
+                pass
+            streams = {"output": (process.stdout.fileno(), limits.output_kb << 10),
+                       "results": (results_r, (suite.total + 1) * ((limits.result_kb << 10) + 1024) + 65536)}
+            if info_r is not None:
+                streams["info"] = (info_r, 65536)
+            read, stopped = _read_streams(streams, start + limits.seconds)
+            # PID 1 may have exited by now; its pid cannot have been reused in these few milliseconds
+            sandbox_pidfd = _pidfd(read.get("info", b""))
+        finally:
+            _end(process, sandbox_pidfd, own_session)
     return _outcome(read["output"], read["results"], stopped, _signal_of(process.returncode, isolation), suite,
                     time.monotonic() - start)
+
+
+class _Descriptors:
+    """The pipes of one run, each end closed exactly once (threads reuse descriptor numbers at once)."""
+
+    def __init__(self):
+        self.open: set[int] = set()
+
+    def pipe(self) -> tuple[int, int]:
+        ends = os.pipe()
+        self.open.update(ends)
+        return ends
+
+    def close(self, *fds: int) -> None:
+        for fd in fds:
+            if fd in self.open:
+                self.open.remove(fd)
+                os.close(fd)
+
+    def close_all(self) -> None:
+        self.close(*list(self.open))
 
 
 def _read_streams(streams: dict[str, tuple[int, int]], deadline: float) -> tuple[dict[str, bytes], str | None]:
