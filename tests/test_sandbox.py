@@ -329,7 +329,8 @@ def test_no_process_survives_the_sandbox():
     assert sys.stdout is not None and os.getcwd()
 
 
-def test_the_sandbox_dies_with_the_process_that_runs_it():
+@pytest.mark.parametrize("seconds", [0.0, 0.5])  # while the sandbox starts; while the program runs
+def test_the_sandbox_dies_with_the_process_that_runs_it(seconds):
     harness = sandbox._harness().splitlines()[0].encode()
     runner = subprocess.Popen([sys.executable, "-c", "from onelayer.sandbox import *\n"
                                "run_program('while True: pass', TestSuite('f', (Call('f()', 1),)), Limits(seconds=60))"])
@@ -338,6 +339,7 @@ def test_the_sandbox_dies_with_the_process_that_runs_it():
         while not _sandbox_processes(harness) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _sandbox_processes(harness), "the sandbox did not start"
+        time.sleep(seconds)
     finally:
         runner.kill()  # as a trainer killed with SIGKILL: it cannot clean up
         runner.wait()

@@ -341,8 +341,12 @@ def run_program(program: str, suite: TestSuite, limits: Limits = Limits(), isola
         fds.close(*keep, *((seccomp_w,) if isolation == "bwrap" else ()))  # the child's ends: its exit is EOF here
         sandbox_pidfd = None
         try:
+            if _await_ready(results_r, start + limits.seconds):
+                try:
+                    process.stdin.write(payload)
+                except BrokenPipeError:
+                    pass
             try:
-                process.stdin.write(payload)
                 process.stdin.close()
             except BrokenPipeError:
                 pass
@@ -357,6 +361,23 @@ def run_program(program: str, suite: TestSuite, limits: Limits = Limits(), isola
             _end(process, sandbox_pidfd, own_session)
     return _outcome(read["output"], read["results"], stopped, _signal_of(process.returncode, isolation), suite,
                     time.monotonic() - start)
+
+
+_READY = b"ready\n"  # sandbox_harness.READY
+
+
+def _await_ready(fd: int, deadline: float) -> bool:
+    """Wait for the harness's ``ready`` line (nothing else can write before it has the program)."""
+    got = b""
+    while len(got) < len(_READY):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            return False
+        chunk = os.read(fd, len(_READY) - len(got))
+        if not chunk:
+            return False
+        got += chunk
+    return got == _READY
 
 
 class _Descriptors:

@@ -7,7 +7,8 @@ the program does, it can only claim values: the parent (:mod:`onelayer.sandbox`)
 and order of the results, holds the expected values and compares them itself. The audit hook is
 a second layer only; the operating system (namespaces, seccomp, limits) is the first.
 
-Protocol: argv[1] is the results descriptor; stdin is one JSON object (program, setup, entry
+Protocol: argv[1] is the results descriptor, on which the harness first writes ``ready``; then
+stdin is one JSON object (program, setup, entry
 point, tests, extra ``sys.path`` entries, rlimits to set when the parent could not). Results are
 JSON lines on the descriptor: ``{"violation": WHAT}`` for each refused operation, then exactly
 one final ``{"program": ERROR}`` (the program or its setup failed) or ``{"tests": [[STATUS, TEXT],
@@ -17,6 +18,8 @@ one final ``{"program": ERROR}`` (the program or its setup failed) or ``{"tests"
 import json
 import os
 import sys
+
+READY = b"ready\n"  # the first line on the results descriptor, before the program is read
 
 #: Built-in types whose ``repr`` the parent can read back with ``ast.literal_eval``.
 PLAIN = (int, float, complex, str, bytes, bool, type(None), list, tuple, dict, set, frozenset)
@@ -62,6 +65,9 @@ def install_audit_hook(on_violation) -> None:
 
 def main() -> None:
     results_fd = int(sys.argv[1])
+    # The parent sends the program only once the sandbox is running, so that if the parent dies
+    # while the sandbox starts, stdin ends empty and no program runs without a parent to kill it.
+    os.write(results_fd, READY)
     payload = json.loads(sys.stdin.buffer.read())
     sys.stdin.close()
     import resource  # only for runs without OS isolation, where the parent cannot set limits itself
