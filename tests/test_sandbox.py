@@ -399,6 +399,22 @@ def test_only_the_allowed_packages_can_be_imported():
     assert run_program("import torch\n" + GOOD, ADD, FAST).status == "error"  # installed here, not inside
 
 
+def test_a_parent_with_many_open_descriptors_still_runs_programs():
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip("cannot open 1100 descriptors here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # the sandbox's pipes come after them
+    try:
+        assert outcome(GOOD).status == "passed" and outcome("while True: pass\n").status == "timeout"
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_many_programs_run_in_order_across_workers():
     jobs = [(f"def add(a, b):\n    return a + b + {i}\n", ADD) for i in range(6)]
     results = run_programs(jobs, FAST, workers=2)

@@ -371,13 +371,19 @@ def _await_ready(fd: int, deadline: float) -> bool:
     got = b""
     while len(got) < len(_READY):
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+        if remaining <= 0 or not _readable(fd, remaining):
             return False
         chunk = os.read(fd, len(_READY) - len(got))
         if not chunk:
             return False
         got += chunk
     return got == _READY
+
+
+def _readable(fd: int, seconds: float) -> bool:
+    poller = select.poll()  # not select.select: a trainer's descriptors may be numbered past 1024
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, seconds) * 1000))
 
 
 class _Descriptors:
@@ -455,7 +461,7 @@ def _end(process: subprocess.Popen, sandbox_pidfd: int | None, own_session: bool
     process.wait()
     process.stdout.close()
     if sandbox_pidfd is not None:
-        select.select([sandbox_pidfd], [], [], 10.0)
+        _readable(sandbox_pidfd, 10.0)  # a pidfd turns readable when its process has exited
         os.close(sandbox_pidfd)
 
 
