@@ -5,11 +5,13 @@
     code:PATH.jsonl        one problem per line: prompt, tests, entry point (HumanEval or MBPP style)
     code:DATASET           a Hugging Face dataset (hub id or local folder) with the same columns
 
-Tests are turned into sandbox tests once, in the parent: a HumanEval ``check(candidate)`` whose
-asserts all read ``candidate(...) == CONSTANT`` (or ``abs(candidate(...) - C) < TOL``, or a bare
-truth test) becomes one parent-side comparison per assert, so the expected values never reach the
-program; anything else (loops, helpers, random inputs) runs in the child as one check. MBPP-style
-lists of ``assert`` lines are converted line by line the same way.
+Tests are turned into sandbox tests once, in the parent. An assert ``P == C`` (or ``C == P``,
+``abs(P - C) < T``, ``P``, ``not P``, ``P is True/False/None``), where P calls the function, perhaps
+inside pure built-ins (``tuple(candidate(...))``), and compares nothing, and C and T are worked out
+here from constants (arithmetic, pure built-ins, earlier constant assignments, loops over constants),
+becomes one parent-side comparison, so the expected value never reaches the program. A HumanEval
+``check(candidate)`` is converted whole or not at all (anything else, e.g. random inputs or helpers,
+runs in the child as one check: 6 of HumanEval's 164); MBPP-style ``assert`` lines one by one.
 """
 
 from __future__ import annotations
