@@ -200,6 +200,13 @@ def test_hf_code_dataset_on_a_local_folder(tmp_path):
     assert task.score("```python\ndef inc_8(x):\n    return x + 1\n```", example).correct
 
 
+def test_code_tasks_take_the_sandbox_options():
+    task = get_task("code:synth", {"packages": "numpy,scipy", "families": "int", "train_size": 1, "eval_size": 1})
+    assert task.packages == ("numpy", "scipy") and task.isolation == "bwrap"
+    with pytest.raises(OneLayerError, match="unknown sandbox isolation 'docker'"):
+        get_task("code:synth", {"isolation": "docker"})
+
+
 def test_same_answer_ignores_formatting_and_comments():
     task = get_task("code:synth")
     assert task.same_answer("def f(x):\n    # one\n    return x+1\n", "def f(x):  \n    return (x + 1)")

@@ -295,7 +295,7 @@ class CodeTask(Task):
             warnings.warn(f"{name}: isolation=none runs model-written code WITHOUT OS isolation, as this user; "
                           "a program can read, write and kill what this user can", stacklevel=2)
         self.name, self.reward_mode, self.workers, self.isolation = name, reward, workers, isolation
-        self.packages = (packages,) if isinstance(packages, str) else tuple(packages)
+        self.packages = tuple(p for p in packages.split(",") if p) if isinstance(packages, str) else tuple(packages)
         self.limits = Limits(seconds=float(timeout), memory_mb=int(memory_mb))
         if system_prompt is not None:
             self.system_prompt = system_prompt or None
