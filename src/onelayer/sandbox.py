@@ -282,7 +282,7 @@ def isolation_problem() -> str | None:
         return f"the sandbox does not start ({first_line(err)}): reinstall bubblewrap and util-linux"
     if probe.status != "passed":
         return (f"bubblewrap cannot start a sandbox here ({probe.status}: {probe.detail[:200]}): it needs "
-                "bubblewrap >= 0.8 and user namespaces (sysctl user.max_user_namespaces, "
+                "bubblewrap >= 0.7 (for --size) and user namespaces (sysctl user.max_user_namespaces, "
                 "kernel.unprivileged_userns_clone)")
     return None
 
