@@ -31,6 +31,15 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(PY) -m pip install -q $(if $(LOCK),-c $(LOCK),--upgrade) -e ".[test]"
 	touch $(STAMP)
 
+# The code sandbox isolates programs with bubblewrap: install it where it is missing and apt-get can (as root).
+.PHONY: sandbox-tools
+$(STAMP): | sandbox-tools
+sandbox-tools:
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap || \
+	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap; }; }; } || \
+	  echo "bubblewrap (bwrap) is missing: code tasks refuse to run until it is installed (apt-get install bubblewrap)"
+
 demo: $(STAMP)
 	$(VENV)/bin/onelayer demo --out demo-out
 

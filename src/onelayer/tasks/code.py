@@ -5,24 +5,29 @@
     code:PATH.jsonl        one problem per line: prompt, tests, entry point (HumanEval or MBPP style)
     code:DATASET           a Hugging Face dataset (hub id or local folder) with the same columns
 
-Tests are turned into sandbox tests once, in the parent: a HumanEval ``check(candidate)`` whose
-asserts all read ``candidate(...) == CONSTANT`` (or ``abs(candidate(...) - C) < TOL``, or a bare
-truth test) becomes one parent-side comparison per assert, so the expected values never reach the
-program; anything else (loops, helpers, random inputs) runs in the child as one check. MBPP-style
-lists of ``assert`` lines are converted line by line the same way.
+Tests are turned into sandbox tests once, in the parent. An assert ``P == C`` (or ``C == P``,
+``abs(P - C) < T``, ``P``, ``not P``, ``P is True/False/None``), where P calls the function, perhaps
+inside pure built-ins (``tuple(candidate(...))``), and compares nothing, and C and T are worked out
+here from constants (arithmetic, pure built-ins, earlier constant assignments, loops over constants),
+becomes one parent-side comparison, so the expected value never reaches the program. A HumanEval
+``check(candidate)`` is converted whole or not at all (anything else, e.g. random inputs or helpers,
+runs in the child as one check: 6 of HumanEval's 164); MBPP-style ``assert`` lines one by one.
 """
 
 from __future__ import annotations
 
 import ast
 import builtins
+import copy
 import gzip
 import json
+import operator
 import re
+import warnings
 from pathlib import Path
 
 from ..errors import OneLayerError
-from ..sandbox import Call, Check, Limits, Outcome, TestSuite, run_programs
+from ..sandbox import PACKAGES, Call, Check, Limits, Outcome, TestSuite, check_isolation, run_programs
 from .base import Example, Score, Task
 from .sources import check_split, dataset_splits, file_splits, read_jsonl
 
@@ -59,41 +64,162 @@ def assemble_program(prompt_code: str, code: str, entry_point: str) -> str:
 
 # --------------------------------------------------------------------------- test conversion
 
-def _literal(node: ast.AST) -> tuple[bool, object]:
+class _NotConstant(Exception):
+    """The expression depends on the program, or is too large or too dynamic to work out here."""
+
+
+# Pure built-ins the parent may apply to constants when working out an expected value.
+_FOLDABLE = {f.__name__: f for f in (tuple, list, set, frozenset, sorted, str, int, float, bool, abs, round, len,
+                                      sum, min, max, range, reversed)}
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+              ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+              ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_}
+_MAX_ITEMS = 10_000
+
+
+def _sized(value):
+    if isinstance(value, (str, bytes, list, tuple, set, frozenset, dict, range)) and len(value) > _MAX_ITEMS:
+        raise _NotConstant
+    return value
+
+
+def _fold(node: ast.AST, env: dict):
+    """The value of ``node``, an expression of constants, names in ``env``, arithmetic and
+    :data:`_FOLDABLE` built-ins, worked out in the parent; :class:`_NotConstant` otherwise."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name) and node.id in env:
+        return env[node.id]
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        items = [_fold(e, env) for e in node.elts]
+        return _sized({ast.Tuple: tuple, ast.List: list, ast.Set: set}[type(node)](items))
+    if isinstance(node, ast.Dict) and None not in node.keys:
+        return _sized({_fold(k, env): _fold(v, env) for k, v in zip(node.keys, node.values, strict=True)})
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
+        return _OPERATORS[type(node.op)](_fold(node.operand, env))
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+        left, right = _fold(node.left, env), _fold(node.right, env)
+        if isinstance(node.op, ast.Pow) and not (isinstance(right, int) and abs(right) <= 64):
+            raise _NotConstant
+        if isinstance(node.op, ast.Mult) and any(isinstance(v, int) and abs(v) > _MAX_ITEMS for v in (left, right)) \
+                and any(isinstance(v, (str, bytes, list, tuple)) for v in (left, right)):
+            raise _NotConstant
+        return _sized(_OPERATORS[type(node.op)](left, right))
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FOLDABLE
+            and node.func.id not in env and not node.keywords):
+        return _sized(_FOLDABLE[node.func.id](*(_fold(a, env) for a in node.args)))
+    raise _NotConstant
+
+
+def _constant(node: ast.AST, env: dict) -> tuple[bool, object]:
+    """``(True, value)`` when the parent can work out ``node`` and its value is a plain literal."""
     try:
-        return True, ast.literal_eval(node)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        value = _fold(node, env)
+        return ast.literal_eval(repr(value)) == value, value
+    except (_NotConstant, ArithmeticError, TypeError, ValueError, SyntaxError, MemoryError, RecursionError):
         return False, None
 
 
-def _is_call_to(node: ast.AST, names: set[str]) -> bool:
-    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in names
+def _calls(node: ast.AST, names: set[str]) -> bool:
+    return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in names for n in ast.walk(node))
 
 
-def _assert_to_call(test: ast.AST, names: set[str]) -> Call | None:
-    """``candidate(...) == C``, ``C == candidate(...)``, ``abs(candidate(...) - C) < T``,
-    ``candidate(...)``, ``not candidate(...)``, ``candidate(...) is True/False`` as a :class:`Call`;
-    None for anything else."""
-    if _is_call_to(test, names):
-        return Call(ast.unparse(test), compare="truthy")
-    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not) and _is_call_to(test.operand, names):
-        return Call(ast.unparse(test.operand), compare="falsy")
-    if not (isinstance(test, ast.Compare) and len(test.ops) == 1):
+class _Substitute(ast.NodeTransformer):
+    """Replace the names in ``env`` (a loop variable, an assigned constant) by their values."""
+
+    def __init__(self, env: dict):
+        self.env = env
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        return ast.Constant(self.env[node.id]) if node.id in self.env else node
+
+
+# Inside what the child evaluates, these would compare with (or branch on) a value of the test's
+# using the program's own methods: an object equal to everything would pass.
+_COMPARING = (ast.Compare, ast.BoolOp, ast.IfExp, ast.Lambda, ast.NamedExpr, ast.ListComp, ast.SetComp, ast.DictComp,
+              ast.GeneratorExp, ast.Attribute, ast.Await, ast.Yield, ast.YieldFrom)
+
+
+def _program_side(node: ast.AST, names: set[str], env: dict) -> str | None:
+    """The source of ``node`` for the child to evaluate, when it calls the program and only the
+    program and :data:`_FOLDABLE` built-ins, and compares nothing; else None."""
+    if not _calls(node, names):
+        return None
+    for part in ast.walk(node):
+        if isinstance(part, _COMPARING) or (isinstance(part, ast.UnaryOp) and isinstance(part.op, ast.Not)):
+            return None
+        if isinstance(part, ast.Call) and not (isinstance(part.func, ast.Name)
+                                               and (part.func.id in names or part.func.id in _FOLDABLE)):
+            return None
+    return ast.unparse(_Substitute(env).visit(copy.deepcopy(node)))
+
+
+def _assert_to_call(test: ast.AST, names: set[str], env: dict | None = None) -> Call | None:
+    """``P == C``, ``C == P``, ``abs(P - C) < T``, ``P``, ``not P``, ``P is True/False/None`` as a
+    :class:`Call`, where P calls the program (``candidate(...)``, ``tuple(candidate(...))``) and C
+    and T are constants the parent works out; None for anything else."""
+    env = env or {}
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        expr = _program_side(test.operand, names, env)
+        return Call(expr, compare="falsy") if expr else None
+    if not isinstance(test, ast.Compare):
+        expr = _program_side(test, names, env)
+        return Call(expr, compare="truthy") if expr else None
+    if len(test.ops) != 1:
         return None
     left, op, right = test.left, test.ops[0], test.comparators[0]
     if isinstance(op, (ast.Eq, ast.Is)):
-        call, const = (left, right) if _is_call_to(left, names) else (right, left)
-        ok, value = _literal(const)
-        if _is_call_to(call, names) and ok and (isinstance(op, ast.Eq) or value in (True, False, None)):
-            return Call(ast.unparse(call), value)
-    if (isinstance(op, (ast.Lt, ast.LtE)) and _is_call_to(left, {"abs"}) and len(left.args) == 1
-            and isinstance(left.args[0], ast.BinOp) and isinstance(left.args[0].op, ast.Sub)):
+        program, other = (left, right) if _calls(left, names) else (right, left)
+        expr, (ok, value) = _program_side(program, names, env), _constant(other, env)
+        if expr and ok and not _calls(other, names) and (isinstance(op, ast.Eq) or value in (True, False, None)):
+            return Call(expr, value)
+    if (isinstance(op, (ast.Lt, ast.LtE)) and isinstance(left, ast.Call) and isinstance(left.func, ast.Name)
+            and left.func.id == "abs" and len(left.args) == 1 and isinstance(left.args[0], ast.BinOp)
+            and isinstance(left.args[0].op, ast.Sub)):
         diff = left.args[0]
-        ok_value, value = _literal(diff.right)
-        ok_tol, tolerance = _literal(right)
-        if _is_call_to(diff.left, names) and ok_value and ok_tol:
-            return Call(ast.unparse(diff.left), value, "close", float(tolerance))
+        expr, (ok_value, value), (ok_tol, tolerance) = (_program_side(diff.left, names, env),
+                                                         _constant(diff.right, env), _constant(right, env))
+        if expr and ok_value and ok_tol and not _calls(diff.right, names) and isinstance(tolerance, (int, float)):
+            return Call(expr, value, "close", float(tolerance))
     return None
+
+
+def _statements_to_calls(body: list[ast.stmt], names: set[str], env: dict, calls: list[Call],
+                         setup: list[ast.stmt]) -> bool:
+    """Turn ``body`` (of ``check``) into ``calls``; False when a statement cannot be: then the
+    whole check runs in the child. Constant assignments and loops over constants are unrolled."""
+    for statement in body:
+        if isinstance(statement, ast.Assert):
+            if isinstance(statement.test, ast.Constant) and statement.test.value:
+                continue  # HumanEval's `assert True, "..."` tests nothing
+            call = _assert_to_call(statement.test, names, env)
+            if call is None:
+                return False
+            calls.append(call)
+        elif isinstance(statement, (ast.Import, ast.ImportFrom, ast.Pass)):
+            setup.append(statement)
+        elif isinstance(statement, ast.Expr) and isinstance(statement.value, (ast.Constant, ast.Name)):
+            continue  # a docstring, or a bare name such as HumanEval/129's `print`
+        elif (isinstance(statement, ast.Assign) and len(statement.targets) == 1
+              and isinstance(statement.targets[0], ast.Name) and statement.targets[0].id not in names):
+            ok, value = _constant(statement.value, env)
+            if not ok:
+                return False
+            env = {**env, statement.targets[0].id: value}
+        elif (isinstance(statement, ast.For) and isinstance(statement.target, ast.Name) and not statement.orelse
+              and statement.target.id not in names):
+            try:
+                values = list(_fold(statement.iter, env))
+            except (_NotConstant, ArithmeticError, TypeError, ValueError, MemoryError, RecursionError):
+                return False
+            if len(values) > 1000 or not all(_constant(ast.Constant(v), {})[0] for v in values):
+                return False
+            for value in values:
+                if not _statements_to_calls(statement.body, names, {**env, statement.target.id: value}, calls, setup):
+                    return False
+        else:
+            return False
+    return True
 
 
 def suite_from_check(test_code: str, entry_point: str) -> TestSuite:
@@ -110,20 +236,7 @@ def suite_from_check(test_code: str, entry_point: str) -> TestSuite:
     other = [n for n in module.body if n is not check]
     names = {check.args.args[0].arg if check.args.args else "candidate", entry_point}
     calls, setup = [], []
-    for statement in check.body:
-        if isinstance(statement, ast.Assert) and isinstance(statement.test, ast.Constant) and statement.test.value:
-            continue  # HumanEval's `assert True, "..."` tests nothing
-        if isinstance(statement, ast.Assert):
-            call = _assert_to_call(statement.test, names)
-            if call is None:
-                break
-            calls.append(call)
-        elif isinstance(statement, (ast.Import, ast.ImportFrom, ast.Pass)) or (
-                isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)):
-            setup.append(statement)
-        else:
-            break
-    else:  # every statement converted: the expected values stay in the parent
+    if _statements_to_calls(check.body, names, {}, calls, setup):  # the expected values stay in the parent
         prelude = "\n".join(ast.unparse(n) for n in other + setup)
         return TestSuite(entry_point, tuple(calls), setup=prelude)
     return TestSuite(entry_point, checks=(Check(test_code, "check(candidate)"),))
@@ -165,16 +278,24 @@ class CodeTask(Task):
 
     ``reward`` is ``fraction`` (of tests passed) or ``all`` (1 only if all pass); ``correct`` is
     always all-pass. ``timeout`` is the wall-clock seconds per program; ``workers`` the programs
-    run at once (default one per core).
+    run at once (default one per core); ``packages`` the third-party packages programs may import.
+    ``isolation`` is ``bwrap`` (OS isolation; the task refuses to start where it cannot be had) or
+    ``none``: the unsafe opt-out that runs model-written code as the calling user.
     """
 
     system_prompt = CODE_SYSTEM_PROMPT
 
     def __init__(self, name: str, reward: str = "fraction", timeout: float = 5.0, memory_mb: int = 1024,
-                 workers: int | None = None, system_prompt: str | None = None):
+                 workers: int | None = None, system_prompt: str | None = None, isolation: str = "bwrap",
+                 packages: str | list[str] = PACKAGES):
         if reward not in REWARD_MODES:
             raise OneLayerError(f"unknown code reward '{reward}': use {' or '.join(REWARD_MODES)}")
-        self.name, self.reward_mode, self.workers = name, reward, workers
+        check_isolation(isolation)
+        if isolation == "none":
+            warnings.warn(f"{name}: isolation=none runs model-written code WITHOUT OS isolation, as this user; "
+                          "a program can read, write and kill what this user can", stacklevel=2)
+        self.name, self.reward_mode, self.workers, self.isolation = name, reward, workers, isolation
+        self.packages = tuple(p for p in packages.split(",") if p) if isinstance(packages, str) else tuple(packages)
         self.limits = Limits(seconds=float(timeout), memory_mb=int(memory_mb))
         if system_prompt is not None:
             self.system_prompt = system_prompt or None
@@ -193,7 +314,7 @@ class CodeTask(Task):
     def score_all(self, completions: list[str], examples: list[Example]) -> list[Score]:
         programs = [self.program(c, e) for c, e in zip(completions, examples, strict=True)]
         outcomes = run_programs([(p, e.meta["suite"]) for p, e in zip(programs, examples, strict=True)], self.limits,
-                                self.workers)
+                                self.workers, self.isolation, self.packages)
         return [self._score(o, p) for o, p in zip(outcomes, programs, strict=True)]
 
     def same_answer(self, a: str, b: str) -> bool:
@@ -290,14 +411,3 @@ class CodeDatasetTask(CodeTask):
 
     def examples(self, split: str) -> list[Example]:
         return self._splits[check_split(split)]
-
-
-def code_task(arg: str, **options) -> Task:
-    """The ``code:`` family: see the module docstring."""
-    if arg == "humaneval":
-        return HumanEvalTask(**options)
-    if arg == "synth":
-        from .code_synth import SynthCodeTask
-
-        return SynthCodeTask(**options)
-    return CodeDatasetTask(arg, **options)
