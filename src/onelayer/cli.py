@@ -18,6 +18,7 @@ from .config import (
     CompareConfig,
     EvalConfig,
     OODConfig,
+    PredictConfig,
     SamplingConfig,
     ScanConfig,
     TrainConfig,
@@ -298,6 +299,38 @@ def cmd_analyze_ood(args: argparse.Namespace) -> None:
     _write_analysis(f"Out-of-domain transfer: {scan.name}", section, scan / "analysis", "ood")
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    from .experiments.predict import run_predict
+
+    config = config_from_args(PredictConfig, args)
+    result = run_predict(config, progress=not args.no_progress)
+    names = list(result["signals"])
+    print("layer | " + " | ".join(names))
+    for layer in result["layers"]:
+        cells = [result["signals"][n].get(str(layer)) for n in names]
+        print(f"{layer} | " + " | ".join("n/a" if v is None else f"{v:.4g}" for v in cells))
+    print("seconds | " + " | ".join(f"{result['seconds'][n]:.1f}" for n in names))
+    print(f"predicted.json (profile from {result['signal']}) and predicted.png in {config.out}; use it as "
+          f"top:k@{config.out} or --lr-from {config.out}, and score it with onelayer analyze predictors SCAN "
+          f"{config.out}")
+
+
+def cmd_analyze_predictors(args: argparse.Namespace) -> None:
+    from .experiments.predict import PREDICTED, config_for_scan, read_prediction, run_predict
+    from .experiments.report import predictors_section, seed_profiles
+
+    scan = Path(args.scan)
+    directory = Path(args.predictions) if args.predictions else scan / "predict"
+    if not (directory / PREDICTED).is_file():
+        if args.predictions:
+            raise OneLayerError(f"no {PREDICTED} in {directory}: run onelayer predict --out {directory} first")
+        print(f"no prediction for {scan} yet: computing one with the scan's model, task and rollout settings into "
+              f"{directory}")
+        run_predict(config_for_scan(scan, directory), progress=not args.no_progress)
+    section = predictors_section(scan, scan / "analysis" / "figures", read_prediction(directory), seed_profiles(scan))
+    _write_analysis(f"Predictors of the profile: {scan.name}", section, scan / "analysis", "predictors")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from .experiments.report import build_report
 
@@ -380,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scan", help="scan directory")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("analyze", help="analyses of scans: rank, params, ood")
+    p = sub.add_parser("analyze", help="analyses of scans: rank, params, ood, predictors")
     analyses = p.add_subparsers(dest="analysis", required=True)
     q = analyses.add_parser("rank", help="Spearman and Kendall rank correlation of two or more scans' profiles")
     q.add_argument("scans", nargs="+", help="scan directories")
@@ -394,6 +427,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(q, OODConfig)
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_analyze_ood)
+
+    q = analyses.add_parser("predictors", help="score cheap per-layer signals (onelayer predict) against a scan's "
+                                                "measured profile")
+    q.add_argument("scan", help="scan directory")
+    q.add_argument("predictions", nargs="?", default="", help="onelayer predict directory (default: SCAN/predict, "
+                                                               "computed with the scan's recipe when missing)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_analyze_predictors)
+
+    p = sub.add_parser("predict", help="per-layer signals of the base model that predict a scan's profile, in "
+                                       "seconds to minutes (predicted.json: usable as top:k@DIR, --lr-from DIR)")
+    add_config_flags(p, PredictConfig)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("report", help="HTML + markdown report of a scan with every figure and table")
     p.add_argument("scan", help="scan directory")

@@ -101,6 +101,19 @@ def attention_implementation(model: nn.Module, name: str):
             c._attn_implementation = previous
 
 
+# ------------------------------------------------------------------------------ transformers: decoder layers
+
+
+def skipped_layer_output(hidden_states, layer: nn.Module):
+    """What a decoder layer that does nothing returns for ``hidden_states``.
+
+    Assumes: decoder layers return their output hidden states as a tensor (5.x; 4.x returned a tuple), and
+    the model's layer loop reads only ``attention_type`` off a layer besides calling it (hybrid models pick
+    their mask by it), which :class:`onelayer.variants.SkippedLayer` copies.
+    """
+    return hidden_states
+
+
 # ------------------------------------------------------------------------------ transformers: GGUF
 
 

@@ -20,7 +20,7 @@ DTYPES = ("auto", "bf16", "fp32")
 
 # CLI sections, in the order --help lists them
 GROUPS = ("model", "task", "layers", "algorithm", "optimisation", "batch", "rollouts", "speed", "evaluation",
-          "run", "scan", "compare", "ood")
+          "run", "scan", "compare", "ood", "predict")
 
 
 def option(default=MISSING, *, help: str, group: str, factory=MISSING, choices: tuple = (), resumable: bool = False,
@@ -260,6 +260,51 @@ class OODConfig:
     generation_batch_size: int = option(0, group="ood", help="rows per generate call; 0 = the scan's")
     dtype: str = option("", group="ood", choices=("", *DTYPES), help="auto, bf16, fp32; empty = the scan's")
     device: str = option("", group="ood", help="cuda, cpu; empty = cuda if available")
+
+
+PREDICTORS = ("block_influence", "cka_influence", "skip_drop", "grad_norm", "grad_snr", "grad_sign_agreement",
+              "spectrum_snr", "position")
+
+
+@dataclass
+class PredictConfig:
+    """Per-layer signals of the base model on a task, meant to predict a scan's profile without training."""
+
+    model: str = option("smollm2", group="model", help="hub id, local dir, .gguf file or 'smollm2'")
+    task: str = option("rg:basic_arithmetic", group="task", help="task name")
+    task_options: dict = option(group="task", factory=dict, help="task option KEY=VALUE (repeatable)")
+    layers: str = option("all", group="layers", help="the layers to compute signals for (others interpolated)")
+    out: str = option("predict-out", group="run", help="directory for predicted.json, predicted.md and the figure")
+    signals: str = option(",".join(PREDICTORS), group="predict", help="comma-separated signals to compute")
+    signal: str = option("block_influence", group="predict", choices=PREDICTORS, help=(
+        "the signal whose ranking predicted.json gives as its profile (what top:k@DIR and --lr-from DIR read)"))
+    prompts: int = option(64, group="predict", help=(
+        "train prompts for the representation and gradient signals (groups of --group-size completions)"))
+    group_size: int = option(8, group="predict", help="completions per prompt for the gradient signals")
+    eval_n: int = option(100, group="predict", help="eval examples for the base and each skipped-layer evaluation")
+    sampling: SamplingConfig = nested(SamplingConfig, max_new_tokens=128)
+    seed: int = option(0, group="run", help="seed of prompts and sampling")
+    dtype: str = option("auto", group="model", choices=DTYPES, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
+    device: str = option("", group="model", help="cuda, cpu; empty = cuda if available")
+    attention: str = option("", group="model", help="attention implementation; empty = transformers' default")
+
+    def signal_list(self) -> list[str]:
+        names = [s.strip() for s in self.signals.split(",") if s.strip()]
+        unknown = [s for s in names if s not in PREDICTORS]
+        if unknown or not names:
+            raise OneLayerError(f"unknown --signals '{','.join(unknown) or self.signals}': use a comma-separated "
+                                f"subset of {', '.join(PREDICTORS)}")
+        if self.signal not in names:
+            names.append(self.signal)
+        return names
+
+    def validate(self) -> None:
+        check_choices(self)
+        check_positive(self, ("prompts", "group_size", "eval_n"))
+        if self.group_size < 2:
+            raise OneLayerError("--group-size must be >= 2: the gradient signals compare completions of a prompt")
+        self.signal_list()
+        self.sampling.validate()
 
 
 def to_dict(config) -> dict:

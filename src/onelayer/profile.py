@@ -47,13 +47,23 @@ def profile_from_dict(data: Mapping) -> Profile:
                    bool(data["reliable"]), str(data["warning"]))
 
 
-def read_profile(path: str | Path) -> Profile:
-    """A profile from a scan directory (its ``profile.json``) or from a profile JSON file."""
+def profile_file(path: str | Path) -> Path:
+    """The profile a path names: a file, a scan directory's ``profile.json``, or a prediction directory's
+    ``predicted.json`` (onelayer predict)."""
     path = Path(path)
-    file = path / "profile.json" if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    measured, predicted = path / "profile.json", path / "predicted.json"
+    return predicted if predicted.is_file() and not measured.is_file() else measured
+
+
+def read_profile(path: str | Path) -> Profile:
+    """A profile from a scan directory (its ``profile.json``), a prediction directory (``predicted.json``)
+    or a profile JSON file."""
+    file = profile_file(path)
     if not file.is_file():
         raise OneLayerError(f"no contribution profile at {file}: pass a scan directory whose profile exists "
-                            "(onelayer profile SCAN writes it) or a profile.json")
+                            "(onelayer profile SCAN writes it), an onelayer predict directory or a profile.json")
     try:
         return profile_from_dict(json.loads(file.read_text()))
     except (KeyError, TypeError, json.JSONDecodeError) as err:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from . import compat
 from .errors import OneLayerError
 from .models import decoder_layers
 
@@ -135,3 +136,31 @@ class LayerVariants:
             segments.append((row - start, end - start, self._blocks[block]))
             row = end
         self.segments = segments
+
+
+class SkippedLayer(nn.Module):
+    """A decoder layer replaced by the identity (the layer's attributes the model's loop reads kept)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        for name in ("attention_type", "layer_idx"):
+            if hasattr(layer, name):
+                setattr(self, name, getattr(layer, name))
+        self._layer = [layer]  # not a submodule: its parameters are not the model's while it is skipped
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return compat.skipped_layer_output(hidden_states, self._layer[0])
+
+
+@contextmanager
+def skipped(model: nn.Module, layer: int):
+    """The model without decoder layer ``layer`` (its input passes straight to the next one)."""
+    _, layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise OneLayerError(f"layer {layer} is out of range; layers are 0-{len(layers) - 1}")
+    original = layers[layer]
+    layers[layer] = SkippedLayer(original)
+    try:
+        yield model
+    finally:
+        layers[layer] = original

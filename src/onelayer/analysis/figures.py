@@ -168,3 +168,45 @@ def plot_strategies(labels: Sequence[str], accuracies: Sequence[Sequence[float]]
     right.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, out)
+
+
+def plot_signals(values: dict[str, dict[int, float]], num_layers: int, path: Path, title: str) -> Path:
+    """Every signal over depth, each min-max scaled to [0, 1] so that they share one axis."""
+    import numpy as np
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for name, by_layer in values.items():
+        layers = sorted(layer for layer, v in by_layer.items() if math.isfinite(v))
+        if not layers:
+            continue
+        ys = np.array([by_layer[layer] for layer in layers])
+        span = np.ptp(ys)
+        ax.plot(layers, (ys - ys.min()) / span if span > 0 else np.zeros_like(ys), marker="o", ms=3, label=name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("signal, scaled to [0, 1] (higher: predicted to matter more)")
+    ax.set_xlim(-0.5, num_layers - 0.5)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path)
+
+
+def plot_predictor_scores(scores: Sequence, out: str | Path, ceiling: float = float("nan"), title: str = "") -> Path:
+    """Spearman's rho of each predictor with the measured profile (the position baseline in grey), and the
+    scan's own seed-to-seed rho as the ceiling when known."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    names = [s.signal for s in scores]
+    rhos = [s.spearman if math.isfinite(s.spearman) else 0.0 for s in scores]
+    colours = ["0.6" if s.signal == "position" else "C0" for s in scores]
+    ax.bar(range(len(names)), rhos, color=colours)
+    ax.axhline(0, color="black", lw=0.8)
+    if math.isfinite(ceiling):
+        ax.axhline(ceiling, color="C3", ls="--", label=f"seed-to-seed rho of the scan ({ceiling:+.2f})")
+        ax.legend(fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("Spearman rho with measured C(l)")
+    ax.set_ylim(-1, 1)
+    ax.set_title(title)
+    fig.tight_layout()
+    return save_figure(fig, out)

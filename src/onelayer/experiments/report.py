@@ -317,11 +317,44 @@ def build_report(scan_dir: str | Path, compare: list[str] | None = None, out: st
     profiles.update({f"{r.task} (ood)": r.profile for r in transfer if r.profile is not None})
     for other in compare or []:
         profiles[Path(other).name] = scan_profile(other)[0]
+    predicted = scan_dir / "predict" / "predicted.json"
+    if predicted.is_file():
+        sections.append(predictors_section(scan_dir, figures, json.loads(predicted.read_text()), per_seed))
     sections += [rank_section(profiles, figures), runs_section(scan_dir)]
     stamp = datetime.date.today().isoformat()
     title = f"onelayer scan report: {scan_dir.name} ({stamp})"
     md, _, _ = write_sections(title, [s for s in sections if s is not None], out_dir, "report")
     return md
+
+
+def predictors_section(scan_dir: Path, figures: Path, prediction: dict, per_seed: dict[str, Profile]) -> Section:
+    """How well each cheap signal of :mod:`onelayer.experiments.predict` predicted the measured profile."""
+    from ..analysis.figures import plot_predictor_scores
+    from ..analysis.rank import compare_profiles
+    from .predict import score_prediction
+
+    seeds = list(per_seed.values())
+    ceiling = compare_profiles(seeds[0], seeds[1]).spearman if len(seeds) >= 2 else float("nan")
+    scores = score_prediction(scan_dir, prediction, ceiling)
+    rows = [[s.signal, f"{_f(s.spearman, 2, True)} (p={_p(s.p_value)})", _f(s.partial_spearman, 2, True),
+             f"{_f(s.over_position[0], 2, True)} [{_f(s.over_position[1], 2, True)}, {_f(s.over_position[2], 2, True)}]",
+             str(s.top1), f"{s.top3} ({_f(s.top3_chance, 1)})", f"{s.top20} of {s.top20_k} ({_f(s.top20_chance, 1)})",
+             _f(s.regret, 2), _f(s.share_of_ceiling, 2), _f(s.seconds, 1)] for s in scores]
+    figure = plot_predictor_scores(scores, figures / "predictors.png", ceiling, f"predictors of {scan_dir.name}")
+    ceiling_text = (f"The scan's own seed-to-seed rank correlation is {_f(ceiling, 2, True)}: no predictor can be "
+                    "expected to agree with one seed's profile better than another seed does."
+                    if math.isfinite(ceiling) else "The scan has one seed, so the ceiling (its seed-to-seed rank "
+                    "correlation) is unknown, and the measured profile itself carries training noise.")
+    text = (f"Signals of the base model ({prediction['config']['model']}, {prediction['config']['task']}), each "
+            "oriented a priori so that higher predicts a larger contribution, against the scan's measured layers. "
+            "Partial rho controls for |depth - 0.5|; 'over position' is rho minus the position baseline's, with a "
+            "95% interval from resampling layers; top-k counts are against what chance gives (in brackets); "
+            "regret is C(predicted best) / C(best); seconds are what computing the signal cost. " + ceiling_text)
+    return Section("Predicting the profile without the scan", [text, Table(
+        ["signal", "Spearman rho", "partial rho", "over position", "top-1", "top-3 (chance)", "top-20% (chance)",
+         "regret", "of ceiling", "seconds"], rows), Figure(figure, "Spearman rho of each signal (position baseline "
+                                                                   "in grey); dashed: the seed-to-seed ceiling.")],
+        {"ceiling": ceiling, "scores": [asdict(s) for s in scores]})
 
 
 def rank_of_scans(scans: list[str], out: str | Path) -> Section:
