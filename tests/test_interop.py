@@ -139,7 +139,7 @@ def test_regexes_match_exactly_the_trained_or_the_frozen_parameter_names(arch):
         # every name, tied aliases too (lm_head.weight of a tied model): requires_grad is apply_selection's answer
         names = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
         trained, frozen = trainable_regex(model, selection), frozen_regex(model, selection)
-        for prefix in ("", "module.", "base_model.model."):  # as wrappers (DDP, PEFT) name them
+        for prefix in ("", "module.", "base_model.model.", "_orig_mod."):  # as DDP, PEFT, torch.compile name them
             assert {n: bool(re.search(trained, prefix + n)) for n in names} == names, (spec, trained)
             assert {n: not re.search(frozen, prefix + n) for n in names} == names, (spec, frozen)
         # a module the freeze pattern matches holds frozen tensors only (verl freezes by module too)
