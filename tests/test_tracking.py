@@ -163,13 +163,18 @@ class FakeWandb:
         return run
 
 
-def test_wandb_gets_an_offline_run_per_run_directory_with_every_row(tmp_path, tokenizer, monkeypatch):
+def fake_wandb(monkeypatch) -> FakeWandb:
     fake = FakeWandb()
     module = types.ModuleType("wandb")
     module.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
-    module.init = fake.init
+    module.init, module.Image = fake.init, lambda path: ("image", path)
     monkeypatch.setitem(sys.modules, "wandb", module)
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    return fake
+
+
+def test_wandb_gets_an_offline_run_per_run_directory_with_every_row(tmp_path, tokenizer, monkeypatch):
+    fake = fake_wandb(monkeypatch)
     result = train(config(tmp_path, steps=3, eval_every=3, eval_n=4, report_to="wandb"), tiny_model("llama"),
                    tokenizer, progress=False)
     (run,) = fake.runs
@@ -179,6 +184,18 @@ def test_wandb_gets_an_offline_run_per_run_directory_with_every_row(tmp_path, to
     expected = [(r["step"], scalars(r, "train")) for r in rows] + [(r["step"], scalars(r, "eval")) for r in evals]
     assert sorted(run.logged, key=lambda x: (x[0], next(iter(x[1])))) == \
         sorted(expected, key=lambda x: (x[0], next(iter(x[1]))))
+
+
+def test_wandb_gets_the_profile_in_rising_steps(tmp_path, saved_tiny, monkeypatch):
+    fake = fake_wandb(monkeypatch)
+    scan = tmp_path / "scan"
+    run_scan(scan_config(scan, saved_tiny, report_to="wandb"), progress=False, execute=_fake_execute([], SCORES))
+    (run,) = fake.runs
+    assert run.kwargs["dir"] == str(scan) and run.finished and "profile/table" in run.summary
+    steps = [step for step, _ in run.logged if step is not None]
+    assert steps == [0, 1, 2, 3]  # wandb drops a step lower than one already logged
+    assert [values["profile/contribution"] for step, values in run.logged if step is not None] == [0.5, 0.5, 0.75, 1.0]
+    assert run.logged[0][1]["profile/full_gain"] == pytest.approx(read_profile(scan).full_gain.value)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (pip install wandb)")

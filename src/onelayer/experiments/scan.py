@@ -323,11 +323,11 @@ def report_profile(scan_dir: Path, profile: Profile) -> None:
     config, _ = load_plan(scan_dir)
     tracker = open_tracker(config["recipe"].get("report_to", "none"), scan_dir, config)
     try:
-        for p in profile.points:
-            tracker.log("profile", {"contribution": p.contribution, "low": p.low, "high": p.high,
-                                    "interpolated": p.interpolated}, p.layer)
         g = profile.full_gain
-        tracker.log("profile", {"full_gain": g.value, "full_gain_low": g.low, "full_gain_high": g.high}, 0)
+        for p in profile.points:  # in layer order, the full-training gain with layer 0 (wandb's steps only rise)
+            gain = {"full_gain": g.value, "full_gain_low": g.low, "full_gain_high": g.high} if p.layer == 0 else {}
+            tracker.log("profile", {"contribution": p.contribution, "low": p.low, "high": p.high,
+                                    "interpolated": p.interpolated, **gain}, p.layer)
         tracker.text("profile/table", profile_table(profile))
         tracker.image("profile/figure", scan_dir / "profile.png")
     finally:
