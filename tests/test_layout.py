@@ -10,10 +10,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "onelayer"
 
 # bottom to top; a module may import from its own layer or those below it
 LAYERS = [
-    ["onelayer.errors", "onelayer.compat", "onelayer.jsonl", "onelayer.progress", "onelayer.config"],
+    ["onelayer.errors", "onelayer.compat", "onelayer.jsonl", "onelayer.progress", "onelayer.tracking",
+     "onelayer.config"],
     ["onelayer.profile", "onelayer.models"],
-    ["onelayer.layers", "onelayer.checkpoint", "onelayer.adapters", "onelayer.compiled", "onelayer.variants",
-     "onelayer.algorithms", "onelayer.rollout", "onelayer.tasks", "onelayer.envs", "onelayer.sandbox"],
+    ["onelayer.layers", "onelayer.interop", "onelayer.checkpoint", "onelayer.adapters", "onelayer.compiled",
+     "onelayer.variants", "onelayer.algorithms", "onelayer.rollout", "onelayer.tasks", "onelayer.envs", "onelayer.sandbox"],
     ["onelayer.evaluate"],
     ["onelayer.analysis"],
     ["onelayer.training"],

@@ -6,6 +6,11 @@ The Python API does what the CLI does::
     train(TrainConfig(model="smollm2", layers="middle:1", out="runs/mid"))
     run_scan(ScanConfig(recipe=TrainConfig(layers="every:4", out="scans/arith")))  # writes the profile too
 
+Any Hugging Face model, for another trainer (TRL, a torch loop)::
+
+    kept = onelayer.select_layers(model, "top:5@scans/arith")   # freezes the rest; kept.names, kept.parameters
+    optimizer = torch.optim.AdamW(kept.param_groups(lr=1e-5, lr_from="scans/arith"))
+
 The entry points load on first use, so ``import onelayer`` (and the CLI's ``--help``) stays fast.
 """
 
@@ -24,6 +29,7 @@ _ENTRY_POINTS = {
     "run_comparison": "onelayer.experiments.compare",
     "run_eval": "onelayer.evaluate",
     "read_profile": "onelayer.profile",
+    "select_layers": "onelayer.interop",
 }
 
 

@@ -102,6 +102,9 @@ def config_from_args(cls, args: argparse.Namespace):
     return cls(**kwargs)
 
 
+LAYERS_FORMATS = ("table", "names", "regex", "freeze-regex", "peft", "json")
+
+
 def cmd_layers(args: argparse.Namespace) -> None:
     from .layers import parameter_counts, parse_layer_spec
     from .models import decoder_layers, head_is_tied, load_skeleton, num_layers
@@ -114,8 +117,9 @@ def cmd_layers(args: argparse.Namespace) -> None:
               "layers_module": prefix, "spec": args.select, "layers": list(selection.layers),
               "extras": list(selection.extras), "notes": list(selection.notes), "tied_head": head_is_tied(model),
               **counts}
-    if args.json:
-        print(json.dumps(report, indent=2))
+    fmt = "json" if args.json else args.format
+    if fmt != "table":
+        print(layers_export(model, selection, fmt, report))
         return
     from rich.console import Console
     from rich.table import Table
@@ -131,6 +135,24 @@ def cmd_layers(args: argparse.Namespace) -> None:
         console.print(f"note: {note}")
     console.print(f"selected: {selection.describe()}; trainable {counts['trainable']:,} of {counts['total']:,} "
                   f"({100 * counts['trainable_fraction']:.2f}%)")
+
+
+def layers_export(model, selection, fmt: str, report: dict) -> str:
+    """``onelayer layers --format FMT``: the selection as text another trainer takes."""
+    from .interop import frozen_regex, peft_options, trainable_regex
+    from .layers import selected_names
+
+    if fmt == "names":
+        return "\n".join(selected_names(model, selection))
+    if fmt == "regex":
+        return trainable_regex(model, selection)
+    if fmt == "freeze-regex":
+        return frozen_regex(model, selection)
+    if fmt == "peft":
+        return json.dumps(peft_options(model, selection), indent=2)
+    peft = peft_options(model, selection) if selection.layers else None
+    return json.dumps({**report, "names": selected_names(model, selection), "regex": trainable_regex(model, selection),
+                       "freeze_regex": frozen_regex(model, selection), "peft": peft}, indent=2)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -391,7 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("layers", help="show which layers a spec selects, with parameter counts")
     p.add_argument("model", help="hub id, local directory, .gguf file or 'smollm2'")
     p.add_argument("--select", default="all", help="layer spec (default: all)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--format", default="table", choices=LAYERS_FORMATS, help=(
+        "table (default); names: trained parameter names, one a line; regex: one expression re.search finds in "
+        "exactly the trained parameter names; freeze-regex: its complement, the frozen ones (verl's "
+        "freeze_module_pattern); peft: LoraConfig arguments (layers_to_transform, layers_pattern); json: all of it"))
+    p.add_argument("--json", action="store_true", help="the same as --format json")
     p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("train", help="RL-train a layer selection")

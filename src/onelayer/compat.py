@@ -130,6 +130,22 @@ def clear_quantized_flags(model: nn.Module) -> None:
     model.is_quantized = False
 
 
+# ------------------------------------------------------------------------------ transformers: linear maps
+
+
+def linear_maps() -> tuple[type, ...]:
+    """The module classes that are a model's linear maps, as PEFT's ``target_modules="all-linear"`` counts them.
+
+    Assumes: besides ``nn.Linear``, GPT-2-style models use ``transformers.pytorch_utils.Conv1D`` (a linear
+    map with its weight transposed), which PEFT adapts too.
+    """
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+
 # ------------------------------------------------------------------------------------------ torch
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dataclass
 
 from .errors import OneLayerError
+from .tracking import parse_report_to
 
 ENGINES = ("auto", "fast", "plain")
 DTYPES = ("auto", "bf16", "fp32")
@@ -152,6 +153,9 @@ class TrainConfig:
     save_every: int = option(10, group="run", resumable=True, science=False,
                              help="checkpoint every N steps (and at the end)")
     seed: int = option(0, group="run", help="seed of data order, sampling and init")
+    report_to: str = option("none", group="run", resumable=True, science=False, help=(
+        "experiment trackers that get every step row, evaluation and scan profile besides the JSON logs: none, "
+        "tensorboard (OUT/tensorboard), wandb (offline, OUT/wandb) or tensorboard,wandb"))
     dtype: str = option("auto", group="model", choices=DTYPES, shared=True,
                         help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
     device: str = option("", group="model", resumable=True, shared=True, science=False,
@@ -176,6 +180,7 @@ class TrainConfig:
             raise OneLayerError("training samples need --temperature > 0")
         if not 0 <= self.gamma <= 1:
             raise OneLayerError(f"--gamma must be in [0, 1], got {self.gamma}")
+        parse_report_to(self.report_to)
         self.sampling.validate()
 
 

@@ -219,7 +219,8 @@ def select_layers(model: nn.Module, spec: str) -> LayerSelection:
     return parse_layer_spec(spec, num_layers(model.config))
 
 
-def _wanted_ids(model: nn.Module, selection: LayerSelection) -> set[LayerId]:
+def selected_ids(model: nn.Module, selection: LayerSelection) -> set[LayerId]:
+    """The layer ids (decoder-layer indices, ``embed``/``head``/``norm``) whose tensors a selection trains."""
     wanted: set[LayerId] = set(selection.layers) | set(selection.extras)
     if "head" in wanted and head_is_tied(model):
         wanted.add("embed")  # a tied head *is* the embedding matrix
@@ -228,14 +229,14 @@ def _wanted_ids(model: nn.Module, selection: LayerSelection) -> set[LayerId]:
 
 def selected_names(model: nn.Module, selection: LayerSelection) -> list[str]:
     """Names of the parameters a selection trains."""
-    layer_of, wanted = parameter_layers(model), _wanted_ids(model, selection)
+    layer_of, wanted = parameter_layers(model), selected_ids(model, selection)
     return [name for name, _ in model.named_parameters() if layer_of[name] in wanted]
 
 
 def parameter_counts(model: nn.Module, selection: LayerSelection) -> dict:
     """Trainable parameter counts of a selection: per selected layer id, in total, and the model's."""
     layer_of = parameter_layers(model)
-    wanted = _wanted_ids(model, selection)
+    wanted = selected_ids(model, selection)
     per_layer: dict[str, int] = {}
     for name, param in model.named_parameters():
         if layer_of[name] in wanted:
@@ -263,7 +264,7 @@ def apply_selection(
         raise OneLayerError(f"the selection was made for {selection.num_layers} layers, the model has "
                             f"{len(decoder_layers(model)[1])}: parse the spec against this model")
     layer_of = parameter_layers(model)
-    wanted = _wanted_ids(model, selection)
+    wanted = selected_ids(model, selection)
     chosen = []
     for name, param in model.named_parameters():
         param.requires_grad_(layer_of[name] in wanted)

@@ -32,6 +32,7 @@ from ..errors import OneLayerError
 from ..layers import parse_layer_spec
 from ..models import default_device, load_skeleton, model_num_layers
 from ..profile import Profile
+from ..tracking import open_tracker
 from .rundir import example_scores, examples_file, run_dir, run_status, write_error
 from .sharding import Shard, run_share
 
@@ -311,4 +312,23 @@ def write_profile(scan_dir: str | Path) -> Profile:
     (scan_dir / "profile.json").write_text(json.dumps({**asdict(profile), "runs": status}, indent=2))
     (scan_dir / "profile.md").write_text(profile_table(profile))
     plot_profile(profile, scan_dir / "profile.png", title=f"layer contribution: {scan_dir.name}")
+    report_profile(scan_dir, profile)
     return profile
+
+
+def report_profile(scan_dir: Path, profile: Profile) -> None:
+    """Send the profile to the scan's ``--report-to`` trackers (into ``SCAN/tensorboard``, ...): contribution
+    and interval at each layer index (interpolated layers marked), the full-training gain, table and figure.
+    A profile written again replaces the one sent before."""
+    config, _ = load_plan(scan_dir)
+    tracker = open_tracker(config["recipe"].get("report_to", "none"), scan_dir, config)
+    try:
+        g = profile.full_gain
+        for p in profile.points:  # in layer order, the full-training gain with layer 0 (wandb's steps only rise)
+            gain = {"full_gain": g.value, "full_gain_low": g.low, "full_gain_high": g.high} if p.layer == 0 else {}
+            tracker.log("profile", {"contribution": p.contribution, "low": p.low, "high": p.high,
+                                    "interpolated": p.interpolated, **gain}, p.layer)
+        tracker.text("profile/table", profile_table(profile))
+        tracker.image("profile/figure", scan_dir / "profile.png")
+    finally:
+        tracker.close()

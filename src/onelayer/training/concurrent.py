@@ -188,4 +188,6 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
                    and run.config.eval_every]
     if unevaluated:
         evaluate_jointly(unevaluated)
+    for run in runs:
+        run.tracker.close()
     return [failed[k] if k in failed else run.result(device) for k, run in enumerate(runs)]

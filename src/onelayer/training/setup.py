@@ -25,6 +25,7 @@ from ..layers import LayerSelection, apply_selection, lr_scales_from_profile, se
 from ..models import default_device, load_model, load_tokenizer
 from ..profile import read_profile
 from ..tasks import AgentTask, Example, Task, get_task
+from ..tracking import Tracker, open_tracker
 
 # ------------------------------------------------------------------------------------------ model, precision
 
@@ -190,6 +191,7 @@ class Run:
     sampler: PromptSampler
     start: int  # first step to do (after a resume)
     trainable: int
+    tracker: Tracker  # --report-to: where step rows and evaluations go besides the JSON logs
     bad_steps: int = 0
     peak_memory: int = 0
     final_eval: dict | None = None
@@ -244,5 +246,6 @@ def open_run(config: TrainConfig, model: nn.Module, task: Task, algorithm: Algor
             "lr_scales": {str(k): v for k, v in parts.lr_scales.items()}, "config": to_dict(config)}
     return Run(config, task, algorithm, parts.selection, optimizer, parts.names, initial, meta,
                PromptSampler(task.examples("train"), config.seed), start, parts.parameters,
+               open_tracker(config.report_to, out, to_dict(config), start),
                # a resumed run keeps its last evaluation when it was made at the checkpoint's step
                final_eval=evals[-1] if evals and evals[-1]["step"] == start else None)

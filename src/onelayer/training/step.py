@@ -265,6 +265,7 @@ def step_row(run: Run, step: int, metrics: dict, batch: RolloutBatch, stats: dic
 def log_step(run: Run, row: dict, stats: dict) -> None:
     """Append the step's line to ``log.jsonl``; stop the run when updates keep being dropped."""
     append_jsonl(run.out / "log.jsonl", row)
+    run.tracker.log("train", row, row["step"])
     run.bad_steps = run.bad_steps + 1 if stats.get("skipped_updates") else 0
     if run.bad_steps >= MAX_BAD_STEPS:
         raise OneLayerError(
@@ -297,6 +298,7 @@ def record_eval(run: Run, step: int, result) -> dict:
     """Write an evaluation after ``step`` steps (``eval.jsonl`` line and ``evals/``); returns the line."""
     row = {"step": step, **result.summary()}
     append_jsonl(run.out / "eval.jsonl", row)
+    run.tracker.log("eval", row, step)
     write_eval(result, run.out / "evals", f"step{step:06d}")
     run.final_eval = row
     return row

@@ -50,4 +50,5 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             save_due(run, model, step + 1)
             bar.update(task_id, completed=step + 1,
                        info=f"reward {row['reward']:.3f} acc {row['accuracy']:.3f} {row['seconds_step']:.1f}s/step")
+    run.tracker.close()
     return run.result(device)
