@@ -1,14 +1,15 @@
-"""Analyses and the report on a real (tiny, CPU) scan with learning-rate probes."""
+"""Analyses and the report on a real (tiny, CPU) scan with two seeds, a learning-rate grid and learning curves."""
 
 import json
 import shutil
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from onelayer.cli import main
 from onelayer.experiments.ood import _Swapper, task_slug
-from onelayer.experiments.scan import load_plan
+from onelayer.experiments.scan import load_plan, scan_profile
 from onelayer.models import load_model
 
 ARGS = ["--task", "toy:repeat", "--layers", "0,1,3", "--steps", "2", "--prompts-per-step", "2", "--group-size", "4",
@@ -18,7 +19,8 @@ ARGS = ["--task", "toy:repeat", "--layers", "0,1,3", "--steps", "2", "--prompts-
 @pytest.fixture(scope="module")
 def scan(tmp_path_factory, saved_tiny):
     out = tmp_path_factory.mktemp("report") / "scan"
-    assert main(["scan", "--model", str(saved_tiny), *ARGS, "--lr-scales", "2", "--out", str(out)]) == 0
+    assert main(["scan", "--model", str(saved_tiny), *ARGS, "--seeds", "2", "--lr-grid", "1,2", "--eval-every", "1",
+                 "--no-eval-at-start", "--out", str(out)]) == 0
     return out
 
 
@@ -40,7 +42,11 @@ def test_ood_evaluates_every_run_and_reproduces_in_domain_results(scan, capsys):
         assert _correct(again) == _correct(scan / "runs" / run.name / own["examples"]), run.name
     summary = json.loads((scan / "analysis" / "ood.json").read_text())["Out-of-domain transfer"]
     in_domain = json.loads((scan / "profile.json").read_text())
-    assert summary[slug]["profile"]["points"] == in_domain["points"]  # the same numbers, the same profile
+    # the same numbers, the same profile, read at the rate the in-domain profile chose (fixed, not re-picked)
+    fixed, _ = scan_profile(scan, lr_scales=[in_domain["full_lr_scale"]])
+    assert summary[slug]["profile"]["points"] == [asdict(p) for p in fixed.points]
+    assert [p["contribution"] for p in summary[slug]["profile"]["points"]] == [
+        p["contribution"] for p in in_domain["points"]]
     before = (scan / "runs" / "base" / "ood" / f"{slug}.json").stat().st_mtime_ns
     assert main(["analyze", "ood", str(scan), "--tasks", tasks, "--device", "cpu", "--no-progress"]) == 0
     assert (scan / "runs" / "base" / "ood" / f"{slug}.json").stat().st_mtime_ns == before  # done work is kept
@@ -83,10 +89,10 @@ def test_report_has_every_section_and_is_self_contained(scan):
     assert main(["analyze", "ood", str(scan), "--tasks", "toy:repeat:b", "--device", "cpu", "--no-progress"]) == 0
     assert main(["report", str(scan)]) == 0
     md = (scan / "report" / "report.md").read_text()
-    for title in ("Setup", "Contribution profile", "Training curves", "Parameter change", "Out-of-domain transfer",
-                  "Learning-rate probes", "Rank correlations", "Every run"):
+    for title in ("Setup", "Contribution profile", "Learning-rate robustness", "Learning curves", "Training curves",
+                  "Parameter change", "Out-of-domain transfer", "Rank correlations", "Every run"):
         assert f"## {title}" in md, title
-    for name in ("base", "full-s0", "layer000-s0", "layer003-s0", "lr2x"):
+    for name in ("base", "full-s0", "full-lr2x-s1", "layer000-s0", "layer003-lr2x-s1"):
         assert name in md
     page = (scan / "report" / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(list((scan / "report" / "figures").glob("*.png"))) >= 5
