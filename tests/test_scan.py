@@ -329,9 +329,11 @@ def test_a_scan_whose_full_training_gained_nothing_reports_it_loudly(tmp_path, s
 
 
 def test_a_concurrent_scan_gives_the_runs_of_a_scan_one_at_a_time(tmp_path, saved_tiny):
-    args = ["scan", "--model", str(saved_tiny), "--task", "toy:repeat", "--layers", "0-3", "--steps", "2",
+    # variants at two learning rates trained together, evaluated jointly after every step
+    args = ["scan", "--model", str(saved_tiny), "--task", "toy:repeat", "--layers", "0,2", "--steps", "2",
             "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "6", "--eval-n", "6", "--lr", "1e-2",
-            "--device", "cpu", "--engine", "fast", "--no-progress"]
+            "--device", "cpu", "--engine", "fast", "--no-progress", "--lr-grid", "1,3", "--eval-every", "1",
+            "--no-eval-at-start"]
     assert main([*args, "--out", str(tmp_path / "alone"), "--concurrent", "1"]) == 0
     assert main([*args, "--out", str(tmp_path / "together"), "--concurrent", "3"]) == 0
     a = json.loads((tmp_path / "alone" / "profile.json").read_text())
@@ -343,11 +345,14 @@ def test_a_concurrent_scan_gives_the_runs_of_a_scan_one_at_a_time(tmp_path, save
                  if not k.startswith(("seconds", "tokens_per", "concurrent"))}
                 for line in (run / "log.jsonl").read_text().splitlines()]
 
-    for layer in range(4):
-        name = f"layer{layer:03d}-s0"
+    for layer, name in [(k, f"layer{k:03d}{rate}-s0") for k in (0, 2) for rate in ("", "-lr3x")]:
         assert science(tmp_path / "alone" / "runs" / name) == science(tmp_path / "together" / "runs" / name)
         logs = [json.loads(x) for x in (tmp_path / "together" / "runs" / name / "log.jsonl").read_text().splitlines()]
         assert [r["concurrent_variants"] for r in logs] == [2, 2]  # 4 runs at up to 3: two groups of 2
+        evals = [json.loads(x) for x in (tmp_path / "together" / "runs" / name / "eval.jsonl").read_text().splitlines()]
+        alone_evals = [json.loads(x) for x in (tmp_path / "alone" / "runs" / name / "eval.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in evals] == [1, 2] and [e["accuracy"] for e in evals] == [
+            e["accuracy"] for e in alone_evals]
         together = json.loads((tmp_path / "together" / "runs" / name / "result.json").read_text())
         alone = json.loads((tmp_path / "alone" / "runs" / name / "result.json").read_text())
         assert together["accuracy"] == alone["accuracy"] and list(together["param_change"]) == [str(layer)]
