@@ -170,7 +170,7 @@ EASY_ARITHMETIC = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits"
 
 def demo_config(out: str, gpu: bool) -> ScanConfig:
     """The demo scan. On a GPU: every layer of the embedded model with the recipe of
-    docs/results/2026-11-22-scan-smollm2 (about an hour on one H100). On a CPU: three layers (first,
+    docs/results/2026-11-22-scan-smollm2 (about 16 minutes on one H200). On a CPU: three layers (first,
     middle, last) for a few steps, which finishes in minutes but is too short to move accuracy."""
     if gpu:
         recipe = TrainConfig(layers="all", steps=30, prompts_per_step=64, group_size=8, lr=2e-5, micro_batch_size=128,

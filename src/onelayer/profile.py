@@ -63,13 +63,14 @@ class RateChoice:
     gain: Estimate
     rank_study: int
     rank_best: int
+    lr_scales: tuple[float, ...] = ()  # the rates this layer was trained at
 
 
 @dataclass(frozen=True)
 class RateRobustness:
     """How much a scan's answer depends on the learning rate (scans with ``--lr-grid``)."""
 
-    lr_scales: tuple[float, ...]
+    lr_scales: tuple[float, ...]      # the rates full training was trained at
     full_accuracy: tuple[float, ...]  # the full run's mean accuracy at each rate, in the order of lr_scales
     full_lr_scale: float              # its best rate: the study's protocol reads every run there
     spearman: float                   # rank agreement of the two protocols' profiles (measured layers)

@@ -293,7 +293,8 @@ def contribution_profile(base: Runs, full: Mapping[float, Runs], layers: Mapping
     method, notes = _method(k, n, n_resamples, level, n_rates)
     robustness = None
     if n_rates > 1:
-        robustness = _robustness(estimates("study"), estimates("best"), full_scores, full_rate, level)
+        robustness = _robustness(estimates("study"), estimates("best"), full_scores, full_rate, level,
+                                 {layer: tuple(sorted(v)) for layer, v in layer_scores.items()})
         if protocol == "best":
             notes.append("each layer at its own best rate: picking the highest of several noisy scores biases these "
                          "contributions upward (more with more rates); the study protocol does not pick per layer")
@@ -319,8 +320,8 @@ def _points(values: Mapping[int, Estimate], rates: Mapping[int, float], full_rat
                  for layer, ((v, flag), (lo, _), (hi, _)) in enumerate(zip(*interpolated, strict=True)))
 
 
-def _robustness(study, best, full_scores: Mapping[float, Resampled], full_rate: float,
-                level: float) -> RateRobustness:
+def _robustness(study, best, full_scores: Mapping[float, Resampled], full_rate: float, level: float,
+                tried: Mapping[int, tuple[float, ...]]) -> RateRobustness:
     """Both protocols side by side over the layers measured under both."""
     (s_values, s_samples, _), (b_values, b_samples, b_rates) = study, best
     common = sorted(layer for layer in s_values if layer in b_values
@@ -330,7 +331,7 @@ def _robustness(study, best, full_scores: Mapping[float, Resampled], full_rate: 
     choices = tuple(RateChoice(layer, b_rates[layer], s_values[layer], b_values[layer],
                                _interval(b_samples[layer] - s_samples[layer],
                                          b_values[layer].value - s_values[layer].value, level),
-                               ranks_study[layer], ranks_best[layer]) for layer in common)
+                               ranks_study[layer], ranks_best[layer], tried[layer]) for layer in common)
     agreement = rank_correlation([s_values[x].value for x in common], [b_values[x].value for x in common])
     rates = tuple(sorted(full_scores))
     return RateRobustness(rates, tuple(full_scores[r].value for r in rates), full_rate, agreement.spearman,

@@ -232,6 +232,15 @@ def _load(out: Path) -> tuple[dict, list[dict]]:
     return saved, saved["runs"]
 
 
+def _recorded_layers(spec: str, n_layers: int) -> list[int]:
+    """The layers of an older result (without "layers") from its recorded spec; none when the spec reads a
+    profile that is not where it was (results copied off the machine that made them)."""
+    try:
+        return list(parse_layer_spec(spec, n_layers).layers)
+    except OneLayerError:
+        return []
+
+
 @dataclass(frozen=True)
 class Comparison:
     base_accuracy: float
@@ -278,9 +287,7 @@ def comparison_results(out: str | Path, n_resamples: int = 2000) -> Comparison:
         nan = float("nan")
         gain = difference_estimate(scores, full) if full is not None else None
         share = ratio_estimate(scores, base, full) if full is not None else None
-        # older results lack "layers"; their recorded spec gives the same layers again
-        meta_layers = [v[1].get("layers") or list(parse_layer_spec(v[1]["layers_spec"], n_layers).layers)
-                       for v in found]
+        meta_layers = [v[1].get("layers") or _recorded_layers(v[1]["layers_spec"], n_layers) for v in found]
         peaks = [v[1].get("peak_memory_bytes") for v in found if v[1].get("peak_memory_bytes")]
         results.append(StrategyResult(
             label, [v[0]["seed"] for v in found], accuracies, meta_layers,

@@ -297,14 +297,19 @@ def robustness_section(scan_dir: Path, figures: Path) -> Section | None:
     if r is None:
         return None
     figure = plot_rate_robustness(r, len(profile.points), figures / "lr_robustness.png")
-    rows = [[str(c.layer), f"{_f(c.study.value)} [{_f(c.study.low)}, {_f(c.study.high)}]", str(c.rank_study),
+    rows = [[str(c.layer), ", ".join(f"{x:g}x" for x in c.lr_scales),
+             f"{_f(c.study.value)} [{_f(c.study.low)}, {_f(c.study.high)}]", str(c.rank_study),
              f"{c.best_lr_scale:g}x", f"{_f(c.best.value)} [{_f(c.best.low)}, {_f(c.best.high)}]", str(c.rank_best),
              f"{_f(c.gain.value, sign=True)} [{_f(c.gain.low, sign=True)}, {_f(c.gain.high, sign=True)}]",
              "yes" if c.rank_study != c.rank_best else ""] for c in r.layers]
     moved = r.rate_dependent
     beyond = [c.layer for c in r.layers if c.gain.low > 0]
-    text = (f"Every configuration was trained at {', '.join(f'{x:g}x' for x in r.lr_scales)} --lr. Full training "
-            "reached " + ", ".join(f"{a:.3f} at {x:g}x" for x, a in zip(r.lr_scales, r.full_accuracy, strict=True))
+    every = {x for c in r.layers for x in c.lr_scales} | set(r.lr_scales)
+    uniform = all(set(c.lr_scales) == every for c in r.layers) and set(r.lr_scales) == every
+    tried = (f"Every configuration was trained at {', '.join(f'{x:g}x' for x in sorted(every))} --lr. " if uniform
+             else f"Rates tried: {', '.join(f'{x:g}x' for x in sorted(every))} --lr, not every configuration at every "
+                  f"rate (full training at {', '.join(f'{x:g}x' for x in r.lr_scales)}; each layer's in the table). ")
+    text = (tried + "Full training reached " + ", ".join(f"{a:.3f} at {x:g}x" for x, a in zip(r.lr_scales, r.full_accuracy, strict=True))
             + f" (mean over seeds): its best rate, {r.full_lr_scale:g}x, is the study's protocol for every run "
             "(profile.json; what top:k@SCAN and --lr-from read by default). Under per-configuration best rates "
             "(profile-best.json; SCAN?protocol=best) each layer is read at its own best rate and full training at "
@@ -316,7 +321,7 @@ def robustness_section(scan_dir: Path, figures: Path) -> Section | None:
              else "No layer's own best rate beats the study's beyond noise. ")
     text += ("Rates are picked again inside each bootstrap resample, so the intervals include which rate is best; a "
              "best-of-rates score is still biased upward by the picking.")
-    table = Table(["layer", "C, study protocol [95%]", "rank", "own best rate", "C, own best rate [95%]", "rank",
+    table = Table(["layer", "rates tried", "C, study protocol [95%]", "rank", "own best rate", "C, own best rate [95%]", "rank",
                    "gain from own rate [95%]", "rank depends on rate"], rows)
     return Section("Learning-rate robustness", [text, table, Figure(figure, "Contribution per measured layer under "
                    "both protocols (95% intervals); right: full training's accuracy at each rate.")],
