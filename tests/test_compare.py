@@ -185,3 +185,46 @@ def test_an_ensemble_refuses_a_member_whose_training_stopped_early(tmp_path, sav
     base = EvalConfig(model=str(saved_tiny), task="toy:repeat", n=4, device="cpu")
     with pytest.raises(OneLayerError, match=r"early stopped at step 2 of 4: finish its training"):
         run_ensemble([str(finished), str(tmp_path / "early")], base, tmp_path / "vote")
+
+
+def test_comparison_intervals_resample_seeds_then_examples_by_hand(tmp_path, monkeypatch):
+    """The same fixed plan as tests/test_contribution.py's two-seed profile: the strategy's share of full
+    training's gain must come out with the same seed-level interval."""
+    import importlib
+
+    from .test_contribution import EXAMPLES, SEEDS, TWO_SEEDS
+
+    out = tmp_path / "compare"
+    runs = [("base", None, 0, TWO_SEEDS["base"][0])] + [
+        (f"{label}-s{s}", label, s, TWO_SEEDS[kind][s]) for label, kind in (("full", "full"), ("3", "layer"))
+        for s in (0, 1)]
+    for name, _, _, correct in runs:
+        directory = out / "runs" / name
+        (directory / "evals").mkdir(parents=True)
+        (directory / "evals" / "final.examples.jsonl").write_text(
+            "".join(json.dumps({"correct": [bool(c)]}) + "\n" for c in correct))
+        (directory / "result.json").write_text(json.dumps({"examples": "evals/final.examples.jsonl",
+                                                           "accuracy": sum(correct) / 4, "layers_spec": "3"}))
+    saved = {"config": {"recipe": {"model": "unused"}}, "strategies": [{"label": "full"}, {"label": "3"}],
+             "runs": [{"name": n, "strategy": st, "seed": s} for n, st, s, _ in runs]}
+    (out / "compare.json").write_text(json.dumps(saved))
+    compare = importlib.import_module("onelayer.experiments.compare")
+    monkeypatch.setattr(compare, "model_num_layers", lambda model: 4)
+    monkeypatch.setattr(compare, "bootstrap_indices", lambda n, r, seed: EXAMPLES)
+    monkeypatch.setattr(compare, "seed_draws", lambda k, r, seed: SEEDS)
+    result = comparison_results(out)
+    layer = next(r for r in result.strategies if r.label == "3")
+    assert (layer.share_of_full_gain, layer.share_low, layer.share_high) == pytest.approx(
+        (1 / 3, 1 / 3, 1 / 3 + 0.95 * 2 / 3))
+    # gain over full per resample: S_layer - S_full = -.25, 0, 0, -.25 -> sorted -.25, -.25, 0, 0
+    assert (layer.gain_over_full, layer.gain_low, layer.gain_high) == pytest.approx((-0.25, -0.25, 0.0))
+    assert (result.full_gain.value, result.full_gain.low) == pytest.approx((0.375, 0.075 * 0.375))
+
+
+def test_comparison_runs_evaluate_every_eval_every_steps(tmp_path):
+    config = CompareConfig(recipe=TrainConfig(steps=30, eval_every=10, eval_at_start=False), strategies="full,3")
+    plan = plan_comparison(parse_strategies(config, 4, 5), [0])
+    recipe = recipe_for(config, plan[1], tmp_path)
+    assert (recipe.eval_every, recipe.eval_at_start) == (10, False)
+    config.recipe.eval_at_start = True
+    assert recipe_for(config, plan[1], tmp_path).eval_at_start is True

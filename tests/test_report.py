@@ -1,14 +1,15 @@
-"""Analyses and the report on a real (tiny, CPU) scan with learning-rate probes."""
+"""Analyses and the report on a real (tiny, CPU) scan with two seeds, a learning-rate grid and learning curves."""
 
 import json
 import shutil
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 
 from onelayer.cli import main
 from onelayer.experiments.ood import _Swapper, task_slug
-from onelayer.experiments.scan import load_plan
+from onelayer.experiments.scan import load_plan, scan_profile
 from onelayer.models import load_model
 
 ARGS = ["--task", "toy:repeat", "--layers", "0,1,3", "--steps", "2", "--prompts-per-step", "2", "--group-size", "4",
@@ -18,7 +19,8 @@ ARGS = ["--task", "toy:repeat", "--layers", "0,1,3", "--steps", "2", "--prompts-
 @pytest.fixture(scope="module")
 def scan(tmp_path_factory, saved_tiny):
     out = tmp_path_factory.mktemp("report") / "scan"
-    assert main(["scan", "--model", str(saved_tiny), *ARGS, "--lr-scales", "2", "--out", str(out)]) == 0
+    assert main(["scan", "--model", str(saved_tiny), *ARGS, "--seeds", "2", "--lr-grid", "1,2", "--eval-every", "1",
+                 "--no-eval-at-start", "--out", str(out)]) == 0
     return out
 
 
@@ -40,7 +42,11 @@ def test_ood_evaluates_every_run_and_reproduces_in_domain_results(scan, capsys):
         assert _correct(again) == _correct(scan / "runs" / run.name / own["examples"]), run.name
     summary = json.loads((scan / "analysis" / "ood.json").read_text())["Out-of-domain transfer"]
     in_domain = json.loads((scan / "profile.json").read_text())
-    assert summary[slug]["profile"]["points"] == in_domain["points"]  # the same numbers, the same profile
+    # the same numbers, the same profile, read at the rate the in-domain profile chose (fixed, not re-picked)
+    fixed, _ = scan_profile(scan, lr_scales=[in_domain["full_lr_scale"]])
+    assert summary[slug]["profile"]["points"] == [asdict(p) for p in fixed.points]
+    assert [p["contribution"] for p in summary[slug]["profile"]["points"]] == [
+        p["contribution"] for p in in_domain["points"]]
     before = (scan / "runs" / "base" / "ood" / f"{slug}.json").stat().st_mtime_ns
     assert main(["analyze", "ood", str(scan), "--tasks", tasks, "--device", "cpu", "--no-progress"]) == 0
     assert (scan / "runs" / "base" / "ood" / f"{slug}.json").stat().st_mtime_ns == before  # done work is kept
@@ -83,12 +89,87 @@ def test_report_has_every_section_and_is_self_contained(scan):
     assert main(["analyze", "ood", str(scan), "--tasks", "toy:repeat:b", "--device", "cpu", "--no-progress"]) == 0
     assert main(["report", str(scan)]) == 0
     md = (scan / "report" / "report.md").read_text()
-    for title in ("Setup", "Contribution profile", "Training curves", "Parameter change", "Out-of-domain transfer",
-                  "Learning-rate probes", "Rank correlations", "Every run"):
+    for title in ("Setup", "Contribution profile", "Learning-rate robustness", "Learning curves", "Training curves",
+                  "Parameter change", "Out-of-domain transfer", "Rank correlations", "Every run"):
         assert f"## {title}" in md, title
-    for name in ("base", "full-s0", "layer000-s0", "layer003-s0", "lr2x"):
+    for name in ("base", "full-s0", "full-lr2x-s1", "layer000-s0", "layer003-lr2x-s1"):
         assert name in md
     page = (scan / "report" / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(list((scan / "report" / "figures").glob("*.png"))) >= 5
     numbers = json.loads((scan / "report" / "report.json").read_text())
     assert numbers["Contribution profile"]["runs"]["layer001-s0"] == "done"
+
+
+def _gzip_examples(root):
+    """Compress every per-example file under ``root`` as committed results are kept (x.jsonl -> x.jsonl.gz)."""
+    import gzip
+
+    files = list(root.rglob("*.examples.jsonl"))
+    for path in files:
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    return files
+
+
+def test_every_reader_works_on_a_scan_whose_examples_are_compressed(scan, tmp_path, monkeypatch):
+    from onelayer.config import CompareConfig, EvalConfig, SamplingConfig
+    from onelayer.experiments.compare import comparison_results, run_comparison
+    from onelayer.experiments.ood import ood_results
+    from onelayer.experiments.rundir import example_scores, final_examples
+    from onelayer.experiments.specialists import run_ensemble
+    from onelayer.profile import read_profile
+
+    assert main(["analyze", "ood", str(scan), "--tasks", "toy:repeat:b", "--device", "cpu", "--no-progress"]) == 0
+    packed = tmp_path / "packed"
+    shutil.copytree(scan, packed)
+    assert len(_gzip_examples(packed)) > 3 * 17  # every evaluation of every run, ood ones too
+    assert not list(packed.rglob("*.examples.jsonl"))
+    run = packed / "runs" / "layer001-s1"
+    assert final_examples(run).name == "step000002.examples.jsonl" and not final_examples(run).exists()
+    assert example_scores(final_examples(run)) == example_scores(final_examples(scan / "runs" / "layer001-s1"))
+    for query in ("", "?protocol=best", "?auc", "?protocol=best&auc"):
+        assert _same(scan_profile(packed, **_query(query))[0], scan_profile(scan, **_query(query))[0]), query
+    assert _same(scan_profile(packed, step=1)[0], scan_profile(scan, step=1)[0])
+    assert main(["profile", str(packed)]) == 0 and _same(read_profile(packed), read_profile(scan))
+    ours, original = ood_results(packed), ood_results(scan)
+    assert [r.slug for r in ours] == [r.slug for r in original] and len(ours) >= 2
+    assert all(_same(a.profile, b.profile) for a, b in zip(ours, original, strict=True))
+    assert main(["report", str(packed)]) == 0
+    mine = json.loads((packed / "report" / "report.json").read_text())
+    theirs = json.loads((scan / "report" / "report.json").read_text()) if (scan / "report").is_dir() else None
+    if theirs is None:
+        assert main(["report", str(scan)]) == 0
+        theirs = json.loads((scan / "report" / "report.json").read_text())
+    for title in ("Contribution profile", "Learning-rate robustness", "Learning curves"):
+        assert mine[title] == theirs[title], title
+
+    # specialists vote with the compressed final evaluations instead of evaluating again
+    def no_eval(config):
+        raise AssertionError(f"{config.checkpoint} was evaluated again")
+
+    monkeypatch.setattr("onelayer.experiments.specialists.run_eval", no_eval)
+    same = EvalConfig(task="toy:repeat", n=8, sampling=SamplingConfig(max_new_tokens=6, temperature=0.0))
+    members = [str(packed / "runs" / n) for n in ("layer000-s0", "layer003-s0")]
+    assert len(run_ensemble(members, same, tmp_path / "vote").votes) == 8
+    monkeypatch.undo()
+
+    # a comparison copies the compressed base and full runs of the scan and reads them
+    recipe = json.loads((packed / "scan.json").read_text())["config"]["recipe"]
+    from onelayer.config import TrainConfig, from_dict
+
+    config = CompareConfig(recipe=replace(from_dict(TrainConfig, recipe), out=str(tmp_path / "compare")),
+                           profile=str(packed), strategies="full", seeds=2)
+    run_comparison(config, progress=False)
+    assert json.loads((tmp_path / "compare" / "runs" / "full-s1" / "result.json").read_text())["copied_from"]
+    _gzip_examples(tmp_path / "compare")
+    full = comparison_results(tmp_path / "compare").strategies[0]
+    assert full.accuracies == [json.loads((scan / "runs" / f"full-s{s}" / "result.json").read_text())["accuracy"]
+                               for s in (0, 1)]
+
+
+def _same(a, b) -> bool:
+    return json.dumps(asdict(a)) == json.dumps(asdict(b))  # NaN equal to NaN
+
+
+def _query(text: str) -> dict:
+    return {"protocol": "best" if "best" in text else "study", "auc": "auc" in text}

@@ -9,18 +9,20 @@ from onelayer.experiments.rundir import run_dir, run_status
 from onelayer.experiments.scan import (
     PlannedRun,
     ScanConfig,
+    evaluated_steps,
+    parse_lr_grid,
     plan_scan,
-    probe_layers,
-    probe_results,
     run_scan,
     scan_profile,
 )
+from onelayer.layers import parse_layer_spec
+from onelayer.profile import read_profile
 
 
-def scan_config(out, model, **recipe):
+def scan_config(out, model, lr_grid="", seeds=1, **recipe):
     base = dict(model=str(model), task="toy:repeat", layers="1,3", out=str(out), steps=2, prompts_per_step=2,
                 group_size=4, lr=1e-2, sampling=SamplingConfig(max_new_tokens=6), eval_n=6, device="cpu")
-    return ScanConfig(recipe=TrainConfig(**{**base, **recipe}))
+    return ScanConfig(recipe=TrainConfig(**{**base, **recipe}), lr_grid=lr_grid, seeds=seeds)
 
 
 def test_plan_is_exact():
@@ -89,40 +91,154 @@ def test_a_failed_run_is_recorded_and_retried_alone(tmp_path, saved_tiny):
     assert calls == ["layer001-s0"]
 
 
-def test_probes_rerun_the_best_and_worst_layers_at_scaled_learning_rates(tmp_path, saved_tiny):
-    config = ScanConfig(recipe=scan_config(tmp_path / "scan", saved_tiny).recipe, lr_scales="0.5,2")
-    scores = {**SCORES, ("probe", 3, 2.0): [1] * 30 + [0] * 10, ("probe", 3, 0.5): [1] * 5 + [0] * 35,
-              ("probe", 1, 2.0): [1] * 25 + [0] * 15, ("probe", 1, 0.5): [0] * 40}
+def _grid_execute(calls, scores):
+    """Stands in for training a scan with a learning-rate grid and evaluations during training: ``scores`` maps
+    (kind, layer, lr_scale) or (kind, layer, lr_scale, seed) to the correct flags of each example, or to
+    {step: flags} for runs evaluated at several steps (the last is the final evaluation)."""
+    def execute(config, run, scan_dir):
+        calls.append(run.name)
+        found = scores.get((run.kind, run.layer, run.lr_scale, run.seed)) or scores[run.kind, run.layer, run.lr_scale]
+        by_step = found if isinstance(found, dict) else {config.recipe.steps if run.kind != "base" else 0: found}
+        directory = run_dir(scan_dir, run)
+        (directory / "evals").mkdir(parents=True, exist_ok=True)
+        for step, correct in by_step.items():
+            file = directory / "evals" / f"step{step:06d}.examples.jsonl"
+            file.write_text("".join(json.dumps({"correct": [bool(c)]}) + "\n" for c in correct))
+        final = by_step[max(by_step)]
+        (directory / "result.json").write_text(json.dumps({
+            "examples": f"evals/step{max(by_step):06d}.examples.jsonl", "kind": run.kind, "lr_scale": run.lr_scale,
+            "accuracy": sum(final) / len(final)}))
+        return {}
+    return execute
+
+
+def n_of(k, n=40):
+    return [1] * k + [0] * (n - k)
+
+
+# base 0; full 0.5 at 1x, 0.75 at 3x (its best); layer 0: 0.9 / 0.3; layer 1: 0.25 / 0; layer 3: 0.5 / 0.75
+GRID = {("base", None, 1.0): n_of(0), ("full", None, 1.0): n_of(20), ("full", None, 3.0): n_of(30),
+        ("layer", 0, 1.0): n_of(36), ("layer", 0, 3.0): n_of(12), ("layer", 1, 1.0): n_of(10),
+        ("layer", 1, 3.0): n_of(0), ("layer", 3, 1.0): n_of(20), ("layer", 3, 3.0): n_of(30)}
+
+
+def test_a_learning_rate_grid_trains_every_configuration_at_every_rate(tmp_path, saved_tiny):
+    config = ScanConfig(recipe=TrainConfig(layers="every:2", seed=5), seeds=2, lr_grid="3,1")
+    names = [r.name for r in plan_scan(config, 4)]
+    assert names == ["base", "full-s5", "full-s6", "full-lr3x-s5", "full-lr3x-s6", "layer000-s5", "layer000-s6",
+                     "layer000-lr3x-s5", "layer000-lr3x-s6", "layer002-s5", "layer002-s6", "layer002-lr3x-s5",
+                     "layer002-lr3x-s6"]
+    assert plan_scan(config, 4)[3] == PlannedRun("full-lr3x-s5", "full", 5, None, 3.0)
+    assert parse_lr_grid("") == (1.0,) and parse_lr_grid("10, 0.5") == (0.5, 10.0)
+    for bad, message in (("2,x", "comma-separated"), ("0,1", "> 0"), ("1,3,1", "twice"), ("nan", "> 0")):
+        with pytest.raises(OneLayerError, match=message):
+            parse_lr_grid(bad)
+    with pytest.raises(OneLayerError, match="comma-separated"):  # before any run starts
+        run_scan(scan_config(tmp_path / "bad", saved_tiny, lr_grid="2,x"), progress=False,
+                 execute=_grid_execute([], GRID))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_profile_reads_a_grid_under_both_protocols(tmp_path, saved_tiny):
+    from onelayer.layers import lr_scales_from_profile
+    from onelayer.profile import read_profile
+
+    scan = tmp_path / "scan"
     calls = []
-    plan = run_scan(config, progress=False, execute=_fake_execute(calls, scores))
-    # the profile says layer 3 (C = 1.0) is best and layer 1 (C = 0.5) worst
-    assert calls[4:] == ["layer001-lr0.5x-s0", "layer001-lr2x-s0", "layer003-lr0.5x-s0", "layer003-lr2x-s0"]
-    assert plan[-1] == PlannedRun("layer003-lr2x-s0", "probe", 0, 3, 2.0)
-    rows = {(r["layer"], r["lr_scale"]): r for r in probe_results(tmp_path / "scan", n_resamples=200)}
-    # C = accuracy / 0.5 (base 0, full 0.5); rank among layers {1, 3} with the probed value swapped in
-    assert rows[3, 2.0]["contribution"] == pytest.approx(1.0) and rows[3, 2.0]["rank"] == 1
-    assert rows[3, 2.0]["probe_contribution"] == pytest.approx(1.5) and rows[3, 2.0]["probe_rank"] == 1
-    assert rows[3, 0.5]["probe_contribution"] == pytest.approx(0.25) and rows[3, 0.5]["probe_rank"] == 2
-    assert rows[1, 2.0]["rank"] == 2 and rows[1, 2.0]["probe_contribution"] == pytest.approx(1.25)
-    assert rows[1, 2.0]["probe_rank"] == 1 and rows[1, 0.5]["probe_contribution"] == 0.0
-    profile, _ = scan_profile(tmp_path / "scan", n_resamples=100)  # probes do not enter the profile
-    assert {p.layer: p.contribution for p in profile.points if not p.interpolated} == {1: 0.5, 3: 1.0}
+    config = scan_config(scan, saved_tiny, layers="0,1,3", lr_grid="1,3")
+    run_scan(config, progress=False, execute=_grid_execute(calls, GRID))
+    assert len(calls) == 1 + 2 + 6 and "layer001-lr3x-s0" in calls
+    study, best = read_profile(scan), read_profile(f"{scan}?protocol=best")
+    assert (study.protocol, study.full_lr_scale, best.protocol, best.full_lr_scale) == ("study", 3.0, "best", 3.0)
+    # study: every layer at 3x, against full at 3x (0.75): 0.3/0.75, 0, 0.75/0.75
+    c = {p.layer: p for p in study.points}
+    assert (c[0].contribution, c[1].contribution, c[3].contribution) == pytest.approx((0.4, 0.0, 1.0))
+    assert {c[k].lr_scale for k in (0, 1, 3)} == {3.0}
+    # best: layer 0 at 1x (0.9/0.75), layer 1 at 1x (0.25/0.75), layer 3 at 3x
+    b = {p.layer: p for p in best.points}
+    assert (b[0].contribution, b[1].contribution, b[3].contribution) == pytest.approx((1.2, 1 / 3, 1.0))
+    assert (b[0].lr_scale, b[1].lr_scale, b[3].lr_scale) == (1.0, 1.0, 3.0)
+    r = study.robustness
+    assert r.lr_scales == (1.0, 3.0) and r.full_accuracy == pytest.approx((0.5, 0.75)) and r.full_lr_scale == 3.0
+    ranks = {x.layer: (x.rank_study, x.rank_best) for x in r.layers}
+    assert ranks == {0: (2, 1), 1: (3, 3), 3: (1, 2)} and r.rate_dependent == [0, 3]
+    # study values (0.4, 0, 1) and best (1.2, 1/3, 1): ranks 2,1,3 and 3,1,2, sum d^2 = 2 -> rho 1 - 12/24
+    assert r.spearman == pytest.approx(0.5)
+    gains = {x.layer: x.gain.value for x in r.layers}
+    assert gains == pytest.approx({0: 0.8, 1: 1 / 3, 3: 0.0})
+    # what top:k and --lr-from read, and say they read
+    assert parse_layer_spec(f"top:1@{scan}", 4).layers == (3,)
+    selection = parse_layer_spec(f"top:1@{scan}?protocol=best", 4)
+    assert selection.layers == (0,) and any("per-configuration best learning rates" in n for n in selection.notes)
+    assert any("study protocol" in n and "3x --lr" in n for n in parse_layer_spec(f"top:1@{scan}", 4).notes)
+    _, rule = lr_scales_from_profile(read_profile(f"{scan}?protocol=best"), [0, 1])
+    assert "per-configuration best" in rule
+    assert (scan / "profile-best.md").is_file() and "| lr |" in (scan / "profile.md").read_text()
+    with pytest.raises(OneLayerError, match="protocol=study"):
+        read_profile(f"{scan}?protocol=fast")
     calls.clear()
-    run_scan(config, progress=False, execute=_fake_execute(calls, scores))
+    run_scan(config, progress=False, execute=_grid_execute(calls, GRID))
     assert calls == []  # resumed: nothing left to do
 
 
-def test_probe_layer_choice_and_bad_scales(tmp_path, saved_tiny):
-    contributions = {0: 0.2, 4: 0.9, 8: -0.1}
-    assert probe_layers("best,worst", contributions, 12) == [4, 8]
-    assert probe_layers("best,0", contributions, 12) == [0, 4]
-    with pytest.raises(OneLayerError, match="did not measure"):
-        probe_layers("5", contributions, 12)
-    with pytest.raises(OneLayerError, match="names no layer"):
-        probe_layers("", contributions, 12)
-    config = ScanConfig(recipe=scan_config(tmp_path / "scan", saved_tiny).recipe, lr_scales="2,x")
-    with pytest.raises(OneLayerError, match="comma-separated numbers"):
-        run_scan(config, progress=False, execute=_fake_execute([], SCORES))
+def test_a_scan_made_with_learning_rate_probes_still_reads(tmp_path, saved_tiny):
+    """Scans of older versions reran the best and worst layers at other rates ("probes"): they read as a grid
+    with only those layers at those rates."""
+    scan = tmp_path / "scan"
+    run_scan(scan_config(scan, saved_tiny), progress=False, execute=_fake_execute([], SCORES))
+    probe = PlannedRun("layer001-lr2x-s0", "layer", 0, 1, 2.0)
+    _grid_execute([], {("layer", 1, 2.0): n_of(30)})(scan_config(scan, saved_tiny), probe, scan)
+    saved = json.loads((scan / "scan.json").read_text())
+    saved["runs"].append({**probe.__dict__, "kind": "probe"})
+    saved["config"].update(lr_scales="2", probe_layers="worst")
+    (scan / "scan.json").write_text(json.dumps(saved))
+    assert main(["profile", str(scan)]) == 0
+    study, best = read_profile(scan), read_profile(f"{scan}?protocol=best")
+    assert {p.layer: p.contribution for p in study.points if not p.interpolated} == pytest.approx({1: 0.5, 3: 1.0})
+    assert {p.layer: p.contribution for p in best.points if not p.interpolated} == pytest.approx({1: 1.5, 3: 1.0})
+    assert study.robustness.full_lr_scale == 1.0 and study.robustness.rate_dependent == [1, 3]
+
+
+def test_profiles_at_each_evaluated_step_and_as_an_area_under_the_curve(tmp_path, saved_tiny):
+    scan = tmp_path / "scan"
+    steps = {("base", None, 1.0): n_of(0, 4),
+             ("full", None, 1.0): {1: [1, 1, 0, 0], 3: [1, 1, 1, 1]},
+             ("layer", 1, 1.0): {1: [1, 0, 0, 0], 3: [1, 1, 0, 0]},
+             ("layer", 3, 1.0): {0: [1, 0, 0, 0], 1: [0, 0, 0, 0], 3: [1, 1, 1, 0]}}
+    run_scan(scan_config(scan, saved_tiny, steps=3, eval_every=1), progress=False, execute=_grid_execute([], steps))
+    assert evaluated_steps(scan) == [0, 1, 3]
+    final, _ = scan_profile(scan)
+    assert {p.layer: p.contribution for p in final.points if not p.interpolated} == pytest.approx({1: 0.5, 3: 0.75})
+    early, _ = scan_profile(scan, step=1)
+    assert early.step == 1 and {p.layer: p.contribution for p in early.points if not p.interpolated} == \
+        pytest.approx({1: 0.5, 3: 0.0})
+    area, _ = scan_profile(scan, auc=True)
+    # each example's trapezoid area over steps 0, 1, 3 (widths 1 and 2), divided by 3; step 0 is the base (0)
+    # unless the run has its own evaluation there. full: ex0 (0+1)/2*1 + (1+1)/2*2 = 2.5, ex1 2.5, ex2 (0+1)/2*2
+    # = 1, ex3 1: mean 7/12. layer 1: 2.5, 1, 0, 0: 3.5/12. layer 3 (own step 0 = [1,0,0,0]): ex0 (1+0)/2 +
+    # (0+1)/2*2 = 1.5, ex1 1, ex2 1, ex3 0: 3.5/12. C = 3.5/7 for both
+    assert area.auc_steps == (0, 1, 3)
+    assert {p.layer: p.contribution for p in area.points if not p.interpolated} == pytest.approx({1: 0.5, 3: 0.5})
+    assert (scan / "profile-auc.json").is_file()  # written with the scan, as its curves exist
+    assert read_profile(f"{scan}?auc").auc_steps == (0, 1, 3)
+    assert main(["profile", str(scan), "--step", "1"]) == 0
+    assert read_profile(f"{scan}?step=1").points[3].contribution == 0.0
+    assert main(["profile", str(scan), "--step", "2"]) == 2  # step 2 was not evaluated
+    with pytest.raises(OneLayerError, match="write it with onelayer profile"):
+        read_profile(f"{scan}?step=3")
+
+
+def test_scan_runs_evaluate_on_the_schedule_asked_for(tmp_path, saved_tiny):
+    from onelayer.experiments.scan import _recipe_for
+
+    config = scan_config(tmp_path, saved_tiny, steps=30)
+    run = PlannedRun("layer001-lr3x-s0", "layer", 0, 1, 3.0)
+    recipe = _recipe_for(config, run, tmp_path)
+    assert (recipe.eval_every, recipe.eval_at_start, recipe.lr) == (30, False, pytest.approx(3e-2))
+    config = scan_config(tmp_path, saved_tiny, steps=30, eval_every=10, eval_at_start=True)
+    assert (_recipe_for(config, run, tmp_path).eval_every, _recipe_for(config, run, tmp_path).eval_at_start) == (10, True)
+    config.recipe.eval_at_start = False
+    assert _recipe_for(config, run, tmp_path).eval_at_start is False
 
 
 def test_scan_end_to_end_from_the_command_line(tmp_path, saved_tiny, capsys):
@@ -213,9 +329,11 @@ def test_a_scan_whose_full_training_gained_nothing_reports_it_loudly(tmp_path, s
 
 
 def test_a_concurrent_scan_gives_the_runs_of_a_scan_one_at_a_time(tmp_path, saved_tiny):
-    args = ["scan", "--model", str(saved_tiny), "--task", "toy:repeat", "--layers", "0-3", "--steps", "2",
+    # variants at two learning rates trained together, evaluated jointly after every step
+    args = ["scan", "--model", str(saved_tiny), "--task", "toy:repeat", "--layers", "0,2", "--steps", "2",
             "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "6", "--eval-n", "6", "--lr", "1e-2",
-            "--device", "cpu", "--engine", "fast", "--no-progress"]
+            "--device", "cpu", "--engine", "fast", "--no-progress", "--lr-grid", "1,3", "--eval-every", "1",
+            "--no-eval-at-start"]
     assert main([*args, "--out", str(tmp_path / "alone"), "--concurrent", "1"]) == 0
     assert main([*args, "--out", str(tmp_path / "together"), "--concurrent", "3"]) == 0
     a = json.loads((tmp_path / "alone" / "profile.json").read_text())
@@ -227,11 +345,14 @@ def test_a_concurrent_scan_gives_the_runs_of_a_scan_one_at_a_time(tmp_path, save
                  if not k.startswith(("seconds", "tokens_per", "concurrent"))}
                 for line in (run / "log.jsonl").read_text().splitlines()]
 
-    for layer in range(4):
-        name = f"layer{layer:03d}-s0"
+    for layer, name in [(k, f"layer{k:03d}{rate}-s0") for k in (0, 2) for rate in ("", "-lr3x")]:
         assert science(tmp_path / "alone" / "runs" / name) == science(tmp_path / "together" / "runs" / name)
         logs = [json.loads(x) for x in (tmp_path / "together" / "runs" / name / "log.jsonl").read_text().splitlines()]
         assert [r["concurrent_variants"] for r in logs] == [2, 2]  # 4 runs at up to 3: two groups of 2
+        evals = [json.loads(x) for x in (tmp_path / "together" / "runs" / name / "eval.jsonl").read_text().splitlines()]
+        alone_evals = [json.loads(x) for x in (tmp_path / "alone" / "runs" / name / "eval.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in evals] == [1, 2] and [e["accuracy"] for e in evals] == [
+            e["accuracy"] for e in alone_evals]
         together = json.loads((tmp_path / "together" / "runs" / name / "result.json").read_text())
         alone = json.loads((tmp_path / "alone" / "runs" / name / "result.json").read_text())
         assert together["accuracy"] == alone["accuracy"] and list(together["param_change"]) == [str(layer)]

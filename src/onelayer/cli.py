@@ -193,7 +193,7 @@ EASY_ARITHMETIC = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits"
 
 def demo_config(out: str, gpu: bool) -> ScanConfig:
     """The demo scan. On a GPU: every layer of the embedded model with the recipe of
-    docs/results/2026-11-22-scan-smollm2 (about an hour on one H100). On a CPU: three layers (first,
+    docs/results/2026-11-22-scan-smollm2 (about 16 minutes on one H200). On a CPU: three layers (first,
     middle, last) for a few steps, which finishes in minutes but is too short to move accuracy."""
     if gpu:
         recipe = TrainConfig(layers="all", steps=30, prompts_per_step=64, group_size=8, lr=2e-5, micro_batch_size=128,
@@ -230,17 +230,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
               "scans every layer; docs/results/ has GPU scans.")
 
 
-def print_profile(scan_dir: Path) -> None:
-    """Print the profile a scan wrote (its table, any warning, where the files are)."""
+def print_profile(scan_dir: Path, file: Path | None = None) -> None:
+    """Print the profile a scan wrote (its table, any warning, where the files are); ``file``: another of its
+    profiles than ``profile.json``."""
     from .profile import read_profile
 
-    if not (scan_dir / "profile.json").is_file():
+    file = file or scan_dir / "profile.json"
+    if not file.is_file():
         return  # the scan said why there is none
-    profile = read_profile(scan_dir)
-    print((scan_dir / "profile.md").read_text())
+    profile = read_profile(file)
+    print(file.with_suffix(".md").read_text())
     if not profile.reliable:
         print(f"WARNING: {profile.warning}")
-    print(f"profile in {scan_dir}/profile.md, profile.json and profile.png")
+    print(f"profile in {file.with_suffix('.md')}, {file.name} and {file.with_suffix('.png').name}")
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -267,9 +269,10 @@ def failed_runs(out: Path) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> None:
     from .experiments.scan import write_profile
+    from .profile import profile_file
 
-    write_profile(args.scan)
-    print_profile(Path(args.scan))
+    write_profile(args.scan, step=args.step, auc=args.auc)
+    print_profile(Path(args.scan), profile_file(args.scan, step=args.step, auc=args.auc))
 
 
 def _write_analysis(title: str, section, out_dir: Path, stem: str) -> None:
@@ -339,7 +342,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_analyze_predictors(args: argparse.Namespace) -> None:
     from .experiments.predict import PREDICTED, config_for_scan, read_prediction, run_predict
-    from .experiments.report import predictors_section, seed_profiles
+    from .experiments.report import predictors_section
 
     scan = Path(args.scan)
     directory = Path(args.predictions) if args.predictions else scan / "predict"
@@ -349,7 +352,7 @@ def cmd_analyze_predictors(args: argparse.Namespace) -> None:
         print(f"no prediction for {scan} yet: computing one with the scan's model, task and rollout settings into "
               f"{directory}")
         run_predict(config_for_scan(scan, directory), progress=not args.no_progress)
-    section = predictors_section(scan, scan / "analysis" / "figures", read_prediction(directory), seed_profiles(scan))
+    section = predictors_section(scan, scan / "analysis" / "figures", read_prediction(directory))
     _write_analysis(f"Predictors of the profile: {scan.name}", section, scan / "analysis", "predictors")
 
 
@@ -380,6 +383,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .experiments.compare import recipe_from_profile, run_comparison
     from .experiments.report import compare_section
     from .experiments.sharding import Shard
+    from .profile import reference_path
 
     for name in ("layers", "lr_from"):
         if hasattr(args, name):
@@ -390,7 +394,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     defaults = CompareConfig(recipe=recipe_from_profile(profile) or TrainConfig(), profile=profile)
     config = config_with_overrides(defaults, args)
     if not hasattr(args, "out"):
-        out = Path(profile) / "compare" if profile and Path(profile).is_dir() else Path("compare-out")
+        scan = reference_path(profile) if profile else None
+        out = scan / "compare" if scan and scan.is_dir() else Path("compare-out")
         config = replace(config, recipe=replace(config.recipe, out=str(out)))
     run_comparison(config, progress=not args.no_progress)
     if Shard.from_env().rank != 0:
@@ -437,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="(re)compute a scan's contribution profile from its finished runs")
     p.add_argument("scan", help="scan directory")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--step", type=int, default=None, help="every run's evaluation after N steps (scans with "
+                                                               "--eval-every): writes profile-stepNNNNNN.*")
+    when.add_argument("--auc", action="store_true", help="area under each run's learning curve: writes profile-auc.*")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("analyze", help="analyses of scans: rank, params, ood, predictors")

@@ -228,10 +228,10 @@ class ScanConfig:
 
     recipe: TrainConfig = nested(TrainConfig)
     seeds: int = option(1, group="scan", help="seeds per trained configuration")
-    lr_scales: str = option("", group="scan", help=(
-        "robustness probes: rerun --probe-layers with the learning rate times each of these, e.g. 0.5,2"))
-    probe_layers: str = option("best,worst", group="scan", help=(
-        "layers the probes rerun: best, worst (by measured contribution) and/or a layer spec"))
+    lr_grid: str = option("", group="scan", help=(
+        "train every selected layer and the full reference at each of these multiples of --lr, e.g. 1,3,10; the "
+        "profile then reads every run at the full run's best rate (the study's protocol) and each configuration "
+        "at its own best (profile-best.json), and compares them; empty = --lr alone"))
     concurrent: int = option(0, group="scan", help=(
         "single-layer runs trained together in one process, sharing the frozen weights: 0 = as many as fit (on a "
         "GPU; 1 on a CPU), 1 = one at a time"))

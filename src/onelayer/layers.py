@@ -7,7 +7,8 @@ Grammar: comma-separated terms, united.
     middle:k       the k geometrically central layers: floor((L-k)/2) .. floor((L-k)/2)+k-1
     frac:a-b       layers whose centre (l+0.5)/L lies in [a, b] (relative depth, 0 = first)
     every:n        layers 0, n, 2n, ...
-    top:k@SCAN     the k highest-contribution layers of a scan's profile (SCAN: scan dir or profile.json)
+    top:k@SCAN     the k highest-contribution layers of a scan's profile (SCAN: scan dir or profile.json;
+                   SCAN?protocol=best, ?step=N, ?auc pick another of its profiles, see onelayer.profile)
     random:k[:s]   k layers drawn at random with seed s (default 0): the control for top:k
     embed, head, norm   the embeddings, the output head, the final norm
 
@@ -116,6 +117,8 @@ def _top(arg: str, term: str, n: int, notes: list[str]) -> list[int]:
         raise _bad(term, f"the profile at {path} is for a model of {len(profile.points)} layers", n)
     chosen, more = top_layers(profile, int(count))
     notes.extend(more)
+    notes.append(f"top:{count} of {path} reads its {profile.describe()}")
+    notes.append(top_separation(profile, int(count)))
     return chosen
 
 
@@ -139,6 +142,29 @@ def top_layers(profile, k: int) -> tuple[list[int], list[str]]:
         notes.append(f"layers {chosen[-1].layer} and {order[k].layer} tie at C = {chosen[-1].contribution:.3f}; "
                      "the shallower one is taken")
     return sorted(p.layer for p in chosen), notes
+
+
+def top_separation(profile, k: int) -> str:
+    """Which of the top ``k`` measured layers are distinguishable from the (k+1)-th: the interval of
+    C(l) - C(k+1-th) (from the profile's resamples) excludes 0."""
+    order = sorted((p for p in profile.points if not p.interpolated and math.isfinite(p.contribution)),
+                   key=lambda p: (-p.contribution, p.layer))
+    if len(order) <= k:
+        return f"no measured layer ranks below the top {k}: nothing to tell them apart from"
+    chosen, following = order[:k], order[k]
+    if not profile.differences:
+        return ("the profile has no intervals of differences between layers (written by an older onelayer): rerun "
+                "onelayer profile SCAN to see which chosen layers are distinguishable from the next")
+    apart = [p.layer for p in chosen if (d := profile.difference(p.layer, following.layer)) and d.low > 0]
+    close = [p.layer for p in chosen if p.layer not in apart]
+
+    def named(layers: list[int]) -> str:
+        many = len(layers) > 1
+        return f"layer{'s' if many else ''} {compact_layers(tuple(sorted(layers)))} {'are' if many else 'is'}"
+
+    parts = [f"{named(apart)} above it beyond noise (the interval of the difference excludes 0)"] if apart else []
+    parts += [f"{named(close)} not distinguishable from it"] if close else []
+    return f"against the next measured layer ({following.layer}, C = {following.contribution:.3f}): " + "; ".join(parts)
 
 
 def _random(arg: str, term: str, n: int, notes: list[str]) -> list[int]:
@@ -210,7 +236,7 @@ def lr_scales_from_profile(profile, layers: tuple[int, ...] | list[int]) -> tupl
         raise OneLayerError("no trained layer has a positive contribution in that profile: contribution-guided "
                             "learning rates would train nothing; use another profile or plain --lr")
     scales = {layer: c * len(clipped) / total for layer, c in clipped.items()}
-    rule = "lr_l = lr * max(C_l, 0) / mean over trained layers of max(C, 0)"
+    rule = f"lr_l = lr * max(C_l, 0) / mean over trained layers of max(C, 0); C from the profile's {profile.describe()}"
     return scales, rule
 
 

@@ -5,6 +5,8 @@
 # ../2026-11-22-scan-smollm2 (and ../2026-11-22-core-grpo-smollm2): lr 2e-5, 64 prompts x 8, 30 steps.
 # Usage, from the repo root with onelayer importable:  bash run.sh SCAN_DIR
 # Every command resumes: rerunning this script after a kill or a time limit continues where it stopped.
+# (The onelayer of 2026-11-22: --lr-scales/--probe-layers are now scan --lr-grid, which also trains full training
+# at each rate.)
 set -u
 SCAN=${1:-scans/smol-arith}
 NPROC=${NPROC:-4}

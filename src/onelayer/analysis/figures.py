@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .contribution import Profile
+from ..profile import Profile, RateRobustness
 from .rank import RankCorrelation
 
 
@@ -64,15 +64,38 @@ def plot_profile(profile: Profile, out: str | Path, title: str = "",
 
 
 def profile_table(profile: Profile) -> str:
-    """A markdown table of every layer's contribution."""
+    """A markdown table of every layer's contribution, with how its intervals were made, what they omit, the
+    seed-to-seed rank correlation and, with a learning-rate grid, both protocols side by side."""
     g = profile.full_gain
     lines = [f"Full-training gain: {g.value:+.4f} [{g.low:+.4f}, {g.high:+.4f}]"
              + ("" if profile.reliable else f"\n\n**Warning:** {profile.warning}"), "",
-             "| layer | relative depth | contribution | 95% interval | measured |", "|---|---|---|---|---|"]
+             f"Profile: {profile.describe()}."]
+    if profile.method:
+        lines.append(f"Intervals: {profile.method}.")
+    if profile.seed_rank_correlation is not None:
+        lines.append(f"Seed-to-seed rank correlation (Spearman between single seeds' profiles): "
+                     f"{profile.seed_rank_correlation:+.2f}.")
+    lines += [f"Note: {note}." for note in profile.notes]
+    grid = profile.robustness is not None
+    lines += ["", "| layer | relative depth | contribution | 95% interval | measured |" + (" lr |" if grid else ""),
+              "|---|---|---|---|---|" + ("---|" if grid else "")]
     n = len(profile.points)
     for p in profile.points:
         lines.append(f"| {p.layer} | {(p.layer + 0.5) / n:.2f} | {p.contribution:.3f} | [{p.low:.3f}, {p.high:.3f}] | "
-                     f"{'interpolated' if p.interpolated else 'yes'} |")
+                     f"{'interpolated' if p.interpolated else 'yes'} |" + (f" {p.lr_scale:g}x |" if grid else ""))
+    r = profile.robustness
+    if r is not None:
+        lines += ["", f"Learning-rate grid {', '.join(f'{x:g}x' for x in r.lr_scales)}: full training "
+                  + ", ".join(f"{a:.3f} at {x:g}x" for x, a in zip(r.lr_scales, r.full_accuracy, strict=True))
+                  + f"; study protocol at {r.full_lr_scale:g}x. Rank agreement with per-configuration best rates: "
+                  f"Spearman {r.spearman:+.2f}, Kendall {r.kendall:+.2f}; rank depends on the rate for layers "
+                  f"{', '.join(map(str, r.rate_dependent)) or 'none'}.", "",
+                  "| layer | C, study | rank | own best rate | C, own best | rank | gain from own rate |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in r.layers:
+            lines.append(f"| {c.layer} | {c.study.value:.3f} [{c.study.low:.3f}, {c.study.high:.3f}] | {c.rank_study} | "
+                         f"{c.best_lr_scale:g}x | {c.best.value:.3f} [{c.best.low:.3f}, {c.best.high:.3f}] | "
+                         f"{c.rank_best} | {c.gain.value:+.3f} [{c.gain.low:+.3f}, {c.gain.high:+.3f}] |")
     return "\n".join(lines) + "\n"
 
 
@@ -208,5 +231,40 @@ def plot_predictor_scores(scores: Sequence, out: str | Path, ceiling: float = fl
     ax.set_ylabel("Spearman rho with measured C(l)")
     ax.set_ylim(-1, 1)
     ax.set_title(title)
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def plot_rate_robustness(robustness: RateRobustness, num_layers: int, out: str | Path) -> Path:
+    """Left: each measured layer's contribution under the study's protocol (the full run's best rate) and at
+    its own best rate, with 95% intervals; the own best rate is written above. Right: full training's
+    accuracy at each rate of the grid."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 1]})
+    layers = [c.layer for c in robustness.layers]
+    for offset, name, colour, label in ((-0.15, "study", "C0", f"study protocol ({robustness.full_lr_scale:g}x)"),
+                                        (0.15, "best", "C1", "own best rate")):
+        estimates = [getattr(c, name) for c in robustness.layers]
+        left.errorbar([x + offset for x in layers], [e.value for e in estimates],
+                      yerr=[[e.value - e.low for e in estimates], [e.high - e.value for e in estimates]],
+                      fmt="o", capsize=3, color=colour, label=label)
+    for c in robustness.layers:
+        left.annotate(f"{c.best_lr_scale:g}x", (c.layer + 0.15, c.best.high), fontsize=7, ha="center",
+                      xytext=(0, 3), textcoords="offset points")
+    left.axhline(1.0, color="C3", linestyle="--", linewidth=1)
+    left.axhline(0.0, color="grey", linewidth=0.8)
+    title = "contribution by learning-rate protocol"
+    if not math.isnan(robustness.spearman):
+        title += f" (Spearman {robustness.spearman:+.2f})"
+    left.set(xlabel="layer", ylabel="contribution C(l)", title=title, xlim=(-0.5, num_layers - 0.5))
+    left.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    left.legend(fontsize=8)
+    xs = range(len(robustness.lr_scales))
+    right.bar(list(xs), robustness.full_accuracy, color=["C3" if x == robustness.full_lr_scale else "C7"
+                                                         for x in robustness.lr_scales])
+    right.set_xticks(list(xs), [f"{x:g}x" for x in robustness.lr_scales])
+    right.set(xlabel="learning rate (x --lr)", ylabel="full training accuracy", title="full training")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, out)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import OneLayerError
-from .contribution import Profile
+from ..profile import Profile
 
 
 @dataclass(frozen=True)

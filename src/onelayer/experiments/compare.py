@@ -27,14 +27,22 @@ from pathlib import Path
 import numpy as np
 
 from .. import adapters
-from ..analysis.contribution import bootstrap_indices, contribution_estimate, gain_estimate
+from ..analysis.contribution import (
+    Resampled,
+    ResamplePlan,
+    bootstrap_indices,
+    difference_estimate,
+    ratio_estimate,
+    resampled,
+    seed_draws,
+)
 from ..config import DEFAULT_STRATEGIES, NOT_SCIENCE, CompareConfig, TrainConfig, flat, from_dict, to_dict
 from ..errors import OneLayerError
 from ..layers import parse_layer_spec
 from ..models import load_skeleton, model_num_layers
-from ..profile import Estimate, read_profile
+from ..profile import Estimate, read_profile, reference_path
 from .rundir import example_scores, examples_file, read_result, run_dir, run_status
-from .scan import load_plan
+from .scan import evaluation_schedule, load_plan
 from .sharding import Shard, run_share
 
 
@@ -114,7 +122,7 @@ def recipe_for(config: CompareConfig, run: StrategyRun, out: Path) -> TrainConfi
     layers = f"{s.layers}:{run.seed}" if s.per_seed_draw else s.layers
     return replace(config.recipe, layers=layers, lr_from=s.lr_from, lora_rank=s.lora_rank,
                    lr=config.recipe.lr * s.lr_scale, seed=run.seed, out=str(run_dir(out, run)),
-                   eval_every=config.recipe.steps, eval_at_start=False)
+                   **evaluation_schedule(config.recipe))
 
 
 def _science(recipe: dict) -> dict:
@@ -127,21 +135,22 @@ def _science(recipe: dict) -> dict:
 def reuse_from_scan(config: CompareConfig, run: StrategyRun, out: Path) -> bool:
     """Copy the scan's base run, or its full run of the same seed, when the scan used the same recipe
     (a full run only with its checkpoint, which ensembles and out-of-domain evaluation need)."""
-    if not config.profile or not (Path(config.profile) / "scan.json").is_file():
+    scan = reference_path(config.profile) if config.profile else None
+    if scan is None or not (scan / "scan.json").is_file():
         return False
     if run.strategy is not None and run.strategy.label not in ("full", "all"):
         return False
-    saved, plan = load_plan(config.profile)
+    saved, plan = load_plan(scan)
     mine = to_dict(recipe_for(config, run, out))
     kind = "base" if run.strategy is None else "full"
     for scan_run in plan:
-        source = run_dir(Path(config.profile), scan_run)
-        if (scan_run.kind != kind or run_status(Path(config.profile), scan_run) != "done"
+        source = run_dir(scan, scan_run)
+        if (scan_run.kind != kind or run_status(scan, scan_run) != "done"
                 or (kind == "full" and (scan_run.seed != run.seed or not (source / "checkpoint").is_dir()))):
             continue
         theirs = {**saved["recipe"], "seed": scan_run.seed, "lr": saved["recipe"]["lr"] * scan_run.lr_scale}
         if _science(theirs) != _science(mine):
-            return False
+            continue  # with --lr-grid, the scan's full run at another rate may be the same computation
         target = run_dir(out, run)
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(source, target)
@@ -166,10 +175,11 @@ def execute(config: CompareConfig, run: StrategyRun, out: Path, progress: bool =
 
 
 def recipe_from_profile(profile: str) -> TrainConfig | None:
-    """The recipe of the scan behind ``profile`` (a scan directory), or None for a bare profile.json."""
-    if not profile or not (Path(profile) / "scan.json").is_file():
+    """The recipe of the scan behind ``profile`` (a scan directory, with or without a query such as
+    ``?protocol=best``), or None for a bare profile.json."""
+    if not profile or not (reference_path(profile) / "scan.json").is_file():
         return None
-    return from_dict(TrainConfig, load_plan(profile)[0]["recipe"])
+    return from_dict(TrainConfig, load_plan(reference_path(profile))[0]["recipe"])
 
 
 def run_comparison(config: CompareConfig, progress: bool = True) -> list[StrategyRun]:
@@ -222,6 +232,15 @@ def _load(out: Path) -> tuple[dict, list[dict]]:
     return saved, saved["runs"]
 
 
+def _recorded_layers(spec: str, n_layers: int) -> list[int]:
+    """The layers of an older result (without "layers") from its recorded spec; none when the spec reads a
+    profile that is not where it was (results copied off the machine that made them)."""
+    try:
+        return list(parse_layer_spec(spec, n_layers).layers)
+    except OneLayerError:
+        return []
+
+
 @dataclass(frozen=True)
 class Comparison:
     base_accuracy: float
@@ -231,8 +250,9 @@ class Comparison:
 
 def comparison_results(out: str | Path, n_resamples: int = 2000) -> Comparison:
     """Base accuracy, full training's gain, and one result per strategy with a finished seed. Gains over full
-    training and shares of its gain use seed-averaged per-example scores and one set of bootstrap
-    resamples of the eval examples (paired: every strategy is scored on the same examples)."""
+    training and shares of its gain come with intervals from one hierarchical bootstrap plan for every
+    strategy (:mod:`onelayer.analysis.contribution`): seeds resampled (one draw for all strategies, so runs of
+    one seed stay paired), then eval examples (paired: every strategy is scored on the same examples)."""
     out = Path(out)
     saved, runs = _load(out)
     n_layers = model_num_layers(saved["config"]["recipe"]["model"])
@@ -246,23 +266,28 @@ def comparison_results(out: str | Path, n_resamples: int = 2000) -> Comparison:
         raise OneLayerError(f"{out}: the base run has not finished; rerun onelayer compare to continue")
     labels = [s["label"] for s in saved["strategies"]]
     by_label = {label: [v for v in done.values() if v[0]["strategy"] == label] for label in labels}
-    base = np.asarray(done["base"][2])
+    base_scores = np.asarray(done["base"][2])
+    indices = bootstrap_indices(base_scores.size, n_resamples, 0)
+    # seeds resampled too (runs of one seed share data order across strategies: one draw for all, paired)
+    plan = ResamplePlan(indices, seed_draws(max(len(v) for v in by_label.values()), n_resamples, 0))
+
+    def scores_of(found: list) -> Resampled:
+        return resampled([v[2] for v in sorted(found, key=lambda v: v[0]["seed"])], plan)
+
+    base = resampled(base_scores, plan)
     full_label = next((label for label in labels if label in ("full", "all") and by_label[label]), None)
-    full = np.mean([v[2] for v in by_label[full_label]], axis=0) if full_label else None
-    indices = bootstrap_indices(base.size, n_resamples, 0)
+    full = scores_of(by_label[full_label]) if full_label else None
     results = []
     for label in labels:
         found = by_label[label]
         if not found:
             continue
         accuracies = [v[1]["accuracy"] for v in found]
-        scores = np.mean([v[2] for v in found], axis=0)
+        scores = scores_of(found)
         nan = float("nan")
-        gain = gain_estimate(full, scores, indices) if full is not None else None
-        share = contribution_estimate(base, full, scores, indices) if full is not None else None
-        # older results lack "layers"; their recorded spec gives the same layers again
-        meta_layers = [v[1].get("layers") or list(parse_layer_spec(v[1]["layers_spec"], n_layers).layers)
-                       for v in found]
+        gain = difference_estimate(scores, full) if full is not None else None
+        share = ratio_estimate(scores, base, full) if full is not None else None
+        meta_layers = [v[1].get("layers") or _recorded_layers(v[1]["layers_spec"], n_layers) for v in found]
         peaks = [v[1].get("peak_memory_bytes") for v in found if v[1].get("peak_memory_bytes")]
         results.append(StrategyResult(
             label, [v[0]["seed"] for v in found], accuracies, meta_layers,
@@ -271,4 +296,5 @@ def comparison_results(out: str | Path, n_resamples: int = 2000) -> Comparison:
             float(np.mean(accuracies)), float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
             gain.value if gain else nan, gain.low if gain else nan, gain.high if gain else nan,
             share.value if share else nan, share.low if share else nan, share.high if share else nan))
-    return Comparison(float(base.mean()), gain_estimate(base, full, indices) if full is not None else None, results)
+    return Comparison(base.value, difference_estimate(full, base) if full is not None else None, results)
+

@@ -1,7 +1,7 @@
 """Out-of-domain evaluation of a scan: every finished run's checkpoint on other tasks.
 
 The study asks whether the layers that carry in-domain gains also carry transfer. Each run of the
-scan (base, full, single layers, probes) is evaluated on each task with the scan's eval settings;
+scan (base, full, single layers, at every rate of a learning-rate grid) is evaluated on each task with the scan's eval settings;
 results go to ``runs/NAME/ood/SLUG.json`` and ``SLUG.examples.jsonl``, so an interrupted evaluation
 resumes, a run whose evaluation failed has the error in ``runs/NAME/ood/error.txt``, and the contribution profile on a task is
 computed exactly like the in-domain one (:func:`onelayer.experiments.scan.scan_profile` with ``source=SLUG``).
@@ -133,16 +133,17 @@ def ood_results(scan_dir: str | Path, n_resamples: int = 2000) -> list[OODResult
     scan_dir = Path(scan_dir)
     _, plan = load_plan(scan_dir)
     base = next(r for r in plan if r.kind == "base")
-    found = sorted((run_dir(scan_dir, base) / "ood").glob("*.examples.jsonl"))
+    # per-example files may be stored compressed (.examples.jsonl.gz)
+    found = sorted({p.name.split(".examples.jsonl")[0] for p in (run_dir(scan_dir, base) / "ood").glob("*.examples.jsonl*")})
     in_domain, _ = scan_profile(scan_dir, n_resamples)
+    rate = in_domain.full_lr_scale  # transfer is read at the in-domain protocol's rate, not re-picked per task
     results = []
-    for path in found:
-        slug = path.name[:-len(".examples.jsonl")]
+    for slug in found:
         head = json.loads(ood_file(scan_dir, base, slug).read_text())
         fulls = [json.loads(ood_file(scan_dir, r, slug).read_text())["accuracy"] for r in plan
-                 if r.kind == "full" and ood_file(scan_dir, r, slug).is_file()]
+                 if r.kind == "full" and r.lr_scale == rate and ood_file(scan_dir, r, slug).is_file()]
         try:
-            profile, _ = scan_profile(scan_dir, n_resamples, source=slug)
+            profile, _ = scan_profile(scan_dir, n_resamples, source=slug, lr_scales=[rate])
             correlation, note = compare_profiles(in_domain, profile), profile.warning
         except OneLayerError as err:
             profile, correlation, note = None, None, str(err)

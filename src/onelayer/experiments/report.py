@@ -13,15 +13,22 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from ..analysis.curves import plot_scan_rewards
+import numpy as np
+
+from ..analysis.curves import plot_learning_curves, plot_scan_rewards
 from ..analysis.document import Callout, Figure, Section, Table, to_html, to_markdown
-from ..analysis.figures import plot_change_vs_contribution, plot_profile, plot_rank_heatmap
-from ..analysis.rank import correlation_matrix, measured, rank_correlation
+from ..analysis.figures import (
+    plot_change_vs_contribution,
+    plot_profile,
+    plot_rank_heatmap,
+    plot_rate_robustness,
+)
+from ..analysis.rank import compare_profiles, correlation_matrix, measured, rank_correlation
 from ..errors import OneLayerError
 from ..jsonl import read_jsonl
 from ..profile import Profile
 from .rundir import read_result, run_dir, run_status
-from .scan import load_plan, probe_results, scan_profile
+from .scan import evaluated_steps, load_plan, lr_scales, scan_profile, scan_scores
 
 
 def _f(x, digits: int = 3, sign: bool = False) -> str:
@@ -40,16 +47,32 @@ def _results(scan_dir: Path) -> dict[str, dict]:
 
 
 def seed_profiles(scan_dir: Path) -> dict[str, Profile]:
-    """One profile per seed when the scan has several (seeds whose runs are unfinished are left out)."""
+    """One profile per seed when the scan has several (seeds whose runs are unfinished are left out), each at
+    the learning rate the pooled profile reads (as its seed rank correlation is)."""
     _, plan = load_plan(scan_dir)
     seeds = sorted({r.seed for r in plan if r.kind == "full"})
     found = {}
+    rate = [scan_profile(scan_dir)[0].full_lr_scale] if len(seeds) > 1 else None
     for s in seeds if len(seeds) > 1 else []:
         try:
-            found[f"seed {s}"] = scan_profile(scan_dir, seeds=[s])[0]
+            found[f"seed {s}"] = scan_profile(scan_dir, seeds=[s], lr_scales=rate)[0]
         except OneLayerError:
             pass  # that seed has not finished the runs a profile needs
     return found
+
+
+def _accuracy(results: dict[str, dict], kind: str, lr_scale: float) -> list[float]:
+    return [v["accuracy"] for v in results.values() if v["kind"] == kind and v.get("lr_scale", 1.0) == lr_scale]
+
+
+def separation_rows(profile: Profile, up_to: int = 5) -> list[list[str]]:
+    """For k = 1 .. up_to: the top k measured layers and which of them are distinguishable from the (k+1)-th
+    (what ``top:k@SCAN`` notes)."""
+    from ..layers import top_separation
+
+    ranked = sorted(measured(profile).items(), key=lambda x: (-x[1], x[0]))
+    return [[str(k), ", ".join(str(layer) for layer, _ in ranked[:k]), top_separation(profile, k)]
+            for k in range(1, min(up_to, len(ranked) - 1) + 1)]
 
 
 def profile_section(scan_dir: Path, figures: Path, per_seed: dict[str, Profile]) -> Section:
@@ -59,30 +82,51 @@ def profile_section(scan_dir: Path, figures: Path, per_seed: dict[str, Profile])
     results = _results(scan_dir)
     figure = plot_profile(profile, figures / "profile.png", f"layer contribution: {scan_dir.name}", per_seed)
     base = next(v["accuracy"] for v in results.values() if v["kind"] == "base")
-    fulls = [v["accuracy"] for v in results.values() if v["kind"] == "full"]
+    fulls = _accuracy(results, "full", profile.full_lr_scale)
     done = measured(profile)
     ranked = sorted(done, key=lambda k: -done[k])
     g = profile.full_gain
     blocks: list = [] if profile.reliable else [Callout(profile.warning)]
+    if profile.seeds < 2:
+        blocks.append(Callout("one seed per configuration: these intervals omit training noise (seed-to-seed "
+                              "variation), which can be as large as the gaps between neighbouring layers; rerun the "
+                              "scan with --seeds 2 or more before acting on the ranking"))
     summary = (f"Base accuracy {base:.3f}; full-parameter training {sum(fulls) / len(fulls):.3f} (mean of "
-               f"{len(fulls)} seed(s)): a gain of {g.value:+.3f} [{g.low:+.3f}, {g.high:+.3f}] (95%, paired bootstrap "
-               f"over eval examples). {len(done)} of {len(profile.points)} layers measured with a finite contribution.")
+               f"{len(fulls)} seed(s) at {profile.full_lr_scale:g}x --lr): a gain of {g.value:+.3f} [{g.low:+.3f}, "
+               f"{g.high:+.3f}]. {len(done)} of {len(profile.points)} layers measured with a finite contribution. "
+               f"This profile reads the {profile.describe()}.")
     if ranked:
         summary += (f" Highest contribution: layer {ranked[0]} (relative depth "
                     f"{(ranked[0] + 0.5) / len(profile.points):.2f}) with C = {done[ranked[0]]:.3f}; lowest: layer "
                     f"{ranked[-1]} with C = {done[ranked[-1]]:.3f}. Top layers: "
                     + ", ".join(f"{k} ({done[k]:.2f})" for k in ranked[:5]) + ".")
     blocks.append(summary)
+    blocks.append(f"Intervals: {profile.method}." if profile.method else "Intervals: paired bootstrap over eval "
+                  "examples (a profile written by an older onelayer; rerun onelayer profile SCAN for more).")
+    if profile.seed_rank_correlation is not None:
+        blocks.append(f"Seed-to-seed rank correlation of the profile: Spearman {_f(profile.seed_rank_correlation, 2, True)} "
+                      f"between the profiles of single seeds ({profile.seeds} seeds; mean over pairs). A ranking "
+                      "claim can be no firmer than this: it is how well one seed's profile predicts another's (the "
+                      "mean of the seeds agrees better).")
+    blocks += [f"Note: {note}." for note in profile.notes if not note.startswith("one seed per configuration")]
     blocks.append(Figure(figure, "Contribution C(l) per layer with its 95% interval; hollow points are "
                                  "interpolated, not measured; thin lines are per-seed profiles."))
     n = len(profile.points)
-    blocks.append(Table(["layer", "relative depth", "C(l)", "95% interval", "measured"],
+    grid = profile.robustness is not None
+    blocks.append(Table(["layer", "relative depth", "C(l)", "95% interval", "measured"] + (["lr"] if grid else []),
                         [[str(p.layer), f"{(p.layer + 0.5) / n:.2f}", _f(p.contribution),
                           f"[{_f(p.low)}, {_f(p.high)}]", "interpolated" if p.interpolated else "yes"]
-                         for p in profile.points]))
+                         + ([f"{p.lr_scale:g}x"] if grid else []) for p in profile.points]))
+    separation = separation_rows(profile)
+    if separation:
+        blocks.append("Which top-k selections the data supports: for each k, the k highest measured layers (what "
+                      "top:k@SCAN trains) and whether each is distinguishable from the next measured layer (the 95% "
+                      "interval of the difference of their contributions, from the same resamples, excludes 0).")
+        blocks.append(Table(["k", "top k layers", "against the (k+1)-th"], separation))
     recipe = config["recipe"]
     data = {"profile": asdict(profile), "runs": status, "base_accuracy": base, "full_accuracy": fulls,
-            "per_seed": {k: asdict(v) for k, v in per_seed.items()}, "recipe": recipe, "seeds": config["seeds"]}
+            "per_seed": {k: asdict(v) for k, v in per_seed.items()}, "recipe": recipe, "seeds": config["seeds"],
+            "top_k": separation}
     return Section("Contribution profile", blocks, data)
 
 
@@ -91,10 +135,15 @@ def setup_section(scan_dir: Path) -> Section:
     r = config["recipe"]
     status = [run_status(scan_dir, p) for p in plan]
     options = ", ".join(f"{k}={json.dumps(v)}" for k, v in r.get("task_options", {}).items()) or "defaults"
+    scales = lr_scales(plan)
+    rate = (f"learning rate {r['lr']:g} ({r['lr_schedule']}) for every run" if scales == (1.0,) else
+            f"learning rates {', '.join(f'{x:g}x' for x in scales)} of {r['lr']:g} ({r['lr_schedule']}) for every "
+            "configuration")
+    when = (f"every {r['eval_every']} steps" + (" and before training" if r.get("eval_at_start") else "")
+            + " and at the end") if r.get("eval_every") else "at the end"
     blocks = [f"Model {r['model']}; task {r['task']} ({options}); algorithm {r['algo']}; {r['steps']} steps of "
-              f"{r['prompts_per_step']} prompts x {r['group_size']} samples; learning rate {r['lr']:g} "
-              f"({r['lr_schedule']}) for every run; {config['seeds']} seed(s) from {r['seed']}; layers scanned: "
-              f"{r['layers']}; eval on {r['eval_n']} examples, greedy.",
+              f"{r['prompts_per_step']} prompts x {r['group_size']} samples; {rate}; {config['seeds']} seed(s) from "
+              f"{r['seed']}; layers scanned: {r['layers']}; eval on {r['eval_n']} examples, greedy, {when}.",
               f"Runs: {status.count('done')} done, {status.count('failed')} failed, {status.count('pending')} "
               "pending." + ("" if "failed" not in status else " Failed runs are listed at the end; rerun the "
                             "scan command to retry them.")]
@@ -111,7 +160,61 @@ def curves_section(scan_dir: Path, figures: Path) -> Section | None:
 
     n_layers = model_num_layers(config["recipe"]["model"])
     figure = plot_scan_rewards(runs, n_layers, figures / "rewards.png")
-    return Section("Training curves", [Figure(figure, "Train reward per step (moving mean of 5) of every run.")])
+    return Section("Training curves", [Figure(figure, "Train reward per step (moving mean of 5) of every run; "
+                                                      "runs at other learning rates than --lr dashed.")])
+
+
+def learning_curves_section(scan_dir: Path, figures: Path) -> Section | None:
+    """Held-out accuracy and contribution at every evaluated step (``--eval-every``), the profile as an area
+    under the curve, and how the ranking moves with training length."""
+    steps = evaluated_steps(scan_dir)
+    if len(steps) < 3:
+        return None
+    final, _ = scan_profile(scan_dir)
+    at = {s: scan_profile(scan_dir, step=s)[0] for s in steps if s > 0}
+    area, _ = scan_profile(scan_dir, auc=True)
+    rate = final.full_lr_scale
+    accuracy: dict[str, list[float]] = {}
+    for s in steps:  # mean over seeds at the rate the profile reads
+        base, full, layers, _, _ = scan_scores(scan_dir, step=s, lr_scales=[rate])
+        accuracy.setdefault("base", []).append(float(np.mean(base[0])))
+        accuracy.setdefault("full", []).append(_mean_runs(full[rate]))
+        for layer, by_rate in layers.items():
+            accuracy.setdefault(f"layer {layer}", []).append(_mean_runs(by_rate[rate]))
+    shown = sorted(measured(final))
+    contributions = {layer: [{p.layer: p.contribution for p in at[s].points}[layer] for s in at] for layer in shown}
+    figure = plot_learning_curves(list(at), contributions, steps, accuracy, len(final.points),
+                                  figures / "learning_curves.png")
+    rows = []
+    for layer in shown:
+        points = [next(p for p in at[s].points if p.layer == layer) for s in at]
+        a = next(p for p in area.points if p.layer == layer)
+        rows.append([str(layer)] + [_f(p.contribution) for p in points] + [f"{_f(a.contribution)} [{_f(a.low)}, {_f(a.high)}]"])
+    agreement = [compare_profiles(at[s], final) for s in at]
+    rows.append(["Spearman vs final"] + [_f(c.spearman, 2, True) for c in agreement]
+                + [_f(compare_profiles(area, final).spearman, 2, True)])
+    gains = [at[s].full_gain for s in at]
+    rows.append(["full gain"] + [f"{_f(g.value, sign=True)}" for g in gains] + [_f(area.full_gain.value, sign=True)])
+    blocks = [f"Every run was evaluated on the same {len(base[0])} examples after steps {', '.join(map(str, steps))} "
+              "(step 0: the base model; a run without its own evaluation there is read from the base run's). C at a "
+              "step uses every run's evaluation after that many steps; the area under the curve (AUC) is each "
+              "example's mean score over training (trapezoids over the evaluated steps), so C(AUC) is the share of "
+              "full training's area above the base model that a layer recovers: it rewards layers that learn early. "
+              f"All at the {final.describe().split(';')[0]}.",
+              Figure(figure, "Left: contribution of every measured layer after each evaluated step (colour: relative "
+                             "depth). Right: held-out accuracy over training, mean over seeds."),
+              Table(["layer"] + [f"C at step {s}" for s in at] + ["C (AUC) [95%]"], rows)]
+    if any(not p.reliable for p in at.values()):
+        early = [s for s, p in at.items() if not p.reliable]
+        blocks.insert(1, Callout(f"full training's gain is within noise at step(s) {', '.join(map(str, early))}: "
+                                 "contributions there are not meaningful"))
+    data = {"steps": steps, "accuracy": accuracy, "contributions": {str(k): v for k, v in contributions.items()},
+            "auc_profile": asdict(area), "spearman_vs_final": [c.spearman for c in agreement]}
+    return Section("Learning curves", blocks, data)
+
+
+def _mean_runs(by_seed: dict) -> float:
+    return float(np.mean([np.mean(v) for v in by_seed.values()]))
 
 
 def params_section(scan_dir: Path, figures: Path) -> Section | None:
@@ -174,7 +277,8 @@ def ood_section(scan_dir: Path, figures: Path, results: list) -> Section | None:
                         "correlation": asdict(c) if c else None, "note": r.note}
     others = {f"{r.task} (out of domain)": r.profile for r in results if r.profile is not None}
     blocks = ["Every run's checkpoint evaluated on other tasks; contribution there uses the same formula with the "
-              "base and full runs' accuracy on that task. Correlations are with the in-domain profile over the "
+              "base and full runs' accuracy on that task, every run read at the learning rate the in-domain profile "
+              f"chose ({in_domain.full_lr_scale:g}x --lr). Correlations are with the in-domain profile over the "
               "measured layers. A note says when a task's full-training gain is within noise.",
               Table(["task", "options", "base", "full", "full gain", "Spearman vs in-domain",
                      "Kendall vs in-domain", "note"], rows)]
@@ -185,18 +289,43 @@ def ood_section(scan_dir: Path, figures: Path, results: list) -> Section | None:
     return Section("Out-of-domain transfer", blocks, data)
 
 
-def probes_section(scan_dir: Path) -> Section | None:
-    rows = probe_results(scan_dir)
-    if not rows:
+def robustness_section(scan_dir: Path, figures: Path) -> Section | None:
+    """Learning-rate robustness (``--lr-grid``): the profile under the study's protocol and under
+    per-configuration best rates, their rank agreement, and the layers whose rank depends on the rate."""
+    profile, _ = scan_profile(scan_dir)
+    r = profile.robustness
+    if r is None:
         return None
-    table = Table(["layer", "lr scale", "C at scan lr", "rank", "C at scaled lr", "rank", "of"],
-                  [[str(r["layer"]), f"{r['lr_scale']:g}x", f"{_f(r['contribution'])} [{_f(r['low'])}, {_f(r['high'])}]",
-                    str(r["rank"]), f"{_f(r['probe_contribution'])} [{_f(r['probe_low'])}, {_f(r['probe_high'])}]",
-                    str(r["probe_rank"]), str(r["measured_layers"])] for r in rows])
-    text = ("Robustness to the learning rate: the chosen layers rerun with the scan's learning rate multiplied; C "
-            "is against the same base and full runs, and the rank is among the measured layers with the probed "
-            "value in place of the layer's own (1 = highest).")
-    return Section("Learning-rate probes", [text, table], {"probes": rows})
+    figure = plot_rate_robustness(r, len(profile.points), figures / "lr_robustness.png")
+    rows = [[str(c.layer), ", ".join(f"{x:g}x" for x in c.lr_scales),
+             f"{_f(c.study.value)} [{_f(c.study.low)}, {_f(c.study.high)}]", str(c.rank_study),
+             f"{c.best_lr_scale:g}x", f"{_f(c.best.value)} [{_f(c.best.low)}, {_f(c.best.high)}]", str(c.rank_best),
+             f"{_f(c.gain.value, sign=True)} [{_f(c.gain.low, sign=True)}, {_f(c.gain.high, sign=True)}]",
+             "yes" if c.rank_study != c.rank_best else ""] for c in r.layers]
+    moved = r.rate_dependent
+    beyond = [c.layer for c in r.layers if c.gain.low > 0]
+    every = {x for c in r.layers for x in c.lr_scales} | set(r.lr_scales)
+    uniform = all(set(c.lr_scales) == every for c in r.layers) and set(r.lr_scales) == every
+    tried = (f"Every configuration was trained at {', '.join(f'{x:g}x' for x in sorted(every))} --lr. " if uniform
+             else f"Rates tried: {', '.join(f'{x:g}x' for x in sorted(every))} --lr, not every configuration at every "
+                  f"rate (full training at {', '.join(f'{x:g}x' for x in r.lr_scales)}; each layer's in the table). ")
+    text = (tried + "Full training reached " + ", ".join(f"{a:.3f} at {x:g}x" for x, a in zip(r.lr_scales, r.full_accuracy, strict=True))
+            + f" (mean over seeds): its best rate, {r.full_lr_scale:g}x, is the study's protocol for every run "
+            "(profile.json; what top:k@SCAN and --lr-from read by default). Under per-configuration best rates "
+            "(profile-best.json; SCAN?protocol=best) each layer is read at its own best rate and full training at "
+            f"its best. Rank agreement of the two profiles over {len(r.layers)} layers: Spearman "
+            f"{_f(r.spearman, 2, True)}, Kendall {_f(r.kendall, 2, True)}. ")
+    text += (f"Layers whose rank depends on the rate: {', '.join(map(str, moved))}. " if moved else
+             "No layer's rank depends on the rate. ")
+    text += (f"Layers whose own best rate beats the study's beyond noise: {', '.join(map(str, beyond))}. " if beyond
+             else "No layer's own best rate beats the study's beyond noise. ")
+    text += ("Rates are picked again inside each bootstrap resample, so the intervals include which rate is best; a "
+             "best-of-rates score is still biased upward by the picking.")
+    table = Table(["layer", "rates tried", "C, study protocol [95%]", "rank", "own best rate", "C, own best rate [95%]", "rank",
+                   "gain from own rate [95%]", "rank depends on rate"], rows)
+    return Section("Learning-rate robustness", [text, table, Figure(figure, "Contribution per measured layer under "
+                   "both protocols (95% intervals); right: full training's accuracy at each rate.")],
+                   {"robustness": asdict(r)})
 
 
 def _bytes(n) -> str:
@@ -310,8 +439,9 @@ def build_report(scan_dir: str | Path, compare: list[str] | None = None, out: st
 
     per_seed, transfer = seed_profiles(scan_dir), ood_results(scan_dir)
     sections = [setup_section(scan_dir), profile_section(scan_dir, figures, per_seed),
+                robustness_section(scan_dir, figures), learning_curves_section(scan_dir, figures),
                 curves_section(scan_dir, figures), params_section(scan_dir, figures),
-                ood_section(scan_dir, figures, transfer), probes_section(scan_dir)]
+                ood_section(scan_dir, figures, transfer)]
     profiles = {scan_dir.name: scan_profile(scan_dir)[0]}
     profiles.update({f"{scan_dir.name} {k}": v for k, v in per_seed.items()})
     profiles.update({f"{r.task} (ood)": r.profile for r in transfer if r.profile is not None})
@@ -319,7 +449,7 @@ def build_report(scan_dir: str | Path, compare: list[str] | None = None, out: st
         profiles[Path(other).name] = scan_profile(other)[0]
     predicted = scan_dir / "predict" / "predicted.json"
     if predicted.is_file():
-        sections.append(predictors_section(scan_dir, figures, json.loads(predicted.read_text()), per_seed))
+        sections.append(predictors_section(scan_dir, figures, json.loads(predicted.read_text())))
     sections += [rank_section(profiles, figures), runs_section(scan_dir)]
     stamp = datetime.date.today().isoformat()
     title = f"onelayer scan report: {scan_dir.name} ({stamp})"
@@ -327,14 +457,13 @@ def build_report(scan_dir: str | Path, compare: list[str] | None = None, out: st
     return md
 
 
-def predictors_section(scan_dir: Path, figures: Path, prediction: dict, per_seed: dict[str, Profile]) -> Section:
+def predictors_section(scan_dir: Path, figures: Path, prediction: dict) -> Section:
     """How well each cheap signal of :mod:`onelayer.experiments.predict` predicted the measured profile."""
     from ..analysis.figures import plot_predictor_scores
-    from ..analysis.rank import compare_profiles
     from .predict import score_prediction
 
-    seeds = list(per_seed.values())
-    ceiling = compare_profiles(seeds[0], seeds[1]).spearman if len(seeds) >= 2 else float("nan")
+    rho = scan_profile(scan_dir)[0].seed_rank_correlation  # the ceiling: one seed's agreement with another's
+    ceiling = float("nan") if rho is None else rho
     scores = score_prediction(scan_dir, prediction, ceiling)
     rows = [[s.signal, f"{_f(s.spearman, 2, True)} (p={_p(s.p_value)})", _f(s.partial_spearman, 2, True),
              f"{_f(s.over_position[0], 2, True)} [{_f(s.over_position[1], 2, True)}, {_f(s.over_position[2], 2, True)}]",

@@ -9,11 +9,12 @@ names. Reading these needs nothing of the training stack.
 from __future__ import annotations
 
 import json
+import re
 import traceback
 from pathlib import Path
 from typing import Protocol
 
-from ..jsonl import read_jsonl
+from ..jsonl import exists, read_jsonl
 
 
 class NamedRun(Protocol):
@@ -43,10 +44,22 @@ def examples_file(out: Path, run: NamedRun, source: str = "") -> Path:
 
 
 def final_examples(directory: Path) -> Path:
-    """The per-example file of the final evaluation that a run directory's ``result.json`` names."""
+    """The per-example file of the final evaluation that a run directory's ``result.json`` names (it may be
+    stored compressed, as ``.jsonl.gz``: :func:`onelayer.jsonl.read_jsonl` reads either)."""
     path = Path(json.loads((Path(directory) / "result.json").read_text())["examples"])
     # older runs stored absolute paths: fall back to the run's own evals/ when the directory was moved
-    return path if path.is_absolute() and path.is_file() else Path(directory) / "evals" / path.name
+    return path if path.is_absolute() and exists(path) else Path(directory) / "evals" / path.name
+
+
+def step_examples(directory: Path, step: int) -> Path:
+    """The per-example file of a run's evaluation after ``step`` steps (``--eval-every``)."""
+    return Path(directory) / "evals" / f"step{step:06d}.examples.jsonl"
+
+
+def evaluated_steps(directory: Path) -> list[int]:
+    """The steps after which a run was evaluated (its per-example files, compressed or not)."""
+    found = (re.fullmatch(r"step(\d+)\.examples\.jsonl(\.gz)?", p.name) for p in (Path(directory) / "evals").glob("step*"))
+    return sorted({int(m[1]) for m in found if m})
 
 
 def example_scores(path: Path) -> list[float]:

@@ -2,10 +2,13 @@
 
 A scan of a model is: the base model's evaluation, full-parameter training, and one single-layer
 training per scanned layer, each seed of each with the same recipe (steps, data order, learning rate:
-the study tuned it for full training and reused it for every layer). Every run lives in its own
-directory under ``SCAN/runs/``; a run is done when its ``result.json`` exists, and a failed run leaves
-``error.txt`` and is retried the next time the scan is started, without redoing the others. A killed
-training run resumes from its own checkpoint.
+the study tuned it for full training and reused it for every layer). With ``--lr-grid 1,3,10`` every
+configuration (full training too) is trained at each multiple of ``--lr``, and the profile reads each
+under a protocol (:mod:`onelayer.analysis.contribution`); with ``--eval-every N`` every run is evaluated
+on the same examples every N steps, so profiles exist at each evaluated step and as areas under the
+learning curves. Every run lives in its own directory under ``SCAN/runs/``; a run is done when its
+``result.json`` exists, and a failed run leaves ``error.txt`` and is retried the next time the scan is
+started, without redoing the others. A killed training run resumes from its own checkpoint.
 """
 
 from __future__ import annotations
@@ -19,28 +22,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..analysis.contribution import (
-    bootstrap_indices,
-    contribution_estimate,
-    layer_profile,
-    per_example_scores,
-)
+from ..analysis.contribution import area_under_curve, contribution_profile
 from ..analysis.figures import plot_profile, profile_table
-from ..analysis.rank import layer_ranks, measured
 from ..config import ScanConfig, TrainConfig, to_dict
 from ..errors import OneLayerError
+from ..jsonl import exists
 from ..layers import parse_layer_spec
 from ..models import default_device, load_skeleton, model_num_layers
-from ..profile import Profile
+from ..profile import Profile, profile_file
 from ..tracking import open_tracker
-from .rundir import example_scores, examples_file, run_dir, run_status, write_error
+from .rundir import evaluated_steps as run_steps
+from .rundir import example_scores, examples_file, run_dir, run_status, step_examples, write_error
 from .sharding import Shard, run_share
 
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One run of a scan: ``kind`` is base, full, layer or probe (a single-layer run with the learning
-    rate times ``lr_scale``); ``layer`` is set for layer and probe runs."""
+    """One run of a scan: ``kind`` is base, full or layer (``layer`` set); ``lr_scale`` multiplies the
+    recipe's learning rate (``--lr-grid``)."""
 
     name: str
     kind: str
@@ -53,66 +52,55 @@ class PlannedRun:
         return "all" if self.kind == "full" else str(self.layer)
 
 
+def parse_lr_grid(text: str) -> tuple[float, ...]:
+    """``--lr-grid 1,3,10`` -> (1.0, 3.0, 10.0): the multiples of ``--lr`` every configuration is trained at
+    (empty: 1 alone)."""
+    try:
+        scales = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise OneLayerError(f"--lr-grid '{text}' must be comma-separated multiples of --lr, e.g. 1,3,10") from None
+    if any(not (x > 0 and np.isfinite(x)) for x in scales):
+        raise OneLayerError(f"--lr-grid '{text}': each multiple of --lr must be a finite number > 0")
+    if len(set(scales)) != len(scales):
+        raise OneLayerError(f"--lr-grid '{text}' lists a rate twice: list each multiple once")
+    return tuple(sorted(scales)) or (1.0,)
+
+
+def run_name(kind: str, seed: int, layer: int | None = None, lr_scale: float = 1.0) -> str:
+    """``full-s0``, ``layer014-s0``; at another rate ``layer014-lr3x-s0`` (the names of older scans' probes)."""
+    stem = "full" if kind == "full" else f"layer{layer:03d}"
+    return stem + ("" if lr_scale == 1 else f"-lr{lr_scale:g}x") + f"-s{seed}"
+
+
 def plan_scan(config: ScanConfig, n_layers: int) -> list[PlannedRun]:
-    """Base first, then full training, then single layers in depth order, seed by seed."""
+    """Base first, then full training at each rate of the grid, then single layers in depth order at each rate,
+    seed by seed."""
     if config.seeds < 1:
         raise OneLayerError(f"--seeds must be >= 1, got {config.seeds}")
+    scales = parse_lr_grid(config.lr_grid)
     selection = parse_layer_spec(config.recipe.layers, n_layers)
     if not selection.layers:
         raise OneLayerError(f"scan layer spec '{config.recipe.layers}' names no decoder layer to scan")
     seeds = [config.recipe.seed + i for i in range(config.seeds)]
     runs = [PlannedRun("base", "base", config.recipe.seed)]
-    runs += [PlannedRun(f"full-s{s}", "full", s) for s in seeds]
-    runs += [PlannedRun(f"layer{layer:03d}-s{s}", "layer", s, layer) for layer in selection.layers for s in seeds]
+    runs += [PlannedRun(run_name("full", s, None, x), "full", s, None, x) for x in scales for s in seeds]
+    runs += [PlannedRun(run_name("layer", s, layer, x), "layer", s, layer, x)
+             for layer in selection.layers for x in scales for s in seeds]
     return runs
 
 
-def parse_scales(text: str) -> list[float]:
-    try:
-        scales = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise OneLayerError(f"--lr-scales '{text}' must be comma-separated numbers, e.g. 0.5,2") from None
-    if any(not x > 0 or x == 1 for x in scales):
-        raise OneLayerError(f"--lr-scales '{text}': each scale must be > 0 and not 1 (1 is the scan itself)")
-    return scales
-
-
-def probe_layers(spec: str, contributions: dict[int, float], n_layers: int) -> list[int]:
-    """The layers named by ``spec``: ``best`` and ``worst`` are the measured layers of highest and
-    lowest contribution; other terms are a layer spec of measured layers."""
-    terms = [t.strip().lower() for t in spec.split(",") if t.strip()]
-    chosen: set[int] = set()
-    if "best" in terms:
-        chosen.add(max(contributions, key=lambda k: (contributions[k], -k)))
-    if "worst" in terms:
-        chosen.add(min(contributions, key=lambda k: (contributions[k], k)))
-    rest = [t for t in terms if t not in ("best", "worst")]
-    if rest:
-        named = parse_layer_spec(",".join(rest), n_layers).layers
-        unmeasured = [layer for layer in named if layer not in contributions]
-        if unmeasured:
-            raise OneLayerError(f"--probe-layers names layer {unmeasured[0]}, which the scan did not measure: "
-                                f"probe measured layers ({sorted(contributions)}) or add it to --layers")
-        chosen.update(named)
-    if not chosen:
-        raise OneLayerError(f"--probe-layers '{spec}' names no layer: use best, worst and/or a layer spec")
-    return sorted(chosen)
-
-
-def plan_probes(config: ScanConfig, profile: Profile) -> list[PlannedRun]:
-    """Reruns of the chosen layers at each scaled learning rate, seed by seed."""
-    scales = parse_scales(config.lr_scales)
-    measured = {p.layer: p.contribution for p in profile.points if not p.interpolated}
-    layers = probe_layers(config.probe_layers, measured, len(profile.points))
-    seeds = [config.recipe.seed + i for i in range(config.seeds)]
-    return [PlannedRun(f"layer{layer:03d}-lr{scale:g}x-s{s}", "probe", s, layer, scale)
-            for layer in layers for scale in scales for s in seeds]
-
-
 def _recipe_for(config: ScanConfig, run: PlannedRun, scan_dir: Path) -> TrainConfig:
-    # one final evaluation per run, on the same examples; no separate base evaluation inside each run
     return replace(config.recipe, layers=run.layers_spec, seed=run.seed, out=str(run_dir(scan_dir, run)),
-                   lr=config.recipe.lr * run.lr_scale, eval_every=config.recipe.steps, eval_at_start=False)
+                   lr=config.recipe.lr * run.lr_scale, **evaluation_schedule(config.recipe))
+
+
+def evaluation_schedule(recipe: TrainConfig) -> dict:
+    """A scan's or comparison's runs evaluate on the same examples at the end (what profiles read) and, with
+    ``--eval-every``, every that many steps too (learning curves), before step 1 with ``--eval-at-start``.
+    Without it, once at the end: the base run is every run's evaluation before training."""
+    if recipe.eval_every:
+        return {"eval_every": recipe.eval_every, "eval_at_start": recipe.eval_at_start}
+    return {"eval_every": recipe.steps, "eval_at_start": False}
 
 
 def execute_run(config: ScanConfig, run: PlannedRun, scan_dir: Path, progress: bool = False) -> dict:
@@ -194,41 +182,26 @@ def run_scan(config: ScanConfig, progress: bool = True,
              execute: Callable[[ScanConfig, PlannedRun, Path], dict] | None = None) -> list[PlannedRun]:
     """Run every pending or failed run of the scan (this process's share of them, under torchrun);
     finished ones are skipped. A run that raises is recorded (``error.txt``) and the scan goes on.
-    Single-layer runs are trained ``concurrent`` at a time (:func:`concurrency`); base and full runs
-    alone. With ``lr_scales``, the probe runs follow once the profile exists. Then rank 0 writes the profile
-    (:func:`write_profile`). Returns the whole plan once every rank is done. ``execute`` replaces the work of
-    one run (tests)."""
+    Single-layer runs (at every rate of ``lr_grid``) are trained ``concurrent`` at a time
+    (:func:`concurrency`); base and full runs alone. Then rank 0 writes the profiles (:func:`write_profile`).
+    Returns the whole plan once every rank is done. ``execute`` replaces the work of one run (tests)."""
     shard = Shard.from_env()
     config = replace(config, recipe=replace(config.recipe, device=shard.device(config.recipe.device)))
     scan_dir = Path(config.recipe.out)
+    plan = plan_scan(config, model_num_layers(config.recipe.model))  # a typo in --lr-grid fails here, before work
     scan_dir.mkdir(parents=True, exist_ok=True)
-    plan = plan_scan(config, model_num_layers(config.recipe.model))
-    if config.lr_scales:
-        parse_scales(config.lr_scales)  # a typo should fail now, not after hours of scanning
-    group_size = concurrency(config)  # and so should an impossible --concurrent, before the plan is saved
+    group_size = concurrency(config)  # and so does an impossible --concurrent, before the plan is saved
     if shard.rank == 0:
         _save_plan(config, plan, scan_dir)
     execute = execute or (lambda c, r, d: execute_run(c, r, d))
-
-    def share(runs: list[PlannedRun], label: str) -> None:
-        solo = [r for r in runs if r.kind in ("base", "full") or group_size == 1]
-        run_share(solo, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, label)
-        grouped = [r for r in runs if r not in solo]
-        if grouped:
-            if shard.rank == 0:
-                print(f"{label}: {len(grouped)} single-layer runs, up to {group_size} trained together", file=sys.stderr)
-            run_share(grouped, lambda g: execute_group(config, list(g.runs), scan_dir), scan_dir, shard, progress, label,
-                      group_size)
-
-    share(plan, "scan")
-    if config.lr_scales:
-        # every rank reads the same finished runs after the barrier, so they plan the same probes
-        profile, _ = scan_profile(scan_dir)
-        probes = plan_probes(config, profile)
+    solo = [r for r in plan if r.kind in ("base", "full") or group_size == 1]
+    run_share(solo, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, "scan")
+    grouped = [r for r in plan if r not in solo]
+    if grouped:
         if shard.rank == 0:
-            _save_plan(config, plan + probes, scan_dir)
-        share(probes, "lr probes")
-        plan = plan + probes
+            print(f"scan: {len(grouped)} single-layer runs, up to {group_size} trained together", file=sys.stderr)
+        run_share(grouped, lambda g: execute_group(config, list(g.runs), scan_dir), scan_dir, shard, progress, "scan",
+                  group_size)
     if shard.rank == 0:
         try:
             write_profile(scan_dir)
@@ -238,82 +211,134 @@ def run_scan(config: ScanConfig, progress: bool = True,
 
 
 def load_plan(scan_dir: str | Path) -> tuple[dict, list[PlannedRun]]:
-    """A scan directory's saved config (as a dict) and plan."""
+    """A scan directory's saved config (as a dict) and plan. Older scans' learning-rate probes (kind
+    ``probe``) read as single-layer runs at their rate: a grid with only those layers and rates."""
     scan_dir = Path(scan_dir)
     if not (scan_dir / "scan.json").is_file():
         raise OneLayerError(f"{scan_dir} is not a scan directory (no scan.json): pass the --out of onelayer scan")
     saved = json.loads((scan_dir / "scan.json").read_text())
-    return saved["config"], [PlannedRun(**r) for r in saved["runs"]]
+    runs = [{**r, "kind": "layer" if r["kind"] == "probe" else r["kind"]} for r in saved["runs"]]
+    return saved["config"], [PlannedRun(**r) for r in runs]
 
 
-def scan_profile(scan_dir: str | Path, n_resamples: int = 2000, source: str = "",
-                 seeds: list[int] | None = None) -> tuple[Profile, dict]:
-    """The contribution profile of a (possibly unfinished) scan from its finished runs, and each run's
-    status (done, failed or pending). ``source`` picks an out-of-domain evaluation instead of the
-    in-domain one; ``seeds`` restricts the trained runs to those seeds."""
+def lr_scales(plan: list[PlannedRun]) -> tuple[float, ...]:
+    """The learning-rate multiples a scan's plan trains at."""
+    return tuple(sorted({r.lr_scale for r in plan if r.kind != "base"}))
+
+
+def evaluated_steps(scan_dir: str | Path, seeds: list[int] | None = None) -> list[int]:
+    """The steps after which every finished trained run of the scan was evaluated, with 0 (before training:
+    the base model, or each run's own evaluation there), in order."""
     scan_dir = Path(scan_dir)
-    config, plan = load_plan(scan_dir)
+    _, plan = load_plan(scan_dir)
+    trained = [r for r in plan if r.kind != "base" and run_status(scan_dir, r) == "done"
+               and (seeds is None or r.seed in seeds)]
+    common = set.intersection(*(set(run_steps(run_dir(scan_dir, r))) for r in trained)) if trained else set()
+    return sorted(common | {0})
+
+
+def _run_scores(scan_dir: Path, run: PlannedRun, base: Path, source: str, step: int | None,
+                auc_steps: list[int]) -> list[float] | None:
+    """A finished run's per-example scores: at its final evaluation, after ``step`` steps, or their area over
+    ``auc_steps``; None when that evaluation does not exist. Before training every run is the base model: a run
+    without an evaluation at step 0 is read there from the base run's."""
+    directory = run_dir(scan_dir, run)
+
+    def at(s: int | None) -> list[float] | None:
+        if s is None or run.kind == "base":
+            path = examples_file(scan_dir, run, source)
+        else:
+            path = step_examples(directory, s)
+            if s == 0 and not exists(path):
+                path = base
+        return example_scores(path) if exists(path) else None
+
+    if not auc_steps:
+        return at(step)
+    curve = [at(s) for s in auc_steps]
+    return None if any(c is None for c in curve) else area_under_curve(auc_steps, curve).tolist()
+
+
+def scan_scores(scan_dir: str | Path, source: str = "", seeds: list[int] | None = None, step: int | None = None,
+                auc: bool = False, lr_scales: list[float] | None = None) -> tuple[list, dict, dict, dict, list[int]]:
+    """The per-example scores of a scan's finished runs, as :func:`contribution_profile` takes them: base runs,
+    ``full[rate][seed]``, ``layers[layer][rate][seed]``; each run's status; and the steps of an area under the
+    curve (``auc``; empty otherwise). See :func:`scan_profile` for the arguments."""
+    scan_dir = Path(scan_dir)
+    _, plan = load_plan(scan_dir)
     status = {r.name: run_status(scan_dir, r) for r in plan}
-
-    def scores(kind: str) -> dict:
-        found: dict = {}
-        for r in plan:
-            if r.kind == kind and status[r.name] == "done" and (seeds is None or kind == "base" or r.seed in seeds):
-                path = examples_file(scan_dir, r, source)
-                if path.is_file():
-                    found.setdefault(r.layer, []).append(example_scores(path))
-        return found
-
-    base, full, layers = scores("base").get(None), scores("full").get(None), scores("layer")
+    if source and (step is not None or auc):
+        raise OneLayerError("out-of-domain evaluations are made once, of each run's final checkpoint: drop --step/--auc")
+    steps = evaluated_steps(scan_dir, seeds) if auc else []
+    if auc and len(steps) < 3:
+        raise OneLayerError(f"{scan_dir}: an area under the learning curve needs evaluations during training (rerun "
+                            "the scan with --eval-every N); its runs were evaluated only at the end")
+    if step is not None and step not in evaluated_steps(scan_dir, seeds):
+        raise OneLayerError(f"step {step} was not evaluated by every finished run of {scan_dir}: evaluated steps are "
+                            f"{', '.join(map(str, evaluated_steps(scan_dir, seeds)))} (scan with --eval-every N)")
+    base_run = next(r for r in plan if r.kind == "base")
+    base_file = examples_file(scan_dir, base_run)
+    base, full, layers = [], {}, {}
+    for r in plan:
+        if status[r.name] != "done" or r.kind != "base" and (seeds is not None and r.seed not in seeds
+                                                             or lr_scales is not None and r.lr_scale not in lr_scales):
+            continue
+        scores = _run_scores(scan_dir, r, base_file, source, step, steps)
+        if scores is None:
+            continue
+        if r.kind == "base":
+            base.append(scores)
+        elif r.kind == "full":
+            full.setdefault(r.lr_scale, {})[r.seed] = scores
+        else:
+            layers.setdefault(r.layer, {}).setdefault(r.lr_scale, {})[r.seed] = scores
     if not base or not full or not layers:
         what = f"evaluated on {source} (run onelayer analyze ood)" if source else "finished"
         raise OneLayerError(f"{scan_dir} needs the base, a full and at least one layer run {what} for a profile "
                             "(rerun onelayer scan to continue it)")
+    return base, full, layers, status, steps
+
+
+def scan_profile(scan_dir: str | Path, n_resamples: int = 2000, source: str = "", seeds: list[int] | None = None,
+                 step: int | None = None, auc: bool = False, protocol: str = "study",
+                 lr_scales: list[float] | None = None) -> tuple[Profile, dict]:
+    """The contribution profile of a (possibly unfinished) scan from its finished runs, and each run's
+    status (done, failed or pending). ``source`` picks an out-of-domain evaluation instead of the
+    in-domain one; ``seeds`` restricts the trained runs to those seeds, ``lr_scales`` to those rates; ``step``
+    reads every run's evaluation after that many steps instead of its final one, ``auc`` the area under each
+    run's learning curve; ``protocol`` the learning rate each configuration is read at (``study`` or ``best``,
+    see :mod:`onelayer.analysis.contribution`)."""
+    config, _ = load_plan(scan_dir)
+    base, full, layers, status, steps = scan_scores(scan_dir, source, seeds, step, auc, lr_scales)
     n_layers = model_num_layers(config["recipe"]["model"])
-    return layer_profile(base, full, layers, n_layers, n_resamples=n_resamples), status
+    profile = contribution_profile(base, full, layers, n_layers, protocol=protocol, n_resamples=n_resamples)
+    return replace(profile, step=step, auc_steps=tuple(steps)), status
 
 
-def probe_results(scan_dir: str | Path, n_resamples: int = 2000) -> list[dict]:
-    """For each probed layer and learning-rate scale: its contribution at the scan's learning rate and
-    at the scaled one (against the same base and full runs), and its rank among the measured layers
-    at both (the probed value replacing the layer's own)."""
+def write_profile(scan_dir: str | Path, step: int | None = None, auc: bool = False) -> Profile:
+    """Compute a scan's profile from its finished runs and write ``profile.json``, ``profile.md`` (the table)
+    and ``profile.png`` into it; with several learning rates also ``profile-best.*`` (each configuration at its
+    own best rate). ``step`` or ``auc`` write ``profile-step000020.*`` or ``profile-auc.*`` instead. With no
+    ``step`` or ``auc``, a scan that evaluated during training also gets its ``profile-auc.*``. Returns the
+    study-protocol profile."""
     scan_dir = Path(scan_dir)
     _, plan = load_plan(scan_dir)
-    done = [r for r in plan if r.kind == "probe" and run_status(scan_dir, r) == "done"]
-    if not done:
-        return []
-    profile, _ = scan_profile(scan_dir, n_resamples)
-    at_base = measured(profile)
-    points = {p.layer: p for p in profile.points}
-
-    def seed_scores(kind: str, layer=None, scale=1.0) -> np.ndarray:
-        rows = [example_scores(examples_file(scan_dir, r)) for r in plan if r.kind == kind and r.layer == layer
-                and r.lr_scale == scale and run_status(scan_dir, r) == "done"]
-        return per_example_scores(rows)
-
-    base, full = seed_scores("base"), seed_scores("full")
-    indices = bootstrap_indices(base.size, n_resamples, 0)
-    rows = []
-    for layer, scale in sorted({(r.layer, r.lr_scale) for r in done}):
-        est = contribution_estimate(base, full, seed_scores("probe", layer, scale), indices)
-        ranks_after = layer_ranks({**at_base, layer: est.value})
-        rows.append({"layer": layer, "lr_scale": scale, "contribution": at_base[layer],
-                     "low": points[layer].low, "high": points[layer].high, "rank": layer_ranks(at_base)[layer],
-                     "probe_contribution": est.value, "probe_low": est.low, "probe_high": est.high,
-                     "probe_rank": ranks_after[layer], "measured_layers": len(at_base)})
-    return rows
-
-
-def write_profile(scan_dir: str | Path) -> Profile:
-    """Compute a scan's profile from its finished runs and write ``profile.json``, ``profile.md`` (the table)
-    and ``profile.png`` into it."""
-    scan_dir = Path(scan_dir)
-    profile, status = scan_profile(scan_dir)
-    (scan_dir / "profile.json").write_text(json.dumps({**asdict(profile), "runs": status}, indent=2))
-    (scan_dir / "profile.md").write_text(profile_table(profile))
-    plot_profile(profile, scan_dir / "profile.png", title=f"layer contribution: {scan_dir.name}")
-    report_profile(scan_dir, profile)
-    return profile
+    protocols = ["study", "best"] if len(lr_scales(plan)) > 1 else ["study"]
+    variants = [(step, auc)]
+    if step is None and not auc and len(evaluated_steps(scan_dir)) >= 3:
+        variants.append((None, True))
+    written = {}
+    for at, area in variants:
+        for protocol in protocols:
+            profile, status = scan_profile(scan_dir, step=at, auc=area, protocol=protocol)
+            file = profile_file(scan_dir, protocol, at, area)
+            file.write_text(json.dumps({**asdict(profile), "runs": status}, indent=2))
+            file.with_suffix(".md").write_text(profile_table(profile))
+            plot_profile(profile, file.with_suffix(".png"), title=f"layer contribution: {scan_dir.name}")
+            written[at, area, protocol] = profile
+    if step is None and not auc:
+        report_profile(scan_dir, written[None, False, "study"])
+    return written[step, auc, "study"]
 
 
 def report_profile(scan_dir: Path, profile: Profile) -> None:

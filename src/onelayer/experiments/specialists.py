@@ -18,7 +18,7 @@ from ..checkpoint import find_checkpoint, read_meta
 from ..config import EvalConfig
 from ..errors import OneLayerError
 from ..evaluate import run_eval
-from ..jsonl import read_jsonl
+from ..jsonl import exists, read_jsonl
 from ..tasks import get_task
 from .rundir import final_examples
 
@@ -28,7 +28,7 @@ def _answers(config: EvalConfig) -> list[dict]:
     cached, stamp_file = Path(config.out) / "eval.examples.jsonl", Path(config.out) / "source.json"
     stamp = _source(config)
     saved = json.loads(stamp_file.read_text()) if stamp_file.is_file() else {}
-    if not cached.is_file() or {k: v for k, v in saved.items() if k != "reused"} != stamp:
+    if not exists(cached) or {k: v for k, v in saved.items() if k != "reused"} != stamp:  # or its .gz
         found = final_eval_answers(config)
         if found is None:
             run_eval(config)
