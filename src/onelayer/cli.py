@@ -356,6 +356,21 @@ def cmd_analyze_predictors(args: argparse.Namespace) -> None:
     _write_analysis(f"Predictors of the profile: {scan.name}", section, scan / "analysis", "predictors")
 
 
+def cmd_analyze_adaptive(args: argparse.Namespace) -> None:
+    from .experiments.scan import replay_adaptive
+
+    result = replay_adaptive(args.scan, args.top)
+    stopped = ", ".join(f"{layer} at step {step}" for layer, step in result["stopped_at"].items()) or "none"
+    print(f"--adaptive-top {args.top} on {args.scan}, replayed: stopped {stopped}; "
+          f"{100 * result['layer_steps_saved']:.0f}% of single-layer training steps saved; top {args.top} "
+          f"{result['adaptive_top']} vs exhaustive {result['exhaustive_top']}: "
+          + ("the same" if result["same_top"] else "different"))
+    out = Path(args.scan) / "analysis" / f"adaptive-top{args.top}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"written: {out}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from .experiments.report import build_report
 
@@ -448,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--auc", action="store_true", help="area under each run's learning curve: writes profile-auc.*")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("analyze", help="analyses of scans: rank, params, ood, predictors")
+    p = sub.add_parser("analyze", help="analyses of scans: rank, params, ood, predictors, adaptive")
     analyses = p.add_subparsers(dest="analysis", required=True)
     q = analyses.add_parser("rank", help="Spearman and Kendall rank correlation of two or more scans' profiles")
     q.add_argument("scans", nargs="+", help="scan directories")
@@ -470,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "computed with the scan's recipe when missing)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_analyze_predictors)
+
+    q = analyses.add_parser("adaptive", help="replay --adaptive-top K on an exhaustive scan that evaluated during "
+                                              "training: what it would have stopped, saved, and found")
+    q.add_argument("scan", help="scan directory (run with --eval-every N)")
+    q.add_argument("--top", type=int, default=3, help="K of --adaptive-top K (default: 3)")
+    q.set_defaults(func=cmd_analyze_adaptive)
 
     p = sub.add_parser("predict", help="per-layer signals of the base model that predict a scan's profile, in "
                                        "seconds to minutes (predicted.json: usable as top:k@DIR, --lr-from DIR)")

@@ -232,6 +232,9 @@ class ScanConfig:
         "train every selected layer and the full reference at each of these multiples of --lr, e.g. 1,3,10; the "
         "profile then reads every run at the full run's best rate (the study's protocol) and each configuration "
         "at its own best (profile-best.json), and compares them; empty = --lr alone"))
+    adaptive_top: int = option(0, group="scan", help=(
+        "successive halving: at each --eval-every evaluation, stop the single-layer runs whose interval can no "
+        "longer reach the top K; 0 = train every layer to the end"))
     concurrent: int = option(0, group="scan", help=(
         "single-layer runs trained together in one process, sharing the frozen weights: 0 = as many as fit (on a "
         "GPU; 1 on a CPU), 1 = one at a time"))

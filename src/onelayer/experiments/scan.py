@@ -31,6 +31,7 @@ from ..layers import parse_layer_spec
 from ..models import default_device, load_skeleton, model_num_layers
 from ..profile import Profile, profile_file
 from ..tracking import open_tracker
+from . import adaptive
 from .rundir import evaluated_steps as run_steps
 from .rundir import example_scores, examples_file, run_dir, run_status, step_examples, write_error
 from .sharding import Shard, run_share
@@ -103,24 +104,28 @@ def evaluation_schedule(recipe: TrainConfig) -> dict:
     return {"eval_every": recipe.steps, "eval_at_start": False}
 
 
-def execute_run(config: ScanConfig, run: PlannedRun, scan_dir: Path, progress: bool = False) -> dict:
-    """Train (unless base) and evaluate one run; write and return its ``result.json`` summary."""
+def execute_run(config: ScanConfig, run: PlannedRun, scan_dir: Path, progress: bool = False,
+                final: bool = True) -> dict:
+    """Train (unless base) and evaluate one run; write (unless not ``final``: an adaptive scan's rung) and
+    return its ``result.json`` summary."""
     from .recipes import train_and_evaluate  # training loads only to run: reading a profile needs none of it
 
     recipe = _recipe_for(config, run, scan_dir)
-    return _write_result(run, recipe, train_and_evaluate(recipe, trained=run.kind != "base", progress=progress))
+    summary = train_and_evaluate(recipe, trained=run.kind != "base", progress=progress)
+    return _write_result(run, recipe, summary) if final else summary
 
 
-def execute_group(config: ScanConfig, runs: list[PlannedRun], scan_dir: Path, progress: bool = False) -> None:
+def execute_group(config: ScanConfig, runs: list[PlannedRun], scan_dir: Path, progress: bool = False,
+                  final: bool = True) -> None:
     """Train single-layer runs together (:func:`onelayer.concurrent.train_variants`) and evaluate
-    them; each writes its ``result.json``, or its ``error.txt`` when it alone failed."""
+    them; each writes its ``result.json`` (unless not ``final``), or its ``error.txt`` when it alone failed."""
     from .recipes import train_and_evaluate_variants
 
     recipes = [_recipe_for(config, run, scan_dir) for run in runs]
     for run, recipe, summary in zip(runs, recipes, train_and_evaluate_variants(recipes, progress), strict=True):
         if isinstance(summary, Exception):
             write_error(Path(recipe.out) / "error.txt", summary)
-        else:
+        elif final:
             _write_result(run, recipe, summary)
 
 
@@ -191,23 +196,59 @@ def run_scan(config: ScanConfig, progress: bool = True,
     plan = plan_scan(config, model_num_layers(config.recipe.model))  # a typo in --lr-grid fails here, before work
     scan_dir.mkdir(parents=True, exist_ok=True)
     group_size = concurrency(config)  # and so does an impossible --concurrent, before the plan is saved
+    if config.adaptive_top:
+        adaptive.rungs(config)  # and an adaptive scan without evaluations to decide at
     if shard.rank == 0:
         _save_plan(config, plan, scan_dir)
     execute = execute or (lambda c, r, d: execute_run(c, r, d))
-    solo = [r for r in plan if r.kind in ("base", "full") or group_size == 1]
-    run_share(solo, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, "scan")
-    grouped = [r for r in plan if r not in solo]
-    if grouped:
-        if shard.rank == 0:
-            print(f"scan: {len(grouped)} single-layer runs, up to {group_size} trained together", file=sys.stderr)
-        run_share(grouped, lambda g: execute_group(config, list(g.runs), scan_dir), scan_dir, shard, progress, "scan",
-                  group_size)
+    if config.adaptive_top:
+        _run_adaptive(config, plan, scan_dir, shard, progress, group_size, execute)
+    else:
+        solo = [r for r in plan if r.kind in ("base", "full") or group_size == 1]
+        run_share(solo, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, "scan")
+        _run_groups(config, [r for r in plan if r not in solo], scan_dir, shard, progress, group_size)
     if shard.rank == 0:
         try:
             write_profile(scan_dir)
         except OneLayerError as err:  # too few runs finished (the failed ones are retried by the same command)
             print(f"no profile written: {err}", file=sys.stderr)
     return plan
+
+
+def _run_groups(config: ScanConfig, runs: list[PlannedRun], scan_dir: Path, shard: Shard, progress: bool,
+                group_size: int) -> None:
+    if runs:
+        if shard.rank == 0:
+            print(f"scan: {len(runs)} single-layer runs, up to {group_size} trained together", file=sys.stderr)
+        run_share(runs, lambda g: execute_group(config, list(g.runs), scan_dir), scan_dir, shard, progress, "scan",
+                  group_size)
+
+
+def _run_adaptive(config: ScanConfig, plan: list[PlannedRun], scan_dir: Path, shard: Shard, progress: bool,
+                  group_size: int, execute) -> None:
+    """Base and full runs first (the decisions need them), then the layers rung by rung
+    (:mod:`onelayer.experiments.adaptive`), then the layers that can still reach the top to the last step."""
+    fixed, layers = [r for r in plan if r.kind != "layer"], [r for r in plan if r.kind == "layer"]
+    run_share(fixed, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, "scan")
+
+    def rung(c: ScanConfig, runs: list[PlannedRun]) -> None:
+        if group_size > 1:
+            execute_group(c, runs, scan_dir, final=False)
+        else:
+            execute_run(c, runs[0], scan_dir, final=False)
+
+    adaptive.run_rungs(config, plan, scan_dir, model_num_layers(config.recipe.model), shard, progress, group_size,
+                       rung)
+    if group_size > 1:
+        _run_groups(config, layers, scan_dir, shard, progress, group_size)
+    else:
+        run_share(layers, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, "scan")
+
+
+def replay_adaptive(scan_dir: str | Path, top: int) -> dict:
+    """:func:`onelayer.experiments.adaptive.replay` on a scan directory."""
+    config, plan = load_plan(scan_dir)
+    return adaptive.replay(Path(scan_dir), config, plan, model_num_layers(config["recipe"]["model"]), top)
 
 
 def load_plan(scan_dir: str | Path) -> tuple[dict, list[PlannedRun]]:
@@ -331,6 +372,7 @@ def write_profile(scan_dir: str | Path, step: int | None = None, auc: bool = Fal
     for at, area in variants:
         for protocol in protocols:
             profile, status = scan_profile(scan_dir, step=at, auc=area, protocol=protocol)
+            profile = adaptive.with_adaptive_note(profile, scan_dir)
             file = profile_file(scan_dir, protocol, at, area)
             file.write_text(json.dumps({**asdict(profile), "runs": status}, indent=2))
             file.with_suffix(".md").write_text(profile_table(profile))
