@@ -133,10 +133,13 @@ def cmd_layers(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .experiments.sharding import Shard
     from .training import train
 
     config = config_from_args(TrainConfig, args)
     result = train(config, progress=not args.no_progress)
+    if Shard.from_env().rank != 0:
+        return  # rank 0 reports for every process of the run
     print(f"trained layers {result.selection.describe()} for {result.steps_done} steps; "
           f"checkpoint in {result.out / 'checkpoint'}")
     if result.final_eval:
