@@ -187,23 +187,26 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
     micro-batches. With one epoch and one mini-batch the old log-probs are the new ones detached,
     so the ratio is exactly 1.
 
-    Over several processes (``world``), ``batch`` is this process's share of the step: the loss is divided
-    by the whole mini-batch's sequence and token counts, so the gradients the sharded model sums are one
-    process's; each process draws its own mini-batch partition of its rows (each mini-batch takes the same
-    number of rows from every process)."""
+    Over several processes (``world``), ``batch`` is this process's share of the step (rows ``rank * B``, ...
+    of it): the mini-batches are one process's (the same permutation of the whole step's rows), each process
+    taking its rows of each; the loss is divided by the whole mini-batch's sequence and token counts, so the
+    gradients the sharded model sums are one process's."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     device = batch.input_ids.device
     advantages = advantages.to(device)
     old_logprobs = (batch_logprobs(model, batch, config, world) if config.ppo_epochs * config.mini_batches > 1
                     else None)
-    rows_per_mini = batch.size // config.mini_batches
+    # the step's rows over every process (mini-batches > 1 need single-turn tasks: the same number each)
+    total, first = (world.sum(batch.size), world.first(batch.size)) if config.mini_batches > 1 else (batch.size, 0)
+    rows_per_mini = total // config.mini_batches
     totals = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "grad_norm": 0.0}
     updates, skipped, bad_tensors = 0, 0, set()
-    generator = torch.Generator().manual_seed(rank_seed(config.seed * 7919 + step, world.rank))
+    generator = torch.Generator().manual_seed(config.seed * 7919 + step)
     for _epoch in range(config.ppo_epochs):
-        order = torch.randperm(batch.size, generator=generator) if config.mini_batches > 1 else torch.arange(batch.size)
+        order = torch.randperm(total, generator=generator) if config.mini_batches > 1 else torch.arange(total)
         for mb in range(config.mini_batches):
-            mini = order[mb * rows_per_mini:(mb + 1) * rows_per_mini]
+            chosen = order[mb * rows_per_mini:(mb + 1) * rows_per_mini]
+            mini = chosen[(chosen >= first) & (chosen < first + batch.size)] - first  # this process's rows of it
             norm = Normalizer(world.sum(len(mini)), world.sum(int(batch.completion_mask[mini.to(device)].sum().item())),
                               config.sampling.max_new_tokens)
             optimizer.zero_grad(set_to_none=True)
