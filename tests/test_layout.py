@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "onelayer"
 LAYERS = [
     ["onelayer.errors", "onelayer.compat", "onelayer.jsonl", "onelayer.progress", "onelayer.config"],
     ["onelayer.profile", "onelayer.models"],
-    ["onelayer.layers", "onelayer.checkpoint", "onelayer.adapters", "onelayer.compiled", "onelayer.variants",
+    ["onelayer.layers", "onelayer.memory", "onelayer.checkpoint", "onelayer.adapters", "onelayer.compiled", "onelayer.variants",
      "onelayer.algorithms", "onelayer.rollout", "onelayer.tasks", "onelayer.envs", "onelayer.sandbox"],
     ["onelayer.evaluate"],
     ["onelayer.analysis"],

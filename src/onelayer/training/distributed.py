@@ -336,10 +336,19 @@ class ShardedModel:
                                      options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         self.refresh()
 
-    def state_bytes(self, optimizer: torch.optim.Optimizer) -> int:
-        """Bytes of optimizer state over every process."""
-        local = sum(_local(t).nbytes for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
-        return self.world.sum(local)
+    def state_bytes(self, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+        """Bytes of optimizer state over every process (each process's step counters counted once), and on the
+        fullest process."""
+        from torch.distributed.tensor import DTensor
+
+        tensors = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        shards = sum(t.to_local().nbytes for t in tensors if isinstance(t, DTensor))
+        counters = sum(t.nbytes for t in tensors if not isinstance(t, DTensor))
+        return self.world.sum(shards) + counters, self.world.max(shards + counters)
+
+    def trained_bytes(self) -> int:
+        """Bytes of this process's float32 shards of the trained tensors (the fullest process's)."""
+        return self.world.max(sum(_local(p).nbytes for g in self.groups for p in g["params"]))
 
 
 def by_index(state: dict, order: list[str]) -> dict:

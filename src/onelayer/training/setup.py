@@ -22,6 +22,7 @@ from ..config import RESUMABLE, TrainConfig, flat, from_dict, to_dict
 from ..errors import OneLayerError
 from ..jsonl import read_jsonl, write_jsonl
 from ..layers import LayerSelection, apply_selection, lr_scales_from_profile, select_layers
+from ..memory import TRAIN_OVER, check_fits, prompt_tokens
 from ..models import default_device, load_model, load_tokenizer
 from ..profile import read_profile
 from ..tasks import AgentTask, Example, Task, get_task
@@ -219,11 +220,18 @@ class Run:
         return {"world_size": self.world.size, "sharding": self.sharded.description if self.sharded else "none"}
 
     def result(self, device: torch.device) -> TrainResult:
-        state_bytes = (self.sharded.state_bytes(self.optimizer) if self.sharded else
-                       sum(t.nbytes for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)))
+        if self.sharded:
+            state_bytes, state_per_gpu = self.sharded.state_bytes(self.optimizer)
+            trained_per_gpu = self.sharded.trained_bytes()
+        else:
+            state_bytes = state_per_gpu = sum(t.nbytes for state in self.optimizer.state.values()
+                                              for t in state.values() if torch.is_tensor(t))
+            trained_per_gpu = sum(p.nbytes for g in self.optimizer.param_groups for p in g["params"])
         peak = self.world.max(max(self.peak_memory, peak_memory(device))) if device.type == "cuda" else None
+        # per GPU: of the fullest process (what onelayer.memory estimates)
         costs = {"trainable_parameters": self.trainable, "optimizer_state_bytes": state_bytes,
-                 "peak_memory_bytes": peak, **self.processes}  # peak: of the fullest GPU
+                 "optimizer_state_bytes_per_gpu": state_per_gpu, "trained_bytes_per_gpu": trained_per_gpu,
+                 "peak_memory_bytes": peak, **self.processes}
         return TrainResult(self.out, self.config.steps, self.selection, self.final_eval, costs)
 
 
@@ -242,6 +250,14 @@ def check_run(config: TrainConfig, task: Task | None = None, world: World = SOLO
     if agentic and config.mini_batches > 1:
         raise OneLayerError("agent tasks have a varying number of turns per step: use --mini-batches 1")
     return task, algorithm
+
+
+def check_memory(config: TrainConfig, world: World = SOLO, task: Task | None = None, over: str = TRAIN_OVER) -> None:
+    """Fail before loading, with the number of GPUs or the flag that would make it fit, when ``config`` does
+    not fit its GPUs by the estimate of :mod:`onelayer.memory` (GPUs only; ``--no-memory-check`` skips it)."""
+    device = torch.device(config.device) if config.device else default_device()
+    if device.type == "cuda" and config.memory_check:
+        check_fits(config, world.size, prompt_tokens(config, task), total_memory(device), over)
 
 
 def open_run(config: TrainConfig, model: nn.Module, task: Task, algorithm: Algorithm, world: World = SOLO) -> Run:

@@ -9,15 +9,13 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..evaluate import evaluate
+from ..memory import RELEASE_FRACTION
 from ..models import precision_context
 from ..progress import progress_bar
 from ..rollout import make_generator
 from .distributed import World, torchrun_world
-from .setup import TrainResult, check_run, model_for, open_run, peak_memory, total_memory
+from .setup import TrainResult, check_memory, check_run, model_for, open_run, peak_memory, total_memory
 from .step import eval_due, record_eval, save_due, step_rollouts, update_and_log
-
-# A rollout cache larger than this share of the GPU is freed before each update (and rebuilt next step).
-RELEASE_FRACTION = 0.2
 
 
 def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, progress: bool = True,
@@ -28,6 +26,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     world = torchrun_world(config.device) if world is None else world
     config = replace(config, device=world.device or config.device)  # a process's own GPU
     task, algorithm = check_run(config, world=world)  # cheap checks before loading weights
+    if model is None:
+        check_memory(config, world, task)
     device, model, tokenizer = model_for(config, model, tokenizer)
     precision = precision_context(device, next(model.parameters()).dtype)  # before trained tensors go float32
     run = open_run(config, model, task, algorithm, world)
