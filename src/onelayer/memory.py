@@ -191,22 +191,25 @@ def fewest_gpus(config: TrainConfig, prompt_tokens: int, gpu_bytes: float, limit
     return None
 
 
+def _halvings(value: int) -> list[int]:
+    """``value``, then the powers of two below it down to 1."""
+    below = 1 << (max(value, 1).bit_length() - 1)
+    return [value] + [1 << k for k in range(below.bit_length() - 1, -1, -1) if 1 << k < value]
+
+
 def smaller_flag(config: TrainConfig, gpus: int, prompt_tokens: int, gpu_bytes: float) -> str | None:
-    """A smaller ``--micro-batch-size`` or ``--generation-batch-size`` with which ``config`` fits on ``gpus``
-    GPUs (the largest such power of two), or None."""
+    """The largest ``--micro-batch-size`` and ``--generation-batch-size`` (powers of two below the current
+    ones) with which ``config`` fits on ``gpus`` GPUs, as the flags that change; None when none fit."""
     from dataclasses import replace
 
-    for flag, field, value in (("--micro-batch-size", "micro_batch_size", config.micro_batch_size),
-                               ("--generation-batch-size", "generation_batch_size",
-                                config.sampling.generation_batch_size)):
-        size = 1 << (max(value, 1).bit_length() - 1)
-        size = size // 2 if size == value else size
-        while size >= 1:
-            smaller = (replace(config, micro_batch_size=size) if field == "micro_batch_size" else
-                       replace(config, sampling=replace(config.sampling, generation_batch_size=size)))
+    for micro in _halvings(config.micro_batch_size):
+        for rows in _halvings(config.sampling.generation_batch_size):
+            smaller = replace(config, micro_batch_size=micro,
+                              sampling=replace(config.sampling, generation_batch_size=rows))
             if estimate(smaller, gpus, prompt_tokens, gpu_bytes).fits(gpu_bytes):
-                return f"{flag} {size}"
-            size //= 2
+                flags = ([f"--micro-batch-size {micro}"] if micro != config.micro_batch_size else []) + (
+                    [f"--generation-batch-size {rows}"] if rows != config.sampling.generation_batch_size else [])
+                return " and ".join(flags) or None
     return None
 
 
@@ -237,8 +240,8 @@ def check_fits(config: TrainConfig, gpus: int, prompt_tokens: int, gpu_bytes: fl
     flag = smaller_flag(config, gpus, prompt_tokens, gpu_bytes)
     fixes = ([over.format(n=needed)] if needed and needed > gpus else []) + ([f"lower {flag}"] if flag else [])
     if not fixes:
-        fixes = ["its weights alone fill the GPU: onelayer keeps a full copy of them on every GPU (no tensor "
-                 "parallelism); use a larger GPU or a smaller model"]
+        fixes = ["use larger GPUs or a smaller model: its weights alone nearly fill one, and onelayer keeps a "
+                 "full copy of them on every GPU (no tensor parallelism)"]
     where = "one GPU" if gpus == 1 else f"{gpus} GPUs"
     raise OneLayerError(f"layers '{config.layers}' of {config.model} need {found.line()} on {where}, more than "
                         f"{FIT_FRACTION:.0%} of the GPU's {gpu_bytes / GB:.0f} GB: {', or '.join(fixes)} "
@@ -264,9 +267,10 @@ def plan_lines(config: TrainConfig, gpus: list[int], prompt_tokens: int, gpu_byt
     lines.append(f"{f'fits {gpu_bytes / GB:.0f} GB ({FIT_FRACTION:.0%})':24s}"
                  + "".join(f"{'yes' if e.fits(gpu_bytes) else 'no':>10s}" for e in found))
     fewest = fewest_gpus(config, prompt_tokens, gpu_bytes)
+    flag = None if fewest else smaller_flag(config, gpus[-1], prompt_tokens, gpu_bytes)
     lines.append(f"fewest GPUs that fit: {fewest}" if fewest else
-                 "fits no number of these GPUs up to 64: " + (smaller_flag(config, 1, prompt_tokens, gpu_bytes) or
-                                                              "its weights alone fill the GPU"))
+                 f"fits no number of these GPUs up to 64; on {gpus[-1]}: " +
+                 (f"lower {flag}" if flag else "not even with micro-batches of 1 (its weights nearly fill a GPU)"))
     lines.append("parameters, gradients and optimizer state are exact; the rollout cache and activations are "
                  "estimates (see onelayer.memory)")
     return lines
