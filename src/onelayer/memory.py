@@ -248,13 +248,18 @@ def check_fits(config: TrainConfig, gpus: int, prompt_tokens: int, gpu_bytes: fl
                         "(onelayer plan shows the estimate; --no-memory-check tries anyway)")
 
 
+def _count(n: int) -> str:
+    return next(f"{n / scale:.3g} {unit}" for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k"), (1, ""))
+                if n >= scale or scale == 1)
+
+
 def plan_lines(config: TrainConfig, gpus: list[int], prompt_tokens: int, gpu_bytes: float) -> list[str]:
     """A table (text lines) of the estimate of ``config`` over each number of ``gpus``, with whether it fits
     GPUs of ``gpu_bytes``, and the fewest GPUs that fit."""
     found = [estimate(config, n, prompt_tokens, gpu_bytes) for n in gpus]
     first = found[0]
-    lines = [f"layers '{config.layers}' of {config.model}: {first.trained_parameters / 1e9:.3g} B trained and "
-             f"{first.frozen_parameters / 1e9:.3g} B frozen parameters; {config.prompts_per_step} prompts x "
+    lines = [f"layers '{config.layers}' of {config.model}: {_count(first.trained_parameters)} trained and "
+             f"{_count(first.frozen_parameters)} frozen parameters; {config.prompts_per_step} prompts x "
              f"{config.group_size}, micro-batches of {config.micro_batch_size}, prompts of ~{prompt_tokens} tokens "
              f"+ {config.sampling.max_new_tokens} new",
              f"{'GB per GPU':24s}" + "".join(f"{f'{n} GPU' + ('s' if n > 1 else ''):>10s}" for n in gpus)]

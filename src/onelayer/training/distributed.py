@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,11 +145,15 @@ def world_of(ranks: list[int], device: str) -> World | None:
 
 def torchrun_world(requested: str = "") -> World:
     """All of torchrun's processes as the world of one run, each on the GPU of its local rank (or the CPU
-    when ``requested`` says so or there is no GPU); one process outside torchrun."""
-    size = int(os.environ.get("WORLD_SIZE", 1))
-    if size == 1:
+    when ``requested`` says so or there is no GPU); one process outside torchrun. Made once per process."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return SOLO
-    kind = device_type(requested)
+    return _torchrun_world(device_type(requested))
+
+
+@functools.cache
+def _torchrun_world(kind: str) -> World:
+    size = int(os.environ["WORLD_SIZE"])
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if kind == "cuda" else "cpu"
     if kind == "cuda" and int(os.environ.get("LOCAL_WORLD_SIZE", size)) > torch.cuda.device_count():
         raise OneLayerError(f"{os.environ.get('LOCAL_WORLD_SIZE')} processes per machine but {torch.cuda.device_count()} "
@@ -256,12 +261,14 @@ class ShardedModel:
             for p in twin.parameters():
                 p.requires_grad_(False)
             self.trained_in[path] = {n for n, p in unit.named_parameters() if id(p) in trained}
-            for p in unit.parameters():
-                if id(p) in trained:
-                    p.data = p.data.float()  # float32 master weights (see setup.fp32_trained_tensors), then sharded
+            originals = [p for p in unit.parameters() if id(p) in trained]
+            for p in originals:
+                p.data = p.data.float()  # float32 master weights (see setup.fp32_trained_tensors), then sharded
             fully_shard(unit, mesh=world.mesh, mp_policy=policy, reshard_after_forward=True,
                         ignored_params=set(frozen) or None)
             _sum_gradients(unit)
+            for p in originals:  # the unit holds its shards now; the caller's groups still name the full tensors
+                p.data = p.data.new_empty(0)
             self.twins[path] = twin
         self.learner = _clone_along(model, {p: model.get_submodule(p) for p in self.units})
         for path, twin in self.twins.items():
