@@ -126,6 +126,8 @@ def test_the_estimate_gives_the_trained_and_optimizer_bytes_each_process_holds(p
             assert measured["optimizer_state_bytes_per_gpu"] == parts["optimizer"] + 4 * len(tensors)
             assert measured["optimizer_state_bytes"] == 8 * trained + 4 * len(tensors)
             assert measured["world_size"] == 2 and measured["trainable_parameters"] == trained
+    meta = json.loads((pairs / "layers-2" / "checkpoint" / "onelayer.json").read_text())
+    assert meta["trainable_parameters"] == trained and sorted(meta["trained"]) == sorted(tensors)
 
 
 def test_a_sharded_checkpoint_resumes_on_one_process_and_on_two_as_the_run_would_have_gone_on(pairs, tmp_path,
@@ -248,3 +250,32 @@ def test_optimizer_state_by_name_and_by_index_are_each_others_inverse():
     assert indexed == {"state": {0: {"step": 1}, 2: {"step": 2}},
                        "param_groups": [{"lr": 0.1, "params": [0, 1]}, {"lr": 0.2, "params": [2]}]}
     assert by_name(indexed, order) == by_names
+
+
+def test_runs_that_need_a_group_of_gpus_get_the_widest_groups_the_gpus_and_prompts_allow():
+    from onelayer.experiments.sharding import group_ranks
+
+    assert group_ranks(8, 2, runs=1, prompts=32) == [tuple(range(8))]  # one run: every GPU busy
+    assert group_ranks(8, 2, runs=3, prompts=32) == [(0, 1), (2, 3), (4, 5)]
+    assert group_ranks(8, 2, runs=9, prompts=32) == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert group_ranks(8, 2, runs=2, prompts=6) == [(0, 1, 2), (3, 4, 5)]  # 4 would not split 6 prompts
+    with pytest.raises(OneLayerError, match="--nproc_per_node 4"):
+        group_ranks(2, 4, runs=1, prompts=32)
+    with pytest.raises(OneLayerError, match="--prompts-per-step 5 does not split over 2"):
+        group_ranks(2, 2, runs=1, prompts=5)
+
+
+def test_only_runs_of_more_than_one_layer_are_given_a_group(saved_tiny):
+    from onelayer.experiments.scan import plan_scan, run_widths
+    from onelayer.experiments.sharding import run_width, trains_many_layers
+
+    config = TrainConfig(model=str(saved_tiny), device="cpu")
+    assert [trains_many_layers(replace(config, layers=spec), 4) for spec in ("all", "2", "2,norm", "1-2")] == \
+        [True, False, True, True]
+    assert trains_many_layers(replace(config, layers="2", lora_rank=4), 4)
+    assert run_width(config, 3, large=False) == 1 and run_width(config, 3, large=True) == 3
+    assert run_width(config, 0, large=True) == 1  # on a CPU the estimate asks for nothing more
+    scan = ScanConfig(recipe=replace(config, layers="1,3"), seeds=2, group_gpus=2)
+    widths = run_widths(scan, plan_scan(scan, 4))
+    assert widths == {"base": 1, "full-s0": 2, "full-s1": 2, "layer001-s0": 1, "layer001-s1": 1, "layer003-s0": 1,
+                      "layer003-s1": 1}

@@ -46,9 +46,11 @@ def test_full_training_of_an_8b_shaped_model_counts_every_trained_and_frozen_byt
     assert two.parts["weights"] == 2 * (frozen + trained)
     assert two.parts["trained"] == 2 * trained and two.parts["optimizer"] == 4 * trained
     # the rollout cache: 128 rows per GPU of 36 layers x keys and values x 8 heads x 128 x bf16 x 704 columns
-    # (100 + 512 + one 64-column window = 676, in whole windows), plus 16 bytes per vocabulary entry
-    assert two.parts["rollout_cache"] == 128 * (LAYERS * 2 * KV * D * 2 * 704 + VOCAB * 16)
-    assert one.parts["rollout_cache"] == 2 * two.parts["rollout_cache"]
+    # (100 + 512 + one 64-column window = 676, in whole windows), plus 16 bytes per vocabulary entry; and a
+    # prefill of 128 x 100 prompt tokens (one GPU: 25,600, 32,768 at most) with 4h + 3i bf16 values each
+    cache = LAYERS * 2 * KV * D * 2 * 704 + VOCAB * 16
+    assert two.parts["rollout_cache"] == 128 * cache + 12_800 * (4 * H + 3 * MLP) * 2
+    assert one.parts["rollout_cache"] == 256 * cache + 25_600 * (4 * H + 3 * MLP) * 2
     # FSDP's buffers: the largest trained module all-gathered twice and its gradient, in bf16 and float32
     assert two.parts["buffers"] == PER_LAYER * (3 * 2 + 4) and one.parts["buffers"] == 0
     assert one.update_phase > 141 * GB > 0.9 * 141 * GB > two.update_phase  # so 2 H200s hold what one cannot

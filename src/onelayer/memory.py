@@ -14,7 +14,8 @@ gradients       4 T                                 4 T / N
 optimizer       8 T (AdamW's two moments)           8 T / N
 rollout cache   the fast engine's KV cache and      the same at the rows per GPU
                 sampling buffers at min(rows,
-                --generation-batch-size) rows
+                --generation-batch-size) rows,
+                and a prefill chunk's activations
 activations     what the backward of one micro-batch keeps (below), the log-prob chunks, one layer's backward;
                 on one GPU in bf16 also autocast's bf16 copies of the trained weights
 buffers         0                                   FSDP's all-gathered copies (this module, the next) and
@@ -41,7 +42,7 @@ from .config import TrainConfig
 from .errors import OneLayerError
 from .layers import parse_layer_spec
 from .models import decoder_layers, head_is_tied, load_config, load_skeleton, parameter_layers
-from .rollout.fast import WINDOW
+from .rollout.fast import PREFILL_TOKENS, WINDOW
 from .rollout.logprobs import DEFAULT_LOGIT_BYTES
 
 GB = 2**30
@@ -114,6 +115,14 @@ def _activation_bytes_per_token(shapes: Shapes, element: int, sequence: int) -> 
     return per_token
 
 
+def prefill_bytes(shapes: Shapes, element: int, tokens: int) -> int:
+    """What a prefill chunk (at most :data:`PREFILL_TOKENS` prompt tokens) holds at once beyond the cache: a
+    layer's hidden states, attention and MLP activations (``4h + 3i`` per token)."""
+    h = shapes.text.hidden_size
+    i = getattr(shapes.text, "intermediate_size", None) or getattr(shapes.text, "n_inner", None) or 4 * h
+    return min(tokens, PREFILL_TOKENS) * (4 * h + 3 * i) * element
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes per GPU of a run over ``gpus`` GPUs, by part (:data:`PARTS`), and of its two phases."""
@@ -169,10 +178,11 @@ def estimate(config: TrainConfig, gpus: int = 1, prompt_tokens: int = 256, gpu_b
                    + 3 * DEFAULT_LOGIT_BYTES  # the head's chunk of logits: forward, recomputed, its gradient
                    + (2 * trained if gpus == 1 and e == 2 else 0))  # autocast's bf16 copies of float32 weights
     sharded = gpus > 1
+    generated = min(rows, s.generation_batch_size)
     parts = {"weights": (frozen + (trained if sharded else 0)) * e,
              "trained": 4 * trained // gpus, "gradients": 4 * trained // gpus, "optimizer": 8 * trained // gpus,
-             "rollout_cache": min(rows, s.generation_batch_size) * rollout_bytes_per_row(
-                 shapes.text, e, prompt_tokens, s.max_new_tokens),
+             "rollout_cache": generated * rollout_bytes_per_row(shapes.text, e, prompt_tokens, s.max_new_tokens)
+             + prefill_bytes(shapes, e, generated * prompt_tokens),
              "activations": int(activations),
              "buffers": largest_unit * (3 * e + 4) if sharded else 0}
     resident = parts["weights"] + parts["trained"] + parts["optimizer"]

@@ -188,9 +188,10 @@ def run_widths(config: ScanConfig, plan: list[PlannedRun]) -> dict[str, int]:
     n_layers = model_num_layers(config.recipe.model)
     widths, full = {}, {}
     for run in plan:
-        large = run.kind == "full" and trains_many_layers(_recipe_for(config, run, Path(".")), n_layers)
+        recipe = _recipe_for(config, run, Path("."))
+        large = run.kind == "full" and trains_many_layers(recipe, n_layers)
         if large and not full:  # every full run has the same recipe but its seed
-            full["width"] = run_width(config.recipe, config.group_gpus, True)
+            full["width"] = run_width(recipe, config.group_gpus, True)
         widths[run.name] = full["width"] if large else 1
     return widths
 

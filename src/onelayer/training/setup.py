@@ -267,6 +267,7 @@ def open_run(config: TrainConfig, model: nn.Module, task: Task, algorithm: Algor
     ``sharded.learner`` is the model to update)."""
     dtype = next(model.parameters()).dtype  # the load dtype, before trained tensors go float32
     parts = trainable(config, model, fp32=not world.sharded)
+    count = parts.parameters  # before sharding frees the full tensors the groups name
     sharded = ShardedModel(model, parts.groups, world, dtype) if world.sharded else None
     learner = sharded.learner if sharded else model
     optimizer = make_optimizer(sharded.groups if sharded else parts.groups, config)
@@ -279,11 +280,11 @@ def open_run(config: TrainConfig, model: nn.Module, task: Task, algorithm: Algor
         (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
     start, evals = resume(out, learner, optimizer, sharded, world)
     meta = {"base_model": config.model, "layers_spec": config.layers, "layers": list(parts.selection.layers),
-            "extras": list(parts.selection.extras), "trainable_parameters": parts.parameters,
+            "extras": list(parts.selection.extras), "trainable_parameters": count,
             **({"adapter": parts.adapter} if parts.adapter else {}),
             "selection_notes": list(parts.selection.notes), "lr_rule": parts.lr_rule,
             "lr_scales": {str(k): v for k, v in parts.lr_scales.items()}, "config": to_dict(config)}
     return Run(config, task, algorithm, parts.selection, optimizer, parts.names, initial, meta,
-               PromptSampler(task.examples("train"), config.seed), start, parts.parameters,
+               PromptSampler(task.examples("train"), config.seed), start, count,
                # a resumed run keeps its last evaluation when it was made at the checkpoint's step
                final_eval=evals[-1] if evals and evals[-1]["step"] == start else None, world=world, sharded=sharded)

@@ -97,9 +97,10 @@ def rollout_step(run: Run, tokenizer, generator: Generator, step: int) -> Rollou
     prompts = render_prompts(tokenizer, [run.task.messages(e) for e in examples])
     t0 = time.perf_counter()
     # a share's rows draw from the step's stream what they draw in the whole batch
+    share = {"first_row": run.world.first(len(examples) * config.group_size)} if run.world.sharded else {}
     batch = generator.generate(prompts, config.group_size, config.sampling.max_new_tokens,
                                config.sampling.temperature, config.sampling.top_p, seeds=[sample_seed(config, step)],
-                               first_row=run.world.first(len(examples) * config.group_size))
+                               **share)
     generation = time.perf_counter() - t0
     advantages, metrics = scored(run, batch, examples)
     return Rollouts(batch, advantages, metrics, {"generation": generation, "rollout": time.perf_counter() - start})
