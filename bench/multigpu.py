@@ -36,6 +36,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -152,8 +153,10 @@ def section_large(args, gpus: int) -> dict:
         model = qwen3_shaped("8B", len(tokenizer))
         out = _fresh(Path(args.out) / "runs" / f"large-{spec}-{gpus}gpu")
         config = _large_config(args, spec, out)
-        # a random model's completions run to the cap: its EOS ids are 2 of ~152k tokens
-        train(replace(config, model="qwen3-8b-shaped"), model=model, tokenizer=tokenizer, progress=False)
+        # a random model's completions run to the cap: its EOS ids are 2 of ~152k tokens. No checkpoint: full
+        # training's would be 83 GB (float32 weights and AdamW state) of a 128 GB disk, and is not measured here
+        with mock.patch("onelayer.training.train.save_due"):
+            train(replace(config, model="qwen3-8b-shaped"), model=model, tokenizer=tokenizer, progress=False)
         tokens = prompt_tokens(replace(config, model="smollm2"))
         label = f"qwen3-8B-shaped {spec} on {gpus} GPU(s)"
         rows[label] = with_estimate(step_medians(out), config, gpus, tokens)

@@ -132,13 +132,13 @@ def world_of(ranks: list[int], device: str) -> World | None:
 
     init_processes()
     kind = device_type(device)
+    if kind == "cuda":  # NCCL's communicators bind to the current device
+        torch.cuda.set_device(torch.device(device) if device else torch.device("cuda", 0))
     control = dist.new_group(ranks, backend="gloo", timeout=WAIT)
     group = dist.new_group(ranks, backend="nccl", timeout=COLLECTIVE) if kind == "cuda" else control
     rank = dist.get_rank()
     if rank not in ranks:
         return None
-    if kind == "cuda":
-        torch.cuda.set_device(torch.device(device) if device else torch.device("cuda", 0))
     mesh = DeviceMesh.from_group(group, kind)
     return World(ranks.index(rank), len(ranks), device, group, control, mesh)
 
