@@ -155,7 +155,7 @@ def section_large(args, gpus: int) -> dict:
         config = _large_config(args, spec, out)
         # a random model's completions run to the cap: its EOS ids are 2 of ~152k tokens. No checkpoint: full
         # training's would be 83 GB (float32 weights and AdamW state) of a 128 GB disk, and is not measured here
-        with mock.patch("onelayer.training.train.save_due"):
+        with mock.patch.object(sys.modules["onelayer.training.train"], "save_due"):
             train(replace(config, model="qwen3-8b-shaped"), model=model, tokenizer=tokenizer, progress=False)
         tokens = prompt_tokens(replace(config, model="smollm2"))
         label = f"qwen3-8B-shaped {spec} on {gpus} GPU(s)"
