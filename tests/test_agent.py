@@ -201,6 +201,7 @@ def test_the_trainer_gives_each_turn_its_gigpo_advantage_with_the_configured_gam
     from onelayer.algorithms import get_algorithm
     from onelayer.config import SamplingConfig, TrainConfig
     from onelayer.tasks import Example
+    from onelayer.training.distributed import SOLO
     from onelayer.training.setup import PromptSampler
     from onelayer.training.step import episode_step
 
@@ -211,7 +212,7 @@ def test_the_trainer_gives_each_turn_its_gigpo_advantage_with_the_configured_gam
     generator = ScriptedGenerator([move, "nope", "nope", move, "nope", "nope"])
     cfg = TrainConfig(algo="gigpo", prompts_per_step=1, group_size=2, gamma=0.5, step_weight=0.25,
                       sampling=SamplingConfig(max_new_tokens=8))
-    run = SimpleNamespace(config=cfg, task=task, algorithm=get_algorithm("gigpo"),
+    run = SimpleNamespace(config=cfg, task=task, algorithm=get_algorithm("gigpo"), world=SOLO,
                           sampler=PromptSampler([Example("x", "", "", {"seed": seed})], 0))
     rollouts = episode_step(run, TokenizerStub(), generator, 0)
     batch, advantages, metrics = rollouts.batch, rollouts.advantages, rollouts.metrics

@@ -27,15 +27,23 @@ FORMAT_VERSION = 1
 def save_checkpoint(directory: str | Path, model: nn.Module, names: list[str], meta: dict,
                     optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Write the tensors ``names`` of ``model`` and ``meta`` to ``directory``, atomically."""
+    params = dict(model.named_parameters())
+    tensors = {n: params[n].detach().to("cpu").contiguous() for n in names}
+    return write_checkpoint(directory, tensors, meta, optimizer.state_dict() if optimizer is not None else None)
+
+
+def write_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict,
+                     optimizer_state: dict | None = None) -> Path:
+    """Write trained ``tensors`` (by parameter name), ``meta`` and an optimizer's ``state_dict()`` to
+    ``directory``, atomically."""
     directory = Path(directory)
     tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    params = dict(model.named_parameters())
-    save_file({n: params[n].detach().to("cpu").contiguous() for n in names}, str(tmp / TENSORS))
-    (tmp / META).write_text(json.dumps({"format": FORMAT_VERSION, **meta, "trained": names}, indent=2))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / TENSORS))
+    (tmp / META).write_text(json.dumps({"format": FORMAT_VERSION, **meta, "trained": list(tensors)}, indent=2))
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / OPTIMIZER)
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
         directory.rename(old)

@@ -155,11 +155,45 @@ def layers_export(model, selection, fmt: str, report: dict) -> str:
                        "freeze_regex": frozen_regex(model, selection), "peft": peft}, indent=2)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from .training import train
+def cmd_plan(args: argparse.Namespace) -> None:
+    """The memory per GPU of a training run, from its config alone (nothing loads)."""
+    import torch
+
+    from .memory import GB, estimate, plan_lines, prompt_tokens
 
     config = config_from_args(TrainConfig, args)
+    config.validate()
+    if args.gpus < 1:
+        raise OneLayerError(f"--gpus must be >= 1, got {args.gpus}")
+    gpu = args.gpu_memory_gb * GB if args.gpu_memory_gb else None
+    if gpu is None and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(torch.device(config.device or "cuda")).total_memory
+    if gpu is None:
+        gpu = 80 * GB
+        print("no GPU here: assuming GPUs of 80 GB (--gpu-memory-gb)", file=sys.stderr)
+    tokens = args.prompt_tokens or prompt_tokens(config)
+    gpus = sorted({1, args.gpus})
+    if args.json:
+        found = {n: estimate(config, n, tokens, gpu) for n in gpus}
+        print(json.dumps({"model": config.model, "layers": config.layers, "prompt_tokens": tokens, "gpu_bytes": gpu,
+                          "gpus": {n: {"parts": e.parts, "rollout_phase": e.rollout_phase, "update_phase": e.update_phase,
+                                       "peak": e.peak, "fits": e.fits(gpu)} for n, e in found.items()}}, indent=2))
+        return
+    print("\n".join(plan_lines(config, gpus, tokens, gpu)))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .experiments.sharding import Shard
+    from .training import train
+
+    if args.dry_run:
+        args.gpus, args.gpu_memory_gb, args.prompt_tokens, args.json = Shard.from_env().world, 0, 0, False
+        cmd_plan(args)
+        return
+    config = config_from_args(TrainConfig, args)
     result = train(config, progress=not args.no_progress)
+    if Shard.from_env().rank != 0:
+        return  # rank 0 reports for every process of the run
     print(f"trained layers {result.selection.describe()} for {result.steps_done} steps; "
           f"checkpoint in {result.out / 'checkpoint'}")
     if result.final_eval:
@@ -250,6 +284,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from .experiments.sharding import Shard
 
     config = config_from_args(ScanConfig, args)
+    if args.dry_run:
+        from .experiments.scan import plan_lines
+
+        print("\n".join(plan_lines(config, Shard.from_env().world)))
+        return 0
     run_scan(config, progress=not args.no_progress)
     if Shard.from_env().rank != 0:
         return 0  # rank 0 reports for everyone
@@ -440,10 +479,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the same as --format json")
     p.set_defaults(func=cmd_layers)
 
-    p = sub.add_parser("train", help="RL-train a layer selection")
+    p = sub.add_parser("train", help="RL-train a layer selection (under torchrun: one run over its GPUs, sharded)")
     add_config_flags(p, TrainConfig)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true", help="print the memory estimate per GPU (onelayer plan) and stop")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="estimated memory per GPU of a training run, and whether it fits (loads nothing)")
+    add_config_flags(p, TrainConfig)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs the run is sharded over (default: 1)")
+    p.add_argument("--gpu-memory-gb", type=float, default=0, help="memory per GPU (default: this machine's GPU, else 80)")
+    p.add_argument("--prompt-tokens", type=int, default=0, help="prompt length (default: from the task's prompts)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("eval", help="evaluate a model or checkpoint on a task's eval split")
     add_config_flags(p, EvalConfig)
@@ -453,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "--out the scan directory)")
     add_config_flags(p, ScanConfig)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--dry-run", action="store_true", help="print which run goes where (and, on a GPU, memory) and stop")
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("profile", help="(re)compute a scan's contribution profile from its finished runs")

@@ -156,6 +156,8 @@ class TrainConfig:
     report_to: str = option("none", group="run", resumable=True, science=False, help=(
         "experiment trackers that get every step row, evaluation and scan profile besides the JSON logs: none, "
         "tensorboard (OUT/tensorboard), wandb (offline, OUT/wandb) or tensorboard,wandb"))
+    memory_check: bool = option(True, group="run", resumable=True, science=False, help=(
+        "refuse, before loading, a run whose estimated memory per GPU (onelayer plan) exceeds the GPU's"))
     dtype: str = option("auto", group="model", choices=DTYPES, shared=True,
                         help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
     device: str = option("", group="model", resumable=True, shared=True, science=False,
@@ -221,6 +223,10 @@ class EvalConfig:
         self.sampling.validate()
 
 
+GROUP_GPUS_HELP = ("torchrun processes (GPUs) that train each run of more than one layer together, sharded (a scan's full "
+                   "runs; a comparison's strategies): 0 = one, or as many as the memory estimate needs on a GPU")
+
+
 @dataclass
 class ScanConfig:
     """A scan: ``recipe`` is the training recipe shared by every run. In it, ``layers`` names the layers
@@ -238,6 +244,7 @@ class ScanConfig:
     concurrent: int = option(0, group="scan", help=(
         "single-layer runs trained together in one process, sharing the frozen weights: 0 = as many as fit (on a "
         "GPU; 1 on a CPU), 1 = one at a time"))
+    group_gpus: int = option(0, group="scan", help=GROUP_GPUS_HELP)
 
 
 DEFAULT_STRATEGIES = "full,top:10,lr-guided,middle:10,random:10,lora"
@@ -254,6 +261,7 @@ class CompareConfig:
     seeds: int = option(2, group="compare", help="seeds per strategy")
     lora_lr_scale: float = option(10.0, group="compare", help=(
         "LoRA's learning rate is --lr times this (LoRA needs a larger one; ~10x is the usual finding)"))
+    group_gpus: int = option(0, group="compare", help=GROUP_GPUS_HELP)
 
 
 @dataclass

@@ -43,7 +43,7 @@ from ..models import load_skeleton, model_num_layers
 from ..profile import Estimate, read_profile, reference_path
 from .rundir import example_scores, examples_file, read_result, run_dir, run_status
 from .scan import evaluation_schedule, load_plan
-from .sharding import Shard, run_share
+from .sharding import Shard, run_groups, run_share, run_width, trains_many_layers
 
 
 @dataclass(frozen=True)
@@ -161,17 +161,42 @@ def reuse_from_scan(config: CompareConfig, run: StrategyRun, out: Path) -> bool:
     return False
 
 
-def execute(config: CompareConfig, run: StrategyRun, out: Path, progress: bool = False) -> dict:
-    if reuse_from_scan(config, run, out):
-        return read_result(out, run)
+def execute(config: CompareConfig, run: StrategyRun, out: Path, progress: bool = False, world=None) -> dict:
+    """Train (unless base) and evaluate one run, or copy it from the scan; write and return its result.
+    ``world``: the processes training it together (each calls this; rank 0 copies and writes)."""
+    main = world is None or world.is_main
+    reused = reuse_from_scan(config, run, out) if main else False
+    if world is not None:
+        reused = not world.all(not reused)  # what rank 0 did
+    if reused:
+        return read_result(out, run) if main else {}
     from .recipes import train_and_evaluate  # training loads only to run: reading results needs none of it
 
     recipe = recipe_for(config, run, out)
-    summary = train_and_evaluate(recipe, trained=run.strategy is not None, progress=progress)
+    summary = train_and_evaluate(recipe, trained=run.strategy is not None, progress=progress,
+                                 **({"world": world} if world is not None else {}))
+    if not main:
+        return {}
     row = {"name": run.name, "strategy": run.strategy.label if run.strategy else "base", "seed": run.seed,
            "layers_spec": recipe.layers, **summary}
     (Path(recipe.out) / "result.json").write_text(json.dumps(row, indent=2))
     return row
+
+
+def run_widths(config: CompareConfig, plan: list[StrategyRun], out: Path, n_layers: int) -> dict[str, int]:
+    """How many GPUs (processes) train each run together: one for the base model and single layers; for
+    strategies of more layers ``--group-gpus``, or as many as their memory estimate needs."""
+    by_strategy: dict[str, int] = {}
+    widths = {}
+    for run in plan:
+        if run.strategy is None:
+            widths[run.name] = 1
+            continue
+        if run.strategy.label not in by_strategy:  # the seeds of a strategy need the same
+            recipe = recipe_for(config, run, out)
+            by_strategy[run.strategy.label] = run_width(recipe, config.group_gpus, trains_many_layers(recipe, n_layers))
+        widths[run.name] = by_strategy[run.strategy.label]
+    return widths
 
 
 def recipe_from_profile(profile: str) -> TrainConfig | None:
@@ -194,13 +219,21 @@ def run_comparison(config: CompareConfig, progress: bool = True) -> list[Strateg
     strategies = parse_strategies(config, n_layers, adapters.matched_rank(load_skeleton(config.recipe.model)))
     plan = plan_comparison(strategies, [config.recipe.seed + i for i in range(config.seeds)])
     out.mkdir(parents=True, exist_ok=True)
+    widths = run_widths(config, plan, out, n_layers)
     if shard.rank == 0:
         saved = {"config": to_dict(replace(config, recipe=replace(config.recipe, device=""))),
                  "strategies": [s.__dict__ for s in strategies],
                  "runs": [{"name": r.name, "strategy": r.strategy.label if r.strategy else None, "seed": r.seed}
-                          for r in plan]}
+                          for r in plan],
+                 # which runs a group of GPUs trains together, and how many (recomputed when it resumes)
+                 "placement": {name: width for name, width in widths.items() if width > 1}}
         (out / "compare.json").write_text(json.dumps(saved, indent=2))
-    run_share(plan, lambda r: execute(config, r, out), out, shard, progress, "compare")
+    for width in sorted({w for w in widths.values() if w > 1}, reverse=True):
+        run_groups([r for r in plan if widths[r.name] == width], width,
+                   lambda r, world: execute(config, r, out, world=world), out, shard, progress, "compare",
+                   config.recipe.prompts_per_step, config.recipe.device)
+    run_share([r for r in plan if widths[r.name] == 1], lambda r: execute(config, r, out), out, shard, progress,
+              "compare")
     return plan
 
 

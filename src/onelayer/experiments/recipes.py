@@ -18,6 +18,9 @@ from ..layers import select_layers, selected_names
 from ..models import parameter_layers, precision_context
 from ..tasks import get_task
 from ..training import TrainResult, model_for, train, train_variants
+from ..training.distributed import SOLO, World
+from ..training.setup import check_memory
+from .sharding import GROUP_OVER
 
 
 def _final_evaluation(recipe: TrainConfig, model, tokenizer, step: int, load_dtype: torch.dtype) -> dict:
@@ -53,18 +56,25 @@ def _initial_values(model, recipe: TrainConfig) -> dict:
     return {n: params[n].detach().to("cpu", copy=True) for n in names}
 
 
-def train_and_evaluate(recipe: TrainConfig, trained: bool = True, progress: bool = False) -> dict:
+def train_and_evaluate(recipe: TrainConfig, trained: bool = True, progress: bool = False, world: World = SOLO) -> dict:
     """Train ``recipe`` (or only evaluate the base model when ``trained`` is false), evaluate it once
     on ``recipe.eval_n`` examples, and return the summary: accuracy, the per-example file (relative to
-    ``recipe.out``), the relative parameter change of the trained layers, and what training cost."""
+    ``recipe.out``), the relative parameter change of the trained layers, and what training cost.
+    ``world``: the processes that train it together (each calls this; rank 0 evaluates and returns the
+    summary, the others an empty dict)."""
     Path(recipe.out).mkdir(parents=True, exist_ok=True)
+    if trained:
+        check_memory(recipe, world, over=GROUP_OVER)  # before loading
     _, model, tokenizer = model_for(recipe, None, None)
     load_dtype = next(model.parameters()).dtype  # before training turns trained tensors float32
     if not trained:
         summary = _final_evaluation(recipe, model, tokenizer, 0, load_dtype)
-        return {"examples": f"evals/step{summary['step']:06d}.examples.jsonl", **summary, "param_change": None}
-    before = _initial_values(model, recipe)
-    result = train(recipe, model, tokenizer, progress=progress)
+        return {"examples": f"evals/step{summary['step']:06d}.examples.jsonl", **summary, "param_change": None,
+                "world_size": 1, "sharding": "none"}
+    before = _initial_values(model, recipe) if world.is_main else {}
+    result = train(recipe, model, tokenizer, progress=progress, world=world)
+    if not world.is_main:
+        return {}
     # final_eval is None when training had already finished (killed before result.json)
     summary = result.final_eval or _final_evaluation(recipe, model, tokenizer, recipe.steps, load_dtype)
     return _trained_summary(recipe, result, model, before, summary)

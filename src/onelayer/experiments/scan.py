@@ -34,7 +34,7 @@ from ..tracking import open_tracker
 from . import adaptive
 from .rundir import evaluated_steps as run_steps
 from .rundir import example_scores, examples_file, run_dir, run_status, step_examples, write_error
-from .sharding import Shard, run_share
+from .sharding import Shard, run_groups, run_share, run_width, trains_many_layers
 
 
 @dataclass(frozen=True)
@@ -105,14 +105,17 @@ def evaluation_schedule(recipe: TrainConfig) -> dict:
 
 
 def execute_run(config: ScanConfig, run: PlannedRun, scan_dir: Path, progress: bool = False,
-                final: bool = True) -> dict:
+                final: bool = True, world=None) -> dict:
     """Train (unless base) and evaluate one run; write (unless not ``final``: an adaptive scan's rung) and
-    return its ``result.json`` summary."""
+    return its ``result.json`` summary. ``world``: the processes training it together (each calls this; rank 0
+    writes the result)."""
     from .recipes import train_and_evaluate  # training loads only to run: reading a profile needs none of it
 
     recipe = _recipe_for(config, run, scan_dir)
-    summary = train_and_evaluate(recipe, trained=run.kind != "base", progress=progress)
-    return _write_result(run, recipe, summary) if final else summary
+    summary = train_and_evaluate(recipe, trained=run.kind != "base", progress=progress,
+                                 **({"world": world} if world is not None else {}))
+    main = world is None or world.is_main
+    return _write_result(run, recipe, summary) if final and main else summary if main else {}
 
 
 def execute_group(config: ScanConfig, runs: list[PlannedRun], scan_dir: Path, progress: bool = False,
@@ -168,18 +171,61 @@ def concurrency(config: ScanConfig) -> int:
 
 
 def _prompt_tokens(recipe: TrainConfig, task, sample: int = 64) -> int:
-    """A generous prompt length for ``task``: the longest of its first ``sample`` train prompts, plus 25%."""
-    from ..models import load_tokenizer
-    from ..rollout import render_prompts
+    from ..memory import prompt_tokens
 
-    tokenizer = load_tokenizer(recipe.model)
-    prompts = render_prompts(tokenizer, [task.messages(e) for e in task.examples("train")[:sample]])
-    return int(1.25 * max(len(tokenizer(p)["input_ids"]) for p in prompts))
+    return prompt_tokens(recipe, task, sample)
 
 
-def _save_plan(config: ScanConfig, plan: list[PlannedRun], scan_dir: Path) -> None:
+def run_widths(config: ScanConfig, plan: list[PlannedRun]) -> dict[str, int]:
+    """How many GPUs (processes) train each run of ``plan`` together: one for base and single-layer runs;
+    for full runs ``--group-gpus``, or as many as their memory estimate needs (:func:`.sharding.run_width`)."""
+    n_layers = model_num_layers(config.recipe.model)
+    widths, full = {}, {}
+    for run in plan:
+        recipe = _recipe_for(config, run, Path("."))
+        large = run.kind == "full" and trains_many_layers(recipe, n_layers)
+        if large and not full:  # every full run has the same recipe but its seed
+            full["width"] = run_width(recipe, config.group_gpus, True)
+        widths[run.name] = full["width"] if large else 1
+    return widths
+
+
+def plan_lines(config: ScanConfig, processes: int) -> list[str]:
+    """What a scan would do, without training: its runs, which of them a group of GPUs trains together and
+    which one GPU, and (for a GPU) the memory estimate of a full and a single-layer run."""
+    from ..memory import estimate, prompt_tokens
+    from .sharding import group_ranks
+
+    plan = plan_scan(config, model_num_layers(config.recipe.model))
+    widths = run_widths(config, plan)
+    kinds = {kind: [r for r in plan if r.kind == kind] for kind in ("base", "full", "layer")}
+    lines = [f"scan of {config.recipe.model}: {len(plan)} runs ({len(kinds['full'])} full, {len(kinds['layer'])} "
+             f"single-layer, the base model) over {processes} process(es)"]
+    wide = [r for r in plan if widths[r.name] > 1]
+    if wide:
+        width = max(widths[r.name] for r in wide)
+        groups = group_ranks(processes, width, len(wide), config.recipe.prompts_per_step)
+        lines.append(f"first {', '.join(r.name for r in wide)}: each trained by {len(groups[0])} GPUs together "
+                     f"(sharded; needs {width}), {len(groups)} at a time on ranks "
+                     + ", ".join(f"{g[0]}-{g[-1]}" for g in groups))
+    lines.append(f"then {'the other runs' if wide else 'every run'} one per GPU (single layers {concurrency(config)} "
+                 "at a time per process)")
+    device = torch.device(config.recipe.device) if config.recipe.device else default_device()
+    if device.type == "cuda":
+        tokens, gpu = prompt_tokens(config.recipe), torch.cuda.get_device_properties(device).total_memory
+        for kind in ("full", "layer"):
+            run = kinds[kind][0]
+            found = estimate(_recipe_for(config, run, Path(".")), widths[run.name], tokens, gpu)
+            lines.append(f"{run.name} on {widths[run.name]} GPU(s): {found.line()}, "
+                         f"{'fits' if found.fits(gpu) else 'does NOT fit'} {gpu / 2**30:.0f} GB")
+    return lines
+
+
+def _save_plan(config: ScanConfig, plan: list[PlannedRun], scan_dir: Path, widths: dict | None = None) -> None:
     saved = {"config": to_dict(replace(config, recipe=replace(config.recipe, device=""))),
-             "runs": [r.__dict__ for r in plan]}
+             "runs": [r.__dict__ for r in plan],
+             # which runs a group of GPUs trains together, and how many (recomputed when the scan resumes)
+             "placement": {name: width for name, width in (widths or {}).items() if width > 1}}
     (scan_dir / "scan.json").write_text(json.dumps(saved, indent=2))
 
 
@@ -198,15 +244,23 @@ def run_scan(config: ScanConfig, progress: bool = True,
     group_size = concurrency(config)  # and so does an impossible --concurrent, before the plan is saved
     if config.adaptive_top:
         adaptive.rungs(config)  # and an adaptive scan without evaluations to decide at
+    widths = run_widths(config, plan)  # and a run that fits no GPUs
     if shard.rank == 0:
-        _save_plan(config, plan, scan_dir)
+        _save_plan(config, plan, scan_dir, widths)
     execute = execute or (lambda c, r, d: execute_run(c, r, d))
+    # runs that take a group of GPUs first (full training of a large model), each group training its share
+    wide = [r for r in plan if widths.get(r.name, 1) > 1]
+    for width in sorted({widths[r.name] for r in wide}, reverse=True):
+        run_groups([r for r in wide if widths[r.name] == width], width,
+                   lambda r, world: execute_run(config, r, scan_dir, world=world), scan_dir, shard, progress, "scan",
+                   config.recipe.prompts_per_step, config.recipe.device)
     if config.adaptive_top:
-        _run_adaptive(config, plan, scan_dir, shard, progress, group_size, execute)
+        _run_adaptive(config, plan, scan_dir, shard, progress, group_size, execute, wide)
     else:
-        solo = [r for r in plan if r.kind in ("base", "full") or group_size == 1]
+        solo = [r for r in plan if r not in wide and (r.kind in ("base", "full") or group_size == 1)]
         run_share(solo, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, "scan")
-        _run_groups(config, [r for r in plan if r not in solo], scan_dir, shard, progress, group_size)
+        _run_groups(config, [r for r in plan if r not in solo and r not in wide], scan_dir, shard, progress,
+                    group_size)
     if shard.rank == 0:
         try:
             write_profile(scan_dir)
@@ -225,10 +279,12 @@ def _run_groups(config: ScanConfig, runs: list[PlannedRun], scan_dir: Path, shar
 
 
 def _run_adaptive(config: ScanConfig, plan: list[PlannedRun], scan_dir: Path, shard: Shard, progress: bool,
-                  group_size: int, execute) -> None:
-    """Base and full runs first (the decisions need them), then the layers rung by rung
-    (:mod:`onelayer.experiments.adaptive`), then the layers that can still reach the top to the last step."""
-    fixed, layers = [r for r in plan if r.kind != "layer"], [r for r in plan if r.kind == "layer"]
+                  group_size: int, execute, wide: list[PlannedRun]) -> None:
+    """Base and full runs first (the decisions need them; ``wide`` ones were trained by groups of GPUs), then
+    the layers rung by rung (:mod:`onelayer.experiments.adaptive`), then the layers that can still reach the top
+    to the last step."""
+    fixed = [r for r in plan if r.kind != "layer" and r not in wide]
+    layers = [r for r in plan if r.kind == "layer"]
     run_share(fixed, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, "scan")
 
     def rung(c: ScanConfig, runs: list[PlannedRun]) -> None:

@@ -402,17 +402,19 @@ class FastGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], num_samples: int, max_new_tokens: int,
-                 temperature: float = 1.0, top_p: float = 1.0, seeds: list[int] | None = None) -> RolloutBatch:
+                 temperature: float = 1.0, top_p: float = 1.0, seeds: list[int] | None = None,
+                 first_row: int = 0) -> RolloutBatch:
         """``num_samples`` completions per prompt. The rows form ``len(seeds)`` equal blocks, block k
         sampling from the random stream of ``seeds[k]`` (one seed drawn from the global generator when
-        None), so a block's completions are those it would get alone."""
+        None), so a block's completions are those it would get alone; its rows are rows ``first_row``, ...
+        of that stream (a share of a larger batch draws what it draws there)."""
         tok, model = self.tokenizer, self.model
         prompt_ids, prompt_mask = encode_prompts(tok, prompts, num_samples, next(model.parameters()).device)
         rows = prompt_ids.shape[0]
         seeds = seeds or [int(torch.randint(0, 2**62, ()).item())]
         if rows % len(seeds):
             raise ValueError(f"{rows} rows do not split into {len(seeds)} equal blocks, one per seed")
-        keys = row_keys(seeds, rows // len(seeds), prompt_ids.device)
+        keys = row_keys(seeds, rows // len(seeds), prompt_ids.device, first_row)
         # with a row hook (routing rows to layer variants) every row is in one batch: a captured step
         # bakes in the routing it was captured with
         batch_size = rows if self.row_hook else self.batch_size

@@ -15,7 +15,8 @@ class Generator(Protocol):
     """Turns rendered prompts into ``num_samples`` completions each."""
 
     def generate(self, prompts: list[str], num_samples: int, max_new_tokens: int,
-                 temperature: float, top_p: float, seeds: list[int] | None = None) -> RolloutBatch: ...
+                 temperature: float, top_p: float, seeds: list[int] | None = None, first_row: int = 0
+                 ) -> RolloutBatch: ...
 
 
 class HFGenerator:
@@ -28,15 +29,17 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], num_samples: int, max_new_tokens: int,
-                 temperature: float = 1.0, top_p: float = 1.0, seeds: list[int] | None = None) -> RolloutBatch:
-        """``seeds``: one seed re-seeds the global generator that ``generate`` samples from; blocks of
-        rows with their own streams need the fast engine."""
+                 temperature: float = 1.0, top_p: float = 1.0, seeds: list[int] | None = None,
+                 first_row: int = 0) -> RolloutBatch:
+        """``seeds``: one seed re-seeds the global generator that ``generate`` samples from (offset by
+        ``first_row``: a share of a batch draws a stream of its own, not the rows it has in the whole batch);
+        blocks of rows with their own streams need the fast engine."""
         from transformers import GenerationConfig
 
         if seeds and len(seeds) > 1:
             raise ValueError("per-block random streams need the fast engine (--engine fast)")
         if seeds:
-            torch.manual_seed(seeds[0])
+            torch.manual_seed(seeds[0] if not first_row else (seeds[0] * 1_000_033 + first_row) % 2**63)
 
         tok = self.tokenizer
         prompt_ids, prompt_mask = encode_prompts(tok, prompts, num_samples, next(self.model.parameters()).device)

@@ -29,12 +29,13 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def row_keys(seeds: list[int], rows_per_seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """One 32-bit key per row: rows ``[k * rows_per_seed, (k + 1) * rows_per_seed)`` are rows 0, 1, ...
-    of the stream of ``seeds[k]``. Returns int64 ``[len(seeds) * rows_per_seed]``."""
+def row_keys(seeds: list[int], rows_per_seed: int, device: torch.device | str = "cpu", first_row: int = 0) -> torch.Tensor:
+    """One 32-bit key per row: rows ``[k * rows_per_seed, (k + 1) * rows_per_seed)`` are rows ``first_row``,
+    ``first_row + 1``, ... of the stream of ``seeds[k]`` (a process with a share of a batch passes its first
+    row, so its rows draw what they draw in the whole batch). Returns int64 ``[len(seeds) * rows_per_seed]``."""
     words = torch.tensor([[s & MASK32, (s >> 32) & MASK32] for s in (x % 2**64 for x in seeds)], dtype=torch.int64)
     per_seed = mix32(mix32(words[:, 0]) ^ words[:, 1])
-    rows = mix32((torch.arange(rows_per_seed, dtype=torch.int64) + 0x9E3779B9) & MASK32)
+    rows = mix32((torch.arange(first_row, first_row + rows_per_seed, dtype=torch.int64) + 0x9E3779B9) & MASK32)
     return mix32(per_seed[:, None] ^ rows[None, :]).reshape(-1).to(device)
 
 

@@ -21,10 +21,11 @@ from ..config import SHARED, TrainConfig, flag, flat, to_dict
 from ..errors import FastEngineUnavailable, OneLayerError
 from ..evaluate import eval_prompts, eval_result
 from ..layers import select_layers
+from ..memory import element_bytes, rollout_bytes_per_row
 from ..models import load_config, precision_context
 from ..progress import progress_bar
 from ..rollout import FastGenerator, render_prompts
-from ..rollout.fast import WINDOW, unsupported_reason
+from ..rollout.fast import unsupported_reason
 from ..rollout.selfcheck import fast_engine_problem
 from ..tasks import AgentTask
 from ..variants import LayerVariants
@@ -58,11 +59,7 @@ def auto_concurrency(config: TrainConfig, free_bytes: int, prompt_tokens: int = 
     """How many single-layer variants of ``config`` fit their joint rollout cache (and sampling
     logits) into ``CACHE_FRACTION`` of ``free_bytes``, assuming prompts of ``prompt_tokens``."""
     text = load_config(config.model).get_text_config()
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    element = 4 if config.dtype == "fp32" else 2
-    columns = -(-(prompt_tokens + config.sampling.max_new_tokens + WINDOW) // WINDOW) * WINDOW
-    per_row = text.num_hidden_layers * 2 * heads * head_dim * element * columns + text.vocab_size * 16
+    per_row = rollout_bytes_per_row(text, element_bytes(config.dtype), prompt_tokens, config.sampling.max_new_tokens)
     rows = config.prompts_per_step * config.group_size
     return max(1, int(CACHE_FRACTION * free_bytes // (per_row * rows)))
 

@@ -22,10 +22,12 @@ from ..config import RESUMABLE, TrainConfig, flat, from_dict, to_dict
 from ..errors import OneLayerError
 from ..jsonl import read_jsonl, write_jsonl
 from ..layers import LayerSelection, apply_selection, lr_scales_from_profile, select_layers
+from ..memory import TRAIN_OVER, check_fits, prompt_tokens
 from ..models import default_device, load_model, load_tokenizer
 from ..profile import read_profile
 from ..tasks import AgentTask, Example, Task, get_task
 from ..tracking import Tracker, open_tracker
+from .distributed import SOLO, ShardedModel, World, check_sharded
 
 # ------------------------------------------------------------------------------------------ model, precision
 
@@ -88,9 +90,9 @@ class Trainable:
         return sum(p.numel() for g in self.groups for p in g["params"])
 
 
-def trainable(config: TrainConfig, model: nn.Module) -> Trainable:
-    """Make ``config``'s layers of ``model`` trainable (float32 copies; LoRA adapters with ``lora_rank``)
-    and freeze everything else."""
+def trainable(config: TrainConfig, model: nn.Module, fp32: bool = True) -> Trainable:
+    """Make ``config``'s layers of ``model`` trainable (float32 copies unless not ``fp32``: a sharded run
+    converts them module by module; LoRA adapters with ``lora_rank``) and freeze everything else."""
     guide = read_profile(config.lr_from) if config.lr_from else None
     selection = select_layers(model, config.layers)
     if selection.is_empty:
@@ -102,7 +104,8 @@ def trainable(config: TrainConfig, model: nn.Module) -> Trainable:
         groups, adapter = add_lora(model, selection, config.lora_rank, config.lora_alpha, config.weight_decay, lr_scales)
     else:
         groups, adapter = apply_selection(model, selection, config.weight_decay, lr_scales), None
-    fp32_trained_tensors(groups)
+    if fp32:
+        fp32_trained_tensors(groups)
     return Trainable(selection, groups, adapter, lr_scales, lr_rule)
 
 
@@ -132,17 +135,24 @@ def _truncate_log(path: Path, last_step: int) -> None:
         write_jsonl(path, [row for row in read_jsonl(path) if row["step"] <= last_step])
 
 
-def resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
-    """Load the run directory's checkpoint, if any, into ``model`` and ``optimizer``; drop the log lines of
-    steps after it (they are redone). Returns the first step to do and the evaluations kept."""
+def resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sharded: ShardedModel | None = None,
+           world: World = SOLO) -> tuple[int, list[dict]]:
+    """Load the run directory's checkpoint, if any, into ``model`` (or the shards of ``sharded``) and
+    ``optimizer``; drop the log lines of steps after it (they are redone). Returns the first step to do and
+    the evaluations kept."""
     start = 0
     if find_checkpoint(out) is not None:
         meta = read_meta(out)
-        apply_checkpoint(model, out)
-        load_optimizer_state(optimizer, out)
+        if sharded is not None:
+            sharded.load(out, optimizer)
+        else:
+            apply_checkpoint(model, out)
+            load_optimizer_state(optimizer, out)
         start = int(meta["step"])
-    _truncate_log(out / "log.jsonl", start)
-    _truncate_log(out / "eval.jsonl", start if start else -1)
+    if world.is_main:
+        _truncate_log(out / "log.jsonl", start)
+        _truncate_log(out / "eval.jsonl", start if start else -1)
+    world.barrier()
     return start, read_jsonl(out / "eval.jsonl") if start else []
 
 
@@ -195,6 +205,8 @@ class Run:
     bad_steps: int = 0
     peak_memory: int = 0
     final_eval: dict | None = None
+    world: World = SOLO  # the processes training this run together
+    sharded: ShardedModel | None = None  # its sharded trained modules, over more than one process
 
     @property
     def out(self) -> Path:
@@ -204,18 +216,32 @@ class Run:
     def aggregation(self) -> str:
         return self.config.loss_aggregation or self.algorithm.default_aggregation
 
+    @property
+    def processes(self) -> dict:
+        """How many processes trained the run and what was sharded how (every log line and result says)."""
+        return {"world_size": self.world.size, "sharding": self.sharded.description if self.sharded else "none"}
+
     def result(self, device: torch.device) -> TrainResult:
-        costs = {"trainable_parameters": self.trainable,
-                 "optimizer_state_bytes": sum(t.nbytes for state in self.optimizer.state.values()
-                                              for t in state.values() if torch.is_tensor(t)),
-                 "peak_memory_bytes": max(self.peak_memory, peak_memory(device)) if device.type == "cuda" else None}
+        if self.sharded:
+            state_bytes, state_per_gpu = self.sharded.state_bytes(self.optimizer)
+            trained_per_gpu = self.sharded.trained_bytes()
+        else:
+            state_bytes = state_per_gpu = sum(t.nbytes for state in self.optimizer.state.values()
+                                              for t in state.values() if torch.is_tensor(t))
+            trained_per_gpu = sum(p.nbytes for g in self.optimizer.param_groups for p in g["params"])
+        peak = self.world.max(max(self.peak_memory, peak_memory(device))) if device.type == "cuda" else None
+        # per GPU: of the fullest process (what onelayer.memory estimates)
+        costs = {"trainable_parameters": self.trainable, "optimizer_state_bytes": state_bytes,
+                 "optimizer_state_bytes_per_gpu": state_per_gpu, "trained_bytes_per_gpu": trained_per_gpu,
+                 "peak_memory_bytes": peak, **self.processes}
         return TrainResult(self.out, self.config.steps, self.selection, self.final_eval, costs)
 
 
-def check_run(config: TrainConfig, task: Task | None = None) -> tuple[Task, Algorithm]:
-    """Validate ``config`` and its run directory, and find its task (``task`` when given: runs that
-    share one) and algorithm (before any weights load)."""
+def check_run(config: TrainConfig, task: Task | None = None, world: World = SOLO) -> tuple[Task, Algorithm]:
+    """Validate ``config`` (for ``world``'s processes) and its run directory, and find its task (``task`` when
+    given: runs that share one) and algorithm (before any weights load)."""
     config.validate()
+    check_sharded(config, world)
     _check_resumable(Path(config.out), config)
     algorithm = get_algorithm(config.algo)
     task = task or get_task(config.task, config.task_options)
@@ -228,24 +254,41 @@ def check_run(config: TrainConfig, task: Task | None = None) -> tuple[Task, Algo
     return task, algorithm
 
 
-def open_run(config: TrainConfig, model: nn.Module, task: Task, algorithm: Algorithm) -> Run:
+def check_memory(config: TrainConfig, world: World = SOLO, task: Task | None = None, over: str = TRAIN_OVER) -> None:
+    """Fail before loading, with the number of GPUs or the flag that would make it fit, when ``config`` does
+    not fit its GPUs by the estimate of :mod:`onelayer.memory` (GPUs only; ``--no-memory-check`` skips it)."""
+    device = torch.device(config.device) if config.device else default_device()
+    if device.type == "cuda" and config.memory_check:
+        check_fits(config, world.size, prompt_tokens(config, task), total_memory(device), over)
+
+
+def open_run(config: TrainConfig, model: nn.Module, task: Task, algorithm: Algorithm, world: World = SOLO) -> Run:
     """Make ``config``'s layers of ``model`` trainable, build their optimizer, and resume from the run
-    directory's checkpoint if it has one. Writes ``config.json``."""
-    parts = trainable(config, model)
-    optimizer = make_optimizer(parts.groups, config)
+    directory's checkpoint if it has one. Writes ``config.json``. Over several processes (``world``) the
+    trained modules are sharded and ``model`` becomes the rollout model (:class:`ShardedModel`; the run's
+    ``sharded.learner`` is the model to update)."""
+    dtype = next(model.parameters()).dtype  # the load dtype, before trained tensors go float32
+    parts = trainable(config, model, fp32=not world.sharded)
+    count = parts.parameters  # before sharding frees the full tensors the groups name
+    sharded = ShardedModel(model, parts.groups, world, dtype) if world.sharded else None
+    learner = sharded.learner if sharded else model
+    optimizer = make_optimizer(sharded.groups if sharded else parts.groups, config)
     # the KL reference is the run's initial policy: captured before a resume loads later weights
-    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if config.beta else {}
+    initial = {n: p.detach().clone() for n, p in learner.named_parameters() if p.requires_grad} if config.beta else {}
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
-    start, evals = resume(out, model, optimizer)
+    world.barrier()  # every process has read the old config.json (check_run) before it is written again
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    start, evals = resume(out, learner, optimizer, sharded, world)
     meta = {"base_model": config.model, "layers_spec": config.layers, "layers": list(parts.selection.layers),
-            "extras": list(parts.selection.extras), "trainable_parameters": parts.parameters,
+            "extras": list(parts.selection.extras), "trainable_parameters": count,
             **({"adapter": parts.adapter} if parts.adapter else {}),
             "selection_notes": list(parts.selection.notes), "lr_rule": parts.lr_rule,
             "lr_scales": {str(k): v for k, v in parts.lr_scales.items()}, "config": to_dict(config)}
     return Run(config, task, algorithm, parts.selection, optimizer, parts.names, initial, meta,
-               PromptSampler(task.examples("train"), config.seed), start, parts.parameters,
-               open_tracker(config.report_to, out, to_dict(config), start),
+               PromptSampler(task.examples("train"), config.seed), start, count,
+               # other processes of a sharded run leave the tracking to rank 0, as they leave it the logs
+               open_tracker(config.report_to if world.is_main else "none", out, to_dict(config), start),
                # a resumed run keeps its last evaluation when it was made at the checkpoint's step
-               final_eval=evals[-1] if evals and evals[-1]["step"] == start else None)
+               final_eval=evals[-1] if evals and evals[-1]["step"] == start else None, world=world, sharded=sharded)

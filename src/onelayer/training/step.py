@@ -29,6 +29,7 @@ from ..jsonl import append_jsonl
 from ..rollout import Generator, RolloutBatch, completion_logprobs, render_prompts
 from ..rollout.episodes import play_episodes
 from ..tasks import AgentTask, Example, Task, outcome_fractions
+from .distributed import SOLO, World
 from .setup import Run, peak_memory
 
 MAX_BAD_STEPS = 3  # consecutive steps whose updates were all dropped for non-finite gradients
@@ -37,6 +38,11 @@ MAX_BAD_STEPS = 3  # consecutive steps whose updates were all dropped for non-fi
 def sample_seed(config: TrainConfig, step: int) -> int:
     """The seed of step ``step``'s sampling stream (and of the global generator during that step)."""
     return config.seed * 1_000_003 + step
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Process ``rank``'s seed for what each process of a run draws for itself (rank 0: ``seed``)."""
+    return seed if rank == 0 else (seed * 6_364_136_223_846_793_005 + rank) % 2**63
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:
@@ -62,33 +68,39 @@ class Rollouts:
     seconds: dict  # generation (sampling alone) and rollout (the whole first half)
 
 
-def score_rollouts(task: Task, batch: RolloutBatch, examples: list[Example], group_size: int
-                   ) -> tuple[torch.Tensor, dict]:
+def score_rollouts(task: Task, batch: RolloutBatch, examples: list[Example], group_size: int,
+                   world: World = SOLO) -> tuple[torch.Tensor, dict]:
     """Rewards (``[B]``, float32) and the step's outcome metrics of a batch of ``group_size``
-    completions per example."""
+    completions per example (metrics over every process's share of the step, when ``world`` has several)."""
     scores = task.score_all(batch.texts, [e for e in examples for _ in range(group_size)])
     rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
-    outcome = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
-               "accuracy": sum(s.correct for s in scores) / len(scores),
-               **({"outcomes": outcome_fractions(scores)} if scores[0].outcome else {}),
-               "zero_signal_fraction": zero_signal_fraction(rewards, group_size)}
+    everyone = world.gather(scores)
+    every_reward = torch.tensor([s.reward for s in everyone], dtype=torch.float32)
+    outcome = {"reward": every_reward.mean().item(), "reward_std": every_reward.std().item(),
+               "accuracy": sum(s.correct for s in everyone) / len(everyone),
+               **({"outcomes": outcome_fractions(everyone)} if everyone[0].outcome else {}),
+               "zero_signal_fraction": zero_signal_fraction(every_reward, group_size)}
     return rewards, outcome
 
 
 def scored(run: Run, batch: RolloutBatch, examples: list[Example]) -> tuple[torch.Tensor, dict]:
     """Score a single-turn batch and give every row its group-relative advantage."""
-    rewards, metrics = score_rollouts(run.task, batch, examples, run.config.group_size)
+    rewards, metrics = score_rollouts(run.task, batch, examples, run.config.group_size, run.world)
     return run.algorithm.advantages(rewards, run.config.group_size), metrics
 
 
 def rollout_step(run: Run, tokenizer, generator: Generator, step: int) -> Rollouts:
-    """Single-turn: ``group_size`` completions of each of the step's prompts, scored."""
+    """Single-turn: ``group_size`` completions of each of the step's prompts (of this process's share of
+    them), scored."""
     config, start = run.config, time.perf_counter()
-    examples = run.sampler.batch(step, config.prompts_per_step)
+    examples = run.world.share(run.sampler.batch(step, config.prompts_per_step))
     prompts = render_prompts(tokenizer, [run.task.messages(e) for e in examples])
     t0 = time.perf_counter()
+    # a share's rows draw from the step's stream what they draw in the whole batch
+    share = {"first_row": run.world.first(len(examples) * config.group_size)} if run.world.sharded else {}
     batch = generator.generate(prompts, config.group_size, config.sampling.max_new_tokens,
-                               config.sampling.temperature, config.sampling.top_p, seeds=[sample_seed(config, step)])
+                               config.sampling.temperature, config.sampling.top_p, seeds=[sample_seed(config, step)],
+                               **share)
     generation = time.perf_counter() - t0
     advantages, metrics = scored(run, batch, examples)
     return Rollouts(batch, advantages, metrics, {"generation": generation, "rollout": time.perf_counter() - start})
@@ -97,9 +109,9 @@ def rollout_step(run: Run, tokenizer, generator: Generator, step: int) -> Rollou
 def episode_step(run: Run, tokenizer, generator: Generator, step: int) -> Rollouts:
     """Multi-turn: ``group_size`` episodes from each of the step's environment seeds; every turn is a row
     with GiGPO's episode + anchor-state step advantage, or (grpo, dr_grpo) its episode's."""
-    config, algorithm, start = run.config, run.algorithm, time.perf_counter()
+    config, algorithm, start, world = run.config, run.algorithm, time.perf_counter(), run.world
     task: AgentTask = run.task
-    seeds = [e.meta["seed"] for e in run.sampler.batch(step, config.prompts_per_step)]
+    seeds = [e.meta["seed"] for e in world.share(run.sampler.batch(step, config.prompts_per_step))]
     s = config.sampling
     episodes, batch = play_episodes(generator, tokenizer, task, seeds, config.group_size, s.max_new_tokens,
                                     s.temperature, s.top_p)
@@ -110,19 +122,21 @@ def episode_step(run: Run, tokenizer, generator: Generator, step: int) -> Rollou
     advantages = torch.zeros(batch.size, dtype=torch.float32)
     for episode, per_turn in zip(episodes, values, strict=True):
         advantages[episode.rows] = torch.tensor(per_turn, dtype=torch.float32)
-    returns = torch.tensor([e.total_return for e in episodes], dtype=torch.float32)
+    # the step's metrics over every process's episodes
+    returns = torch.tensor(world.gather([e.total_return for e in episodes]), dtype=torch.float32)
+    wins, turns = world.sum(sum(e.won for e in episodes)), world.sum(batch.size)
     metrics = {"reward": returns.mean().item(), "reward_std": returns.std().item(),
-               "accuracy": sum(e.won for e in episodes) / len(episodes),
+               "accuracy": wins / len(returns),
                "zero_signal_fraction": zero_signal_fraction(returns, config.group_size),
-               "turns": batch.size / len(episodes),
-               "invalid_action_fraction": sum(e.invalid_actions for e in episodes) / batch.size,
-               **({"anchored_turn_fraction": anchored / batch.size} if algorithm.step_level else {})}
+               "turns": turns / len(returns),
+               "invalid_action_fraction": world.sum(sum(e.invalid_actions for e in episodes)) / turns,
+               **({"anchored_turn_fraction": world.sum(anchored) / turns} if algorithm.step_level else {})}
     return Rollouts(batch, advantages, metrics, {"generation": generation, "rollout": time.perf_counter() - start})
 
 
 def step_rollouts(run: Run, tokenizer, generator: Generator, step: int) -> Rollouts:
     """The first half of a step for the run's kind of task."""
-    torch.manual_seed(sample_seed(run.config, step))
+    torch.manual_seed(rank_seed(sample_seed(run.config, step), run.world.rank))
     kind = episode_step if isinstance(run.task, AgentTask) else rollout_step
     return kind(run, tokenizer, generator, step)
 
@@ -146,43 +160,61 @@ def swapped_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]):
                 params[n].copy_(value)
 
 
-def batch_logprobs(model: nn.Module, batch: RolloutBatch, config: TrainConfig) -> torch.Tensor:
+def micro_batches(rows: torch.Tensor, size: int, world: World = SOLO) -> list[tuple[torch.Tensor, bool]]:
+    """``rows`` in micro-batches of ``size``, each with whether it is real. Every forward and backward of a
+    sharded model is a collective, so over several processes each makes as many as the one with the most:
+    one with fewer (an agent task's turns) repeats its first row, to be given zero weight."""
+    parts = [(rows[start:start + size], True) for start in range(0, len(rows), size)]
+    return parts + [(rows[:1], False)] * (world.max(len(parts)) - len(parts) if world.sharded else 0)
+
+
+def batch_logprobs(model: nn.Module, batch: RolloutBatch, config: TrainConfig, world: World = SOLO) -> torch.Tensor:
     """Log-probs of the whole batch under the current weights, without gradients, micro-batched."""
     out = torch.zeros(batch.completion_mask.shape, dtype=torch.float32, device=batch.input_ids.device)
     with torch.no_grad():
-        for start in range(0, batch.size, config.micro_batch_size):
-            part = batch.rows(slice(start, start + config.micro_batch_size))
+        for rows, real in micro_batches(torch.arange(batch.size), config.micro_batch_size, world):
+            part = batch.rows(rows.to(out.device))
             lp = completion_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length,
                                      part.completion_mask, config.sampling.temperature)
-            out[start:start + config.micro_batch_size, :lp.shape[1]] = lp
+            if real:
+                out[rows.to(out.device), :lp.shape[1]] = lp
     return out
 
 
 def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: RolloutBatch,
                   advantages: torch.Tensor, config: TrainConfig, aggregation: str, step: int,
-                  ref_logprobs: torch.Tensor | None = None) -> dict[str, float]:
+                  ref_logprobs: torch.Tensor | None = None, world: World = SOLO) -> dict[str, float]:
     """PPO epochs x mini-batches of optimizer steps over one rollout batch, each accumulated over
     micro-batches. With one epoch and one mini-batch the old log-probs are the new ones detached,
-    so the ratio is exactly 1."""
+    so the ratio is exactly 1.
+
+    Over several processes (``world``), ``batch`` is this process's share of the step (rows ``rank * B``, ...
+    of it): the mini-batches are one process's (the same permutation of the whole step's rows), each process
+    taking its rows of each; the loss is divided by the whole mini-batch's sequence and token counts, so the
+    gradients the sharded model sums are one process's."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     device = batch.input_ids.device
     advantages = advantages.to(device)
-    old_logprobs = batch_logprobs(model, batch, config) if config.ppo_epochs * config.mini_batches > 1 else None
-    rows_per_mini = batch.size // config.mini_batches
+    old_logprobs = (batch_logprobs(model, batch, config, world) if config.ppo_epochs * config.mini_batches > 1
+                    else None)
+    # the step's rows over every process (mini-batches > 1 need single-turn tasks: the same number each)
+    total, first = (world.sum(batch.size), world.first(batch.size)) if config.mini_batches > 1 else (batch.size, 0)
+    rows_per_mini = total // config.mini_batches
     totals = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "grad_norm": 0.0}
     updates, skipped, bad_tensors = 0, 0, set()
     generator = torch.Generator().manual_seed(config.seed * 7919 + step)
     for _epoch in range(config.ppo_epochs):
-        order = torch.randperm(batch.size, generator=generator) if config.mini_batches > 1 else torch.arange(batch.size)
+        order = torch.randperm(total, generator=generator) if config.mini_batches > 1 else torch.arange(total)
         for mb in range(config.mini_batches):
-            mini = order[mb * rows_per_mini:(mb + 1) * rows_per_mini]
-            norm = Normalizer(len(mini), int(batch.completion_mask[mini.to(device)].sum().item()),
+            chosen = order[mb * rows_per_mini:(mb + 1) * rows_per_mini]
+            mini = chosen[(chosen >= first) & (chosen < first + batch.size)] - first  # this process's rows of it
+            norm = Normalizer(world.sum(len(mini)), world.sum(int(batch.completion_mask[mini.to(device)].sum().item())),
                               config.sampling.max_new_tokens)
             optimizer.zero_grad(set_to_none=True)
             # token-weighted, so that any micro-batching logs what the whole mini-batch at once would
             loss_sum, stats_sum = 0.0, {"clip_fraction": 0.0, "kl": 0.0}
-            for start in range(0, len(mini), config.micro_batch_size):
-                rows = mini[start:start + config.micro_batch_size].to(device)
+            for rows, real in micro_batches(mini, config.micro_batch_size, world):
+                rows = rows.to(device)
                 part = batch.rows(rows)
                 width = part.completion_mask.shape[1]
                 logp = completion_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length,
@@ -191,20 +223,23 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
                 ref = None if ref_logprobs is None else ref_logprobs[rows, :width]
                 loss, stats = policy_loss(logp, old, advantages[rows], part.completion_mask, aggregation,
                                           config.clip_low, config.clip_high, ref, config.beta, norm)
-                if not torch.isfinite(loss):
+                if not world.all(torch.isfinite(loss)):
                     raise OneLayerError(f"loss is {loss.item()} at step {step + 1}: lower --lr (now {config.lr:g}) or "
                                         "check the rewards; the last checkpoint is intact and --out resumes from it")
+                if not real:  # a stand-in that keeps this process in step with the others
+                    (loss * 0.0).backward()
+                    continue
                 loss.backward()
                 loss_sum += loss.item()
                 tokens = int(part.completion_mask.sum().item())
                 for k in stats_sum:
                     stats_sum[k] += stats[k] * tokens / max(norm.num_tokens, 1)
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            grad_norm = global_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if not math.isfinite(grad_norm):
                 # As AMP's grad scaler does: drop this update rather than write NaN into the weights,
                 # and say which tensors went bad; the loop stops if it keeps happening.
-                bad_tensors.update(nonfinite_gradients(optimizer))
+                bad_tensors.update(world.gather(nonfinite_gradients(optimizer)))
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
@@ -216,6 +251,9 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
             totals["kl"] += stats_sum["kl"]
             totals["grad_norm"] += grad_norm
             updates += 1
+    optimizer.zero_grad(set_to_none=True)  # gradients are not needed until the next update: free them
+    # each process's loss and token-weighted statistics are its share of the batch's
+    totals.update({k: world.sum(totals[k]) for k in ("loss", "clip_fraction", "kl")})
     stats = {k: v / max(updates, 1) for k, v in totals.items()}
     if skipped:
         layers = sorted({layer for layer, _ in bad_tensors}, key=str)
@@ -224,11 +262,17 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
     return stats
 
 
+def global_norm(norm: torch.Tensor) -> float:
+    """A gradient norm as a number (a sharded model's is a DTensor: its full value)."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def nonfinite_gradients(optimizer: torch.optim.Optimizer) -> list[tuple]:
-    """(layer, name) of each trained tensor whose gradient has a NaN or an infinity."""
+    """(layer, name) of each trained tensor whose gradient (this process's shard of it) has a NaN or an
+    infinity."""
     return [(group["layer"], name) for group in optimizer.param_groups
             for name, p in zip(group["names"], group["params"], strict=True)
-            if p.grad is not None and not torch.isfinite(p.grad).all()]
+            if p.grad is not None and not torch.isfinite(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).all()]
 
 
 def update_phase(model: nn.Module, run: Run, batch: RolloutBatch, advantages: torch.Tensor, precision,
@@ -240,8 +284,9 @@ def update_phase(model: nn.Module, run: Run, batch: RolloutBatch, advantages: to
     with precision, compiled_layers(model, run.config.compile_layers):
         if run.config.beta:
             with swapped_tensors(model, run.initial):
-                ref = batch_logprobs(model, batch, run.config)
-        stats = policy_update(model, run.optimizer, batch, advantages, run.config, run.aggregation, step, ref)
+                ref = batch_logprobs(model, batch, run.config, run.world)
+        stats = policy_update(model, run.optimizer, batch, advantages, run.config, run.aggregation, step, ref,
+                              run.world)
     return stats, peak_memory(device)
 
 
@@ -250,11 +295,15 @@ def update_phase(model: nn.Module, run: Run, batch: RolloutBatch, advantages: to
 
 def step_row(run: Run, step: int, metrics: dict, batch: RolloutBatch, stats: dict, seconds: dict,
              peaks: tuple[int, int] | None) -> dict:
-    """The log line of a step; ``seconds`` holds generation, rollout, update and step times."""
-    new_tokens = int(batch.completion_lengths.sum().item())
+    """The log line of a step; ``seconds`` holds generation, rollout, update and step times. Over several
+    processes: the whole step's counts, the slowest process's times, the fullest GPU's peaks."""
+    world = run.world
+    new_tokens, rows = world.sum(int(batch.completion_lengths.sum().item())), world.sum(batch.size)
+    seconds = {k: world.max(v) for k, v in seconds.items()}
+    peaks = tuple(world.max(p) for p in peaks) if peaks else None
     return {"step": step + 1, **metrics,
-            "completion_tokens": new_tokens / batch.size,
-            "truncated_fraction": batch.truncated.float().mean().item(),
+            "completion_tokens": new_tokens / rows,
+            "truncated_fraction": world.sum(int(batch.truncated.sum().item())) / rows,
             **stats, "lr": run.config.lr * lr_factor(run.config, step),
             "tokens_per_s": new_tokens / max(seconds["generation"], 1e-9),
             **{f"seconds_{k}": v for k, v in seconds.items()},
@@ -263,9 +312,11 @@ def step_row(run: Run, step: int, metrics: dict, batch: RolloutBatch, stats: dic
 
 
 def log_step(run: Run, row: dict, stats: dict) -> None:
-    """Append the step's line to ``log.jsonl``; stop the run when updates keep being dropped."""
-    append_jsonl(run.out / "log.jsonl", row)
-    run.tracker.log("train", row, row["step"])
+    """Append the step's line to ``log.jsonl`` (rank 0 of a run's processes) and the trackers; stop the run when
+    updates keep being dropped."""
+    if run.world.is_main:
+        append_jsonl(run.out / "log.jsonl", row)
+        run.tracker.log("train", row, row["step"])
     run.bad_steps = run.bad_steps + 1 if stats.get("skipped_updates") else 0
     if run.bad_steps >= MAX_BAD_STEPS:
         raise OneLayerError(
@@ -285,7 +336,7 @@ def update_and_log(model: nn.Module, run: Run, rollouts: Rollouts, precision, st
     seconds = {**rollouts.seconds, "update": update, "step": rollouts.seconds["rollout"] + update}
     on_cuda = rollouts.batch.input_ids.device.type == "cuda"
     row = {**step_row(run, step, rollouts.metrics, rollouts.batch, stats, seconds,
-                      (peak_rollout, peak_update) if on_cuda else None), **(extra or {})}
+                      (peak_rollout, peak_update) if on_cuda else None), **run.processes, **(extra or {})}
     log_step(run, row, stats)
     return row
 
@@ -305,6 +356,11 @@ def record_eval(run: Run, step: int, result) -> dict:
 
 
 def save_due(run: Run, model: nn.Module, done: int) -> None:
-    """Checkpoint after ``done`` steps when the schedule or the end says so."""
+    """Checkpoint after ``done`` steps when the schedule or the end says so (of a sharded run: its gathered
+    tensors, written by rank 0)."""
     if done % run.config.save_every == 0 or done == run.config.steps:
-        save_checkpoint(run.out / "checkpoint", model, run.trained, {**run.meta, "step": done}, run.optimizer)
+        meta = {**run.meta, "step": done}
+        if run.sharded:
+            run.sharded.save(run.out / "checkpoint", run.trained, meta, run.optimizer)
+        else:
+            save_checkpoint(run.out / "checkpoint", model, run.trained, meta, run.optimizer)

@@ -3,40 +3,53 @@ evaluate -> checkpoint, step after step (the parts are in :mod:`.step`, the setu
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from ..config import TrainConfig
 from ..evaluate import evaluate
+from ..memory import RELEASE_FRACTION
 from ..models import precision_context
 from ..progress import progress_bar
 from ..rollout import make_generator
-from .setup import TrainResult, check_run, model_for, open_run, peak_memory, total_memory
+from .distributed import World, torchrun_world
+from .setup import TrainResult, check_memory, check_run, model_for, open_run, peak_memory, total_memory
 from .step import eval_due, record_eval, save_due, step_rollouts, update_and_log
 
-# A rollout cache larger than this share of the GPU is freed before each update (and rebuilt next step).
-RELEASE_FRACTION = 0.2
 
-
-def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> TrainResult:
-    """Run (or resume) the RL run described by ``config``; ``model``/``tokenizer`` skip loading."""
-    task, algorithm = check_run(config)  # cheap checks before loading weights
+def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, progress: bool = True,
+          world: World | None = None) -> TrainResult:
+    """Run (or resume) the RL run described by ``config``; ``model``/``tokenizer`` skip loading. ``world``:
+    the processes that train it together, each with its share of every step's prompts and of the trained
+    tensors (default: all of torchrun's processes, or this one alone; see :mod:`.distributed`)."""
+    world = torchrun_world(config.device) if world is None else world
+    config = replace(config, device=world.device or config.device)  # a process's own GPU
+    task, algorithm = check_run(config, world=world)  # cheap checks before loading weights
+    if model is None:
+        check_memory(config, world, task)
     device, model, tokenizer = model_for(config, model, tokenizer)
     precision = precision_context(device, next(model.parameters()).dtype)  # before trained tensors go float32
-    run = open_run(config, model, task, algorithm)
+    run = open_run(config, model, task, algorithm, world)
+    # over several processes, ``model`` is the rollout model and the learner holds the sharded trained tensors
+    learner = run.sharded.learner if run.sharded else model
     s = config.sampling
     generator = make_generator(model, tokenizer, s.generation_batch_size, s.engine, s.compile_decode, s.fused_kernels)
     model.eval()  # no dropout: sampling and update see the same policy
+    learner.eval()
 
     def run_eval(step: int) -> None:
-        with precision:
-            result = evaluate(model, tokenizer, task, config.eval_n, max_new_tokens=s.max_new_tokens,
-                              seed=config.seed, generator=generator)
-        record_eval(run, step, result)
+        if world.is_main:  # the others wait
+            with precision:
+                result = evaluate(model, tokenizer, task, config.eval_n, max_new_tokens=s.max_new_tokens,
+                                  seed=config.seed, generator=generator)
+            record_eval(run, step, result)
+        world.barrier()
 
     peak_memory(device)  # reset the counter
     if config.eval_every and config.eval_at_start and run.start == 0:
         run_eval(0)
-    with progress_bar(f"layers {run.selection.describe()}", progress, info=True) as bar:
+    with progress_bar(f"layers {run.selection.describe()}", progress and world.is_main, info=True) as bar:
         task_id = bar.add_task("train", total=config.steps, completed=run.start, info="")
         for step in range(run.start, config.steps):
             with precision:
@@ -44,10 +57,12 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             peak_rollout = peak_memory(device)
             if getattr(generator, "state_bytes", 0) > RELEASE_FRACTION * total_memory(device):
                 generator.release()  # a large model's cache would crowd out the update's activations
-            row = update_and_log(model, run, rollouts, precision, step, peak_rollout)
+            row = update_and_log(learner, run, rollouts, precision, step, peak_rollout)
+            if run.sharded:
+                run.sharded.refresh()  # the next rollouts and evaluations see the updated weights
             if eval_due(config, step + 1):
                 run_eval(step + 1)
-            save_due(run, model, step + 1)
+            save_due(run, learner, step + 1)
             bar.update(task_id, completed=step + 1,
                        info=f"reward {row['reward']:.3f} acc {row['accuracy']:.3f} {row['seconds_step']:.1f}s/step")
     run.tracker.close()
