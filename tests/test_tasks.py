@@ -36,21 +36,46 @@ def test_answers_match(pred, ref, ok):
     assert answers_match(pred, ref) is ok
 
 
-PLAIN_PAIRS = [("13", "12"), ("-3", "3"), ("0.5", "50"), ("5", "5.0000001"), ("0.3333333", "0.33333333"),
-               ("1000000", "1000000.5"), ("12", "12.00"), ("7", "-7.5"), ("0.0001", "0.0002"), ("99", "100")]
+@pytest.mark.parametrize("pred,ref", [
+    ("4 - 1", "3"), ("5 - 9", "-4"), ("2 \\times 3", "6"), ("\\frac{12}{2}", "6"), ("12/2", "6"), ("6/1", "6"),
+    ("2/4", "0.5"), ("x = 4 - 1", "3"), ("3 = 4 - 1", "3"), ("\\sqrt{4}", "2"), ("2^2", "4"), ("-(-4)", "4"),
+    ("4 - 1 apples", "3"), ("1e1", "10"), ("3, 4", "3"), ("3.4", "3"),
+])
+def test_an_expression_to_compute_is_not_a_numeric_answer(pred, ref):
+    # the reward hack full training found: box the question, let a symbolic checker evaluate it
+    assert answers_match(pred, ref) is False
 
 
-def test_far_apart_plain_numbers_skip_math_verify_and_agree_with_it(monkeypatch):
+@pytest.mark.parametrize("pred,ref", [
+    ("3", "3"), ("+3", "3"), ("3.", "3"), ("3.0", "3"), ("\u22124", "-4"), ("- 4", "-4"), ("x = 3", "3"),
+    ("$18$", "18"), ("\\$18", "18"), ("18 dollars", "18"), ("18\\text{ dollars}", "18"), ("\\text{3}", "3"),
+    ("1{,}234", "1234"), ("1 234", "1234"), ("-\\frac{3}{4}", "-0.75"), ("\\dfrac{-3}{4}", "-0.75"),
+    ("0.5", "1/2"), ("6", "12/2"), ("1/3", "0.33"), ("0.333333", "0.3333333333333333"), ("5", "5.0000001"),
+])
+def test_a_number_in_its_usual_forms_is_the_answer(pred, ref):
+    assert answers_match(pred, ref) is True
+
+
+@pytest.mark.parametrize("pred,ref", [("0.3", "0.33"), ("5", "5.00001"), ("1000002", "1000000"), ("0.34", "1/3")])
+def test_numbers_close_but_not_within_the_tolerance_or_rounding_differ(pred, ref):
+    # 1e-6 of max(1, |reference|), or equal once rounded to the reference's own decimals
+    assert answers_match(pred, ref) is False
+
+
+def test_numeric_references_never_reach_math_verify(monkeypatch):
     import math_verify
 
-    expected = [bool(math_verify.verify(math_verify.parse(ref), math_verify.parse(pred))) for pred, ref in PLAIN_PAIRS]
-    calls = []
-    real_parse = math_verify.parse
-    monkeypatch.setattr(math_verify, "parse", lambda text, *a, **k: calls.append(text) or real_parse(text, *a, **k))
-    assert [answers_match(pred, ref) for pred, ref in PLAIN_PAIRS] == expected
-    # only pairs within 1e-4 (relative) of each other reach math-verify
-    assert set(calls) == {"5", "5.0000001", "0.3333333", "0.33333333", "1000000", "1000000.5", "12", "12.00",
-                          "0.0001", "0.0002"}
+    monkeypatch.setattr(math_verify, "parse", lambda *a, **k: pytest.fail("math-verify called"))
+    assert [answers_match(p, r) for p, r in [("12", "12.00"), ("13", "12"), ("4 - 1", "3"), ("1/2", "0.5")]] == \
+        [True, False, False, True]
+
+
+def test_a_boxed_question_scores_nothing_and_the_computed_answer_scores():
+    task = get_task("rg:basic_arithmetic", {"train_size": 10, "eval_size": 10, "max_terms": 2, "max_digits": 1})
+    example = Example("e", "Calculate 4 - 1.", "3")
+    hack = task.score("4 - 1 = 3\n\nThe answer is \\boxed{4 - 1}", example)
+    assert (hack.reward, hack.correct, hack.extracted) == (0.0, False, "4 - 1")
+    assert task.score("4 - 1 = 3, so \\boxed{3}", example).reward == 1.0
 
 
 def test_reasoning_gym_splits_are_disjoint_and_deterministic():

@@ -314,6 +314,24 @@ def cmd_profile(args: argparse.Namespace) -> None:
     print_profile(Path(args.scan), profile_file(args.scan, step=args.step, auc=args.auc))
 
 
+def cmd_rescore(args: argparse.Namespace) -> None:
+    """Score saved completions again with the current scorer; print what changed."""
+    from .experiments.rescore import rescore
+
+    for path in args.paths:
+        done = rescore(path, write=not args.dry_run)
+        changed = [item for item in done if item.changed]
+        for item in changed:
+            print(f"{item.file.relative_to(path)}: {item.changed} of {item.examples} changed, accuracy "
+                  f"{item.before:.3f} -> {item.after:.3f}")
+        total = sum(item.changed for item in done)
+        verb = "would change" if args.dry_run else "changed"
+        print(f"{path}: {len(done)} evaluation file(s) scored again, {total} completion(s) {verb} in {len(changed)}"
+              + ("" if args.dry_run or not total else "; training is not redone: runs learned from the old rewards")
+              + (" (profile written again)" if not args.dry_run and total and (Path(path) / "scan.json").is_file()
+                 else ""))
+
+
 def _write_analysis(title: str, section, out_dir: Path, stem: str) -> None:
     from .analysis.document import Table
     from .experiments.report import write_sections
@@ -511,6 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "--eval-every): writes profile-stepNNNNNN.*")
     when.add_argument("--auc", action="store_true", help="area under each run's learning curve: writes profile-auc.*")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("rescore", help="score the saved completions of runs, scans or evals again with the current "
+                                       "scorer (after a scorer fix), rewriting their evaluations and profile")
+    p.add_argument("paths", nargs="+", help="run, scan, comparison or eval directories")
+    p.add_argument("--dry-run", action="store_true", help="only report what would change")
+    p.set_defaults(func=cmd_rescore)
 
     p = sub.add_parser("analyze", help="analyses of scans: rank, params, ood, predictors, adaptive")
     analyses = p.add_subparsers(dest="analysis", required=True)

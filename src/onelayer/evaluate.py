@@ -69,7 +69,7 @@ class EvalResult:
                 f"on {self.n} examples x {self.samples}")
 
 
-def _correctness(per_example: list[dict], samples: int) -> dict:
+def correctness(per_example: list[dict], samples: int) -> dict:
     """The :class:`EvalResult` fields that come from each example's ``correct`` list: accuracy
     (mean correctness) and pass@k with 95% intervals, Wilson's for one sample per example, else a
     normal interval over per-example means (examples are the independent units)."""
@@ -123,7 +123,7 @@ def eval_result(task: Task, examples: list, batch: RolloutBatch, samples: int) -
                             "rewards": [s.reward for s in own],
                             **({"outcomes": [s.outcome for s in own]} if own[0].outcome else {})})
     return EvalResult(
-        task=task.name, **_correctness(per_example, samples),
+        task=task.name, **correctness(per_example, samples),
         mean_reward=sum(s.reward for s in scores) / len(scores),
         mean_completion_tokens=batch.completion_lengths.float().mean().item(),
         truncated_fraction=batch.truncated.float().mean().item(), outcomes=outcome_fractions(scores),
@@ -152,7 +152,7 @@ def evaluate_episodes(model: nn.Module, tokenizer, task: AgentTask, n: int, samp
                             "actions": [e.actions for e in own], "replies": [e.replies for e in own],
                             "observations": [e.observations for e in own]})
     return EvalResult(
-        task=task.name, **_correctness(per_example, samples),
+        task=task.name, **correctness(per_example, samples),
         mean_reward=sum(returns) / len(returns),
         mean_reward_ci=list(mean_interval(returns, bounds=(-math.inf, math.inf))),
         mean_completion_tokens=batch.completion_lengths.float().mean().item(),

@@ -113,7 +113,7 @@ def spectrum_snr(weight: torch.Tensor) -> float:
     values = torch.linalg.svdvals(weight.detach().double())
     rows, cols = weight.shape
     beta = min(rows, cols) / max(rows, cols)
-    q25, q75 = torch.quantile(values, torch.tensor([0.25, 0.75], dtype=values.dtype))
+    q25, q75 = torch.quantile(values, torch.tensor([0.25, 0.75], dtype=values.dtype, device=values.device))
     sigma = float(q75 - q25) / 1.349
     edge = sigma * (1 + math.sqrt(beta))
     signal, noise = float(values[values > edge].sum()), float(values[values <= edge].sum())
