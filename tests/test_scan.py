@@ -174,6 +174,9 @@ def test_the_profile_reads_a_grid_under_both_protocols(tmp_path, saved_tiny):
     _, rule = lr_scales_from_profile(read_profile(f"{scan}?protocol=best"), [0, 1])
     assert "per-configuration best" in rule
     assert (scan / "profile-best.md").is_file() and "| lr |" in (scan / "profile.md").read_text()
+    best_rows = (scan / "profile-best.md").read_text().splitlines()
+    rates = {r.split(" | ")[0]: r.split("|")[-2].strip() for r in best_rows if r.count("|") == 7}  # first table
+    assert [rates[f"| {k}"] for k in range(4)] == ["1x", "1x", "-", "3x"]  # layer 2 was not trained
     with pytest.raises(OneLayerError, match="protocol=study"):
         read_profile(f"{scan}?protocol=fast")
     calls.clear()

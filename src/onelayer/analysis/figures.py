@@ -82,7 +82,8 @@ def profile_table(profile: Profile) -> str:
     n = len(profile.points)
     for p in profile.points:
         lines.append(f"| {p.layer} | {(p.layer + 0.5) / n:.2f} | {p.contribution:.3f} | [{p.low:.3f}, {p.high:.3f}] | "
-                     f"{'interpolated' if p.interpolated else 'yes'} |" + (f" {p.lr_scale:g}x |" if grid else ""))
+                     f"{'interpolated' if p.interpolated else 'yes'} |"
+                     + ((" - |" if p.interpolated else f" {p.lr_scale:g}x |") if grid else ""))  # no rate of its own
     r = profile.robustness
     if r is not None:
         lines += ["", f"Learning-rate grid {', '.join(f'{x:g}x' for x in r.lr_scales)}: full training "
