@@ -124,3 +124,15 @@ def test_a_scan_whose_full_run_used_the_loophole_gets_its_profile_again(tmp_path
     profile = read_profile(scan)
     assert profile.full_gain.value == pytest.approx(0.25)
     assert {p.layer: p.contribution for p in profile.points if not p.interpolated} == {1: pytest.approx(1.0)}
+
+
+def test_files_whose_task_is_unknown_are_skipped_and_said(tmp_path, capsys):
+    fake_run(tmp_path / "runs" / "a", steps=(2,))
+    orphan = tmp_path / "members" / "b"
+    write_eval(orphan, 2, ROWS)
+    (orphan / "evals" / "step000002.json").write_text("{}")  # an ensemble member's copy names no task
+    assert main(["rescore", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped members/b/evals/step000002.examples.jsonl.gz: no task named beside it or in its run" in out
+    assert "runs/a/evals/step000002.examples.jsonl.gz: 1 of 4 changed, accuracy 0.750 -> 0.500" in out
+    assert read_gz(orphan / "evals" / "step000002.examples.jsonl.gz")[0]["correct"] == [True]  # left as it was

@@ -319,7 +319,10 @@ def cmd_rescore(args: argparse.Namespace) -> None:
     from .experiments.rescore import rescore
 
     for path in args.paths:
-        done = rescore(path, write=not args.dry_run)
+        found = rescore(path, write=not args.dry_run)
+        done, skipped = [i for i in found if not i.skipped], [i for i in found if i.skipped]
+        for item in skipped:
+            print(f"skipped {item.file.relative_to(path)}: {item.skipped}")
         changed = [item for item in done if item.changed]
         for item in changed:
             print(f"{item.file.relative_to(path)}: {item.changed} of {item.examples} changed, accuracy "

@@ -32,6 +32,7 @@ class Rescored:
     changed: int  # completions whose correctness changed
     before: float
     after: float
+    skipped: str = ""  # why the file was not scored again (then nothing else is set)
 
 
 def examples_files(path: Path) -> list[Path]:
@@ -63,7 +64,7 @@ def task_of(examples: Path, summary: dict, cache: dict):
     config = run_config(examples)
     name = summary.get("task") or config.get("task")
     if not name:
-        raise OneLayerError(f"{examples}: no task named in {summary_file(examples).name} or the run's config.json")
+        return None
     options = summary.get("task_options", config.get("task_options", {}) if config.get("task") == name else {})
     key = (name, json.dumps(options, sort_keys=True))
     if key not in cache:
@@ -86,16 +87,17 @@ def rescore_rows(task, rows: list[dict]) -> tuple[list[dict], list, int]:
 
 
 def rescore_file(examples: Path, cache: dict, write: bool = True) -> Rescored | None:
-    """Score one per-example file again and update what was computed from it; None for files that cannot be
-    (agent episodes, rows without completions)."""
+    """Score one per-example file again and update what was computed from it; None for files of votes
+    (ensembles: vote again with ``onelayer ensemble``), a skipped :class:`Rescored` for files that cannot be."""
     summary_path = summary_file(examples)
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     rows = read_jsonl(examples)
     if not rows or "completions" not in rows[0] or "question" not in rows[0]:
         return None
     task = task_of(examples, summary, cache)
-    if isinstance(task, AgentTask):
-        return None
+    if task is None or isinstance(task, AgentTask):
+        why = "agent episodes are not stored as completions" if task else "no task named beside it or in its run"
+        return Rescored(examples, len(rows), 0, float("nan"), float("nan"), skipped=why)
     before = sum(sum(r["correct"]) / len(r["correct"]) for r in rows) / len(rows)
     rows, scores, changed = rescore_rows(task, rows)
     fields = {**correctness(rows, len(rows[0]["correct"])), "mean_reward": sum(s.reward for s in scores) / len(scores),
@@ -137,7 +139,8 @@ def rescore(path: str | Path, write: bool = True, progress=None) -> list[Rescore
     if write:
         by_run: dict[Path, list[Rescored]] = {}
         for item in done:
-            by_run.setdefault(run_root(item.file), []).append(item)
+            if not item.skipped:
+                by_run.setdefault(run_root(item.file), []).append(item)
         for root, items in by_run.items():
             record = root / "rescored.json"
             history = json.loads(record.read_text()) if record.is_file() else []
