@@ -172,6 +172,16 @@ def test_predict_and_score_against_a_scan_from_the_command_line(tmp_path, saved_
     assert scored["position"]["spearman"] == pytest.approx(0.0, abs=1e-9)
     assert scored["position"]["over_position"][0] == pytest.approx(0.0)
     assert (scan / "analysis" / "figures" / "predictors.png").is_file()
+    # any profile of the scan can be the yardstick, by reference; its file is read, not recomputed
+    assert main(["analyze", "predictors", f"{scan}?protocol=best", str(pred)]) == 2  # a usage error
+    assert "a best-rate profile needs a scan with --lr-grid" in capsys.readouterr().err
+    best = json.loads((scan / "profile.json").read_text())
+    best["points"] = [{**p, "contribution": 1 - p["contribution"]} for p in best["points"]]  # reversed ranking
+    (scan / "profile-best.json").write_text(json.dumps(best))
+    assert main(["analyze", "predictors", f"{scan}?protocol=best", str(pred)]) == 0
+    data = json.loads((scan / "analysis" / "predictors-best.json").read_text())
+    reversed_scores = {s["signal"]: s["spearman"] for s in next(iter(data.values()))["scores"]}
+    assert reversed_scores["block_influence"] == pytest.approx(-scored["block_influence"]["spearman"])
 
 
 def test_bad_predict_input_gets_one_line_errors(tmp_path):

@@ -403,8 +403,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_analyze_predictors(args: argparse.Namespace) -> None:
     from .experiments.predict import PREDICTED, config_for_scan, read_prediction, run_predict
     from .experiments.report import predictors_section
+    from .profile import parse_reference, reference_path
 
-    scan = Path(args.scan)
+    scan = reference_path(args.scan)  # a scan, or the profile a reference names: SCAN?protocol=best&step=N
     directory = Path(args.predictions) if args.predictions else scan / "predict"
     if not (directory / PREDICTED).is_file():
         if args.predictions:
@@ -412,8 +413,11 @@ def cmd_analyze_predictors(args: argparse.Namespace) -> None:
         print(f"no prediction for {scan} yet: computing one with the scan's model, task and rollout settings into "
               f"{directory}")
         run_predict(config_for_scan(scan, directory), progress=not args.no_progress)
-    section = predictors_section(scan, scan / "analysis" / "figures", read_prediction(directory))
-    _write_analysis(f"Predictors of the profile: {scan.name}", section, scan / "analysis", "predictors")
+    _, protocol, step, auc = parse_reference(args.scan)
+    stem = "predictors" + (f"-{protocol}" if protocol != "study" else "") + (f"-step{step:06d}" if step is not None
+                                                                             else "") + ("-auc" if auc else "")
+    section = predictors_section(args.scan, scan / "analysis" / "figures", read_prediction(directory))
+    _write_analysis(f"Predictors of the profile: {args.scan}", section, scan / "analysis", stem)
 
 
 def cmd_analyze_adaptive(args: argparse.Namespace) -> None:
@@ -556,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = analyses.add_parser("predictors", help="score cheap per-layer signals (onelayer predict) against a scan's "
                                                 "measured profile")
-    q.add_argument("scan", help="scan directory")
+    q.add_argument("scan", help="scan directory, or a profile reference: SCAN?protocol=best, SCAN?step=20, SCAN?auc")
     q.add_argument("predictions", nargs="?", default="", help="onelayer predict directory (default: SCAN/predict, "
                                                                "computed with the scan's recipe when missing)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -26,7 +26,7 @@ from ..analysis.figures import (
 from ..analysis.rank import compare_profiles, correlation_matrix, measured, rank_correlation
 from ..errors import OneLayerError
 from ..jsonl import read_jsonl
-from ..profile import Profile
+from ..profile import Profile, read_profile, reference_path
 from .rundir import read_result, run_dir, run_status
 from .scan import evaluated_steps, load_plan, lr_scales, scan_profile, scan_scores
 
@@ -457,14 +457,16 @@ def build_report(scan_dir: str | Path, compare: list[str] | None = None, out: st
     return md
 
 
-def predictors_section(scan_dir: Path, figures: Path, prediction: dict) -> Section:
-    """How well each cheap signal of :mod:`onelayer.experiments.predict` predicted the measured profile."""
+def predictors_section(reference: str | Path, figures: Path, prediction: dict) -> Section:
+    """How well each cheap signal of :mod:`onelayer.experiments.predict` predicted the measured profile that
+    ``reference`` names (a scan, or ``SCAN?protocol=best&step=N``)."""
     from ..analysis.figures import plot_predictor_scores
     from .predict import score_prediction
 
-    rho = scan_profile(scan_dir)[0].seed_rank_correlation  # the ceiling: one seed's agreement with another's
+    scan_dir = reference_path(reference)
+    rho = read_profile(reference).seed_rank_correlation  # the ceiling: one seed's agreement with another's
     ceiling = float("nan") if rho is None else rho
-    scores = score_prediction(scan_dir, prediction, ceiling)
+    scores = score_prediction(reference, prediction, ceiling)
     rows = [[s.signal, f"{_f(s.spearman, 2, True)} (p={_p(s.p_value)})", _f(s.partial_spearman, 2, True),
              f"{_f(s.over_position[0], 2, True)} [{_f(s.over_position[1], 2, True)}, {_f(s.over_position[2], 2, True)}]",
              str(s.top1), f"{s.top3} ({_f(s.top3_chance, 1)})", f"{s.top20} of {s.top20_k} ({_f(s.top20_chance, 1)})",
