@@ -292,8 +292,9 @@ class PredictConfig:
     layers: str = option("all", group="layers", help="the layers to compute signals for (others interpolated)")
     out: str = option("predict-out", group="run", help="directory for predicted.json, predicted.md and the figure")
     signals: str = option(",".join(PREDICTORS), group="predict", help="comma-separated signals to compute")
-    signal: str = option("block_influence", group="predict", choices=PREDICTORS, help=(
-        "the signal whose ranking predicted.json gives as its profile (what top:k@DIR and --lr-from DIR read)"))
+    signal: str = option("grad_norm", group="predict", choices=PREDICTORS, help=(
+        "the signal whose ranking predicted.json gives as its profile (what top:k@DIR and --lr-from DIR read); "
+        "grad_norm predicted SmolLM2's measured profiles best (docs/results/2026-12-02-predictors-smollm2)"))
     prompts: int = option(64, group="predict", help=(
         "train prompts for the representation and gradient signals (groups of --group-size completions)"))
     group_size: int = option(8, group="predict", help="completions per prompt for the gradient signals")
