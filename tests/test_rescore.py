@@ -81,6 +81,17 @@ def test_a_run_is_scored_again_and_every_number_from_it_follows(tmp_path):
     assert len(json.loads((run / "rescored.json").read_text())) == 2
 
 
+def test_a_compressed_log_is_updated_in_place(tmp_path):
+    run = tmp_path / "run"
+    fake_run(run, steps=(3,))
+    log = run / "eval.jsonl"
+    with gzip.open(f"{log}.gz", "wt") as f:
+        f.write(log.read_text())
+    log.unlink()
+    rescore(run)
+    assert [r["accuracy"] for r in read_gz(f"{log}.gz")] == [0.5] and not log.exists()
+
+
 def test_a_dry_run_reports_and_writes_nothing(tmp_path):
     run = tmp_path / "run"
     fake_run(run, steps=(3,))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import OneLayerError
 from ..evaluate import correctness
-from ..jsonl import read_jsonl, write_jsonl
+from ..jsonl import read_jsonl, resolve, write_jsonl
 from ..tasks import AgentTask, Example, get_task, outcome_fractions
 
 EXAMPLES = re.compile(r"(.+)\.examples\.jsonl(\.gz)?")
@@ -116,7 +116,7 @@ def update_run(examples: Path, fields: dict) -> None:
         return
     directory = examples.parent.parent
     step = re.fullmatch(r"step(\d+)", EXAMPLES.fullmatch(examples.name)[1])
-    if step is not None and (log := directory / "eval.jsonl").is_file():
+    if step is not None and (log := resolve(directory / "eval.jsonl")).is_file():  # or its .gz
         rows = [{**r, **fields} if r.get("step") == int(step[1]) else r for r in read_jsonl(log)]
         write_jsonl(log, rows)
     result = directory / "result.json"
