@@ -21,6 +21,7 @@ from .config import (
     SamplingConfig,
     ScanConfig,
     TrainConfig,
+    check_out_dir,
     config_fields,
 )
 from .errors import OneLayerError
@@ -119,12 +120,15 @@ def cmd_layers(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{args.model} ({report['architecture']}, {selection.num_layers} layers): {args.select}")
+    # the title on a line of its own: a table title wraps to the width of the (narrow) table
+    table = Table()
     table.add_column("layer")
     table.add_column("trainable parameters", justify="right")
     for layer, count in counts["per_layer"].items():
         table.add_row(layer, f"{count:,}")
     console = Console()
+    console.print(f"{args.model} ({report['architecture']}, {selection.num_layers} layers), spec {args.select}:",
+                  highlight=False, soft_wrap=True)
     console.print(table)
     for note in selection.notes:
         console.print(f"note: {note}")
@@ -145,9 +149,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluate import run_eval
+    from .checkpoint import read_meta
+    from .evaluate import resolve_task, run_eval
 
     config = config_from_args(EvalConfig, args)
+    config.validate()
+    if config.checkpoint:
+        read_meta(config.checkpoint)  # a missing checkpoint fails before anything is said about its task
+    config, note = resolve_task(config)
+    print(note)
     result = run_eval(config)
     print(result.line())
     if config.samples > 1:
@@ -267,7 +277,9 @@ def _write_analysis(title: str, section, out_dir: Path, stem: str) -> None:
 def cmd_analyze_rank(args: argparse.Namespace) -> None:
     from .experiments.report import rank_of_scans
 
-    out = Path(args.out)
+    # like every analysis, inside the (first) scan's analysis/ folder unless --out says otherwise
+    out = Path(args.out) if args.out else Path(args.scans[0]) / "analysis"
+    check_out_dir(out)
     _write_analysis("Rank correlation of layer profiles", rank_of_scans(args.scans, out), out, "rank")
 
 
@@ -306,19 +318,25 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> None:
-    from .experiments.specialists import run_ensemble, run_self_consistency, summary_lines
+    from .experiments.specialists import ensemble_task_line, run_ensemble, run_self_consistency, summary_lines
 
     base = config_from_args(EvalConfig, args)
     out = Path(args.out or "ensemble-out")
-    if args.self_consistency:
-        summary = run_self_consistency(args.self_consistency, args.k, base, out)
-        print("\n".join(summary_lines(f"self-consistency of {args.self_consistency} (k={args.k})", summary)))
-    if args.runs:
-        summary = run_ensemble(args.runs, base, out)
-        print("\n".join(summary_lines(f"ensemble of {len(args.runs)} specialists", summary)))
+    check_out_dir(out)
     if not args.runs and not args.self_consistency:
         raise OneLayerError("ensemble needs run directories to vote over, and/or --self-consistency RUN --k K")
-    print(f"results in {out}/ (ensemble.json, self_consistency.json, per-example .examples.jsonl)")
+    written = []
+    if args.self_consistency:
+        print(ensemble_task_line(args.self_consistency, base))
+        summary = run_self_consistency(args.self_consistency, args.k, base, out)
+        print("\n".join(summary_lines(f"self-consistency of {args.self_consistency} (k={args.k})", summary)))
+        written.append("self_consistency.json, self_consistency.examples.jsonl, samples/")
+    if args.runs:
+        print(ensemble_task_line(args.runs[0], base))
+        summary = run_ensemble(args.runs, base, out)
+        print("\n".join(summary_lines(f"ensemble of {len(args.runs)} specialists", summary)))
+        written.append("ensemble.json, ensemble.examples.jsonl, members/")
+    print(f"results in {out}/: {', '.join(written)}")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -384,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyses = p.add_subparsers(dest="analysis", required=True)
     q = analyses.add_parser("rank", help="Spearman and Kendall rank correlation of two or more scans' profiles")
     q.add_argument("scans", nargs="+", help="scan directories")
-    q.add_argument("--out", default="rank-analysis", help="directory for rank.md/.html/.json and the heatmap")
+    q.add_argument("--out", default="", help="directory for rank.md/.html/.json and the heatmap (default: the first "
+                                             "scan's analysis/, where every analysis of a scan goes)")
     q.set_defaults(func=cmd_analyze_rank)
     q = analyses.add_parser("params", help="relative weight change per layer against contribution")
     q.add_argument("scan", help="scan directory")
@@ -426,20 +445,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-out")
     p.add_argument("--cpu-scale", action="store_true", help="the small CPU scan even when a GPU is present")
     p.set_defaults(func=cmd_demo)
+    _add_verbose(parser, sub)
     return parser
 
 
+VERBOSE_HELP = ("show other libraries' progress bars, notices and warnings (hidden by default: model-loading and "
+                "GGUF de-quantization bars, transformers' generation, attention and tokenizer notices, "
+                "dependencies' warnings)")
+
+
+def _add_verbose(parser: argparse.ArgumentParser, sub) -> None:
+    """``--verbose`` before or after the command (``onelayer --verbose train ...`` or ``onelayer train ...
+    --verbose``): on the top parser and on every command's."""
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    pending = [sub]
+    while pending:
+        for command in pending.pop().choices.values():
+            command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+            pending += [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .progress import quiet_libraries
+
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except OneLayerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished steps are checkpointed every --save-every steps; rerun to resume",
-              file=sys.stderr)
-        return 130
+    with quiet_libraries(args.verbose) as hidden:
+        try:
+            code = args.func(args) or 0
+        except OneLayerError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted: finished steps are checkpointed every --save-every steps; rerun to resume",
+                  file=sys.stderr)
+            return 130
+    if hidden.warnings:
+        print(f"({hidden.warnings} warning(s) from other libraries hidden; --verbose shows them)", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

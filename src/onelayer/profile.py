@@ -33,18 +33,22 @@ class LayerPoint:
 @dataclass(frozen=True)
 class Profile:
     """A contribution profile over all layers; ``reliable`` is False unless full training's gain is above
-    the noise (its interval excludes 0 and it is positive); ``warning`` then says why."""
+    the noise (its interval excludes 0 and it is positive); ``warning`` then says why. ``layer_gains`` holds
+    each measured layer's own gain over the base model (S_l - S_base, as ``contribution``, with its
+    interval): defined even when contributions are not."""
 
     points: tuple[LayerPoint, ...]
     full_gain: Estimate
     reliable: bool
     warning: str
+    layer_gains: tuple[LayerPoint, ...] = ()
 
 
 def profile_from_dict(data: Mapping) -> Profile:
     """The inverse of ``dataclasses.asdict`` on a :class:`Profile` (as in ``profile.json``)."""
     return Profile(tuple(LayerPoint(**p) for p in data["points"]), Estimate(**data["full_gain"]),
-                   bool(data["reliable"]), str(data["warning"]))
+                   bool(data["reliable"]), str(data["warning"]),
+                   tuple(LayerPoint(**p) for p in data.get("layer_gains", ())))
 
 
 def read_profile(path: str | Path) -> Profile:

@@ -92,11 +92,14 @@ def layer_profile(base: Sequence[Sequence[float]], full: Sequence[Sequence[float
                    "most first; lower --lr or train longer before reading them")
     else:
         warning = (f"full training changed the metric by {change}, within noise: contributions are not meaningful; "
-                   "train longer, use more eval examples or seeds")
+                   "train longer or with more learning signal (the runs' log.jsonl says when groups had none), or "
+                   "use more eval examples or seeds")
     estimates = {layer: contribution_estimate(b, f, s, indices, level) for layer, s in per_layer.items()}
     values = interpolate({k: e.value for k, e in estimates.items()}, num_layers)
     lows = interpolate({k: e.low for k, e in estimates.items()}, num_layers)
     highs = interpolate({k: e.high for k, e in estimates.items()}, num_layers)
     points = tuple(LayerPoint(layer, v, lo, hi, flag)
                    for layer, ((v, flag), (lo, _), (hi, _)) in enumerate(zip(values, lows, highs, strict=True)))
-    return Profile(points, gain, reliable, warning)
+    gains = tuple(LayerPoint(layer, e.value, e.low, e.high, False)
+                  for layer, e in sorted((k, gain_estimate(b, s, indices, level)) for k, s in per_layer.items()))
+    return Profile(points, gain, reliable, warning, gains)

@@ -27,12 +27,12 @@ from ..analysis.contribution import (
 )
 from ..analysis.figures import plot_profile, profile_table
 from ..analysis.rank import layer_ranks, measured
-from ..config import ScanConfig, TrainConfig, to_dict
+from ..config import ScanConfig, TrainConfig, check_out_dir, to_dict
 from ..errors import OneLayerError
 from ..layers import parse_layer_spec
 from ..models import default_device, load_skeleton, model_num_layers
 from ..profile import Profile
-from .rundir import example_scores, examples_file, run_dir, run_status, write_error
+from .rundir import example_scores, examples_file, read_result, run_dir, run_status, write_error
 from .sharding import Shard, run_share
 
 
@@ -200,6 +200,7 @@ def run_scan(config: ScanConfig, progress: bool = True,
     shard = Shard.from_env()
     config = replace(config, recipe=replace(config.recipe, device=shard.device(config.recipe.device)))
     scan_dir = Path(config.recipe.out)
+    check_out_dir(scan_dir)
     scan_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_scan(config, model_num_layers(config.recipe.model))
     if config.lr_scales:
@@ -211,13 +212,17 @@ def run_scan(config: ScanConfig, progress: bool = True,
 
     def share(runs: list[PlannedRun], label: str) -> None:
         solo = [r for r in runs if r.kind in ("base", "full") or group_size == 1]
-        run_share(solo, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, label)
+
+        def board() -> list[tuple[str, str]]:
+            return scan_so_far(scan_dir, plan)
+
+        run_share(solo, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, label, summary=board)
         grouped = [r for r in runs if r not in solo]
         if grouped:
             if shard.rank == 0:
                 print(f"{label}: {len(grouped)} single-layer runs, up to {group_size} trained together", file=sys.stderr)
             run_share(grouped, lambda g: execute_group(config, list(g.runs), scan_dir), scan_dir, shard, progress, label,
-                      group_size)
+                      group_size, board)
 
     share(plan, "scan")
     if config.lr_scales:
@@ -234,6 +239,26 @@ def run_scan(config: ScanConfig, progress: bool = True,
         except OneLayerError as err:  # too few runs finished (the failed ones are retried by the same command)
             print(f"no profile written: {err}", file=sys.stderr)
     return plan
+
+
+def scan_so_far(scan_dir: Path, plan: list[PlannedRun]) -> list[tuple[str, str]]:
+    """What a scan's finished runs say so far, for its live board: base and full accuracy, and the single
+    layer of highest accuracy (seeds averaged) with its point contribution once base and full are in."""
+    accuracy: dict[tuple[str, int | None], list[float]] = {}
+    for r in plan:
+        if r.kind != "probe" and run_status(scan_dir, r) == "done":
+            accuracy.setdefault((r.kind, r.layer), []).append(read_result(scan_dir, r)["accuracy"])
+    mean = {key: sum(v) / len(v) for key, v in accuracy.items()}
+    base, full = mean.get(("base", None)), mean.get(("full", None))
+    rows = [("base / full", " / ".join("-" if v is None else f"{v:.3f}" for v in (base, full)) + " accuracy")]
+    layers = {layer: v for (kind, layer), v in mean.items() if kind == "layer"}
+    if layers:
+        best = max(layers, key=lambda k: (layers[k], -k))
+        text = f"layer {best}: accuracy {layers[best]:.3f}"
+        if base is not None and full is not None and full != base:
+            text += f", contribution {(layers[best] - base) / (full - base):+.2f} (point estimate)"
+        rows.append(("best layer so far", f"{text}; {len(layers)} layer(s) measured"))
+    return rows
 
 
 def load_plan(scan_dir: str | Path) -> tuple[dict, list[PlannedRun]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..progress import progress_bar
+from ..progress import RunBoard
 from .rundir import NamedRun, run_dir, run_status, write_error
 
 
@@ -66,17 +66,20 @@ class RunGroup:
 
 
 def for_each_run(runs: list, work: Callable[[NamedRun], object], error_files: Callable[[NamedRun], list[Path]],
-                 label: str, progress: bool = True, done: int = 0) -> None:
-    """Call ``work`` on each run (or :class:`RunGroup`) under a progress bar (done / left, elapsed,
-    estimate). Its stale error files are removed when it starts; one that raises gets its error
-    written to each of ``error_files(run)`` and the others go on."""
-    with progress_bar(f"{label} {{task.fields[current]}}", progress) as bar:
-        task_id = bar.add_task(label, total=done + len(runs), completed=done, current="")
-        for run in runs:
-            bar.update(task_id, current=run.name)
+                 label: str, progress: bool = True, done: int = 0,
+                 summary: Callable[[], list[tuple[str, str]]] | None = None) -> None:
+    """Call ``work`` on each run (or :class:`RunGroup`) on a :class:`~onelayer.progress.RunBoard` (runs done of
+    all, ``done`` of them before this call; time left; what ``summary`` says so far). Its stale error files
+    are removed when it starts; one that raises gets its error written to each of ``error_files(run)`` and
+    the others go on."""
+    sizes = [len(getattr(run, "runs", (run,))) for run in runs]
+    with RunBoard(label, done + sum(sizes), done, progress, summary) as board:
+        for run, size in zip(runs, sizes, strict=True):
+            board.start(run.name)
             paths = error_files(run)
             for path in paths:
                 path.unlink(missing_ok=True)
+            failed = False
             try:
                 work(run)
             except KeyboardInterrupt:
@@ -84,22 +87,27 @@ def for_each_run(runs: list, work: Callable[[NamedRun], object], error_files: Ca
             except Exception as err:  # one broken run must not cost the others
                 for path in paths:
                     write_error(path, err)
-            bar.advance(task_id)
+                failed = True
+            for _ in range(size):
+                board.finish(run.name, failed)
 
 
 def run_share(runs: list, work: Callable, out: Path, shard: Shard, progress: bool, label: str,
-              group_size: int = 1) -> None:
+              group_size: int = 1, summary: Callable[[], list[tuple[str, str]]] | None = None) -> None:
     """Deal the unfinished runs of ``runs`` out over the ranks and do this rank's share, one after the
     other (``work(run)``), or as :class:`RunGroup` s of up to ``group_size`` runs (``work(group)``);
     then wait for the other ranks. Dealing out only what is left keeps a resumed plan balanced."""
     barrier(shard)  # every rank must see the same finished runs before the rest is dealt out
-    mine = shard.take([r for r in runs if run_status(out, r) != "done"])
+    todo = [r for r in runs if run_status(out, r) != "done"]
+    mine = shard.take(todo)
+    done = len(runs) - len(todo) if shard.world == 1 else 0  # a rank's board shows its own share
     if group_size > 1 and mine:
         # as few groups as the size allows, of even sizes (30 runs at up to 22: 15 + 15, not 22 + 8)
         count = -(-len(mine) // group_size)
         size = -(-len(mine) // count)
         groups = [RunGroup(tuple(mine[i:i + size])) for i in range(0, len(mine), size)]
-        for_each_run(groups, work, lambda g: [run_dir(out, r) / "error.txt" for r in g.runs], label, progress)
+        for_each_run(groups, work, lambda g: [run_dir(out, r) / "error.txt" for r in g.runs], label, progress, done,
+                     summary)
     else:
-        for_each_run(mine, work, lambda r: [run_dir(out, r) / "error.txt"], label, progress)
+        for_each_run(mine, work, lambda r: [run_dir(out, r) / "error.txt"], label, progress, done, summary)
     barrier(shard)

@@ -18,7 +18,7 @@ from torch import nn
 from ..adapters import add_lora
 from ..algorithms import Algorithm, get_algorithm
 from ..checkpoint import apply_checkpoint, find_checkpoint, load_optimizer_state, read_meta
-from ..config import RESUMABLE, TrainConfig, flat, from_dict, to_dict
+from ..config import RESUMABLE, TrainConfig, check_out_dir, flat, from_dict, to_dict
 from ..errors import OneLayerError
 from ..jsonl import read_jsonl, write_jsonl
 from ..layers import LayerSelection, apply_selection, lr_scales_from_profile, select_layers
@@ -112,9 +112,16 @@ def make_optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Optim
 # ------------------------------------------------------------------------------------------------- resume
 
 
+def started(out: Path) -> bool:
+    """Whether a run directory holds an experiment: a checkpoint or a logged step. A run that failed
+    before its first step (a bad task file, say) left only its ``config.json``; it is no experiment and
+    does not block a corrected command."""
+    return find_checkpoint(out) is not None or bool(read_jsonl(out / "log.jsonl"))
+
+
 def _check_resumable(out: Path, config: TrainConfig) -> None:
     saved_path = out / "config.json"
-    if not saved_path.is_file():
+    if not saved_path.is_file() or not started(out):
         return
     saved = flat(to_dict(from_dict(TrainConfig, json.loads(saved_path.read_text()))))
     now = flat(to_dict(config))
@@ -131,15 +138,22 @@ def _truncate_log(path: Path, last_step: int) -> None:
         write_jsonl(path, [row for row in read_jsonl(path) if row["step"] <= last_step])
 
 
-def resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
-    """Load the run directory's checkpoint, if any, into ``model`` and ``optimizer``; drop the log lines of
-    steps after it (they are redone). Returns the first step to do and the evaluations kept."""
+def resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> tuple[int, list[dict]]:
+    """Load the run directory's checkpoint, if any, into ``model`` and ``optimizer`` (saying so, in one
+    line); drop the log lines of steps after it (they are redone). ``steps`` is the run's length. Returns
+    the first step to do and the evaluations kept."""
     start = 0
     if find_checkpoint(out) is not None:
         meta = read_meta(out)
         apply_checkpoint(model, out)
-        load_optimizer_state(optimizer, out)
+        restored = load_optimizer_state(optimizer, out)
         start = int(meta["step"])
+        if start >= steps:
+            print(f"{out} has trained {start} of {steps} steps already: nothing left to train", file=sys.stderr)
+        else:
+            print(f"resuming {out} from step {start} of {steps}"
+                  + ("" if restored else " without optimizer state (dropped by --keep-optimizer none): Adam's "
+                     "moment estimates restart"), file=sys.stderr)
     _truncate_log(out / "log.jsonl", start)
     _truncate_log(out / "eval.jsonl", start if start else -1)
     return start, read_jsonl(out / "eval.jsonl") if start else []
@@ -152,8 +166,6 @@ class PromptSampler:
     """Epoch-wise shuffles of the train split; the batch of a step depends only on (seed, step)."""
 
     def __init__(self, examples: list[Example], seed: int):
-        if not examples:
-            raise OneLayerError("the task's train split is empty: give it more examples")
         self.examples, self.seed = examples, seed
 
     def batch(self, step: int, size: int) -> list[Example]:
@@ -191,6 +203,8 @@ class Run:
     start: int  # first step to do (after a resume)
     trainable: int
     bad_steps: int = 0
+    flat_steps: int = 0  # consecutive steps in which (nearly) every group's rewards were all equal
+    warned_flat: bool = False
     peak_memory: int = 0
     final_eval: dict | None = None
 
@@ -214,9 +228,13 @@ def check_run(config: TrainConfig, task: Task | None = None) -> tuple[Task, Algo
     """Validate ``config`` and its run directory, and find its task (``task`` when given: runs that
     share one) and algorithm (before any weights load)."""
     config.validate()
+    check_out_dir(config.out)
     _check_resumable(Path(config.out), config)
     algorithm = get_algorithm(config.algo)
     task = task or get_task(config.task, config.task_options)
+    if not task.examples("train"):
+        raise OneLayerError(f"the train split of {task.name} is empty (no examples, or all of them are in its eval "
+                            "split): give it more examples, or a smaller eval split (e.g. --task-option eval_size=50)")
     agentic = isinstance(task, AgentTask)
     if algorithm.advantages is None and not agentic:
         raise OneLayerError(f"--algo {algorithm.name} needs a multi-turn agent task (tw:coin_collector, maze:4, ...), "
@@ -236,7 +254,7 @@ def open_run(config: TrainConfig, model: nn.Module, task: Task, algorithm: Algor
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
-    start, evals = resume(out, model, optimizer)
+    start, evals = resume(out, model, optimizer, config.steps)
     meta = {"base_model": config.model, "layers_spec": config.layers, "layers": list(parts.selection.layers),
             "extras": list(parts.selection.extras), "trainable_parameters": parts.parameters,
             **({"adapter": parts.adapter} if parts.adapter else {}),
