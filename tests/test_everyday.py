@@ -336,6 +336,16 @@ def test_an_empty_task_file_is_named_and_does_not_block_the_corrected_command(ca
     assert code == 0, err
 
 
+def test_an_empty_train_split_is_refused_before_loading(capsys, monkeypatch, tmp_path):
+    no_load(monkeypatch)
+    # 100 one-digit sums, all of them drawn into the 1000 eval examples: nothing is left to train on
+    code, _, err = run(capsys, "train", "--task", "rg:basic_arithmetic", "--task-option", "max_terms=2",
+                       "--task-option", "max_digits=1", "--task-option", 'operators=["+"]', "--task-option",
+                       "allow_negation=false", "--task-option", "allow_parentheses=false", "--out", tmp_path / "r")
+    assert code == 2 and err.startswith("error: the train split of rg:basic_arithmetic is empty") and "eval_size" in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_run_that_never_started_is_no_experiment_but_one_that_did_is(capsys, saved_tiny, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -234,7 +234,8 @@ def check_run(config: TrainConfig, task: Task | None = None) -> tuple[Task, Algo
     task = task or get_task(config.task, config.task_options)
     if not task.examples("train"):
         raise OneLayerError(f"the train split of {task.name} is empty (no examples, or all of them are in its eval "
-                            "split): give it more examples, or a smaller eval split (e.g. --task-option eval_size=50)")
+                            "split): give it more examples or a smaller eval split (reasoning-gym tasks: --task-option "
+                            "eval_size=N); eval-only tasks such as code:humaneval cannot be trained on")
     agentic = isinstance(task, AgentTask)
     if algorithm.advantages is None and not agentic:
         raise OneLayerError(f"--algo {algorithm.name} needs a multi-turn agent task (tw:coin_collector, maze:4, ...), "
