@@ -178,6 +178,31 @@ def test_a_scan_reports_each_finished_run_in_ci_logs(capsys, saved_tiny, tmp_pat
     assert "runs done 3 of 3" in lines[-1] and "best layer so far layer 1: accuracy" in lines[-1]
 
 
+def test_the_cpu_demo_probes_its_best_layer_and_points_to_the_gpu_scan(capsys, saved_tiny, tmp_path, monkeypatch):
+    import onelayer.cli as cli
+
+    real = cli.demo_config
+
+    def tiny_demo(out, gpu):
+        config = real(out, gpu)
+        assert not gpu and config.lr_scales == "4" and config.probe_layers == "best"
+        assert config.recipe.keep_optimizer == "none"
+        recipe = TrainConfig(**{**config.recipe.__dict__, "model": str(saved_tiny), "task": "toy:repeat",
+                                "task_options": {}, "layers": "1,2", "steps": 1, "prompts_per_step": 2,
+                                "group_size": 2, "eval_n": 3, "device": "cpu",
+                                "sampling": SamplingConfig(max_new_tokens=4)})
+        return type(config)(**{**config.__dict__, "recipe": recipe})
+
+    monkeypatch.setattr(cli, "demo_config", tiny_demo)
+    code, out, err = run(capsys, "demo", "--cpu-scale", "--out", tmp_path / "demo")
+    assert code == 0, err
+    runs = tmp_path / "demo" / "scan" / "runs"
+    assert sorted(p.name for p in runs.iterdir())[-1].endswith("-lr4x-s0")  # the best layer's probe ran
+    assert not list(runs.glob("*/checkpoint/optimizer.pt"))
+    assert "learning-rate probe: layer " in out and "at 4x the learning rate: contribution" in out
+    assert cli.GPU_SCAN_REPORT in out and (Path(cli.__file__).parents[2] / cli.GPU_SCAN_REPORT).is_file()
+
+
 # ------------------------------------------------------------------------------------- no learning signal
 
 
