@@ -31,7 +31,11 @@ def plot_profile(profile: Profile, out: str | Path, title: str = "",
                  others: Mapping[str, Profile] | None = None) -> Path:
     """Contribution per layer (x: index, top axis: relative depth) with its interval as a band, the
     full-training level at 1.0, and interpolated layers drawn hollow; ``others`` (e.g. per-seed or
-    out-of-domain profiles) are drawn as thin lines through their measured layers."""
+    out-of-domain profiles) are drawn as thin lines through their measured layers. When full training's gain
+    is not above the noise, contributions mean nothing: the figure then shows what was measured instead
+    (:func:`plot_gains`) and says so."""
+    if not profile.reliable and profile.layer_gains:
+        return plot_gains(profile, out, title)
     plt = pyplot()
     points = profile.points
     n = len(points)
@@ -59,6 +63,34 @@ def plot_profile(profile: Profile, out: str | Path, title: str = "",
                 ha="center", va="center", color="C3", fontsize=13, alpha=0.8)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def plot_gains(profile: Profile, out: str | Path, title: str = "") -> Path:
+    """Each measured layer's accuracy gain over the base model with its 95% interval, full training's gain as a
+    band, and a note that contributions are not shown because full training's gain is not above the noise."""
+    plt = pyplot()
+    n = len(profile.points)
+    gains, full = profile.layer_gains, profile.full_gain
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.axhspan(full.low, full.high, color="C3", alpha=0.12, label="full training: 95% interval")
+    ax.axhline(full.value, color="C3", linestyle="--", label=f"full training {full.value:+.3f}")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.errorbar([g.layer for g in gains], [g.contribution for g in gains],
+                yerr=[[g.contribution - g.low for g in gains], [g.high - g.contribution for g in gains]],
+                fmt="o", color="C0", capsize=3, label="single layer (95% interval)")
+    ax.set_xlim(-0.5, n - 0.5)
+    spread = max([abs(full.low), abs(full.high), *(abs(v) for g in gains for v in (g.low, g.high))], default=0)
+    ax.set_ylim(-max(spread, 0.05) * 1.3, max(spread, 0.05) * 1.6)
+    ax.set(xlabel="layer", ylabel="accuracy gain over the base model", title=title or "layer contribution")
+    top = ax.secondary_xaxis("top", functions=(lambda x: (x + 0.5) / n, lambda d: d * n - 0.5))
+    top.set_xlabel("relative depth")
+    ax.text(0.5, 0.97, f"full training's gain {full.value:+.3f} [{full.low:+.3f}, {full.high:+.3f}] is not above the "
+            "noise:\ncontributions C(l) would be ratios of noise; shown are the measured gains",
+            transform=ax.transAxes, ha="center", va="top", color="C3", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return save_figure(fig, out)
 
