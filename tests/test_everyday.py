@@ -550,3 +550,19 @@ def test_layer_gains_are_read_at_the_rate_each_protocol_reads():
     assert [(g.layer, g.contribution, g.lr_scale) for g in study.layer_gains] == [(2, 0.25, 1.0)]
     assert [(g.layer, g.contribution, g.lr_scale) for g in best.layer_gains] == [(2, 0.75, 4.0)]
     assert best.layer_gains[0].low <= 0.75 <= best.layer_gains[0].high
+
+
+def test_a_grid_profile_of_one_layer_says_its_rank_agreement_is_undefined_not_nan():
+    from onelayer.analysis.contribution import contribution_profile
+    from onelayer.analysis.figures import profile_table
+
+    base = [[0, 0, 1, 0]]
+    full = {1.0: [[1, 1, 1, 0]], 4.0: [[0, 0, 0, 0]]}
+    one = contribution_profile(base, full, {2: {1.0: [[0, 1, 1, 0]], 4.0: [[1, 1, 1, 1]]}}, 4, n_resamples=50)
+    assert "Spearman n/a, Kendall n/a" in profile_table(one) and "nan" not in profile_table(one)
+    three = contribution_profile(base, full, {0: {1.0: [[1, 1, 1, 0]], 4.0: [[0, 0, 1, 0]]},
+                                              1: {1.0: [[0, 1, 1, 0]], 4.0: [[1, 1, 1, 1]]},
+                                              2: {1.0: [[0, 0, 1, 0]], 4.0: [[0, 1, 1, 0]]}}, 4, n_resamples=50)
+    # study (1x): C = 1.0, 0.5, 0.0; own best: 1.0 (1x), 1.5 (4x), 0.5 (4x): ranks 1,2,3 vs 2,1,3, so
+    # rho = 1 - 6 * 2 / (3 * 8) = 0.5 and tau = (2 - 1) / 3
+    assert "Spearman +0.50, Kendall +0.33" in profile_table(three)

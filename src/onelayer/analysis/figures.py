@@ -120,7 +120,7 @@ def profile_table(profile: Profile) -> str:
         lines += ["", f"Learning-rate grid {', '.join(f'{x:g}x' for x in r.lr_scales)}: full training "
                   + ", ".join(f"{a:.3f} at {x:g}x" for x, a in zip(r.lr_scales, r.full_accuracy, strict=True))
                   + f"; study protocol at {r.full_lr_scale:g}x. Rank agreement with per-configuration best rates: "
-                  f"Spearman {r.spearman:+.2f}, Kendall {r.kendall:+.2f}; rank depends on the rate for layers "
+                  f"Spearman {_signed(r.spearman)}, Kendall {_signed(r.kendall)}; rank depends on the rate for layers "
                   f"{', '.join(map(str, r.rate_dependent)) or 'none'}.", "",
                   "| layer | C, study | rank | own best rate | C, own best | rank | gain from own rate |",
                   "|---|---|---|---|---|---|---|"]
@@ -129,6 +129,10 @@ def profile_table(profile: Profile) -> str:
                          f"{c.best_lr_scale:g}x | {c.best.value:.3f} [{c.best.low:.3f}, {c.best.high:.3f}] | "
                          f"{c.rank_best} | {c.gain.value:+.3f} [{c.gain.low:+.3f}, {c.gain.high:+.3f}] |")
     return "\n".join(lines) + "\n"
+
+
+def _signed(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:+.2f}"  # a rank correlation of fewer than two layers is undefined
 
 
 def plot_change_vs_contribution(profile: Profile, own_change: Mapping[int, float],
