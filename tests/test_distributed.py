@@ -151,13 +151,16 @@ def test_a_scan_trains_its_full_run_on_a_group_of_two_processes_as_one_process_w
 
     args = ["scan", "--model", str(saved_tiny), "--task", "toy:repeat", "--layers", "1,3", "--steps", "2",
             "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "6", "--eval-n", "6", "--lr", "1e-2",
-            "--device", "cpu", "--engine", "fast", "--no-progress"]
+            "--device", "cpu", "--engine", "fast", "--no-progress", "--keep-optimizer", "none"]
     _run([*TORCHRUN, "-m", "onelayer", *args, "--group-gpus", "2", "--out", str(tmp_path / "duo")], seconds=300)
     solo = ScanConfig(recipe=recipe(saved_tiny, tmp_path / "solo", layers="1,3", prompts_per_step=2, eval_n=6,
-                                    micro_batch_size=32, save_every=10))
+                                    micro_batch_size=32, save_every=10, keep_optimizer="none"))
     run_scan(solo, progress=False)
     duo = tmp_path / "duo"
     assert json.loads((duo / "scan.json").read_text())["placement"] == {"full-s0": 2}
+    # the sharded run's finished checkpoint has its weights and, with --keep-optimizer none, no optimizer state
+    assert (duo / "runs" / "full-s0" / "checkpoint" / "trained.safetensors").is_file()
+    assert not list(duo.glob("runs/*/checkpoint/optimizer.pt"))
     a, b = (json.loads((d / "profile.json").read_text()) for d in (tmp_path / "solo", duo))
     assert a["points"] == b["points"] and a["full_gain"] == b["full_gain"]
     for name in ("full-s0", "layer001-s0", "layer003-s0"):

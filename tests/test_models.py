@@ -167,11 +167,34 @@ def test_gguf_model_is_converted_once_and_loads_identically(tiny_gguf, tmp_path,
     monkeypatch.setattr(onelayer.models, "_convert_gguf", no_conversion)
     again = load_model(str(tiny_gguf), "cpu", "bf16")  # later loads read the directory
     assert all(torch.equal(t, expected[n].bfloat16()) for n, t in again.state_dict().items())
-    import os
-
-    os.utime(tiny_gguf, ns=(tiny_gguf.stat().st_atime_ns, tiny_gguf.stat().st_mtime_ns + 10**9))
+    # the cache is keyed by content: the same file elsewhere (another clone), copied later, is not converted again
+    elsewhere = tmp_path / "other-clone" / "tiny.gguf"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(tiny_gguf.read_bytes())
+    assert converted_dir(resolve_model_source(str(elsewhere))) == converted[0]
+    load_model(str(elsewhere), "cpu", "fp32")
+    data = bytearray(tiny_gguf.read_bytes())
+    data[-5] ^= 0xFF  # one weight's byte: another file
+    tiny_gguf.write_bytes(bytes(data))
     with pytest.raises(AssertionError, match="converted again"):  # a changed file is converted anew
         load_model(str(tiny_gguf), "cpu", "fp32")
+
+
+def test_a_large_file_fingerprint_samples_its_content(tmp_path):
+    from onelayer.models import file_fingerprint
+
+    path = tmp_path / "big.bin"
+    data = bytearray(range(256)) * (8 * 2**20 // 256)  # 8 MiB: sampled, not read whole
+    path.write_bytes(bytes(data))
+    first = file_fingerprint(path)
+    inside = 2**20 + (6 * 2**20 - 2**16) * 13 // 31 + 100  # in the 14th of 32 pieces spread over [1 MiB, 7 MiB)
+    for position in (inside, 2**20 - 1, 8 * 2**20 - 1):  # a sampled piece, the first MiB's end, the last byte
+        data[position] ^= 1
+        path.write_bytes(bytes(data))
+        assert file_fingerprint(path) != first
+        data[position] ^= 1
+    path.write_bytes(bytes(data))
+    assert file_fingerprint(path) == first
 
 
 def test_a_broken_gguf_file_is_a_one_line_error(tmp_path, monkeypatch):

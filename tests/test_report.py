@@ -80,6 +80,9 @@ def test_params_and_rank_analyses(scan, tmp_path, capsys):
     pair = json.loads((out / "rank.json").read_text())["Rank correlations"]["scan | again"]
     assert pair["n"] == 3 and pair["method"] == "same layers"
     assert (out / "figures" / "rank.png").is_file()
+    # without --out, like analyze params: into the (first) scan's analysis/
+    assert main(["analyze", "rank", str(scan), str(copy)]) == 0
+    assert (scan / "analysis" / "rank.json").is_file() and (scan / "analysis" / "figures" / "rank.png").is_file()
     assert main(["analyze", "rank", str(scan)]) == 2
     assert "at least two" in capsys.readouterr().err
     assert main(["analyze", "params", str(tmp_path)]) == 2

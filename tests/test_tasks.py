@@ -102,7 +102,7 @@ def test_format_reward_and_messages():
 
 
 def test_bad_reasoning_gym_name():
-    with pytest.raises(OneLayerError, match="reasoning-gym cannot make 'no_such_thing'"):
+    with pytest.raises(OneLayerError, match="reasoning-gym has no generator 'no_such_thing'"):
         get_task("rg:no_such_thing")
 
 

@@ -107,7 +107,11 @@ def assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value.to(params[name].dtype))
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str | Path) -> bool:
+    """Load the checkpoint's optimizer state into ``optimizer``; False when it has none (dropped by
+    ``--keep-optimizer none``)."""
     found = find_checkpoint(path)
-    if found is not None and (found / OPTIMIZER).is_file():
-        optimizer.load_state_dict(torch.load(found / OPTIMIZER, map_location="cpu", weights_only=True))
+    if found is None or not (found / OPTIMIZER).is_file():
+        return False
+    optimizer.load_state_dict(torch.load(found / OPTIMIZER, map_location="cpu", weights_only=True))
+    return True

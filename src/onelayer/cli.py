@@ -22,6 +22,7 @@ from .config import (
     SamplingConfig,
     ScanConfig,
     TrainConfig,
+    check_out_dir,
     config_fields,
 )
 from .errors import OneLayerError
@@ -124,12 +125,15 @@ def cmd_layers(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{args.model} ({report['architecture']}, {selection.num_layers} layers): {args.select}")
+    # the title on a line of its own: a table title wraps to the width of the (narrow) table
+    table = Table()
     table.add_column("layer")
     table.add_column("trainable parameters", justify="right")
     for layer, count in counts["per_layer"].items():
         table.add_row(layer, f"{count:,}")
     console = Console()
+    console.print(f"{args.model} ({report['architecture']}, {selection.num_layers} layers), spec {args.select}:",
+                  highlight=False, soft_wrap=True)
     console.print(table)
     for note in selection.notes:
         console.print(f"note: {note}")
@@ -202,9 +206,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluate import run_eval
+    from .checkpoint import read_meta
+    from .evaluate import resolve_task, run_eval
 
     config = config_from_args(EvalConfig, args)
+    config.validate()
+    if config.checkpoint:
+        read_meta(config.checkpoint)  # a missing checkpoint fails before anything is said about its task
+    config, note = resolve_task(config)
+    print(note)
     result = run_eval(config)
     print(result.line())
     if config.samples > 1:
@@ -225,21 +235,36 @@ EASY_ARITHMETIC = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits"
                    "allow_parentheses": False, "allow_negation": False}
 
 
+# The committed GPU scan the CPU demo points to (relative to the repository)
+GPU_SCAN_REPORT = "docs/results/2026-11-22-scan-smollm2-analyses/report/report.md"
+
+
 def demo_config(out: str, gpu: bool) -> ScanConfig:
     """The demo scan. On a GPU: every layer of the embedded model with the recipe of
-    docs/results/2026-11-22-scan-smollm2 (about 16 minutes on one H200). On a CPU: three layers (first,
-    middle, last) for a few steps, which finishes in minutes but is too short to move accuracy."""
+    docs/results/2026-11-22-scan-smollm2 (about 16 minutes on one H200). On a CPU: one middle layer and full
+    training, each at the learning rate where full training gains most in 4 steps and at 4x it (one layer
+    needs a larger rate than full training), with a recipe that moves accuracy in 4 steps; measured in
+    docs/results/2026-12-02-cpu-demo-smollm2."""
     if gpu:
         recipe = TrainConfig(layers="all", steps=30, prompts_per_step=64, group_size=8, lr=2e-5, micro_batch_size=128,
                              eval_n=500, save_every=10, attention="eager",
                              sampling=SamplingConfig(max_new_tokens=96, generation_batch_size=512))
+        options: dict = {"eval_size": 500}
     else:
-        recipe = TrainConfig(layers="0,15,29", steps=2, prompts_per_step=4, group_size=4, lr=2e-5,
-                             micro_batch_size=16, eval_n=16, save_every=2,
-                             sampling=SamplingConfig(max_new_tokens=32))
+        # One-digit sums and differences, answers capped at 24 tokens: the model's greedy answer ("To calculate
+        # 4 - 1, we need to ...") mostly runs past the cap, while a one-line "4 - 1 = 3" fits; sampled at
+        # temperature 0.6 about a quarter of completions are right, so most groups carry a signal (at 1.0 and
+        # 32 tokens of 1-2 digit problems none did). Full training collapses above lr 5e-5 in 4 steps; a single
+        # layer barely moves at 5e-5 but does at 2e-4: the grid's two rates show both. One layer: each more
+        # costs about 3 minutes on 2 cores, and the demo should take under 10.
+        recipe = TrainConfig(layers="15", steps=4, prompts_per_step=8, group_size=8, lr=5e-5,
+                             micro_batch_size=32, eval_n=100, save_every=4,
+                             sampling=SamplingConfig(max_new_tokens=24, temperature=0.6))
+        options = {"max_digits": 1, "eval_size": 100}
     recipe.model, recipe.task, recipe.algo, recipe.out = "smollm2", "rg:basic_arithmetic", "grpo", str(Path(out) / "scan")
-    recipe.task_options = {**EASY_ARITHMETIC, **({"eval_size": 500} if gpu else {})}
-    return ScanConfig(recipe=recipe)
+    recipe.task_options = {**EASY_ARITHMETIC, **options}
+    recipe.keep_optimizer = "none"  # a demo is looked at, not continued: a third of the disk
+    return ScanConfig(recipe=recipe, lr_grid="" if gpu else "1,4")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -248,20 +273,61 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     from .experiments.report import build_report
     from .experiments.scan import run_scan
+    from .profile import profile_file, read_profile
 
     gpu = torch.cuda.is_available() and not args.cpu_scale
     config = demo_config(args.out, gpu)
     r = config.recipe
-    print(f"demo: scan of {r.model} on {r.task}, layers {r.layers}, {r.steps} steps each, into {r.out} "
-          "(rerun to resume)")
+    rates = f" at {config.lr_grid.replace(',', 'x and ')}x lr {r.lr:g}" if config.lr_grid else ""
+    print(f"demo: scan of {r.model} on {r.task}, layers {r.layers}, {r.steps} steps each{rates}, into {r.out} "
+          "(rerun to resume)" + ("" if gpu else "; on a GPU this command scans all 30 layers"))
     run_scan(config, progress=True)
     scan_dir = Path(r.out)
     print_profile(scan_dir)
+    best = profile_file(scan_dir, "best")
+    if best.is_file():
+        print(f"each configuration at its own best rate: {best.with_suffix('.md')}")
+        print("\n".join(demo_summary(read_profile(scan_dir), read_profile(best), r.lr, r.eval_n)))
     report = build_report(scan_dir)
     print(f"report: {report.with_suffix('.html')}")
     if not gpu:
-        print("A CPU demo is far too short to move accuracy: expect the warning above. On a GPU the same command "
-              "scans every layer; docs/results/ has GPU scans.")
+        print(f"Which layers matter is a question for a longer scan: a GPU scan of the same model (8 layers, 30 steps "
+              f"of 64 prompts, 500 examples) is in {gpu_scan_report()}")
+
+
+def gpu_scan_report() -> str:
+    """Where the committed GPU scan's report is: in this checkout, or in the onelayer repository."""
+    committed = Path(__file__).resolve().parents[2] / GPU_SCAN_REPORT
+    return str(committed) if committed.is_file() else f"{GPU_SCAN_REPORT} in the onelayer repository"
+
+
+def demo_summary(study, best, lr: float, eval_n: int) -> list[str]:
+    """What a scan with a learning-rate grid shows, in words (``study`` and ``best``: its profiles under both
+    protocols): full training's accuracy gain at its best rate and its accuracy at the others, and each layer's
+    gain at full training's rate and at its own best; measured gains with 95% intervals."""
+    def gain(value: float, low: float, high: float) -> str:
+        verdict = "above the noise" if low > 0 else "below the noise" if high < 0 else "within the noise"
+        return f"{value:+.3f} [{low:+.3f}, {high:+.3f}], {verdict}"
+
+    f, rate = study.full_gain, study.full_lr_scale
+    noise = ("one seed, so training noise is not in them" if study.seeds == 1 else
+             f"{study.seeds} seeds, training noise included")
+    lines = [f"What this shows: accuracy gains over the base model on {eval_n} held-out examples (95% intervals; "
+             f"{noise}):",
+             f"  full training at lr {lr * rate:g}: {gain(f.value, f.low, f.high)}"]
+    r = study.robustness
+    for x, accuracy in zip(r.lr_scales, r.full_accuracy, strict=True) if r else ():
+        if x != rate:
+            lines.append(f"  full training at lr {lr * x:g}: accuracy {accuracy:.3f}, against "
+                         f"{r.full_accuracy[r.lr_scales.index(rate)]:.3f} at lr {lr * rate:g}")
+    at_best = {g.layer: g for g in best.layer_gains}
+    for g in study.layer_gains:
+        line = f"  layer {g.layer} alone at lr {lr * g.lr_scale:g}: {gain(g.contribution, g.low, g.high)}"
+        b = at_best.get(g.layer)
+        if b is not None and b.lr_scale != g.lr_scale:
+            line += f"; at its own best lr {lr * b.lr_scale:g}: {gain(b.contribution, b.low, b.high)}"
+        lines.append(line)
+    return lines
 
 
 def print_profile(scan_dir: Path, file: Path | None = None) -> None:
@@ -353,7 +419,9 @@ def _write_analysis(title: str, section, out_dir: Path, stem: str) -> None:
 def cmd_analyze_rank(args: argparse.Namespace) -> None:
     from .experiments.report import rank_of_scans
 
-    out = Path(args.out)
+    # like every analysis, inside the (first) scan's analysis/ folder unless --out says otherwise
+    out = Path(args.out) if args.out else Path(args.scans[0]) / "analysis"
+    check_out_dir(out)
     _write_analysis("Rank correlation of layer profiles", rank_of_scans(args.scans, out), out, "rank")
 
 
@@ -443,19 +511,25 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> None:
-    from .experiments.specialists import run_ensemble, run_self_consistency, summary_lines
+    from .experiments.specialists import ensemble_task_line, run_ensemble, run_self_consistency, summary_lines
 
     base = config_from_args(EvalConfig, args)
     out = Path(args.out or "ensemble-out")
-    if args.self_consistency:
-        summary = run_self_consistency(args.self_consistency, args.k, base, out)
-        print("\n".join(summary_lines(f"self-consistency of {args.self_consistency} (k={args.k})", summary)))
-    if args.runs:
-        summary = run_ensemble(args.runs, base, out)
-        print("\n".join(summary_lines(f"ensemble of {len(args.runs)} specialists", summary)))
+    check_out_dir(out)
     if not args.runs and not args.self_consistency:
         raise OneLayerError("ensemble needs run directories to vote over, and/or --self-consistency RUN --k K")
-    print(f"results in {out}/ (ensemble.json, self_consistency.json, per-example .examples.jsonl)")
+    written = []
+    if args.self_consistency:
+        print(ensemble_task_line(args.self_consistency, base))
+        summary = run_self_consistency(args.self_consistency, args.k, base, out)
+        print("\n".join(summary_lines(f"self-consistency of {args.self_consistency} (k={args.k})", summary)))
+        written.append("self_consistency.json, self_consistency.examples.jsonl, samples/")
+    if args.runs:
+        print(ensemble_task_line(args.runs[0], base))
+        summary = run_ensemble(args.runs, base, out)
+        print("\n".join(summary_lines(f"ensemble of {len(args.runs)} specialists", summary)))
+        written.append("ensemble.json, ensemble.examples.jsonl, members/")
+    print(f"results in {out}/: {', '.join(written)}")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -547,7 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyses = p.add_subparsers(dest="analysis", required=True)
     q = analyses.add_parser("rank", help="Spearman and Kendall rank correlation of two or more scans' profiles")
     q.add_argument("scans", nargs="+", help="scan directories")
-    q.add_argument("--out", default="rank-analysis", help="directory for rank.md/.html/.json and the heatmap")
+    q.add_argument("--out", default="", help="directory for rank.md/.html/.json and the heatmap (default: the first "
+                                             "scan's analysis/, where every analysis of a scan goes)")
     q.set_defaults(func=cmd_analyze_rank)
     q = analyses.add_parser("params", help="relative weight change per layer against contribution")
     q.add_argument("scan", help="scan directory")
@@ -605,24 +680,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth", type=int, default=5, help="moving-average window over steps")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("demo", help="a real scan of the embedded model (CPU: 3 layers in minutes; GPU: all layers)")
+    p = sub.add_parser("demo", help="a real scan of the embedded model (CPU: 1 layer in minutes; GPU: all layers)")
     p.add_argument("--out", default="demo-out")
     p.add_argument("--cpu-scale", action="store_true", help="the small CPU scan even when a GPU is present")
     p.set_defaults(func=cmd_demo)
+    _add_verbose(parser, sub)
     return parser
 
 
+VERBOSE_HELP = ("show other libraries' progress bars, notices and warnings (hidden by default: model-loading and "
+                "GGUF de-quantization bars, transformers' generation, attention and tokenizer notices, "
+                "dependencies' warnings)")
+
+
+def _add_verbose(parser: argparse.ArgumentParser, sub) -> None:
+    """``--verbose`` before or after the command (``onelayer --verbose train ...`` or ``onelayer train ...
+    --verbose``): on the top parser and on every command's."""
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    pending = [sub]
+    while pending:
+        for command in pending.pop().choices.values():
+            command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+            pending += [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .progress import quiet_libraries
+
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except OneLayerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished steps are checkpointed every --save-every steps; rerun to resume",
-              file=sys.stderr)
-        return 130
+    with quiet_libraries(args.verbose) as hidden:
+        try:
+            code = args.func(args) or 0
+        except OneLayerError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted: finished steps are checkpointed every --save-every steps; rerun to resume",
+                  file=sys.stderr)
+            return 130
+    if hidden.warnings:
+        print(f"({hidden.warnings} warning(s) from other libraries hidden; --verbose shows them)", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

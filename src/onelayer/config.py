@@ -10,8 +10,10 @@ is one line here.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
 
 from .errors import OneLayerError
 from .tracking import parse_report_to
@@ -84,6 +86,22 @@ def check_positive(config, names: tuple[str, ...]) -> None:
             raise OneLayerError(f"{flag(name)} must be >= 1, got {getattr(config, name)}")
 
 
+def check_out_dir(path: str | Path, flag: str = "--out") -> None:
+    """Raise a one-line error when ``path`` cannot be (or become) a writable directory: it is a file, a
+    file stands where one of its parents should be, or the nearest existing parent is not writable.
+    Cheap, so commands check it before loading a model rather than fail after."""
+    target = Path(path).expanduser()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == target and not target.is_dir():
+        raise OneLayerError(f"{flag} {path} is a file, not a directory: pass a directory (it is created if missing)")
+    if not existing.is_dir():
+        raise OneLayerError(f"{flag} {path} cannot be created: {existing} is a file; pass another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OneLayerError(f"{flag} {path} cannot be written: {existing} is not writable; pass another {flag}")
+
+
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = option(256, group="rollouts", shared=True, help="completion length cap in tokens")
@@ -152,6 +170,10 @@ class TrainConfig:
                          help="eval examples for periodic evaluation")
     save_every: int = option(10, group="run", resumable=True, science=False,
                              help="checkpoint every N steps (and at the end)")
+    keep_optimizer: str = option("last", group="run", choices=("last", "none"), resumable=True, science=False, help=(
+        "optimizer state (Adam moments: twice the trained weights' size) in the checkpoint: last = the latest "
+        "checkpoint's, none = dropped once the run finishes (a finished run continued to more --steps then "
+        "restarts Adam's moments)"))
     seed: int = option(0, group="run", help="seed of data order, sampling and init")
     report_to: str = option("none", group="run", resumable=True, science=False, help=(
         "experiment trackers that get every step row, evaluation and scan profile besides the JSON logs: none, "
@@ -169,6 +191,9 @@ class TrainConfig:
         check_choices(self)
         check_positive(self, ("steps", "prompts_per_step", "group_size", "micro_batch_size", "mini_batches",
                               "ppo_epochs"))
+        if self.group_size < 2:
+            raise OneLayerError("--group-size 1 gives no learning signal: GRPO, Dr. GRPO and GiGPO compare each "
+                                "completion with the others of its group; use --group-size 2 or more (8 is usual)")
         if not self.lr > 0:
             raise OneLayerError(f"--lr must be > 0, got {self.lr}")
         if self.lora_rank < 0:
@@ -200,8 +225,10 @@ class EvalConfig:
 
     model: str = option("", group="model", help="model; empty = the checkpoint's base model")
     checkpoint: str = option("", group="model", help="run or checkpoint directory to apply")
-    task: str = option("rg:basic_arithmetic", group="task", help="task name")
-    task_options: dict = option(group="task", factory=dict, help="task option KEY=VALUE (repeatable)")
+    task: str = option("", group="task", help=(
+        "task name; empty = the checkpoint's own task and options (else rg:basic_arithmetic)"))
+    task_options: dict = option(group="task", factory=dict, help=(
+        "task option KEY=VALUE (repeatable); on the checkpoint's own task they override its options"))
     n: int = option(500, group="evaluation", help="eval examples (the first n of the eval split)")
     samples: int = option(1, group="evaluation", help="completions per example (for pass@k)")
     sampling: SamplingConfig = nested(SamplingConfig, temperature=0.0)

@@ -15,3 +15,11 @@ def first_line(err: BaseException) -> str:
     library's error inside a one-line :class:`OneLayerError`."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def did_you_mean(word: str, choices) -> str:
+    """``"; did you mean 'rg:chain_sum'?"`` for the choice closest to a mistyped ``word``, else empty."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""

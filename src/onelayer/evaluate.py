@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .checkpoint import find_checkpoint
 from .config import EvalConfig
 from .rollout import Generator, RolloutBatch, make_generator, render_prompts
 from .rollout.episodes import play_episodes
@@ -171,12 +172,58 @@ def write_eval(result: EvalResult, directory: str | Path, stem: str = "eval") ->
     return directory / f"{stem}.json"
 
 
+DEFAULT_TASK = "rg:basic_arithmetic"
+
+
+def checkpoint_task(checkpoint: str | Path) -> tuple[str, dict] | None:
+    """The task and task options a run was trained on, from its checkpoint's metadata (or, for a run
+    kept without its checkpoint, its ``config.json``); None when neither says."""
+    found = find_checkpoint(checkpoint)
+    saved = Path(checkpoint) / "config.json"
+    if found is not None:
+        recipe = json.loads((found / "onelayer.json").read_text()).get("config", {})
+    elif saved.is_file():
+        recipe = json.loads(saved.read_text())
+    else:
+        return None
+    return (recipe["task"], dict(recipe.get("task_options") or {})) if recipe.get("task") else None
+
+
+def describe_task(name: str, options: dict) -> str:
+    """``rg:chain_sum (max_terms=3, min_digits=1)``: a task as a user would pass it."""
+    given = ", ".join(f"{k}={json.dumps(v)}" for k, v in options.items())
+    return f"{name} ({given})" if given else name
+
+
+def resolve_task(config: EvalConfig) -> tuple[EvalConfig, str]:
+    """``config`` with the task it evaluates filled in, and a line saying which and why. Without a task, a
+    checkpoint's own task and options are used (else :data:`DEFAULT_TASK`); naming the checkpoint's own task
+    keeps its options too; given task options override any of them. Resolving twice changes nothing."""
+    own = checkpoint_task(config.checkpoint) if config.checkpoint else None
+    if own is not None and config.task in ("", own[0]):
+        name, options = own[0], {**own[1], **config.task_options}
+        origin = f"the task {config.checkpoint} was trained on"
+        if any(own[1].get(k) != v for k, v in config.task_options.items()):
+            origin += ", with the task options given"
+    elif config.task:
+        name, options, origin = config.task, dict(config.task_options), "as given"
+    else:
+        name, options, origin = DEFAULT_TASK, dict(config.task_options), "the default task; --task names another"
+    resolved = replace(config, task=name, task_options=options)
+    return resolved, f"evaluating on {describe_task(name, options)}: {origin}"
+
+
 def run_eval(config: EvalConfig):
-    """Evaluate per ``config``; writes results under ``config.out`` when set. Returns the result."""
+    """Evaluate per ``config`` (its task resolved by :func:`resolve_task`); writes results under
+    ``config.out`` when set. Returns the result."""
     from .checkpoint import apply_checkpoint, read_meta
+    from .config import check_out_dir
     from .models import default_device, load_model, load_tokenizer
 
     config.validate()
+    config, _ = resolve_task(config)
+    if config.out:
+        check_out_dir(config.out)
     model_name = config.model or read_meta(config.checkpoint)["base_model"]
     task = get_task(config.task, config.task_options)  # fail on a bad task before loading weights
     device = torch.device(config.device) if config.device else default_device()

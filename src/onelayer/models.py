@@ -18,8 +18,10 @@ import importlib.util
 import os
 import shutil
 import sys
+import urllib.error
+import urllib.request
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +42,7 @@ class ModelSource:
 
     path: str
     gguf_file: str | None = None
+    offline: bool = False  # a hub id read from the local cache only (the hub cannot be reached)
 
     @property
     def is_gguf(self) -> bool:
@@ -98,7 +101,56 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _hub_kwargs(source: ModelSource) -> dict:
-    return {"gguf_file": source.gguf_file} if source.is_gguf else {}
+    if source.is_gguf:
+        return {"gguf_file": source.gguf_file}
+    return {"local_files_only": True} if source.offline else {}
+
+
+def hub_endpoint() -> str:
+    """The Hugging Face hub's address (``$HF_ENDPOINT`` or huggingface.co), read now, not at import."""
+    return os.environ.get("HF_ENDPOINT", "").rstrip("/") or "https://huggingface.co"
+
+
+def _env_offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+@functools.lru_cache(maxsize=8)
+def hub_unreachable(endpoint: str, timeout_seconds: float = 5.0) -> str | None:
+    """Why the hub at ``endpoint`` cannot be reached, from one quick request, or None when it answers
+    (with any HTTP status). Asked once per process: without it, every file of a model is retried with
+    back-off for about a minute before the load fails."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_seconds).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        return f"{endpoint}: {reason}"
+    return None
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _hub_source(source: ModelSource) -> ModelSource:
+    """A hub id's source: read from the local cache only when the hub is offline (``HF_HUB_OFFLINE``) or
+    cannot be reached, and a one-line error at once when the model is not cached either."""
+    why = "HF_HUB_OFFLINE is set" if _env_offline() else hub_unreachable(hub_endpoint())
+    if why is None:
+        return source
+    if not _in_hub_cache(source.path):
+        raise OneLayerError(f"cannot load model '{source.path}': the Hugging Face hub cannot be reached ({why}) and "
+                            "the model is not in the local cache; pass a local directory, a .gguf file or 'smollm2', or "
+                            f"download it where there is network (hf download {source.path})")
+    return replace(source, offline=True)
 
 
 def _load_error(name: str, err: Exception) -> OneLayerError:
@@ -119,17 +171,36 @@ def cache_root() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "onelayer"
 
 
+def file_fingerprint(path: Path, edge_bytes: int = 2**20, samples: int = 32, sample_bytes: int = 2**16) -> str:
+    """A digest of a file's content that is cheap for a large file: its size, its first and last MiB and 32
+    evenly spaced 64 KiB pieces (all of a file under 4 MiB). The same file in two places (two clones' virtual
+    environments) gets the same one; where it lives and when it was copied do not matter."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= 2 * edge_bytes + samples * sample_bytes:
+            digest.update(f.read())
+            return digest.hexdigest()
+        digest.update(f.read(edge_bytes))
+        for k in range(samples):
+            f.seek(edge_bytes + (size - 2 * edge_bytes - sample_bytes) * k // max(samples - 1, 1))
+            digest.update(f.read(sample_bytes))
+        f.seek(size - edge_bytes)
+        digest.update(f.read(edge_bytes))
+    return digest.hexdigest()
+
+
 def converted_dir(source: ModelSource) -> Path | None:
-    """The directory a GGUF source is converted into: named by the file and a digest of its path, size,
-    modification time and the transformers version (a changed file or converter gets a new one)."""
+    """The directory a GGUF source is converted into: named by the file and a digest of its content
+    (:func:`file_fingerprint`) and the transformers version, so one conversion serves every copy of the
+    file, and a changed file or converter gets a new one."""
     root = cache_root()
     if root is None:
         return None
     import transformers
 
     path = Path(source.path) / source.gguf_file
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    key = f"{file_fingerprint(path)}|{transformers.__version__}"
     return root / "gguf" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -162,7 +233,7 @@ def _loadable(name: str) -> ModelSource:
     the GGUF file if the cache is not writable."""
     source = resolve_model_source(name)
     if not source.is_gguf:
-        return source
+        return source if Path(source.path).exists() else _hub_source(source)
     target = converted_dir(source)
     if target is None:
         return source

@@ -88,7 +88,10 @@ class Profile:
     """A contribution profile over all layers; ``reliable`` is False unless full training's gain is above
     the noise (its interval excludes 0 and it is positive); ``warning`` then says why. ``method`` says how the
     intervals were made, ``notes`` what they omit; ``seed_rank_correlation`` is the mean Spearman correlation
-    between the profiles of single seeds (None with one seed): the ceiling for any claim about the ranking."""
+    between the profiles of single seeds (None with one seed): the ceiling for any claim about the ranking.
+    ``layer_gains`` holds each measured layer's own gain over the base model (S_l - S_base, in the
+    ``contribution`` field, with its interval, read at the same rate as its point): defined even when
+    contributions are not."""
 
     points: tuple[LayerPoint, ...]
     full_gain: Estimate
@@ -104,6 +107,7 @@ class Profile:
     differences: tuple[LayerDifference, ...] = ()
     robustness: RateRobustness | None = None
     notes: tuple[str, ...] = ()
+    layer_gains: tuple[LayerPoint, ...] = ()
 
     def describe(self) -> str:
         """Which protocol and evaluation the profile reads, in words (for selection notes and reports)."""
@@ -138,8 +142,9 @@ def _build(cls, data: Mapping):
                 "robustness": RateRobustness}.get(key)
         if kind is not None and value is not None:
             value = _build(kind, value)
-        elif key in ("points", "differences", "layers"):
-            item = {"points": LayerPoint, "differences": LayerDifference, "layers": RateChoice}[key]
+        elif key in ("points", "layer_gains", "differences", "layers"):
+            item = {"points": LayerPoint, "layer_gains": LayerPoint, "differences": LayerDifference,
+                    "layers": RateChoice}[key]
             value = tuple(_build(item, v) for v in value)
         elif isinstance(value, list):
             value = tuple(value)

@@ -271,6 +271,17 @@ def contribution_profile(base: Runs, full: Mapping[float, Runs], layers: Mapping
             rates[layer] = rate
         return values, samples, rates
 
+    def gains(how: str) -> tuple[LayerPoint, ...]:
+        """Each layer's S_l - S_base at the rate ``how`` reads it: what was measured, even where C(l) is not
+        defined."""
+        points = []
+        for layer in sorted(layer_scores):
+            scores, rate = read(layer, how)
+            if scores is not None:
+                g = difference_estimate(scores, b, level)
+                points.append(LayerPoint(layer, g.value, g.low, g.high, False, rate))
+        return tuple(points)
+
     gain = difference_estimate(f, b, level)
     reliable = gain.low > 0  # C(l) reads as a share of full training's gain only when that gain is above the noise
     change = f"{gain.value:+.4f} [{gain.low:+.4f}, {gain.high:+.4f}]"
@@ -281,7 +292,8 @@ def contribution_profile(base: Runs, full: Mapping[float, Runs], layers: Mapping
                    "most first; lower --lr or train longer before reading them")
     else:
         warning = (f"full training changed the metric by {change}, within noise: contributions are not meaningful; "
-                   "train longer, use more eval examples or seeds")
+                   "train longer or with more learning signal (the runs' log.jsonl says when groups had none), or "
+                   "use more eval examples or seeds")
     values, samples, rates = estimates(protocol)
     if not values:
         raise OneLayerError(f"no layer was trained at the full run's best learning rate ({full_rate:g}x --lr)")
@@ -304,7 +316,7 @@ def contribution_profile(base: Runs, full: Mapping[float, Runs], layers: Mapping
     return Profile(points, gain, reliable, warning, method=method, seeds=k,
                    seed_rank_correlation=_seed_rank_correlation(base_runs, full_runs, layer_runs, full_rate, rates),
                    protocol=protocol, full_lr_scale=full_rate, differences=differences, robustness=robustness,
-                   notes=tuple(notes))
+                   notes=tuple(notes), layer_gains=gains(protocol))
 
 
 def _difference(a: np.ndarray, c: np.ndarray, ea: Estimate, ec: Estimate, level: float) -> tuple[float, float, float]:

@@ -40,9 +40,10 @@ def majority_vote(answers: Sequence[str | None], correct: Sequence[bool], same: 
     return Vote(answers[winner[0]], bool(correct[winner[0]]), most, sum(len(c) == most for c in classes) > 1)
 
 
-def jaccard(a: set, b: set) -> float:
-    """|a & b| / |a | b| (1.0 for two empty sets)."""
-    return len(a & b) / len(a | b) if a | b else 1.0
+def jaccard(a: set, b: set) -> float | None:
+    """|a & b| / |a | b|; None (undefined) for two empty sets: members that solved nothing do not overlap
+    perfectly, there is nothing to compare."""
+    return len(a & b) / len(a | b) if a | b else None
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class EnsembleSummary:
     member_accuracy: dict[str, float]
     best_member: str
     oracle: float                       # share of examples at least one member solved
-    overlap: dict[tuple[str, str], float]  # Jaccard of solved-example sets
+    overlap: dict[tuple[str, str], float | None]  # Jaccard of solved-example sets (None: both solved none)
     ties: int
     votes: list[Vote]
 

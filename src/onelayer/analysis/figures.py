@@ -31,7 +31,11 @@ def plot_profile(profile: Profile, out: str | Path, title: str = "",
                  others: Mapping[str, Profile] | None = None) -> Path:
     """Contribution per layer (x: index, top axis: relative depth) with its interval as a band, the
     full-training level at 1.0, and interpolated layers drawn hollow; ``others`` (e.g. per-seed or
-    out-of-domain profiles) are drawn as thin lines through their measured layers."""
+    out-of-domain profiles) are drawn as thin lines through their measured layers. When full training's gain
+    is not above the noise, contributions mean nothing: the figure then shows what was measured instead
+    (:func:`plot_gains`) and says so."""
+    if not profile.reliable and profile.layer_gains:
+        return plot_gains(profile, out, title)
     plt = pyplot()
     points = profile.points
     n = len(points)
@@ -63,6 +67,34 @@ def plot_profile(profile: Profile, out: str | Path, title: str = "",
     return save_figure(fig, out)
 
 
+def plot_gains(profile: Profile, out: str | Path, title: str = "") -> Path:
+    """Each measured layer's accuracy gain over the base model with its 95% interval, full training's gain as a
+    band, and a note that contributions are not shown because full training's gain is not above the noise."""
+    plt = pyplot()
+    n = len(profile.points)
+    gains, full = profile.layer_gains, profile.full_gain
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.axhspan(full.low, full.high, color="C3", alpha=0.12, label="full training: 95% interval")
+    ax.axhline(full.value, color="C3", linestyle="--", label=f"full training {full.value:+.3f}")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.errorbar([g.layer for g in gains], [g.contribution for g in gains],
+                yerr=[[g.contribution - g.low for g in gains], [g.high - g.contribution for g in gains]],
+                fmt="o", color="C0", capsize=3, label="single layer (95% interval)")
+    ax.set_xlim(-0.5, n - 0.5)
+    spread = max([abs(full.low), abs(full.high), *(abs(v) for g in gains for v in (g.low, g.high))], default=0)
+    ax.set_ylim(-max(spread, 0.05) * 1.3, max(spread, 0.05) * 1.6)
+    ax.set(xlabel="layer", ylabel="accuracy gain over the base model", title=title or "layer contribution")
+    top = ax.secondary_xaxis("top", functions=(lambda x: (x + 0.5) / n, lambda d: d * n - 0.5))
+    top.set_xlabel("relative depth")
+    ax.text(0.5, 0.97, f"full training's gain {full.value:+.3f} [{full.low:+.3f}, {full.high:+.3f}] is not above the "
+            "noise:\ncontributions C(l) would be ratios of noise; shown are the measured gains",
+            transform=ax.transAxes, ha="center", va="top", color="C3", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
 def profile_table(profile: Profile) -> str:
     """A markdown table of every layer's contribution, with how its intervals were made, what they omit, the
     seed-to-seed rank correlation and, with a learning-rate grid, both protocols side by side."""
@@ -89,7 +121,7 @@ def profile_table(profile: Profile) -> str:
         lines += ["", f"Learning-rate grid {', '.join(f'{x:g}x' for x in r.lr_scales)}: full training "
                   + ", ".join(f"{a:.3f} at {x:g}x" for x, a in zip(r.lr_scales, r.full_accuracy, strict=True))
                   + f"; study protocol at {r.full_lr_scale:g}x. Rank agreement with per-configuration best rates: "
-                  f"Spearman {r.spearman:+.2f}, Kendall {r.kendall:+.2f}; rank depends on the rate for layers "
+                  f"Spearman {_signed(r.spearman)}, Kendall {_signed(r.kendall)}; rank depends on the rate for layers "
                   f"{', '.join(map(str, r.rate_dependent)) or 'none'}.", "",
                   "| layer | C, study | rank | own best rate | C, own best | rank | gain from own rate |",
                   "|---|---|---|---|---|---|---|"]
@@ -98,6 +130,10 @@ def profile_table(profile: Profile) -> str:
                          f"{c.best_lr_scale:g}x | {c.best.value:.3f} [{c.best.low:.3f}, {c.best.high:.3f}] | "
                          f"{c.rank_best} | {c.gain.value:+.3f} [{c.gain.low:+.3f}, {c.gain.high:+.3f}] |")
     return "\n".join(lines) + "\n"
+
+
+def _signed(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:+.2f}"  # a rank correlation of fewer than two layers is undefined
 
 
 def plot_change_vs_contribution(profile: Profile, own_change: Mapping[int, float],

@@ -36,7 +36,16 @@ from ..analysis.contribution import (
     resampled,
     seed_draws,
 )
-from ..config import DEFAULT_STRATEGIES, NOT_SCIENCE, CompareConfig, TrainConfig, flat, from_dict, to_dict
+from ..config import (
+    DEFAULT_STRATEGIES,
+    NOT_SCIENCE,
+    CompareConfig,
+    TrainConfig,
+    check_out_dir,
+    flat,
+    from_dict,
+    to_dict,
+)
 from ..errors import OneLayerError
 from ..layers import parse_layer_spec
 from ..models import load_skeleton, model_num_layers
@@ -212,6 +221,7 @@ def run_comparison(config: CompareConfig, progress: bool = True) -> list[Strateg
     if config.seeds < 1:
         raise OneLayerError(f"--seeds must be >= 1, got {config.seeds}")
     config.recipe.validate()
+    check_out_dir(config.recipe.out)
     shard = Shard.from_env()
     config = replace(config, recipe=replace(config.recipe, device=shard.device(config.recipe.device)))
     out = Path(config.recipe.out)

@@ -24,7 +24,7 @@ import torch
 
 from ..analysis.contribution import area_under_curve, contribution_profile
 from ..analysis.figures import plot_profile, profile_table
-from ..config import ScanConfig, TrainConfig, to_dict
+from ..config import ScanConfig, TrainConfig, check_out_dir, to_dict
 from ..errors import OneLayerError
 from ..jsonl import exists
 from ..layers import parse_layer_spec
@@ -33,7 +33,15 @@ from ..profile import Profile, profile_file
 from ..tracking import open_tracker
 from . import adaptive
 from .rundir import evaluated_steps as run_steps
-from .rundir import example_scores, examples_file, run_dir, run_status, step_examples, write_error
+from .rundir import (
+    example_scores,
+    examples_file,
+    read_result,
+    run_dir,
+    run_status,
+    step_examples,
+    write_error,
+)
 from .sharding import Shard, run_groups, run_share, run_width, trains_many_layers
 
 
@@ -239,6 +247,7 @@ def run_scan(config: ScanConfig, progress: bool = True,
     shard = Shard.from_env()
     config = replace(config, recipe=replace(config.recipe, device=shard.device(config.recipe.device)))
     scan_dir = Path(config.recipe.out)
+    check_out_dir(scan_dir)
     plan = plan_scan(config, model_num_layers(config.recipe.model))  # a typo in --lr-grid fails here, before work
     scan_dir.mkdir(parents=True, exist_ok=True)
     group_size = concurrency(config)  # and so does an impossible --concurrent, before the plan is saved
@@ -248,19 +257,23 @@ def run_scan(config: ScanConfig, progress: bool = True,
     if shard.rank == 0:
         _save_plan(config, plan, scan_dir, widths)
     execute = execute or (lambda c, r, d: execute_run(c, r, d))
+
+    def board() -> list[tuple[str, str]]:
+        return scan_so_far(scan_dir, plan)
+
     # runs that take a group of GPUs first (full training of a large model), each group training its share
     wide = [r for r in plan if widths.get(r.name, 1) > 1]
     for width in sorted({widths[r.name] for r in wide}, reverse=True):
         run_groups([r for r in wide if widths[r.name] == width], width,
                    lambda r, world: execute_run(config, r, scan_dir, world=world), scan_dir, shard, progress, "scan",
-                   config.recipe.prompts_per_step, config.recipe.device)
+                   config.recipe.prompts_per_step, config.recipe.device, board)
     if config.adaptive_top:
-        _run_adaptive(config, plan, scan_dir, shard, progress, group_size, execute, wide)
+        _run_adaptive(config, plan, scan_dir, shard, progress, group_size, execute, wide, board)
     else:
         solo = [r for r in plan if r not in wide and (r.kind in ("base", "full") or group_size == 1)]
-        run_share(solo, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, "scan")
+        run_share(solo, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, "scan", summary=board)
         _run_groups(config, [r for r in plan if r not in solo and r not in wide], scan_dir, shard, progress,
-                    group_size)
+                    group_size, board)
     if shard.rank == 0:
         try:
             write_profile(scan_dir)
@@ -270,22 +283,23 @@ def run_scan(config: ScanConfig, progress: bool = True,
 
 
 def _run_groups(config: ScanConfig, runs: list[PlannedRun], scan_dir: Path, shard: Shard, progress: bool,
-                group_size: int) -> None:
+                group_size: int, board: Callable[[], list[tuple[str, str]]] | None = None) -> None:
     if runs:
         if shard.rank == 0:
             print(f"scan: {len(runs)} single-layer runs, up to {group_size} trained together", file=sys.stderr)
         run_share(runs, lambda g: execute_group(config, list(g.runs), scan_dir), scan_dir, shard, progress, "scan",
-                  group_size)
+                  group_size, board)
 
 
 def _run_adaptive(config: ScanConfig, plan: list[PlannedRun], scan_dir: Path, shard: Shard, progress: bool,
-                  group_size: int, execute, wide: list[PlannedRun]) -> None:
+                  group_size: int, execute, wide: list[PlannedRun],
+                  board: Callable[[], list[tuple[str, str]]] | None = None) -> None:
     """Base and full runs first (the decisions need them; ``wide`` ones were trained by groups of GPUs), then
     the layers rung by rung (:mod:`onelayer.experiments.adaptive`), then the layers that can still reach the top
     to the last step."""
     fixed = [r for r in plan if r.kind != "layer" and r not in wide]
     layers = [r for r in plan if r.kind == "layer"]
-    run_share(fixed, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, "scan")
+    run_share(fixed, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, "scan", summary=board)
 
     def rung(c: ScanConfig, runs: list[PlannedRun]) -> None:
         if group_size > 1:
@@ -296,15 +310,45 @@ def _run_adaptive(config: ScanConfig, plan: list[PlannedRun], scan_dir: Path, sh
     adaptive.run_rungs(config, plan, scan_dir, model_num_layers(config.recipe.model), shard, progress, group_size,
                        rung)
     if group_size > 1:
-        _run_groups(config, layers, scan_dir, shard, progress, group_size)
+        _run_groups(config, layers, scan_dir, shard, progress, group_size, board)
     else:
-        run_share(layers, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, "scan")
+        run_share(layers, lambda r: execute(config, r, scan_dir), scan_dir, shard, progress, "scan", summary=board)
 
 
 def replay_adaptive(scan_dir: str | Path, top: int) -> dict:
     """:func:`onelayer.experiments.adaptive.replay` on a scan directory."""
     config, plan = load_plan(scan_dir)
     return adaptive.replay(Path(scan_dir), config, plan, model_num_layers(config["recipe"]["model"]), top)
+
+
+def scan_so_far(scan_dir: Path, plan: list[PlannedRun]) -> list[tuple[str, str]]:
+    """What a scan's finished runs say so far, for its live board: base and full accuracy (full training at its
+    best rate of ``--lr-grid``), and the single layer of highest accuracy (seeds averaged; at its best rate) with
+    its point contribution once base and full are in."""
+    accuracy: dict[tuple[str, int | None, float], list[float]] = {}
+    for r in plan:
+        if run_status(scan_dir, r) == "done":
+            accuracy.setdefault((r.kind, r.layer, r.lr_scale), []).append(read_result(scan_dir, r)["accuracy"])
+    mean = {key: sum(v) / len(v) for key, v in accuracy.items()}
+    several = len({r.lr_scale for r in plan if r.kind != "base"}) > 1
+
+    def at(rate: float) -> str:
+        return f" at {rate:g}x --lr" if several else ""
+
+    base = next((v for (kind, _, _), v in mean.items() if kind == "base"), None)
+    fulls = {rate: v for (kind, _, rate), v in mean.items() if kind == "full"}
+    full_rate = max(fulls, key=lambda x: (fulls[x], -x)) if fulls else None
+    full = fulls.get(full_rate)
+    rows = [("base / full", " / ".join("-" if v is None else f"{v:.3f}" for v in (base, full)) + " accuracy"
+             + (at(full_rate) if full_rate is not None else ""))]
+    layers = {(layer, rate): v for (kind, layer, rate), v in mean.items() if kind == "layer"}
+    if layers:
+        (best, rate) = max(layers, key=lambda k: (layers[k], -k[0], -k[1]))
+        text = f"layer {best}{at(rate)}: accuracy {layers[best, rate]:.3f}"
+        if base is not None and full is not None and full != base:
+            text += f", contribution {(layers[best, rate] - base) / (full - base):+.2f} (point estimate)"
+        rows.append(("best layer so far", f"{text}; {len({k for k, _ in layers})} layer(s) measured"))
+    return rows
 
 
 def load_plan(scan_dir: str | Path) -> tuple[dict, list[PlannedRun]]:

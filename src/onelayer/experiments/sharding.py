@@ -24,7 +24,7 @@ from ..config import TrainConfig
 from ..errors import OneLayerError
 from ..layers import parse_layer_spec
 from ..models import default_device
-from ..progress import progress_bar
+from ..progress import RunBoard
 from .rundir import NamedRun, run_dir, run_status, write_error
 
 
@@ -76,15 +76,17 @@ class RunGroup:
 
 
 def for_each_run(runs: list, work: Callable[[NamedRun], object], error_files: Callable[[NamedRun], list[Path]],
-                 label: str, progress: bool = True, done: int = 0, agree: Callable[[bool], bool] | None = None) -> None:
-    """Call ``work`` on each run (or :class:`RunGroup`) under a progress bar (done / left, elapsed,
-    estimate). Its stale error files are removed when it starts; one that raises gets its error
-    written to each of ``error_files(run)`` and the others go on. ``agree(ok)`` (processes training each
-    run together): whether it went well on every one of them, after each run, so that all go on together."""
-    with progress_bar(f"{label} {{task.fields[current]}}", progress) as bar:
-        task_id = bar.add_task(label, total=done + len(runs), completed=done, current="")
-        for run in runs:
-            bar.update(task_id, current=run.name)
+                 label: str, progress: bool = True, done: int = 0, agree: Callable[[bool], bool] | None = None,
+                 summary: Callable[[], list[tuple[str, str]]] | None = None) -> None:
+    """Call ``work`` on each run (or :class:`RunGroup`) on a :class:`~onelayer.progress.RunBoard` (runs done of
+    all, ``done`` of them before this call; time left; what ``summary`` says so far). Its stale error files
+    are removed when it starts; one that raises gets its error written to each of ``error_files(run)`` and
+    the others go on. ``agree(ok)`` (processes training each run together): whether it went well on every one
+    of them, after each run, so that all go on together."""
+    sizes = [len(getattr(run, "runs", (run,))) for run in runs]
+    with RunBoard(label, done + sum(sizes), done, progress, summary) as board:
+        for run, size in zip(runs, sizes, strict=True):
+            board.start(run.name)
             paths = error_files(run)
             for path in paths:
                 path.unlink(missing_ok=True)
@@ -98,27 +100,33 @@ def for_each_run(runs: list, work: Callable[[NamedRun], object], error_files: Ca
                 for path in paths:
                     write_error(path, err)
             if agree is not None and not agree(ok) and ok:
+                ok = False
                 for path in paths:
                     write_error(path, RuntimeError("another process training this run with this one failed: see its "
                                                    "output"))
-            bar.advance(task_id)
+            for _ in range(size):
+                board.finish(run.name, not ok)
 
 
 def run_share(runs: list, work: Callable, out: Path, shard: Shard, progress: bool, label: str,
-              group_size: int = 1) -> None:
+              group_size: int = 1, summary: Callable[[], list[tuple[str, str]]] | None = None) -> None:
     """Deal the unfinished runs of ``runs`` out over the ranks and do this rank's share, one after the
     other (``work(run)``), or as :class:`RunGroup` s of up to ``group_size`` runs (``work(group)``);
     then wait for the other ranks. Dealing out only what is left keeps a resumed plan balanced."""
     barrier(shard)  # every rank must see the same finished runs before the rest is dealt out
-    mine = shard.take([r for r in runs if run_status(out, r) != "done"])
+    todo = [r for r in runs if run_status(out, r) != "done"]
+    mine = shard.take(todo)
+    done = len(runs) - len(todo) if shard.world == 1 else 0  # a rank's board shows its own share
     if group_size > 1 and mine:
         # as few groups as the size allows, of even sizes (30 runs at up to 22: 15 + 15, not 22 + 8)
         count = -(-len(mine) // group_size)
         size = -(-len(mine) // count)
         groups = [RunGroup(tuple(mine[i:i + size])) for i in range(0, len(mine), size)]
-        for_each_run(groups, work, lambda g: [run_dir(out, r) / "error.txt" for r in g.runs], label, progress)
+        for_each_run(groups, work, lambda g: [run_dir(out, r) / "error.txt" for r in g.runs], label, progress, done,
+                     summary=summary)
     else:
-        for_each_run(mine, work, lambda r: [run_dir(out, r) / "error.txt"], label, progress)
+        for_each_run(mine, work, lambda r: [run_dir(out, r) / "error.txt"], label, progress, done,
+                     summary=summary)
     barrier(shard)
 
 
@@ -170,10 +178,11 @@ def group_ranks(world: int, width: int, runs: int, prompts: int) -> list[tuple[i
 
 
 def run_groups(runs: list, width: int, work: Callable, out: Path, shard: Shard, progress: bool, label: str,
-               prompts: int, device: str) -> None:
+               prompts: int, device: str, summary: Callable[[], list[tuple[str, str]]] | None = None) -> None:
     """Train ``runs`` (each needing ``width`` processes) by groups of ranks (:func:`group_ranks`): each group
     takes its share of the unfinished runs and trains them one after the other, all its ranks together
-    (``work(run, world)``); then every rank waits. ``device``: this rank's device."""
+    (``work(run, world)``); then every rank waits. ``device``: this rank's device; ``summary``: as for
+    :func:`for_each_run`."""
     from ..training.distributed import world_of
 
     barrier(shard)
@@ -188,5 +197,5 @@ def run_groups(runs: list, width: int, work: Callable, out: Path, shard: Shard, 
             if world is not None:
                 for_each_run(pending[k::len(groups)], lambda r, w=world: work(r, w),
                              lambda r, w=world: [run_dir(out, r) / "error.txt"] if w.is_main else [], label,
-                             progress and world.is_main, agree=world.all)
+                             progress and world.is_main, agree=world.all, summary=summary)
     barrier(shard)

@@ -17,7 +17,7 @@ from ..analysis.ensemble import EnsembleSummary, ensemble
 from ..checkpoint import find_checkpoint, read_meta
 from ..config import EvalConfig
 from ..errors import OneLayerError
-from ..evaluate import run_eval
+from ..evaluate import resolve_task, run_eval
 from ..jsonl import exists, read_jsonl
 from ..tasks import get_task
 from .rundir import final_examples
@@ -44,19 +44,22 @@ def _answers(config: EvalConfig) -> list[dict]:
 def _source(config: EvalConfig) -> dict:
     """What an evaluation evaluated: the model, or the checkpoint and its step (answers cached for an
     earlier checkpoint of the same run are not reused). A run whose training stopped early is refused."""
+    # the answers are those of one evaluation: another task, options, cap or size is another one
+    evaluation = {"task": config.task, "task_options": config.task_options, "n": config.n,
+                  "max_new_tokens": config.sampling.max_new_tokens}
     if not config.checkpoint:
-        return {"model": config.model}
+        return {"model": config.model, **evaluation}
     result = Path(config.checkpoint) / "result.json"
     if find_checkpoint(config.checkpoint) is None and result.is_file():
         # a finished run kept without its checkpoint: only its own final evaluation can be used
         return {"checkpoint": str(config.checkpoint), "step": json.loads(result.read_text())["step"],
-                "model": config.model}
+                "model": config.model, **evaluation}
     meta = read_meta(config.checkpoint)
     steps = meta.get("config", {}).get("steps")
     if steps is not None and meta["step"] < steps:
         raise OneLayerError(f"{config.checkpoint} stopped at step {meta['step']} of {steps}: finish its training "
                             "(rerun the command that made it) before voting with it")
-    return {"checkpoint": str(config.checkpoint), "step": meta["step"], "model": config.model}
+    return {"checkpoint": str(config.checkpoint), "step": meta["step"], "model": config.model, **evaluation}
 
 
 def final_eval_answers(config: EvalConfig) -> tuple[list[dict], Path] | None:
@@ -81,19 +84,34 @@ def final_eval_answers(config: EvalConfig) -> tuple[list[dict], Path] | None:
     return (rows[:config.n], source) if len(rows) >= config.n else None
 
 
+def member_configs(members: list[str], base: EvalConfig, out: Path) -> list[EvalConfig]:
+    """Each member's greedy evaluation, on the task its run was trained on unless ``base`` names one
+    (:func:`onelayer.evaluate.resolve_task`); all members must then be evaluated on the same task."""
+    configs = [resolve_task(replace(base, checkpoint=m, samples=1, out=str(out / "members" / Path(m).name),
+                                    sampling=replace(base.sampling, temperature=0.0)))[0] for m in members]
+    tasks = {m: (c.task, c.task_options) for m, c in zip(members, configs, strict=True)}
+    first = next(iter(tasks.values()))
+    for member, task in tasks.items():
+        if task != first:
+            raise OneLayerError(f"{members[0]} and {member} were trained on different tasks ({first[0]} "
+                                f"{first[1]} vs {task[0]} {task[1]}): pass --task and --task-option to vote on one")
+    return configs
+
+
 def run_ensemble(members: list[str], base: EvalConfig, out: str | Path) -> EnsembleSummary:
     """Greedy answers of each member checkpoint, then the majority vote (members in the order given)."""
     if len(members) < 2:
         raise OneLayerError("an ensemble needs at least two members (run directories)")
     out = Path(out)
-    task = get_task(base.task, base.task_options)
+    names = [Path(m).name for m in members]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise OneLayerError(f"two members are named {twice}: give run directories distinct names")
+    configs = member_configs(members, base, out)
+    task = get_task(configs[0].task, configs[0].task_options)
     table = {}
-    for member in members:
-        name = Path(member).name
-        if name in table:
-            raise OneLayerError(f"two members are named {name}: give run directories distinct names")
-        rows = _answers(replace(base, checkpoint=member, samples=1, out=str(out / "members" / name),
-                                sampling=replace(base.sampling, temperature=0.0)))
+    for name, config in zip(names, configs, strict=True):
+        rows = _answers(config)
         table[name] = ([r["extracted"][0] for r in rows], [r["correct"][0] for r in rows])
     summary = ensemble(table, task.same_answer)
     _write(out, "ensemble", summary, table)
@@ -105,10 +123,11 @@ def run_self_consistency(model_or_run: str, k: int, base: EvalConfig, out: str |
     if k < 2:
         raise OneLayerError("--k must be >= 2 for self-consistency")
     out = Path(out)
-    task = get_task(base.task, base.task_options)
     is_run = find_checkpoint(model_or_run) is not None
-    config = replace(base, checkpoint=model_or_run if is_run else "", model="" if is_run else model_or_run,
-                     samples=k, out=str(out / "samples"), sampling=replace(base.sampling, temperature=1.0))
+    config, _ = resolve_task(replace(base, checkpoint=model_or_run if is_run else "",
+                                     model="" if is_run else model_or_run, samples=k, out=str(out / "samples"),
+                                     sampling=replace(base.sampling, temperature=1.0)))
+    task = get_task(config.task, config.task_options)
     rows = _answers(config)
     table = {f"sample{j}": ([r["extracted"][j] for r in rows], [r["correct"][j] for r in rows]) for j in range(k)}
     summary = ensemble(table, task.same_answer)
@@ -129,6 +148,12 @@ def _write(out: Path, stem: str, summary: EnsembleSummary, table: dict) -> None:
                                 "votes": vote.votes, "tied": vote.tied, "correct": vote.correct}) + "\n")
 
 
+def ensemble_task_line(member: str, base: EvalConfig) -> str:
+    """The line saying which task the votes of ``member`` (a run directory or a model) are on."""
+    is_run = find_checkpoint(member) is not None or (Path(member) / "config.json").is_file()
+    return resolve_task(replace(base, checkpoint=member if is_run else ""))[1]
+
+
 def summary_lines(title: str, summary: EnsembleSummary) -> list[str]:
     best = summary.best_member
     lines = [f"{title}: vote accuracy {summary.vote_accuracy:.3f}; best single {best} "
@@ -136,7 +161,10 @@ def summary_lines(title: str, summary: EnsembleSummary) -> list[str]:
              f"{summary.ties} tied votes"]
     lines += [f"  {m}: {a:.3f}" for m, a in summary.member_accuracy.items()]
     if summary.overlap:
-        mean = sum(summary.overlap.values()) / len(summary.overlap)
-        lines.append(f"  mean pairwise overlap (Jaccard of solved sets) {mean:.3f}")
+        defined = [v for v in summary.overlap.values() if v is not None]
+        mean = f"{sum(defined) / len(defined):.3f}" if defined else "n/a"
+        undefined = len(summary.overlap) - len(defined)
+        lines.append(f"  mean pairwise overlap (Jaccard of solved sets) {mean}"
+                     + (f" ({undefined} pair(s) where neither solved anything left out)" if undefined else ""))
     return lines
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..errors import OneLayerError
+from ..errors import OneLayerError, did_you_mean
 from .agent import AgentTask, _maze, _tw
 from .base import Example, Score, Task, outcome_fractions
 from .code import CodeDatasetTask, HumanEvalTask
@@ -53,12 +53,22 @@ def get_task(name: str, options: dict | None = None) -> Task:
         name = f"jsonl:{name}"
     prefix, sep, arg = name.partition(":")
     if not sep or prefix not in FAMILIES or not arg:
+        family = did_you_mean(prefix, FAMILIES)
+        guess = (family[:-2] + f":{arg}'?" if family and arg else family) if sep else _bare_name_guess(name)
         raise OneLayerError(f"unknown task '{name}': use one of {', '.join(p + ':...' for p in FAMILIES)} "
-                            "or a .jsonl path")
+                            f"or a .jsonl path{guess}")
     try:
         return FAMILIES[prefix](arg, **options)
     except TypeError as err:
         raise OneLayerError(f"bad options for task '{name}': {err}") from err
+
+
+def _bare_name_guess(name: str) -> str:
+    """For a task name without its family (``basic_arithmetic``): the family it belongs to, if any."""
+    from .math import reasoning_gym_names
+
+    guess = did_you_mean(name, reasoning_gym_names())
+    return guess.replace("'", "'rg:", 1) if guess else ""
 
 
 def split_task_list(text: str) -> list[str]:

@@ -3,9 +3,13 @@ question/answer columns, scored by :mod:`.answers` plus an optional format rewar
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import types
+import typing
 from pathlib import Path
 
-from ..errors import OneLayerError
+from ..errors import OneLayerError, did_you_mean, first_line
 from .answers import answers_match, extract_answer, last_boxed
 from .base import Example, Score, Task, dedup_against
 from .sources import check_split, dataset_splits, file_splits, read_jsonl
@@ -31,6 +35,73 @@ class MathTask(Task):
         return Score(float(correct) + self.format_weight * formatted, correct, extracted)
 
 
+def reasoning_gym_names() -> list[str]:
+    """The names of reasoning-gym's generators (``rg:NAME``)."""
+    from reasoning_gym.factory import DATASETS
+
+    return sorted(DATASETS)
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON-parsed option ``value`` has the type a dataclass field's ``hint`` asks for (hints this
+    does not know are left to the generator)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint in (list, tuple) or origin in (list, tuple):
+        return isinstance(value, list | tuple)
+    return True
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return names.get(hint) or ("a list like [1, 2]" if hint in (list, tuple) or origin in (list, tuple) else str(hint))
+
+
+def check_generator_options(generator: str, options: dict, own: tuple[str, ...] = ()) -> None:
+    """One-line errors, before reasoning-gym sees them, for a generator it does not have, an option its
+    config does not have (``own`` names the options onelayer takes itself) or a value of the wrong type."""
+    from reasoning_gym.factory import DATASETS
+
+    if generator not in DATASETS:
+        guess = did_you_mean(generator, DATASETS).replace("'", "'rg:", 1)
+        raise OneLayerError(f"unknown task 'rg:{generator}': reasoning-gym has no generator '{generator}'"
+                            + (guess or f" (it has {len(DATASETS)}, e.g. basic_arithmetic, chain_sum, gcd)"))
+    config_class = DATASETS[generator][1]
+    fields = {f.name: f for f in dataclasses.fields(config_class) if f.name not in ("seed", "size")}
+    try:
+        hints = typing.get_type_hints(config_class)
+    except Exception:  # an annotation that does not resolve: check names only
+        hints = {}
+    for key, value in options.items():
+        if key not in fields:
+            raise OneLayerError(f"rg:{generator} has no task option '{key}'{did_you_mean(key, [*fields, *own])} "
+                                f"(its options: {', '.join([*fields, *own])})")
+        hint = hints.get(key)
+        if hint is not None and not _fits(value, hint):
+            default = fields[key].default
+            shown = value if isinstance(value, str) else json.dumps(value)
+            raise OneLayerError(f"task option {key}={shown} of rg:{generator} must be {_describe(hint)}"
+                                + ("" if default is dataclasses.MISSING else f" (default {json.dumps(default)})"))
+
+
 class ReasoningGymTask(MathTask):
     """``rg:NAME``: any reasoning-gym generator. Options other than those below go to its config.
 
@@ -43,11 +114,14 @@ class ReasoningGymTask(MathTask):
         super().__init__(f"rg:{generator}", format_weight, system_prompt)
         import reasoning_gym
 
+        check_generator_options(generator, config, ("seed", "train_size", "eval_size", "format_weight",
+                                                    "system_prompt"))
         try:
             self._make = lambda size, s: reasoning_gym.create_dataset(generator, size=size, seed=s, **config)
             self._make(1, seed)
         except Exception as err:
-            raise OneLayerError(f"reasoning-gym cannot make '{generator}' with options {config}: {err}") from err
+            raise OneLayerError(f"reasoning-gym cannot make '{generator}' with options {config}: "
+                                f"{first_line(err)}") from err
         self.seed, self.train_size, self.eval_size = seed, train_size, eval_size
         self._splits: dict[str, list[Example]] = {}
 

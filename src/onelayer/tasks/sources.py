@@ -20,7 +20,11 @@ def read_jsonl(path: str) -> list[dict]:
     """The JSON objects of a task's ``.jsonl`` file (or ``.jsonl.gz``), one per non-empty line."""
     if not jsonl.exists(path):
         raise OneLayerError(f"task file {path} does not exist: check the path")
-    return jsonl.read_jsonl(path)
+    rows = jsonl.read_jsonl(path)
+    if not rows:
+        raise OneLayerError(f"task file {path} has no examples (no non-empty line): add one JSON object per line, "
+                            'e.g. {"question": "2 + 3?", "answer": "5"}')
+    return rows
 
 
 def load_hf_splits(dataset: str, config: str | None, train_split: str, eval_split: str) -> dict:

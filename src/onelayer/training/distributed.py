@@ -306,8 +306,9 @@ class ShardedModel:
     def _order(self, optimizer: torch.optim.Optimizer) -> list[str]:
         return [n for g in optimizer.param_groups for n in g["names"]]
 
-    def save(self, directory: Path, names: list[str], meta: dict, optimizer: torch.optim.Optimizer) -> None:
-        """Write a checkpoint of the full trained tensors and optimizer state (rank 0; every process calls it)."""
+    def save(self, directory: Path, names: list[str], meta: dict, optimizer: torch.optim.Optimizer | None) -> None:
+        """Write a checkpoint of the full trained tensors and optimizer state (none when ``optimizer`` is None;
+        rank 0 writes, every process calls it)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         params = dict(self.learner.named_parameters())
@@ -316,15 +317,18 @@ class ShardedModel:
             full = params[name].detach().full_tensor()
             if self.world.is_main:
                 tensors[name] = full.cpu()
-        state = get_optimizer_state_dict(self.learner, optimizer,
-                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = None
+        if optimizer is not None:  # every process takes part in gathering it; rank 0 receives it
+            state = get_optimizer_state_dict(self.learner, optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.world.is_main:
-            write_checkpoint(directory, tensors, meta, by_index(state, self._order(optimizer)))
+            write_checkpoint(directory, tensors, meta, None if state is None else by_index(state, self._order(optimizer)))
         self.world.barrier()  # nobody starts the next step's collectives while rank 0 writes
 
-    def load(self, path: Path, optimizer: torch.optim.Optimizer) -> None:
+    def load(self, path: Path, optimizer: torch.optim.Optimizer) -> bool:
         """Load a checkpoint (of any number of processes) into the shards and the optimizer; rank 0 reads it
-        and FSDP's state-dict functions scatter it."""
+        and FSDP's state-dict functions scatter it. False when the checkpoint has no optimizer state (dropped by
+        ``--keep-optimizer none``)."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -336,12 +340,14 @@ class ShardedModel:
         tensors = checkpoint_tensors(self.learner, path)[0] if main else {}
         set_model_state_dict(self.learner, dict(tensors), options=options)
         found = find_checkpoint(path)
-        if found is not None and (found / OPTIMIZER).is_file():
+        restored = found is not None and (found / OPTIMIZER).is_file()
+        if restored:
             state = by_name(torch.load(found / OPTIMIZER, map_location="cpu", weights_only=True),
                             self._order(optimizer)) if main else {}
             set_optimizer_state_dict(self.learner, optimizer, state,
                                      options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         self.refresh()
+        return restored
 
     def state_bytes(self, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
         """Bytes of optimizer state over every process (each process's step counters counted once), and on the

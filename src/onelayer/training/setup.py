@@ -18,7 +18,7 @@ from torch import nn
 from ..adapters import add_lora
 from ..algorithms import Algorithm, get_algorithm
 from ..checkpoint import apply_checkpoint, find_checkpoint, load_optimizer_state, read_meta
-from ..config import RESUMABLE, TrainConfig, flat, from_dict, to_dict
+from ..config import RESUMABLE, TrainConfig, check_out_dir, flat, from_dict, to_dict
 from ..errors import OneLayerError
 from ..jsonl import read_jsonl, write_jsonl
 from ..layers import LayerSelection, apply_selection, lr_scales_from_profile, select_layers
@@ -116,9 +116,16 @@ def make_optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Optim
 # ------------------------------------------------------------------------------------------------- resume
 
 
+def started(out: Path) -> bool:
+    """Whether a run directory holds an experiment: a checkpoint or a logged step. A run that failed
+    before its first step (a bad task file, say) left only its ``config.json``; it is no experiment and
+    does not block a corrected command."""
+    return find_checkpoint(out) is not None or bool(read_jsonl(out / "log.jsonl"))
+
+
 def _check_resumable(out: Path, config: TrainConfig) -> None:
     saved_path = out / "config.json"
-    if not saved_path.is_file():
+    if not saved_path.is_file() or not started(out):
         return
     saved = flat(to_dict(from_dict(TrainConfig, json.loads(saved_path.read_text()))))
     now = flat(to_dict(config))
@@ -135,20 +142,27 @@ def _truncate_log(path: Path, last_step: int) -> None:
         write_jsonl(path, [row for row in read_jsonl(path) if row["step"] <= last_step])
 
 
-def resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sharded: ShardedModel | None = None,
-           world: World = SOLO) -> tuple[int, list[dict]]:
+def resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int,
+           sharded: ShardedModel | None = None, world: World = SOLO) -> tuple[int, list[dict]]:
     """Load the run directory's checkpoint, if any, into ``model`` (or the shards of ``sharded``) and
-    ``optimizer``; drop the log lines of steps after it (they are redone). Returns the first step to do and
-    the evaluations kept."""
+    ``optimizer`` (saying so, in one line); drop the log lines of steps after it (they are redone). ``steps``
+    is the run's length. Returns the first step to do and the evaluations kept."""
     start = 0
     if find_checkpoint(out) is not None:
         meta = read_meta(out)
         if sharded is not None:
-            sharded.load(out, optimizer)
+            restored = sharded.load(out, optimizer)
         else:
             apply_checkpoint(model, out)
-            load_optimizer_state(optimizer, out)
+            restored = load_optimizer_state(optimizer, out)
         start = int(meta["step"])
+        if world.is_main:
+            if start >= steps:
+                print(f"{out} has trained {start} of {steps} steps already: nothing left to train", file=sys.stderr)
+            else:
+                print(f"resuming {out} from step {start} of {steps}"
+                      + ("" if restored else " without optimizer state (dropped by --keep-optimizer none): Adam's "
+                         "moment estimates restart"), file=sys.stderr)
     if world.is_main:
         _truncate_log(out / "log.jsonl", start)
         _truncate_log(out / "eval.jsonl", start if start else -1)
@@ -163,8 +177,6 @@ class PromptSampler:
     """Epoch-wise shuffles of the train split; the batch of a step depends only on (seed, step)."""
 
     def __init__(self, examples: list[Example], seed: int):
-        if not examples:
-            raise OneLayerError("the task's train split is empty: give it more examples")
         self.examples, self.seed = examples, seed
 
     def batch(self, step: int, size: int) -> list[Example]:
@@ -203,6 +215,8 @@ class Run:
     trainable: int
     tracker: Tracker  # --report-to: where step rows and evaluations go besides the JSON logs
     bad_steps: int = 0
+    flat_steps: int = 0  # consecutive steps in which (nearly) every group's rewards were all equal
+    warned_flat: bool = False
     peak_memory: int = 0
     final_eval: dict | None = None
     world: World = SOLO  # the processes training this run together
@@ -242,9 +256,14 @@ def check_run(config: TrainConfig, task: Task | None = None, world: World = SOLO
     given: runs that share one) and algorithm (before any weights load)."""
     config.validate()
     check_sharded(config, world)
+    check_out_dir(config.out)
     _check_resumable(Path(config.out), config)
     algorithm = get_algorithm(config.algo)
     task = task or get_task(config.task, config.task_options)
+    if not task.examples("train"):
+        raise OneLayerError(f"the train split of {task.name} is empty (no examples, or all of them are in its eval "
+                            "split): give it more examples or a smaller eval split (reasoning-gym tasks: --task-option "
+                            "eval_size=N); eval-only tasks such as code:humaneval cannot be trained on")
     agentic = isinstance(task, AgentTask)
     if algorithm.advantages is None and not agentic:
         raise OneLayerError(f"--algo {algorithm.name} needs a multi-turn agent task (tw:coin_collector, maze:4, ...), "
@@ -280,7 +299,7 @@ def open_run(config: TrainConfig, model: nn.Module, task: Task, algorithm: Algor
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
-    start, evals = resume(out, learner, optimizer, sharded, world)
+    start, evals = resume(out, learner, optimizer, config.steps, sharded, world)
     meta = {"base_model": config.model, "layers_spec": config.layers, "layers": list(parts.selection.layers),
             "extras": list(parts.selection.extras), "trainable_parameters": count,
             **({"adapter": parts.adapter} if parts.adapter else {}),

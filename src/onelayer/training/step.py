@@ -11,6 +11,7 @@ its last checkpoint and repeats exactly what it would have done.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from .distributed import SOLO, World
 from .setup import Run, peak_memory
 
 MAX_BAD_STEPS = 3  # consecutive steps whose updates were all dropped for non-finite gradients
+# "no learning signal": this share of groups or more had equal rewards in this many steps in a row
+FLAT_SHARE, FLAT_STEPS = 0.9, 3
 
 
 def sample_seed(config: TrainConfig, step: int) -> int:
@@ -311,9 +314,36 @@ def step_row(run: Run, step: int, metrics: dict, batch: RolloutBatch, stats: dic
                if peaks else {})}
 
 
+def no_signal_notice(config: TrainConfig, row: dict, steps: int) -> str:
+    """The one-line notice that a run is not learning because its groups' rewards are all equal, with
+    the likely cause (from the step's accuracy and truncation) and its fix."""
+    accuracy, truncated, cap = row["accuracy"], row.get("truncated_fraction", 0.0), config.sampling.max_new_tokens
+    if accuracy <= 0.05 and truncated >= 0.5:
+        cause = (f"almost no completion is right and {truncated:.0%} stop at the length cap: raise --max-new-tokens "
+                 f"(now {cap}) so answers fit, or use easier task options")
+    elif accuracy <= 0.05:
+        cause = (f"almost no completion is right: use easier task options (e.g. fewer terms or digits) or a larger "
+                 f"--group-size (now {config.group_size}) so that some completion of a prompt succeeds")
+    elif accuracy >= 0.95:
+        cause = "almost every completion is right: the task is too easy for the model; use harder task options"
+    else:
+        cause = (f"the completions of each prompt agree: a larger --group-size (now {config.group_size}) or "
+                 f"--temperature (now {config.sampling.temperature:g}) lets them differ")
+    return (f"no learning signal in {config.out}: in {steps} step(s) in a row (to step {row['step']}) "
+            f"{row['zero_signal_fraction']:.0%} of groups gave all {config.group_size} completions the same "
+            f"reward, so their advantages and updates are 0 (accuracy {accuracy:.2f}); {cause}")
+
+
 def log_step(run: Run, row: dict, stats: dict) -> None:
-    """Append the step's line to ``log.jsonl`` (rank 0 of a run's processes) and the trackers; stop the run when
-    updates keep being dropped."""
+    """Append the step's line to ``log.jsonl`` (rank 0 of a run's processes) and the trackers, saying once
+    (there and on stderr) when the run is not learning because its groups' rewards are all equal; stop the run
+    when updates keep being dropped."""
+    run.flat_steps = run.flat_steps + 1 if row.get("zero_signal_fraction", 0.0) >= FLAT_SHARE else 0
+    if not run.warned_flat and run.flat_steps >= min(FLAT_STEPS, run.config.steps):
+        run.warned_flat = True
+        row["warning"] = no_signal_notice(run.config, row, run.flat_steps)
+        if run.world.is_main:
+            print(f"warning: {row['warning']}", file=sys.stderr)
     if run.world.is_main:
         append_jsonl(run.out / "log.jsonl", row)
         run.tracker.log("train", row, row["step"])
@@ -360,7 +390,10 @@ def save_due(run: Run, model: nn.Module, done: int) -> None:
     tensors, written by rank 0)."""
     if done % run.config.save_every == 0 or done == run.config.steps:
         meta = {**run.meta, "step": done}
+        # --keep-optimizer none: a finished run keeps its weights, not the state to continue it exactly
+        drop = run.config.keep_optimizer == "none" and done >= run.config.steps
+        optimizer = None if drop else run.optimizer
         if run.sharded:
-            run.sharded.save(run.out / "checkpoint", run.trained, meta, run.optimizer)
+            run.sharded.save(run.out / "checkpoint", run.trained, meta, optimizer)
         else:
-            save_checkpoint(run.out / "checkpoint", model, run.trained, meta, run.optimizer)
+            save_checkpoint(run.out / "checkpoint", model, run.trained, meta, optimizer)
