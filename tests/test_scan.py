@@ -398,3 +398,16 @@ def test_concurrent_flag_checks(tmp_path, saved_tiny):
     config.recipe.task = "maze:3"
     with pytest.raises(OneLayerError, match="multi-turn agent task: use --concurrent 1"):
         concurrency(config)
+
+
+def test_a_scan_grows_by_more_layers_and_trains_only_the_new_ones(tmp_path, saved_tiny):
+    # long scans are filled over several sessions: each call keeps every finished run
+    calls = []
+    run_scan(scan_config(tmp_path / "scan", saved_tiny, layers="1"), progress=False, execute=_fake_execute(calls, SCORES))
+    assert calls == ["base", "full-s0", "layer001-s0"]
+    calls.clear()
+    run_scan(scan_config(tmp_path / "scan", saved_tiny, layers="1,3"), progress=False,
+             execute=_fake_execute(calls, SCORES))
+    assert calls == ["layer003-s0"]
+    c = {p.layer: p.contribution for p in read_profile(tmp_path / "scan").points if not p.interpolated}
+    assert c == {1: pytest.approx(0.5), 3: pytest.approx(1.0)}
