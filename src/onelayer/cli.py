@@ -236,7 +236,7 @@ EASY_ARITHMETIC = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits"
 
 
 # The committed GPU scan the CPU demo points to (relative to the repository)
-GPU_SCAN_REPORT = "docs/results/2026-11-22-scan-smollm2-analyses/report/report.md"
+GPU_SCAN_REPORT = "docs/results/2026-12-02-trusted-scan-smollm2/scan/report/report.md"
 
 
 def demo_config(out: str, gpu: bool) -> ScanConfig:
@@ -291,8 +291,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     report = build_report(scan_dir)
     print(f"report: {report.with_suffix('.html')}")
     if not gpu:
-        print(f"Which layers matter is a question for a longer scan: a GPU scan of the same model (8 layers, 30 steps "
-              f"of 64 prompts, 500 examples) is in {gpu_scan_report()}")
+        print(f"Which layers matter is a question for a longer scan: a GPU scan of the same model (8 layers at 2 "
+              f"learning rates and 2 seeds, 30 steps, 500 examples) is in {gpu_scan_report()}")
 
 
 def gpu_scan_report() -> str:
