@@ -111,18 +111,18 @@ def eval_prompts(tokenizer, task: Task, n: int) -> tuple[list, list[str]]:
     return examples, render_prompts(tokenizer, [task.messages(e) for e in examples])
 
 
+def example_record(example, completions: list[str], scores: list) -> dict:
+    """One example's row of a per-example file: its completions and how each was scored."""
+    return {"id": example.id, "question": example.question, "answer": example.answer, "completions": list(completions),
+            "extracted": [s.extracted for s in scores], "correct": [s.correct for s in scores],
+            "rewards": [s.reward for s in scores], **({"outcomes": [s.outcome for s in scores]} if scores[0].outcome else {})}
+
+
 def eval_result(task: Task, examples: list, batch: RolloutBatch, samples: int) -> EvalResult:
     """Score a batch of ``samples`` completions per example (rows in example order)."""
     scores = task.score_all(batch.texts, [e for e in examples for _ in range(samples)])
-    per_example = []
-    for i, example in enumerate(examples):
-        own = scores[i * samples:(i + 1) * samples]
-        correct = [s.correct for s in own]
-        per_example.append({"id": example.id, "question": example.question, "answer": example.answer,
-                            "completions": batch.texts[i * samples:(i + 1) * samples],
-                            "extracted": [s.extracted for s in own], "correct": correct,
-                            "rewards": [s.reward for s in own],
-                            **({"outcomes": [s.outcome for s in own]} if own[0].outcome else {})})
+    per_example = [example_record(example, batch.texts[i * samples:(i + 1) * samples],
+                                  scores[i * samples:(i + 1) * samples]) for i, example in enumerate(examples)]
     return EvalResult(
         task=task.name, **correctness(per_example, samples),
         mean_reward=sum(s.reward for s in scores) / len(scores),

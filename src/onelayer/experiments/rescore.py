@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OneLayerError
-from ..evaluate import correctness
+from ..evaluate import correctness, example_record
 from ..jsonl import read_jsonl, resolve, write_jsonl
 from ..tasks import AgentTask, Example, get_task, outcome_fractions
 
@@ -81,8 +81,7 @@ def rescore_rows(task, rows: list[dict]) -> tuple[list[dict], list, int]:
         own = task.score_all(row["completions"], [example] * len(row["completions"]))
         changed += sum(bool(s.correct) != bool(c) for s, c in zip(own, row["correct"], strict=True))
         scores += own
-        out.append({**row, "extracted": [s.extracted for s in own], "correct": [bool(s.correct) for s in own],
-                    "rewards": [s.reward for s in own], **({"outcomes": [s.outcome for s in own]} if own[0].outcome else {})})
+        out.append({**row, **example_record(example, row["completions"], own)})
     return out, scores, changed
 
 
@@ -98,9 +97,10 @@ def rescore_file(examples: Path, cache: dict, write: bool = True) -> Rescored | 
     if task is None or isinstance(task, AgentTask):
         why = "agent episodes are not stored as completions" if task else "no task named beside it or in its run"
         return Rescored(examples, len(rows), 0, float("nan"), float("nan"), skipped=why)
-    before = sum(sum(r["correct"]) / len(r["correct"]) for r in rows) / len(rows)
+    samples = len(rows[0]["correct"])
+    before = correctness(rows, samples)["accuracy"]
     rows, scores, changed = rescore_rows(task, rows)
-    fields = {**correctness(rows, len(rows[0]["correct"])), "mean_reward": sum(s.reward for s in scores) / len(scores),
+    fields = {**correctness(rows, samples), "mean_reward": sum(s.reward for s in scores) / len(scores),
               "outcomes": outcome_fractions(scores)}
     if write:
         write_jsonl(examples, rows)
