@@ -106,7 +106,10 @@ def test_joint_rows_run_through_their_own_layer_copies(tokenizer):
             variants.set_rows(2, 5)  # a chunk that starts inside a block and ends inside the next
             chunk = model(ids[2:5]).logits
     alone = torch.cat(alone)
-    assert torch.equal(joint, alone) and torch.equal(chunk, alone[2:5])
+    assert torch.equal(joint, alone)
+    # another batch size may take another BLAS kernel (so not bit for bit); a row on the wrong layer copy
+    # would be off by ~1e-2
+    assert torch.allclose(chunk, alone[2:5], rtol=0, atol=1e-5)
     assert not torch.allclose(base, alone)
     assert torch.equal(model(ids).logits, base)  # the shared layers are back in place
 
