@@ -67,8 +67,8 @@ def test_clipped_objective_by_hand():
     loss, stats = policy_loss(new, old, adv, torch.ones(2, 1), "token-mean")
     # A=+1: min(1.5, 1.2) = 1.2 -> -1.2 ; A=-1: min(-1.5, -1.2) = -1.5 -> +1.5 ; mean 0.15
     assert loss.item() == pytest.approx((-1.2 + 1.5) / 2)
-    assert stats["clip_fraction"] == 0.5
-    assert stats["ratio_mean"] == pytest.approx(1.5)
+    assert stats["clip_fraction"].item() == 0.5
+    assert stats["ratio_mean"].item() == pytest.approx(1.5)
 
 
 def test_asymmetric_clip():
@@ -82,7 +82,7 @@ def test_one_update_has_ratio_one_and_the_policy_gradient():
     logits = torch.tensor([[0.3, -0.2, 0.9]], requires_grad=True)
     logp = torch.log_softmax(logits, -1)  # treat the 3 entries as 3 tokens of one sequence
     loss, stats = policy_loss(logp, logp.detach(), torch.tensor([2.0]), torch.ones(1, 3), "seq-mean-token-mean")
-    assert stats["ratio_mean"] == 1.0 and stats["clip_fraction"] == 0.0
+    assert stats["ratio_mean"].item() == 1.0 and stats["clip_fraction"].item() == 0.0
     loss.backward()
     expected = torch.autograd.grad(-(2.0 * torch.log_softmax(logits, -1)).mean(), logits)[0]
     assert torch.allclose(logits.grad, expected)
@@ -95,7 +95,7 @@ def test_k3_kl_by_hand():
     loss, stats = policy_loss(new[None], new[None].detach(), torch.tensor([0.0]), torch.ones(1, 1), "token-mean",
                               logp_ref=ref[None], beta=0.1)
     assert loss.item() == pytest.approx(0.1 * (0.5 + math.log(2) - 1), abs=1e-6)
-    assert stats["kl"] == pytest.approx(0.5 + math.log(2) - 1, abs=1e-6)
+    assert stats["kl"].item() == pytest.approx(0.5 + math.log(2) - 1, abs=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])

@@ -72,8 +72,9 @@ def policy_loss(
     """Clipped surrogate loss over ``[B, T]`` token log-probs; ``advantages`` is ``[B]`` (one per
     sequence, GRPO/Dr. GRPO) or ``[B, T]`` (per token, GiGPO).
 
-    Returns the loss and detached statistics: ``clip_fraction`` (tokens where the clipped branch was
-    taken), ``ratio_mean`` and ``kl`` (token-mean k3, 0 without a reference).
+    Returns the loss and detached statistics as 0-dim tensors (reading one waits for the GPU, so a training
+    loop reads them once per optimizer step): ``clip_fraction`` (tokens where the clipped branch was taken),
+    ``ratio_mean`` and ``kl`` (token-mean k3, 0 without a reference).
     """
     adv = advantages if advantages.ndim == 2 else advantages[:, None]
     ratio = torch.exp(logp_new - logp_old)
@@ -89,8 +90,8 @@ def policy_loss(
         m = mask.bool()
         n = m.sum().clamp(min=1)
         stats = {
-            "clip_fraction": ((clipped_obj < unclipped_obj) & m).sum().item() / n.item(),
-            "ratio_mean": (ratio * m).sum().item() / n.item(),
-            "kl": ((kl * m).sum() / n).item() if kl is not None else 0.0,
+            "clip_fraction": ((clipped_obj < unclipped_obj) & m).sum() / n,
+            "ratio_mean": (ratio * m).sum() / n,
+            "kl": (kl * m).sum() / n if kl is not None else torch.zeros((), device=loss.device),
         }
     return loss, stats

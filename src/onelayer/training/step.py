@@ -26,6 +26,7 @@ from ..compiled import compiled_layers
 from ..config import TrainConfig
 from ..errors import OneLayerError
 from ..evaluate import write_eval
+from ..fused import liger_layers
 from ..jsonl import append_jsonl
 from ..rollout import Generator, RolloutBatch, completion_logprobs, render_prompts
 from ..rollout.episodes import play_episodes
@@ -203,6 +204,9 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
     # the step's rows over every process (mini-batches > 1 need single-turn tasks: the same number each)
     total, first = (world.sum(batch.size), world.first(batch.size)) if config.mini_batches > 1 else (batch.size, 0)
     rows_per_mini = total // config.mini_batches
+    # completion tokens per row, read once: the loop below then waits for the GPU once per optimizer step
+    # (the gradient norm), not at every micro-batch
+    row_tokens = batch.completion_mask.sum(1).cpu()
     totals = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "grad_norm": 0.0}
     updates, skipped, bad_tensors = 0, 0, set()
     generator = torch.Generator().manual_seed(config.seed * 7919 + step)
@@ -211,12 +215,15 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
         for mb in range(config.mini_batches):
             chosen = order[mb * rows_per_mini:(mb + 1) * rows_per_mini]
             mini = chosen[(chosen >= first) & (chosen < first + batch.size)] - first  # this process's rows of it
-            norm = Normalizer(world.sum(len(mini)), world.sum(int(batch.completion_mask[mini.to(device)].sum().item())),
+            norm = Normalizer(world.sum(len(mini)), world.sum(int(row_tokens[mini].sum())),
                               config.sampling.max_new_tokens)
             optimizer.zero_grad(set_to_none=True)
-            # token-weighted, so that any micro-batching logs what the whole mini-batch at once would
-            loss_sum, stats_sum = 0.0, {"clip_fraction": 0.0, "kl": 0.0}
+            # on the GPU until the step's end; token-weighted, so that any micro-batching logs what the whole
+            # mini-batch at once would
+            loss_sum = torch.zeros((), device=device)
+            stats_sum = {"clip_fraction": torch.zeros((), device=device), "kl": torch.zeros((), device=device)}
             for rows, real in micro_batches(mini, config.micro_batch_size, world):
+                tokens = int(row_tokens[rows].sum())
                 rows = rows.to(device)
                 part = batch.rows(rows)
                 width = part.completion_mask.shape[1]
@@ -226,17 +233,17 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
                 ref = None if ref_logprobs is None else ref_logprobs[rows, :width]
                 loss, stats = policy_loss(logp, old, advantages[rows], part.completion_mask, aggregation,
                                           config.clip_low, config.clip_high, ref, config.beta, norm)
-                if not world.all(torch.isfinite(loss)):
-                    raise OneLayerError(f"loss is {loss.item()} at step {step + 1}: lower --lr (now {config.lr:g}) or "
-                                        "check the rewards; the last checkpoint is intact and --out resumes from it")
                 if not real:  # a stand-in that keeps this process in step with the others
                     (loss * 0.0).backward()
                     continue
                 loss.backward()
-                loss_sum += loss.item()
-                tokens = int(part.completion_mask.sum().item())
+                loss_sum += loss.detach()
                 for k in stats_sum:
                     stats_sum[k] += stats[k] * tokens / max(norm.num_tokens, 1)
+            # a non-finite loss leaves non-finite gradients: stop before they reach the weights
+            if not world.all(torch.isfinite(loss_sum)):
+                raise OneLayerError(f"loss is {loss_sum.item()} at step {step + 1}: lower --lr (now {config.lr:g}) or "
+                                    "check the rewards; the last checkpoint is intact and --out resumes from it")
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
             grad_norm = global_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if not math.isfinite(grad_norm):
@@ -249,9 +256,9 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * lr_factor(config, step) * group["lr_scale"]
             optimizer.step()
-            totals["loss"] += loss_sum
-            totals["clip_fraction"] += stats_sum["clip_fraction"]
-            totals["kl"] += stats_sum["kl"]
+            totals["loss"] += loss_sum.item()
+            totals["clip_fraction"] += stats_sum["clip_fraction"].item()
+            totals["kl"] += stats_sum["kl"].item()
             totals["grad_norm"] += grad_norm
             updates += 1
     optimizer.zero_grad(set_to_none=True)  # gradients are not needed until the next update: free them
@@ -284,7 +291,7 @@ def update_phase(model: nn.Module, run: Run, batch: RolloutBatch, advantages: to
     Returns its stats and the peak memory of the phase."""
     device = batch.input_ids.device
     ref = None
-    with precision, compiled_layers(model, run.config.compile_layers):
+    with precision, compiled_layers(model, run.config.compile_layers), liger_layers(model, run.config.liger_kernels):
         if run.config.beta:
             with swapped_tensors(model, run.initial):
                 ref = batch_logprobs(model, batch, run.config, run.world)
