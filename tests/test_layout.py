@@ -14,7 +14,7 @@ LAYERS = [
      "onelayer.config"],
     ["onelayer.profile", "onelayer.models"],
     ["onelayer.layers", "onelayer.interop", "onelayer.memory", "onelayer.checkpoint", "onelayer.adapters",
-     "onelayer.compiled", "onelayer.variants", "onelayer.algorithms", "onelayer.rollout", "onelayer.tasks",
+     "onelayer.compiled", "onelayer.fused", "onelayer.variants", "onelayer.algorithms", "onelayer.rollout", "onelayer.tasks",
      "onelayer.envs", "onelayer.sandbox"],
     ["onelayer.evaluate"],
     ["onelayer.analysis"],

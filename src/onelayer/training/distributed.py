@@ -170,8 +170,9 @@ def check_sharded(config: TrainConfig, world: World) -> None:
     if rows % config.mini_batches:
         raise OneLayerError(f"--mini-batches {config.mini_batches} must divide each process's {rows} rollouts "
                             f"({config.prompts_per_step} prompts x {config.group_size} over {world.size} processes)")
-    if config.compile_layers:
-        raise OneLayerError("--compile-layers does not work for a run over several GPUs yet: drop it")
+    for name in ("compile_layers", "liger_kernels"):
+        if getattr(config, name):
+            raise OneLayerError(f"--{name.replace('_', '-')} does not work for a run over several GPUs yet: drop it")
 
 
 # ---------------------------------------------------------------------------------------------- sharding
