@@ -62,6 +62,33 @@ def test_numbers_close_but_not_within_the_tolerance_or_rounding_differ(pred, ref
     assert answers_match(pred, ref) is False
 
 
+def test_trailing_units_come_off_as_the_regex_they_replace_took_them_off():
+    import itertools
+    import re
+
+    from onelayer.tasks.answers import without_unit
+
+    # the old pattern, on strings short enough for its backtracking: every string of up to 5 pieces
+    old = re.compile(r"(?:\\text\{[A-Za-z ]*\}|[A-Za-z]+)+$")
+    pieces = ["3", "a", "B", "\\text{", "}", " ", "/", "\\text{ cm}", "-"]
+    for n in range(6):
+        for parts in itertools.product(pieces, repeat=n):
+            text = "".join(parts)
+            assert without_unit(text) == old.sub("", text), text
+
+
+@pytest.mark.timeout(10)
+def test_hostile_answers_score_in_linear_time():
+    # letters then a digit: the old unit pattern took ~4x longer per two letters (22 letters: 0.4 s; a
+    # 96-token \boxed{} answer of a scan's policy: forever)
+    task = get_task("rg:basic_arithmetic", {"train_size": 10, "eval_size": 10, "max_terms": 2, "max_digits": 1})
+    example = Example("e", "Calculate 4 - 1.", "3")
+    for completion in ("\\boxed{3 " + "and so on " * 2000 + "2}", "The answer is 3" + "x" * 20 + "1",
+                       "\\boxed{3" + "\\text{ab}" * 3000 + "4}"):
+        assert task.score(completion, example).reward == 0.0
+    assert task.score("\\boxed{3 " + "apples" * 3000 + "}", example).reward == 1.0
+
+
 def test_numeric_references_never_reach_math_verify(monkeypatch):
     import math_verify
 
