@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from onelayer.errors import OneLayerError
-from onelayer.fused import liger_layers
+from onelayer.fused import liger_layers, liger_wanted
 from onelayer.rollout import completion_logprobs
 from onelayer.training import train
 
@@ -138,7 +138,7 @@ def test_a_run_with_liger_kernels_follows_the_unfused_trajectory(tmp_path, token
     runs = {}
     for fused in (False, True):
         out = tmp_path / f"fused-{fused}"
-        train(config(tmp_path, out=str(out), layers="1", steps=2, liger_kernels=fused), tiny_model("qwen3"),
+        train(config(tmp_path, out=str(out), layers="1", steps=2, liger_kernels='on' if fused else 'off'), tiny_model("qwen3"),
               tokenizer, progress=False)
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         runs[fused] = (log, load_file(str(find_checkpoint(out) / "trained.safetensors")))
@@ -152,13 +152,28 @@ def test_a_run_with_liger_kernels_follows_the_unfused_trajectory(tmp_path, token
 
 
 def test_unsupported_models_and_a_missing_package_fail_in_one_line(tmp_path, monkeypatch, liger):
-    with pytest.raises(OneLayerError, match=r"gemma2 models are not supported .*drop --liger-kernels"):
+    with pytest.raises(OneLayerError, match=r"gemma2 models are not supported .*pass --liger-kernels off"):
         with liger_layers(tiny_model("gemma2")):
             pass
     monkeypatch.setitem(sys.modules, "liger_kernel.ops", None)  # as if not installed
     with pytest.raises(OneLayerError, match=r"needs Liger Kernel.*pip install 'liger-kernel"):
         with liger_layers(tiny_model("llama")):
             pass
-    with pytest.raises(OneLayerError, match="--liger-kernels and --compile-layers"):
-        config(tmp_path, liger_kernels=True, compile_layers=True).validate()
+    with pytest.raises(OneLayerError, match="--liger-kernels on and --compile-layers"):
+        config(tmp_path, liger_kernels="on", compile_layers=True).validate()
+    with pytest.raises(OneLayerError, match="unknown --liger-kernels 'yes': use auto, on, off"):
+        config(tmp_path, liger_kernels="yes").validate()
     assert Path(tmp_path).is_dir()
+
+
+def test_auto_fuses_only_on_one_cuda_gpu_for_a_supported_model_with_the_package(monkeypatch, liger):
+    llama, cuda, cpu = tiny_model("llama"), torch.device("cuda"), torch.device("cpu")
+    assert liger_wanted(llama, "auto", cuda)
+    assert not liger_wanted(llama, "auto", cpu)  # Triton kernels: CUDA only
+    assert not liger_wanted(llama, "auto", cuda, processes=2)  # not over several GPUs yet
+    assert not liger_wanted(llama, "auto", cuda, compile_layers=True)  # --compile-layers fuses the same work
+    assert not liger_wanted(tiny_model("gemma2"), "auto", cuda)  # its norms add 1 to the weight
+    assert not liger_wanted(llama, "off", cuda)
+    assert liger_wanted(llama, "on", cpu)  # asked for: liger_layers says why it cannot run, if it cannot
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # as if not installed
+    assert not liger_wanted(llama, "auto", cuda)

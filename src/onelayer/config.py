@@ -152,9 +152,10 @@ class TrainConfig:
     compile_layers: bool = option(False, group="speed", resumable=True, help=(
         "update through torch.compile'd decoder layers (fused norms, rotary, activations): faster updates on a GPU "
         "after about a minute of compilation per process"))
-    liger_kernels: bool = option(False, group="speed", resumable=True, help=(
-        "update with Liger Kernel's fused RMSNorm, SwiGLU and rotary kernels (Llama, Mistral, Qwen2, Qwen3; "
-        "pip install liger-kernel): fused elementwise work without compiling"))
+    liger_kernels: str = option("auto", group="speed", resumable=True, choices=("auto", "on", "off"), help=(
+        "update with Liger Kernel's fused RMSNorm, SwiGLU and rotary kernels (Llama, Mistral, Qwen2, Qwen3): "
+        "auto = on a CUDA GPU with liger-kernel installed (a Linux dependency), for a supported model, on one GPU, "
+        "without --compile-layers; on = always (or a one-line error why not)"))
     mini_batches: int = option(1, group="algorithm", help="optimizer steps per PPO epoch")
     ppo_epochs: int = option(1, group="algorithm", help="passes over each rollout batch")
     clip_low: float = option(0.2, group="algorithm", help="PPO clip epsilon below 1")
@@ -204,9 +205,9 @@ class TrainConfig:
         if (self.prompts_per_step * self.group_size) % self.mini_batches:
             raise OneLayerError(f"--mini-batches {self.mini_batches} must divide the "
                                 f"{self.prompts_per_step * self.group_size} rollouts of a step")
-        if self.liger_kernels and self.compile_layers:
-            raise OneLayerError("--liger-kernels and --compile-layers both fuse the update's elementwise work: "
-                                "pass one of them")
+        if self.liger_kernels == "on" and self.compile_layers:
+            raise OneLayerError("--liger-kernels on and --compile-layers both fuse the update's elementwise "
+                                "work: pass one of them")
         if self.sampling.max_new_tokens < 1:
             raise OneLayerError("--max-new-tokens must be >= 1")
         if self.sampling.temperature <= 0:

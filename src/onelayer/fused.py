@@ -12,6 +12,7 @@ and casts back before the weight, a SiLU-gated MLP, rotary embeddings that rotat
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from contextlib import contextmanager
 
@@ -23,7 +24,8 @@ from .models import decoder_layers
 
 # model types whose norms, MLPs and rotary embeddings are the Llama ones the kernels reproduce
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-INSTALL = "pip install 'liger-kernel>=0.8.5,<0.9' (or drop --liger-kernels)"
+INSTALL = "pip install 'liger-kernel>=0.8.5,<0.9' (or pass --liger-kernels off)"
+_announced = False
 
 
 def liger_ops():
@@ -44,6 +46,30 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if getattr(text, "hidden_act", "silu") not in ("silu", "swish"):
         return f"its MLP activation is {text.hidden_act}, not SiLU"
     return None
+
+
+def liger_installed() -> bool:
+    if "liger_kernel" in sys.modules:  # imported (or, in tests, stood in for or hidden)
+        return sys.modules["liger_kernel"] is not None
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def liger_wanted(model: nn.Module, mode: str, device: torch.device, processes: int = 1,
+                 compile_layers: bool = False) -> bool:
+    """Whether an update runs through Liger's kernels under ``--liger-kernels mode``: ``on`` always (then
+    :func:`liger_layers` says why it cannot), ``auto`` where they are measured to pay and can run: on a CUDA
+    device, one process, a supported model, the package installed, and no ``--compile-layers`` (which fuses
+    the same work)."""
+    if mode != "auto":
+        return mode == "on"
+    global _announced
+    wanted = (device.type == "cuda" and processes == 1 and not compile_layers and unsupported_reason(model) is None
+              and liger_installed())
+    if wanted and not _announced:  # once per process: what changed about the update, and how to undo it
+        _announced = True
+        print("update: RMSNorm, SwiGLU and rotary embeddings run as Liger Kernel's fused kernels "
+              "(~1.2x faster updates; --liger-kernels off for the plain modules)", file=sys.stderr)
+    return wanted
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
@@ -84,7 +110,7 @@ def liger_layers(model: nn.Module, enabled: bool = True):
         return
     reason = unsupported_reason(model)
     if reason:
-        raise OneLayerError(f"--liger-kernels cannot run this model: {reason}; drop --liger-kernels")
+        raise OneLayerError(f"--liger-kernels cannot run this model: {reason}; pass --liger-kernels off")
     rms_norm, silu_mul, rope = liger_ops()
     _, layers = decoder_layers(model)
     patched: list[nn.Module] = []

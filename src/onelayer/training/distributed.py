@@ -170,9 +170,9 @@ def check_sharded(config: TrainConfig, world: World) -> None:
     if rows % config.mini_batches:
         raise OneLayerError(f"--mini-batches {config.mini_batches} must divide each process's {rows} rollouts "
                             f"({config.prompts_per_step} prompts x {config.group_size} over {world.size} processes)")
-    for name in ("compile_layers", "liger_kernels"):
-        if getattr(config, name):
-            raise OneLayerError(f"--{name.replace('_', '-')} does not work for a run over several GPUs yet: drop it")
+    for flag, given in (("--compile-layers", config.compile_layers), ("--liger-kernels on", config.liger_kernels == "on")):
+        if given:
+            raise OneLayerError(f"{flag} does not work for a run over several GPUs yet: drop it")
 
 
 # ---------------------------------------------------------------------------------------------- sharding

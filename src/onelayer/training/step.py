@@ -26,7 +26,7 @@ from ..compiled import compiled_layers
 from ..config import TrainConfig
 from ..errors import OneLayerError
 from ..evaluate import write_eval
-from ..fused import liger_layers
+from ..fused import liger_layers, liger_wanted
 from ..jsonl import append_jsonl
 from ..rollout import Generator, RolloutBatch, completion_logprobs, render_prompts
 from ..rollout.episodes import play_episodes
@@ -291,7 +291,8 @@ def update_phase(model: nn.Module, run: Run, batch: RolloutBatch, advantages: to
     Returns its stats and the peak memory of the phase."""
     device = batch.input_ids.device
     ref = None
-    with precision, compiled_layers(model, run.config.compile_layers), liger_layers(model, run.config.liger_kernels):
+    fused = liger_wanted(model, run.config.liger_kernels, device, run.world.size, run.config.compile_layers)
+    with precision, compiled_layers(model, run.config.compile_layers), liger_layers(model, fused):
         if run.config.beta:
             with swapped_tensors(model, run.initial):
                 ref = batch_logprobs(model, batch, run.config, run.world)
