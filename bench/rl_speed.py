@@ -19,7 +19,19 @@ Sections (each prints a table and adds to OUT/results.json, so sections may run 
               (--compile-layers), some profiled: GPU kernel time by kind against wall time
   step        a SmolLM2 GRPO step of 32 prompts x 8 completions x 256 tokens, full vs middle:1, by phase
   large       the Qwen3-8B-shaped model: middle:1 and middle:4 steps of 256 x 512 tokens; does full fit?
-  trl         the SmolLM2 step through TRL's GRPOTrainer (its plain generate path), same settings
+  trl         the SmolLM2 step through TRL's GRPOTrainer (its plain generate path), same settings and the same
+              layers trained (--trl-layers; everything else frozen with onelayer.select_layers)
+  floor       the GPU's measured copy bandwidth and bf16 matmul throughput, and the demo recipe's floor per
+              phase from them (weights and KV cache read once per decode step, the update's matmuls)
+  prefill     the demo's rollout batch: one new token (prompt prefill) against the whole completion
+  levers      the demo's update (64 x 8 rollouts, at most 96 new tokens) of layer 15 and of all layers, one
+              lever at a time: SDPA attention, larger micro-batches, --liger-kernels, --compile-layers; each
+              against the baseline's (the update before issue 26) loss and gradients, with its host
+              synchronisations per update
+  demo        `onelayer demo`'s GPU scan (30 layers, base, full) with --demo-flags: wall time and where it went
+  summary     OUT/summary.md: one table of what OUT/results.json holds (run it last)
+
+--sections scan runs floor,generation,prefill,levers,step,trl,demo,summary with the settings of issue 26.
 
 Ratios are measured within one run on one machine; timings are medians over repeated steps after a warm-up.
 """
@@ -47,7 +59,9 @@ from onelayer.training.setup import check_run, open_run
 from onelayer.training.step import update_phase
 
 TASK = "rg:basic_arithmetic"
-SECTIONS = ("check", "architectures", "attention", "generation", "compiled", "profile", "update", "step", "large", "trl")
+SECTIONS = ("check", "architectures", "attention", "generation", "compiled", "profile", "update", "step", "large", "trl",
+            "floor", "prefill", "levers", "demo", "summary")
+SCAN_SECTIONS = "floor,generation,prefill,levers,step,trl,demo,summary"
 
 
 def qwen3_shaped(size: str, vocab_size: int):
@@ -348,6 +362,8 @@ def section_generation(args) -> dict:
         for batch in map(int, args.batches.split(",")):
             prompts = task_prompts(tokenizer, batch)
             for engine in args.generation_engines.split(","):
+                if engine == "plain" and batch > args.plain_max_batch:
+                    continue  # minutes at large batches, and the ratio is known from smaller ones
                 try:
                     generator = GENERATORS[engine](model, tokenizer, batch, ignore_eos=True)
                     row = time_generation(generator, prompts, new_tokens)
@@ -393,18 +409,35 @@ def section_compiled(args) -> dict:
     return {"rows": rows}
 
 
+def count_syncs(call) -> tuple[int, object]:
+    """Host synchronisations (the CPU waiting for the GPU) during ``call``, as torch's sync debug mode
+    reports them, and what ``call`` returned."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            value = call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught), value
+
+
 def _time_update(update, profiled: bool) -> dict:
     """Seconds of the first call of ``update`` (compilation, if any), the median of the next 5, their peak
-    memory (as the update reports it), and optionally a profile of 3 more."""
+    memory (as the update reports it), the host synchronisations of one more, and optionally a profile of 3
+    more. ``stats``: the first call's loss and gradient norm (to compare variants of one update)."""
     start = synced()
-    peaks = [update()[1]]
-    row = {"first_call_seconds": synced() - start}
+    stats, peak = update()
+    peaks = [peak]
+    row = {"first_call_seconds": synced() - start, "stats": {k: stats[k] for k in ("loss", "grad_norm")}}
     times = []
     for _ in range(5):
         start = synced()
         peaks.append(update()[1])
         times.append(synced() - start)
-    row.update(seconds=statistics.median(times), peak_gb=max(peaks) / 2**30)
+    row.update(seconds=statistics.median(times), peak_gb=max(peaks) / 2**30, host_syncs=count_syncs(update)[0])
     if profiled:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -531,12 +564,28 @@ def section_large(args) -> dict:
 
 
 def section_trl(args) -> dict:
-    """The same SmolLM2 step through TRL's GRPOTrainer (plain generate, no vLLM)."""
+    """The same SmolLM2 step through TRL's GRPOTrainer (plain generate, no vLLM), training the layers of each
+    of --trl-layers (the rest frozen by onelayer.select_layers, as a TRL user would)."""
+    rows = {}
+    for layers in args.trl_layers.split(","):
+        try:
+            rows[layers] = trl_step(args, layers)
+        except Exception as err:
+            rows[layers] = {"error": f"{type(err).__name__}: {err}"[:300]}
+            print(f"TRL, layers {layers}: {rows[layers]['error']}", flush=True)
+        torch.cuda.empty_cache()
+    return {"by_layers": rows}
+
+
+def trl_step(args, layers: str) -> dict:
     import trl
     from datasets import Dataset
     from transformers import TrainerCallback
 
+    import onelayer
+
     model, tokenizer = load_model("smollm2", "cuda", "bf16", "eager"), load_tokenizer("smollm2")
+    onelayer.select_layers(model, layers)  # TRL's optimizer takes the parameters that still need gradients
     task = get_task(TASK)
     examples = task.examples("train")[:32 * args.steps]
     data = Dataset.from_list([{"prompt": task.messages(e), "index": i} for i, e in enumerate(examples)])
@@ -565,13 +614,340 @@ def section_trl(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         trainer.train()
         lengths = [h.get("completions/mean_length") for h in trainer.state.log_history if "completions/mean_length" in h]
-    row = {"trl_version": trl.__version__, "step_seconds": times, "seconds_step": statistics.median(times[1:] or times),
+    row = {"trl_version": trl.__version__, "layers": layers, "step_seconds": times, "seconds_step": statistics.median(times[1:] or times),
            "first_step_seconds": times[0], "completion_tokens": statistics.median(lengths) if lengths else None,
            "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
-    print(f"TRL {trl.__version__} GRPOTrainer: step {row['seconds_step']:.2f} s (median of {len(times) - 1} after the "
+    print(f"TRL {trl.__version__} GRPOTrainer, layers {layers}: step {row['seconds_step']:.2f} s (median of {len(times) - 1} after the "
           f"first, {row['first_step_seconds']:.1f} s); {row['completion_tokens']} tokens/completion; peak "
           f"{row['peak_gb']:.1f} GB", flush=True)
     return row
+
+
+# ------------------------------------------------------------------------- issue 26: the demo scan
+
+
+def demo_recipe(overrides: str = ""):
+    """`onelayer demo`'s GPU scan config, with ``KEY=VALUE`` overrides of its recipe (or its sampling)."""
+    from onelayer.cli import demo_config
+
+    config = demo_config(tempfile.mkdtemp(prefix="demo-"), gpu=True)
+    for item in filter(None, overrides.split(",")):
+        key, value = item.split("=", 1)
+        target = config.recipe if hasattr(config.recipe, key) else config.recipe.sampling
+        kind = type(getattr(target, key))
+        setattr(target, key, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
+    return config
+
+
+def demo_batch(model, tokenizer, recipe):
+    """One rollout batch of the demo's shape (64 prompts x 8 completions, at most 96 new tokens) from ``model``."""
+    task = get_task(recipe.task, recipe.task_options)
+    examples = task.examples("train")[:recipe.prompts_per_step]
+    prompts = render_prompts(tokenizer, [task.messages(e) for e in examples])
+    torch.manual_seed(0)
+    with precision_context(torch.device("cuda"), torch.bfloat16):
+        return FastGenerator(model, tokenizer, recipe.sampling.generation_batch_size).generate(
+            prompts, recipe.group_size, recipe.sampling.max_new_tokens, recipe.sampling.temperature, 1.0)
+
+
+def measured_peaks() -> dict:
+    """The GPU's copy bandwidth (bytes read + written per second) and bf16 matmul throughput: at a large
+    square shape, and at the shape of a SmolLM2 MLP projection over the demo's update batch."""
+    a = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    copy_s = graph_time_us(functools.partial(b.copy_, a), repeats=10, replays=3) / 1e6
+    out = {"copy_bytes_per_s": 2 * a.numel() * a.element_size() / copy_s}
+    a = b = None
+    for label, (m, k, n) in (("matmul_flops_per_s", (8192, 8192, 8192)),
+                             ("matmul_flops_per_s_update_shape", (512 * 160, 576, 1536))):
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        w = torch.randn(k, n, dtype=torch.bfloat16, device="cuda")
+        out[label] = 2 * m * k * n / (graph_time_us(lambda x=x, w=w: x @ w, repeats=10, replays=3) / 1e6)
+    torch.cuda.empty_cache()
+    return out
+
+
+def demo_floor(peaks: dict, prompt_tokens: float, completion_tokens: float) -> dict:
+    """Seconds the demo recipe's phases take at least on a GPU with ``peaks``: per variant-step (one
+    single-layer run's step: 512 rows), the decode (each step reads the KV cache written so far; the
+    weights, shared by the variants, are not counted) and the update of one middle layer (its matmuls: the
+    forward of every layer and of the output head, activation gradients of the layers above, weight
+    gradients of the trained one, the head's backward and its checkpointed recompute)."""
+    from onelayer.models import load_config
+
+    recipe = demo_recipe().recipe
+    text = load_config("smollm2").get_text_config()
+    h, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
+    kv_heads, head_dim = text.num_key_value_heads, text.head_dim if getattr(text, "head_dim", None) else h // text.num_attention_heads
+    per_layer = h * (h + 2 * kv_heads * head_dim + h) + 3 * h * text.intermediate_size  # matmul weights
+    rows, new = recipe.prompts_per_step * recipe.group_size, recipe.sampling.max_new_tokens
+    kv_bytes = layers * 2 * kv_heads * head_dim * 2  # bf16 keys and values per token
+    bw, flops = peaks["copy_bytes_per_s"], peaks["matmul_flops_per_s"]
+    decode_s = sum(max(rows * (prompt_tokens + t) * kv_bytes / bw,
+                       2 * rows * (layers * per_layer + h * vocab) / flops) for t in range(1, new + 1))
+    tokens = rows * (prompt_tokens + completion_tokens)
+    head = 2 * rows * completion_tokens * h * vocab
+    middle = layers // 2
+    update_flops = 2 * tokens * per_layer * (layers + (layers - middle) + 1) + 3 * head
+    return {"decode_seconds_per_variant_step": decode_s, "update_seconds_per_variant_step": update_flops / flops,
+            "rows": rows, "max_new_tokens": new, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "update_flops": update_flops}
+
+
+def section_floor(args) -> dict:
+    peaks = measured_peaks()
+    tokenizer = load_tokenizer("smollm2")
+    recipe = demo_recipe().recipe
+    task = get_task(recipe.task, recipe.task_options)
+    prompts = render_prompts(tokenizer, [task.messages(e) for e in task.examples("train")[:64]])
+    prompt_tokens = statistics.mean(len(tokenizer(p)["input_ids"]) for p in prompts)
+    floor = demo_floor(peaks, prompt_tokens, recipe.sampling.max_new_tokens)
+    print(f"copy {peaks['copy_bytes_per_s'] / 1e12:.2f} TB/s; bf16 matmul {peaks['matmul_flops_per_s'] / 1e12:.0f} "
+          f"TFLOP/s (8192^3), {peaks['matmul_flops_per_s_update_shape'] / 1e12:.0f} TFLOP/s at a SmolLM2 MLP "
+          f"projection of the demo's update batch", flush=True)
+    print(f"demo floor per variant-step (512 rows, prompts of {prompt_tokens:.0f} tokens, completions at the "
+          f"96-token cap): decode {floor['decode_seconds_per_variant_step'] * 1000:.1f} ms, update of layer 15 "
+          f"{floor['update_seconds_per_variant_step'] * 1000:.1f} ms", flush=True)
+    return {**peaks, "floor": floor}
+
+
+def section_prefill(args) -> dict:
+    """What sharing prompt prefill could save at most: the demo batch's generation with 1 new token (prefill
+    and one decode step) against all 96."""
+    tokenizer = load_tokenizer("smollm2")
+    model = load_model("smollm2", "cuda", "bf16", "eager")
+    recipe = demo_recipe().recipe
+    task = get_task(recipe.task, recipe.task_options)
+    prompts = render_prompts(tokenizer, [task.messages(e) for e in task.examples("train")[:recipe.prompts_per_step]])
+    generator = FastGenerator(model, tokenizer, recipe.sampling.generation_batch_size, ignore_eos=True)
+    row = {}
+    for new in (1, recipe.sampling.max_new_tokens):
+        generator.generate(prompts, recipe.group_size, new, 1.0, 1.0)  # warm-up (graph capture)
+        start = synced()
+        generator.generate(prompts, recipe.group_size, new, 1.0, 1.0)
+        row[f"seconds_{new}_tokens"] = synced() - start
+    row["prefill_share"] = row["seconds_1_tokens"] / row[f"seconds_{recipe.sampling.max_new_tokens}_tokens"]
+    print(f"demo batch ({recipe.prompts_per_step} x {recipe.group_size}): 1 new token {row['seconds_1_tokens']:.3f} s, "
+          f"{recipe.sampling.max_new_tokens} new tokens {row[f'seconds_{recipe.sampling.max_new_tokens}_tokens']:.3f} "
+          f"s: prefill is at most {row['prefill_share']:.1%} of generation", flush=True)
+    return row
+
+
+# (label, layers, attention, micro-batch rows, liger kernels, compiled layers); "baseline" is the demo's update
+# before issue 26 (unfused, eager attention, micro-batches of 128 rows), "liger + micro-batch 256" its default now
+LEVER_CASES = [("baseline", "15", "eager", 128, "off", False), ("sdpa", "15", "sdpa", 128, "off", False),
+               ("micro-batch 256", "15", "eager", 256, "off", False),
+               ("micro-batch 512", "15", "eager", 512, "off", False), ("liger", "15", "eager", 128, "on", False),
+               ("liger + micro-batch 256", "15", "eager", 256, "on", False),
+               ("liger + sdpa + micro-batch 256", "15", "sdpa", 256, "on", False),
+               ("compiled layers", "15", "eager", 128, "off", True),
+               ("baseline", "all", "eager", 128, "off", False), ("liger", "all", "eager", 128, "on", False),
+               ("liger + micro-batch 256", "all", "eager", 256, "on", False)]
+
+
+def section_levers(args) -> dict:
+    """The demo's update, one lever at a time, each from the same weights on the same rollouts: its time,
+    first call, peak memory, host synchronisations, and its loss and gradient norm against the default's."""
+    tokenizer = load_tokenizer("smollm2")
+    device = torch.device("cuda")
+    precision = precision_context(device, torch.bfloat16)
+    recipe = demo_recipe().recipe
+    base = load_model("smollm2", device, "bf16", "eager")
+    batch = demo_batch(base, tokenizer, recipe)
+    del base
+    advantages = torch.randn(batch.size, generator=torch.Generator().manual_seed(0))
+    print(f"rollout batch: {batch.size} rows x {batch.input_ids.shape[1]} columns, "
+          f"{batch.completion_lengths.float().mean():.0f} completion tokens a row", flush=True)
+    rows = []
+    for label, layers, attention, micro, liger, compiled in LEVER_CASES:
+        model = load_model("smollm2", device, "bf16", attention)
+        try:
+            with tempfile.TemporaryDirectory() as out:
+                config = TrainConfig(model="smollm2", task=recipe.task, task_options=recipe.task_options, layers=layers,
+                                     out=out, prompts_per_step=recipe.prompts_per_step, group_size=recipe.group_size,
+                                     lr=recipe.lr, micro_batch_size=micro, dtype="bf16", attention=attention,
+                                     compile_layers=compiled, liger_kernels=liger, sampling=recipe.sampling)
+                run = open_run(config, model, *check_run(config))
+                row = {"lever": label, "layers": layers, **_time_update(
+                    lambda m=model, r=run: update_phase(m, r, batch, advantages, precision, 0), False)}
+        except Exception as err:  # a lever that does not run here is a result too
+            row = {"lever": label, "layers": layers, "error": f"{type(err).__name__}: {err}"[:300]}
+        default = next((r for r in rows if r["lever"] == "baseline" and r["layers"] == layers and "error" not in r), None)
+        if "error" in row:
+            print(f"layers {layers:>3s} {label:32s}: {row['error']}", flush=True)
+        else:
+            if default:
+                row["speedup"] = default["seconds"] / row["seconds"]
+                row["loss_difference"] = abs(row["stats"]["loss"] - default["stats"]["loss"])
+                row["grad_norm_relative_difference"] = abs(row["stats"]["grad_norm"] / default["stats"]["grad_norm"] - 1)
+            print(f"layers {layers:>3s} {label:32s}: update {row['seconds'] * 1000:6.1f} ms"
+                  + (f" ({row['speedup']:.2f}x baseline; loss differs by {row['loss_difference']:.1e}, gradient norm by "
+                     f"{row['grad_norm_relative_difference']:.1%})" if default else "")
+                  + f"; first call {row['first_call_seconds']:.1f} s; peak {row['peak_gb']:.1f} GB; "
+                  f"{row['host_syncs']} host syncs", flush=True)
+        rows.append(row)
+        del model
+        torch.cuda.empty_cache()
+    return {"rows": rows, "rows_per_update": batch.size, "columns": batch.input_ids.shape[1]}
+
+
+def demo_phases(scan_dir: Path) -> dict:
+    """Where a scan's time went, from its runs' logs: generation (a joint generation counted once, not once
+    per variant), scoring, updates; and how many single-layer variant-steps it made."""
+    totals = {"generation": 0.0, "reward": 0.0, "update": 0.0, "variant_steps": 0, "full_steps": 0,
+              "completion_tokens_single_layer": []}
+    for log in sorted(scan_dir.glob("*/log.jsonl")):
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            together = r.get("concurrent_variants", 1)
+            share = r["seconds_generation"] / together
+            totals["generation"] += share
+            # a variant's rollout seconds are its share of the joint generation plus its own scoring
+            totals["reward"] += r["seconds_rollout"] - (share if together > 1 else r["seconds_generation"])
+            totals["update"] += r["seconds_update"]
+            single = log.parent.name.startswith("layer")
+            totals["variant_steps" if single else "full_steps"] += 1
+            if single:
+                totals["completion_tokens_single_layer"].append(r["completion_tokens"])
+    tokens = totals.pop("completion_tokens_single_layer")
+    totals["mean_completion_tokens_single_layer"] = statistics.mean(tokens) if tokens else None
+    return totals
+
+
+def chosen_levers(results: dict, variant_steps: int = 900, joint_rows: int = 9728, generations: int = 60,
+                  shapes: int = 2) -> tuple[str, list[str]]:
+    """Demo flags from this run's measurements (the levers and generation sections), and why: a lever is
+    taken when it is correct (loss within 1e-3, gradient norm within 2% of the default's) and saves more over
+    the demo (``variant_steps`` single-layer updates; ``generations`` joint generations of ``joint_rows``
+    rows in ``shapes`` batch shapes) than its first call costs."""
+    flags, why = [], []
+    levers = {r["lever"]: r for r in results.get("levers", {}).get("rows", []) if r["layers"] == "15"}
+    default = levers.get("baseline")
+    best, best_net = None, 0.0
+    for name, flag in (("liger", "liger_kernels=on"), ("compiled layers", "compile_layers=1,liger_kernels=off")):
+        r = levers.get(name)
+        if not default or not r or "error" in r or "speedup" not in r:
+            why.append(f"{name}: not measured or failed")
+            continue
+        correct = r["loss_difference"] <= 1e-3 and r["grad_norm_relative_difference"] <= 0.02
+        net = variant_steps * (default["seconds"] - r["seconds"]) - (r["first_call_seconds"] - default["first_call_seconds"])
+        why.append(f"{name}: {r['speedup']:.2f}x per update, {'correct' if correct else 'NOT within tolerance'}, "
+                   f"saves {net:.0f} s over the demo net of its first call")
+        if correct and net > best_net:
+            best, best_net = flag, net
+    if best:
+        flags.append(best)
+    micro = [(levers[n]["speedup"], rows) for n, rows in (("micro-batch 256", 256), ("micro-batch 512", 512))
+             if default and "speedup" in levers.get(n, {})]
+    if micro and max(micro)[0] >= 1.03:
+        speedup, rows = max(micro)
+        flags.append(f"micro_batch_size={rows}")
+        why.append(f"micro-batch {rows}: {speedup:.2f}x per update (the same loss: micro-batches only accumulate)")
+    gen = {r["engine"]: r for r in results.get("generation", {}).get("rows", [])
+           if r["model"] == "smollm2" and "error" not in r}
+    widest = max((r["rows"] for r in gen.values()), default=0)
+    rows = {r["engine"]: r for r in results.get("generation", {}).get("rows", [])
+            if r["model"] == "smollm2" and r["rows"] == widest and "error" not in r}
+    if "fast" in rows and "fast-compiled" in rows:
+        fast, compiled = rows["fast"], rows["fast-compiled"]
+        scale = joint_rows / widest  # decode time grows with rows at this size
+        saving = generations * scale * (fast["seconds"] - compiled["seconds"])
+        cost = shapes * (compiled["first_call_s"] - fast["first_call_s"])
+        why.append(f"compiled decode: {compiled['tokens_per_s'] / fast['tokens_per_s']:.2f}x at batch {widest}; "
+                   f"saves ~{saving:.0f} s over the demo's generations, compiling costs ~{cost:.0f} s")
+        if saving > cost:
+            flags.append("compile_decode=1")
+    return ",".join(flags), why
+
+
+def section_demo(args) -> dict:
+    """`onelayer demo`'s GPU scan, with --demo-flags (``auto``: chosen from this run's measurements by
+    :func:`chosen_levers`): its wall time, and where the time went."""
+    from onelayer.experiments.scan import run_scan
+
+    why = []
+    if args.demo_flags == "auto":
+        results = json.loads((Path(args.out) / "results.json").read_text())
+        args.demo_flags, why = chosen_levers(results)
+        print("demo flags chosen from this run's measurements: " + (args.demo_flags or "the defaults") + "\n  "
+              + "\n  ".join(why), flush=True)
+    config = demo_recipe(args.demo_flags)
+    scan_dir = Path(args.out) / "demo" / "scan"
+    if scan_dir.exists():
+        sys.exit(f"{scan_dir} exists: a resumed scan's wall time is not the scan's; pass another --out")
+    config.recipe.out = str(scan_dir)
+    start = time.perf_counter()
+    run_scan(config, progress=False)
+    wall = time.perf_counter() - start
+    phases = demo_phases(scan_dir)
+    other = wall - phases["generation"] - phases["reward"] - phases["update"]
+    row = {"flags": args.demo_flags, "why": why, "wall_seconds": wall, "phases": phases, "other_seconds": other}
+    print(f"demo scan ({args.demo_flags or 'defaults'}): {wall:.0f} s = generation {phases['generation']:.0f} + "
+          f"scoring {phases['reward']:.0f} + updates {phases['update']:.0f} + evaluations, loading, checkpoints "
+          f"{other:.0f}; {phases['variant_steps']} single-layer variant-steps", flush=True)
+    return row
+
+
+def section_summary(args) -> dict:
+    """One table of what OUT/results.json holds, in OUT/summary.md."""
+    results = json.loads((Path(args.out) / "results.json").read_text())
+    lines = [f"# bench/rl_speed.py on {results.get('device')} (torch {results.get('torch')})", ""]
+    demo = results.get("demo", {})
+    if "wall_seconds" in demo:
+        p = demo["phases"]
+        lines += ["## The demo scan (30 layers + base + full, 30 steps of 64 x 8 rollouts)", "",
+                  "| flags | wall | generation | scoring | updates | evaluations, loading, checkpoints |",
+                  "|---|---|---|---|---|---|",
+                  f"| {demo['flags'] or 'defaults'} | {demo['wall_seconds']:.0f} s | {p['generation']:.0f} s | "
+                  f"{p['reward']:.0f} s | {p['update']:.0f} s | {demo['other_seconds']:.0f} s |", ""]
+    floor = results.get("floor", {}).get("floor")
+    if floor and "wall_seconds" in demo:
+        steps = demo["phases"]["variant_steps"]
+        lines += [f"Per single-layer variant-step ({steps} of them): generation "
+                  f"{1000 * demo['phases']['generation'] / max(steps, 1):.0f} ms measured (all runs' generation over "
+                  f"their variant-steps) vs a decode floor of {1000 * floor['decode_seconds_per_variant_step']:.0f} ms; "
+                  f"update floor {1000 * floor['update_seconds_per_variant_step']:.0f} ms.", ""]
+    gen = results.get("generation", {}).get("rows", [])
+    if gen:
+        lines += ["## Generation, new tokens/s", "", "| model | batch | engine | tokens/s | x plain | first call |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['rows']} | {r['engine']} | {r.get('tokens_per_s', 0):,.0f} | "
+                  + (f"{r['speedup']:.1f} | " if r.get("speedup") else "- | ") + f"{r.get('first_call_s', 0):.1f} s |"
+                  for r in gen if "error" not in r]
+        lines.append("")
+    levers = results.get("levers", {}).get("rows", [])
+    if levers:
+        lines += ["## The demo's update, one lever at a time", "",
+                  "| layers | lever | update | x baseline | first call | peak | host syncs | loss / grad-norm vs baseline |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in levers:
+            if "error" in r:
+                lines.append(f"| {r['layers']} | {r['lever']} | failed: {r['error'][:80]} | | | | | |")
+                continue
+            lines.append(f"| {r['layers']} | {r['lever']} | {1000 * r['seconds']:.0f} ms | {r.get('speedup', 1):.2f} | "
+                         f"{r['first_call_seconds']:.1f} s | {r['peak_gb']:.1f} GB | {r['host_syncs']} | "
+                         + (f"{r['loss_difference']:.1e} / {r['grad_norm_relative_difference']:.1%} |"
+                            if "loss_difference" in r else "- |"))
+        lines.append("")
+    steps, trl = results.get("step", {}), results.get("trl", {})
+    if steps or trl:
+        lines += ["## A GRPO step of 32 prompts x 8 completions x 256 tokens, lr 1e-6, like for like", "",
+                  "| trained layers | onelayer | TRL GRPOTrainer | x TRL |", "|---|---|---|---|"]
+        for layers in sorted({k.split()[1] for k in steps} | set(trl.get("by_layers", {}))):
+            ours = next((v for k, v in steps.items() if k.split()[1] == layers and k.endswith(" fast")), None)
+            theirs = trl.get("by_layers", {}).get(layers)
+            cells = [f"{ours['seconds_step']:.2f} s" if ours else "-",
+                     f"{theirs['seconds_step']:.2f} s" if theirs and "seconds_step" in theirs else "-"]
+            ratio = (f"{theirs['seconds_step'] / ours['seconds_step']:.1f}x"
+                     if ours and theirs and "seconds_step" in theirs else "-")
+            lines.append(f"| {layers} | {cells[0]} | {cells[1]} | {ratio} |")
+        lines.append("")
+    prefill = results.get("prefill")
+    if prefill and "prefill_share" in prefill:
+        lines += [f"Prompt prefill is at most {prefill['prefill_share']:.1%} of the demo batch's generation.", ""]
+    (Path(args.out) / "summary.md").write_text("\n".join(lines))
+    print("\n".join(lines), flush=True)
+    return {"written": str(Path(args.out) / "summary.md")}
 
 
 def main() -> None:
@@ -587,6 +963,12 @@ def main() -> None:
                         help="engines for the step section: fast, fast-ops (--no-fused-kernels), plain, compiled "
                              "(fast + --compile-decode/-layers)")
     parser.add_argument("--step-layers", default="all,middle:1", help="layer specs for the step section")
+    parser.add_argument("--plain-max-batch", type=int, default=1024, help="generation section: plain generate "
+                        "only up to this batch")
+    parser.add_argument("--trl-layers", default="middle:1,all", help="layer specs TRL trains in the trl section")
+    parser.add_argument("--demo-flags", default="", help=(
+        "demo section: KEY=VALUE,... overrides of the demo recipe, e.g. liger_kernels=off,micro_batch_size=128,compile_decode=1; 'auto': "
+        "the levers this run measured to pay (after the levers and generation sections)"))
     parser.add_argument("--large-steps", type=int, default=3)
     parser.add_argument("--large-micro-batch", type=int, default=8)
     args = parser.parse_args()
@@ -598,7 +980,7 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results["device"] = torch.cuda.get_device_name()
     results["torch"] = torch.__version__
-    for name in args.sections.split(","):
+    for name in args.sections.replace("scan", SCAN_SECTIONS).split(","):
         print(f"\n## {name}", flush=True)
         start = time.perf_counter()
         try:
