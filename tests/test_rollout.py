@@ -83,6 +83,34 @@ def test_chunked_logprob_gradients_equal_unchunked(tokenizer):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_host_lengths_pick_the_tokens_the_mask_picks_with_the_same_gradients(tokenizer):
+    input_ids, attention, width, cmask = _batch(tokenizer)
+    out, grads = [], []
+    for lengths in (None, torch.tensor([4, 2])):
+        model = tiny_model("llama")
+        apply_selection(model, select_layers(model, "1"))
+        logp = completion_logprobs(model, input_ids, attention, width, cmask, chunk_tokens=3, lengths=lengths)
+        (logp * torch.arange(1.0, 5.0)).sum().backward()  # a weight per position: a misplaced token shows
+        out.append(logp.detach())
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert torch.equal(out[0], out[1]) and (out[1][1, 2:] == 0).all()
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_micro_batches_are_cut_by_the_host_lengths(tokenizer):
+    ids, mask = encode_prompts(tokenizer, ["x", "y", "z"], 1, torch.device("cpu"))
+    completions = torch.tensor([[5, 6, 1, 0], [5, 1, 0, 0], [5, 6, 7, 8]])
+    batch = assemble_batch(tokenizer, ids, mask, completions, [1])
+    assert batch.lengths.tolist() == [3, 2, 4]  # read with the texts, not again per micro-batch
+    part = batch.rows(torch.tensor([1, 0]))
+    assert part.lengths.tolist() == [2, 3] and part.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert part.texts == [batch.texts[1], batch.texts[0]] and part.input_ids.shape[1] == batch.prompt_length + 3
+    assert batch.rows(slice(1, 2)).completion_mask.shape[1] == 2
+    batch.lengths = torch.tensor([3, 2, 2])  # the host copy decides where a micro-batch is trimmed
+    assert batch.rows(slice(0, 3)).completion_mask.shape[1] == 3
+
+
 def test_temperature_scales_the_logits(tokenizer):
     model = tiny_model("llama")
     input_ids, attention, width, cmask = _batch(tokenizer)

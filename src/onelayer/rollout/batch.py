@@ -24,6 +24,7 @@ class RolloutBatch:
     texts: list[str]
     truncated: torch.Tensor  # [B] bool: hit max_new_tokens without EOS
     logprobs: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None  # completion tokens per row on the CPU, once read: see host_lengths
 
     @property
     def size(self) -> int:
@@ -33,18 +34,30 @@ class RolloutBatch:
     def completion_lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(dim=1)
 
+    def host_lengths(self) -> torch.Tensor:
+        """Completion tokens per row, on the CPU: read from the GPU once per batch, so that micro-batches are
+        cut, trimmed and indexed without waiting for it (each wait drains the GPU's queue)."""
+        if self.lengths is None:
+            self.lengths = self.completion_mask.sum(dim=1).cpu()
+        return self.lengths
+
     def rows(self, index: slice | torch.Tensor) -> RolloutBatch:
-        """A micro-batch of rows, trimmed of all-padding completion columns."""
-        mask = self.completion_mask[index]
-        width = int(mask.sum(dim=1).max().item()) if mask.numel() else 0
+        """A micro-batch of rows, trimmed of all-padding completion columns. Pass a tensor ``index`` on the
+        CPU: one on the GPU must be read back first."""
+        host = index.cpu() if isinstance(index, torch.Tensor) else index
+        lengths = self.host_lengths()[host]
+        width = int(lengths.max()) if len(lengths) else 0
         end = self.prompt_length + max(width, 1)
-        texts = [self.texts[i] for i in range(self.size)[index]] if isinstance(index, slice) else \
-            [self.texts[i] for i in index.tolist()]
+        texts = [self.texts[i] for i in range(self.size)[host]] if isinstance(host, slice) else \
+            [self.texts[i] for i in host.tolist()]
+        if isinstance(index, torch.Tensor):
+            index = index.to(self.input_ids.device)
         return RolloutBatch(
             input_ids=self.input_ids[index, :end], attention_mask=self.attention_mask[index, :end],
-            completion_mask=mask[:, :end - self.prompt_length], prompt_length=self.prompt_length,
+            completion_mask=self.completion_mask[index, :end - self.prompt_length], prompt_length=self.prompt_length,
             texts=texts, truncated=self.truncated[index],
             logprobs=None if self.logprobs is None else self.logprobs[index, :end - self.prompt_length],
+            lengths=lengths,
         )
 
 
@@ -107,7 +120,7 @@ def assemble_batch(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
         input_ids=torch.cat([prompt_ids, completions], dim=1),
         attention_mask=torch.cat([prompt_mask, mask], dim=1),
         completion_mask=mask, prompt_length=prompt_ids.shape[1], texts=texts, truncated=truncated,
-        logprobs=logprobs,
+        logprobs=logprobs, lengths=torch.tensor(lengths, dtype=torch.long),
     )
 
 
@@ -128,4 +141,5 @@ def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
     return RolloutBatch(
         input_ids=torch.cat([prompt_ids, completions], dim=1), attention_mask=torch.cat([prompt_mask, mask], dim=1),
         completion_mask=mask, prompt_length=width, texts=[t for b in batches for t in b.texts],
-        truncated=torch.cat([b.truncated for b in batches]), logprobs=logprobs)
+        truncated=torch.cat([b.truncated for b in batches]), logprobs=logprobs,
+        lengths=torch.cat([b.host_lengths() for b in batches]))

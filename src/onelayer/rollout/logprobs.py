@@ -48,9 +48,13 @@ def completion_logprobs(
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
     chunk_tokens: int | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log-probs ``[B, T]`` of the completion tokens ``input_ids[:, prompt_length:]`` under ``model``
     (logits divided by ``temperature``, as the sampler saw them); 0 where ``completion_mask`` is 0.
+
+    ``lengths``: each row's completion tokens on the CPU when its mask is that many leading ones (a
+    :class:`RolloutBatch`'s ``host_lengths``): the tokens are then picked without waiting for the GPU.
 
     Differentiable when gradients are enabled and the model has trainable parameters.
     """
@@ -61,7 +65,11 @@ def completion_logprobs(
     # the hidden state at position p predicts token p + 1
     hidden = hidden[:, prompt_length - 1:-1]
     tokens = input_ids[:, prompt_length:]
-    where = completion_mask.bool()
+    if lengths is None:
+        where = completion_mask.bool()  # selecting by a mask on the GPU waits for it, to size the result
+    else:
+        where = torch.arange(tokens.shape[1]) < lengths[:, None]
+        where = tuple(i.to(tokens.device) for i in where.nonzero(as_tuple=True))
     picked_hidden, picked_tokens = hidden[where], tokens[where]
     head = model.get_output_embeddings()
     softcap = logit_softcap(model)
@@ -76,5 +84,5 @@ def completion_logprobs(
                       else _token_logprobs(*args))
     out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
     if pieces:
-        out = out.masked_scatter(where, torch.cat(pieces))
+        out = out.masked_scatter(where, torch.cat(pieces)) if lengths is None else out.index_put(where, torch.cat(pieces))
     return out

@@ -177,9 +177,9 @@ def batch_logprobs(model: nn.Module, batch: RolloutBatch, config: TrainConfig, w
     out = torch.zeros(batch.completion_mask.shape, dtype=torch.float32, device=batch.input_ids.device)
     with torch.no_grad():
         for rows, real in micro_batches(torch.arange(batch.size), config.micro_batch_size, world):
-            part = batch.rows(rows.to(out.device))
+            part = batch.rows(rows)
             lp = completion_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length,
-                                     part.completion_mask, config.sampling.temperature)
+                                     part.completion_mask, config.sampling.temperature, lengths=part.lengths)
             if real:
                 out[rows.to(out.device), :lp.shape[1]] = lp
     return out
@@ -204,9 +204,9 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
     # the step's rows over every process (mini-batches > 1 need single-turn tasks: the same number each)
     total, first = (world.sum(batch.size), world.first(batch.size)) if config.mini_batches > 1 else (batch.size, 0)
     rows_per_mini = total // config.mini_batches
-    # completion tokens per row, read once: the loop below then waits for the GPU once per optimizer step
-    # (the gradient norm), not at every micro-batch
-    row_tokens = batch.completion_mask.sum(1).cpu()
+    # completion tokens per row on the host: the loop below then waits for the GPU once per optimizer step
+    # (its loss, statistics and gradient norm read together), not at every micro-batch
+    row_tokens = batch.host_lengths()
     totals = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "grad_norm": 0.0}
     updates, skipped, bad_tensors = 0, 0, set()
     generator = torch.Generator().manual_seed(config.seed * 7919 + step)
@@ -224,11 +224,11 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
             stats_sum = {"clip_fraction": torch.zeros((), device=device), "kl": torch.zeros((), device=device)}
             for rows, real in micro_batches(mini, config.micro_batch_size, world):
                 tokens = int(row_tokens[rows].sum())
-                rows = rows.to(device)
                 part = batch.rows(rows)
+                rows = rows.to(device)
                 width = part.completion_mask.shape[1]
                 logp = completion_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length,
-                                           part.completion_mask, config.sampling.temperature)
+                                           part.completion_mask, config.sampling.temperature, lengths=part.lengths)
                 old = logp.detach() if old_logprobs is None else old_logprobs[rows, :width]
                 ref = None if ref_logprobs is None else ref_logprobs[rows, :width]
                 loss, stats = policy_loss(logp, old, advantages[rows], part.completion_mask, aggregation,
@@ -240,12 +240,17 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
                 loss_sum += loss.detach()
                 for k in stats_sum:
                     stats_sum[k] += stats[k] * tokens / max(norm.num_tokens, 1)
-            # a non-finite loss leaves non-finite gradients: stop before they reach the weights
-            if not world.all(torch.isfinite(loss_sum)):
-                raise OneLayerError(f"loss is {loss_sum.item()} at step {step + 1}: lower --lr (now {config.lr:g}) or "
-                                    "check the rewards; the last checkpoint is intact and --out resumes from it")
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-            grad_norm = global_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            norm_tensor = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            if hasattr(norm_tensor, "full_tensor"):  # a sharded model's norm: its full value
+                norm_tensor = norm_tensor.full_tensor()
+            # the one wait for the GPU in this optimizer step
+            loss_value, clip_fraction, kl, grad_norm = torch.stack(
+                [loss_sum, stats_sum["clip_fraction"], stats_sum["kl"], norm_tensor.float().to(device)]).tolist()
+            # a non-finite loss leaves non-finite gradients: stop before they reach the weights
+            if not world.all(math.isfinite(loss_value)):
+                raise OneLayerError(f"loss is {loss_value} at step {step + 1}: lower --lr (now {config.lr:g}) or "
+                                    "check the rewards; the last checkpoint is intact and --out resumes from it")
             if not math.isfinite(grad_norm):
                 # As AMP's grad scaler does: drop this update rather than write NaN into the weights,
                 # and say which tensors went bad; the loop stops if it keeps happening.
@@ -256,9 +261,9 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * lr_factor(config, step) * group["lr_scale"]
             optimizer.step()
-            totals["loss"] += loss_sum.item()
-            totals["clip_fraction"] += stats_sum["clip_fraction"].item()
-            totals["kl"] += stats_sum["kl"].item()
+            totals["loss"] += loss_value
+            totals["clip_fraction"] += clip_fraction
+            totals["kl"] += kl
             totals["grad_norm"] += grad_norm
             updates += 1
     optimizer.zero_grad(set_to_none=True)  # gradients are not needed until the next update: free them
@@ -270,11 +275,6 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Rol
         stats.update(skipped_updates=skipped, nonfinite_grad_layers=layers,
                      nonfinite_grad_tensors=sorted(name for _, name in bad_tensors)[:4])
     return stats
-
-
-def global_norm(norm: torch.Tensor) -> float:
-    """A gradient norm as a number (a sharded model's is a DTensor: its full value)."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def nonfinite_gradients(optimizer: torch.optim.Optimizer) -> list[tuple]:
