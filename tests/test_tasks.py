@@ -5,6 +5,7 @@ import pytest
 from onelayer.errors import OneLayerError
 from onelayer.tasks import Example, get_task
 from onelayer.tasks.answers import answers_match, extract_answer, last_boxed
+from onelayer.tasks.base import Score, Task
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -186,3 +187,35 @@ def test_unknown_tasks():
             get_task(name)
     with pytest.raises(OneLayerError, match="bad options"):
         get_task("toy:repeat", {"colour": "red"})
+
+
+class Hanging(Task):
+    """A checker with a bug: it never returns on completions that contain "loop"."""
+
+    name = "hanging"
+    score_cpu_seconds = 0.3
+
+    def examples(self, split):
+        return []
+
+    def score(self, completion, example):
+        try:
+            while "loop" in completion:
+                pass
+        except Exception:  # a broad except in a checker must not swallow the time limit
+            return Score(1.0, True, "swallowed")
+        return Score(1.0, True, completion)
+
+
+@pytest.mark.timeout(20)
+def test_a_checker_that_never_returns_scores_zero_with_one_warning(capsys):
+    import signal
+
+    task, example = Hanging(), Example("e7", "q", "a")
+    before = signal.getsignal(signal.SIGVTALRM)
+    scores = task.score_all(["fine", "loop forever", "also fine", "loop again"], [example] * 4)
+    assert [(s.reward, s.correct, s.extracted) for s in scores] == [
+        (1.0, True, "fine"), (0.0, False, None), (1.0, True, "also fine"), (0.0, False, None)]
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "e7 on hanging took over 0.3 s of CPU" in err and "'loop forever'" in err
+    assert signal.getsignal(signal.SIGVTALRM) == before and signal.getitimer(signal.ITIMER_VIRTUAL) == (0.0, 0.0)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
@@ -27,11 +31,41 @@ class Score:
     outcome: str | None = None
 
 
+class ScoreTimeout(BaseException):
+    """A completion's scoring ran past its CPU-time limit (a BaseException, as KeyboardInterrupt: a checker's
+    ``except Exception`` must not swallow it)."""
+
+
+@contextmanager
+def cpu_time_limits():
+    """Within the block, ``limit(seconds)`` arms a limit on this process's CPU time from now (``limit(0)``
+    disarms it); past it, :class:`ScoreTimeout` is raised wherever the code is, a regex match included.
+    A CPU-time timer (SIGVTALRM), not SIGALRM, which math-verify's own timeouts set and clear. Only in the main
+    thread of a Unix process (signals are delivered there); elsewhere ``limit`` does nothing."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield lambda seconds: None
+        return
+
+    def expired(signum, frame):
+        raise ScoreTimeout
+
+    previous = signal.signal(signal.SIGVTALRM, expired)
+    try:
+        yield lambda seconds: signal.setitimer(signal.ITIMER_VIRTUAL, seconds)
+    finally:
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+        signal.signal(signal.SIGVTALRM, previous)
+
+
 class Task(ABC):
     """A named source of examples with a verifier. Subclasses set ``name`` and ``system_prompt``."""
 
     name: str
     system_prompt: str | None = None
+    # scoring a completion takes milliseconds; far longer is a checker's bug on unusual output, which would
+    # otherwise hang a run with the GPU idle: such a completion scores 0, with a warning
+    score_cpu_seconds: float = 20.0
+    _warned_slow = False
 
     @abstractmethod
     def examples(self, split: str) -> list[Example]:
@@ -54,7 +88,28 @@ class Task(ABC):
         return answers_match(a, b)
 
     def score_all(self, completions: list[str], examples: list[Example]) -> list[Score]:
-        return [self.score(c, e) for c, e in zip(completions, examples, strict=True)]
+        """Every completion's score, each within ``score_cpu_seconds`` of CPU time."""
+        scores = []
+        with cpu_time_limits() as limit:
+            for completion, example in zip(completions, examples, strict=True):
+                limit(self.score_cpu_seconds)
+                try:
+                    score = self.score(completion, example)
+                except ScoreTimeout:
+                    score = Score(0.0, False, None)
+                    self.warn_slow(completion, example)
+                finally:
+                    limit(0)
+                scores.append(score)
+        return scores
+
+    def warn_slow(self, completion: str, example: Example) -> None:
+        if not self._warned_slow:
+            self._warned_slow = True
+            print(f"warning: scoring one completion of {example.id} on {self.name} took over "
+                  f"{self.score_cpu_seconds:g} s of CPU, so it scores 0 (further ones silently): a bug in the "
+                  f"task's checker on this output, please report it with the completion, which starts "
+                  f"{completion[:80]!r}", file=sys.stderr)
 
     def rewards(self, prompts: list[str], completions: list[str], examples: list[Example]) -> list[float]:
         """TRL-style reward function: one float per completion."""
