@@ -31,7 +31,9 @@ Sections (each prints a table and adds to OUT/results.json, so sections may run 
   demo        `onelayer demo`'s GPU scan (30 layers, base, full) with --demo-flags: wall time and where it went
   summary     OUT/summary.md: one table of what OUT/results.json holds (run it last)
 
---sections scan runs floor,generation,prefill,levers,step,trl,demo,summary with the settings of issue 26.
+--sections scan runs demo,floor,generation,prefill,levers,step,trl,summary: issue 26's measurements (SmolLM2,
+generation at batch 1024 by engine, steps of middle:1 and all layers against TRL, 4 steps each, unless given),
+the demo first (the headline; about 11 minutes on an H200), then what explains it (about 6 more).
 
 Ratios are measured within one run on one machine; timings are medians over repeated steps after a warm-up.
 """
@@ -61,7 +63,9 @@ from onelayer.training.step import update_phase
 TASK = "rg:basic_arithmetic"
 SECTIONS = ("check", "architectures", "attention", "generation", "compiled", "profile", "update", "step", "large", "trl",
             "floor", "prefill", "levers", "demo", "summary")
-SCAN_SECTIONS = "floor,generation,prefill,levers,step,trl,demo,summary"
+SCAN_SECTIONS = "demo,floor,generation,prefill,levers,step,trl,summary"
+SCAN_SETTINGS = {"models": "smollm2", "batches": "1024", "generation_engines": "plain,fast,fast-compiled",
+                 "step_layers": "middle:1,all", "trl_layers": "middle:1,all", "steps": 4}
 
 
 def qwen3_shaped(size: str, vocab_size: int):
@@ -972,6 +976,10 @@ def main() -> None:
     parser.add_argument("--large-steps", type=int, default=3)
     parser.add_argument("--large-micro-batch", type=int, default=8)
     args = parser.parse_args()
+    if "scan" in args.sections.split(","):  # issue 26's settings, where not given
+        for key, value in SCAN_SETTINGS.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
     if not torch.cuda.is_available():
         sys.exit("bench/rl_speed.py measures GPU speed: run it on a machine with CUDA")
     out = Path(args.out)

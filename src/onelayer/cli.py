@@ -241,12 +241,14 @@ GPU_SCAN_REPORT = "docs/results/2026-12-02-trusted-scan-smollm2/scan/report/repo
 
 def demo_config(out: str, gpu: bool) -> ScanConfig:
     """The demo scan. On a GPU: every layer of the embedded model with the recipe of
-    docs/results/2026-11-22-scan-smollm2 (about 16 minutes on one H200). On a CPU: one middle layer and full
+    docs/results/2026-11-22-scan-smollm2 (about 16 minutes on one H200 on 2026-11-30; an estimated 10-11 with
+    the update defaults of docs/results/2026-12-02-speed-h200). On a CPU: one middle layer and full
     training, each at the learning rate where full training gains most in 4 steps and at 4x it (one layer
     needs a larger rate than full training), with a recipe that moves accuracy in 4 steps; measured in
     docs/results/2026-12-02-cpu-demo-smollm2."""
     if gpu:
-        # micro-batches of 256 rows: 1.4x faster updates than 128 with the same loss (bench/rl_speed.py levers)
+        # micro-batches of 256 rows: with Liger, 1.48x faster updates than 128 and the same loss
+        # (docs/results/2026-12-02-speed-h200)
         recipe = TrainConfig(layers="all", steps=30, prompts_per_step=64, group_size=8, lr=2e-5, micro_batch_size=256,
                              eval_n=500, save_every=10, attention="eager",
                              sampling=SamplingConfig(max_new_tokens=96, generation_batch_size=512))
