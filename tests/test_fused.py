@@ -177,3 +177,25 @@ def test_auto_fuses_only_on_one_cuda_gpu_for_a_supported_model_with_the_package(
     assert liger_wanted(llama, "on", cpu)  # asked for: liger_layers says why it cannot run, if it cannot
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # as if not installed
     assert not liger_wanted(llama, "auto", cuda)
+
+
+def test_variants_trained_together_with_liger_follow_the_unfused_ones(tmp_path, tokenizer, liger):
+    from onelayer.training.concurrent import train_variants
+
+    from .test_concurrent import config as variant_config
+    from .test_concurrent import log
+
+    logs = {}
+    for mode in ("off", "on"):
+        configs = [variant_config(tmp_path / f"{mode}{k}", layers, steps=2, liger_kernels=mode)
+                   for k, layers in enumerate(("1", "2"))]
+        results = train_variants(configs, tiny_model("qwen3"), tokenizer, progress=False)
+        assert not any(isinstance(r, Exception) for r in results)
+        logs[mode] = [log(tmp_path / f"{mode}{k}") for k in range(2)]
+        if mode == "off":
+            assert (liger.norm, liger.mlp, liger.rope) == (0, 0, 0)
+    assert liger.norm > 0 and liger.mlp > 0 and liger.rope > 0  # each variant's update went through them
+    for fused, plain in zip(logs["on"], logs["off"], strict=True):
+        assert [r["reward"] for r in fused] == [r["reward"] for r in plain]
+        for a, b in zip(fused, plain, strict=True):
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
