@@ -536,6 +536,12 @@ def test_unreliable_profiles_draw_the_measured_gains_and_say_why(tmp_path, monke
     assert list(points.get_xdata()) == [1, 3] and list(points.get_ydata()) == [0.25, -0.25]
     assert "not above the noise" in " ".join(t.get_text() for t in ax.texts)
     assert ax.get_ylabel() == "accuracy gain over the base model"
+    from onelayer.experiments.report import profile_caption
+
+    assert profile_caption(profile).startswith("Accuracy gain over the base model")  # the report says what is drawn
+    reliable = layer_profile([[0] * 8], [[1] * 8], {1: [[1, 1, 0, 1, 0, 0, 1, 0]]}, 4, n_resamples=200)
+    assert reliable.reliable
+    assert profile_caption(reliable).startswith("Contribution C(l)")
 
 
 def test_layer_gains_are_read_at_the_rate_each_protocol_reads():

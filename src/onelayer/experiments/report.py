@@ -109,8 +109,7 @@ def profile_section(scan_dir: Path, figures: Path, per_seed: dict[str, Profile])
                       "claim can be no firmer than this: it is how well one seed's profile predicts another's (the "
                       "mean of the seeds agrees better).")
     blocks += [f"Note: {note}." for note in profile.notes if not note.startswith("one seed per configuration")]
-    blocks.append(Figure(figure, "Contribution C(l) per layer with its 95% interval; hollow points are "
-                                 "interpolated, not measured; thin lines are per-seed profiles."))
+    blocks.append(Figure(figure, profile_caption(profile)))
     n = len(profile.points)
     grid = profile.robustness is not None
     blocks.append(Table(["layer", "relative depth", "C(l)", "95% interval", "measured"] + (["lr"] if grid else []),
@@ -427,6 +426,15 @@ def write_sections(title: str, sections: list[Section], out_dir: Path, stem: str
     page.write_text(to_html(title, sections))
     data.write_text(json.dumps({s.title: s.data for s in sections}, indent=2, default=str))
     return md, page, data
+
+
+def profile_caption(profile) -> str:
+    """What the profile figure shows: an unreliable profile's draws accuracy gains, not C(l) (plot_profile)."""
+    if not profile.reliable and profile.layer_gains:
+        return ("Accuracy gain over the base model of each measured single layer and of full training, with 95% "
+                "intervals: full training's gain is within the noise, so contributions are not drawn.")
+    return ("Contribution C(l) per layer with its 95% interval; hollow points are interpolated, not measured; thin "
+            "lines are per-seed profiles.")
 
 
 def build_report(scan_dir: str | Path, compare: list[str] | None = None, out: str | Path | None = None) -> Path:
