@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from onelayer.config import SamplingConfig, ScanConfig, TrainConfig
+from onelayer.config import SamplingConfig, ScanConfig, TrainConfig, from_dict
 from onelayer.errors import OneLayerError
 from onelayer.memory import estimate
 from onelayer.rollout.streams import row_keys
@@ -50,10 +50,11 @@ def recipe(saved_tiny, out, **overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
-def in_torchrun(configs: list[TrainConfig], directory: Path, seconds: float = 300) -> None:
+def in_torchrun(configs: list[TrainConfig], directory: Path, seconds: float = 300) -> str:
+    """Train ``configs`` with two torchrun processes; returns their stderr."""
     listing = directory / "configs.json"
     listing.write_text(json.dumps([asdict(c) for c in configs]))
-    _run([*TORCHRUN, str(HELPER), str(listing)], seconds)
+    return _run([*TORCHRUN, str(HELPER), str(listing)], seconds)
 
 
 def log(run_dir: Path) -> list[dict]:
@@ -169,6 +170,12 @@ def test_a_scan_trains_its_full_run_on_a_group_of_two_processes_as_one_process_w
         result = json.loads((two / "result.json").read_text())
         assert result["world_size"] == (2 if name == "full-s0" else 1)
         assert result["sharding"].startswith("fsdp2: 4 trained modules") == (name == "full-s0")
+    # the sharded run, given a step more on two processes, resumes without the state it dropped, and says so
+    full = duo / "runs" / "full-s0"
+    extended = replace(from_dict(TrainConfig, json.loads((full / "config.json").read_text())), steps=3)
+    err = in_torchrun([extended], tmp_path)
+    assert f"resuming {full} from step 2 of 3 without optimizer state (dropped by --keep-optimizer none)" in err
+    assert [r["step"] for r in log(full)] == [1, 2, 3]
 
 
 # ------------------------------------------------------------------------------------------ no processes

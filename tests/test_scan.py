@@ -279,9 +279,9 @@ def test_scan_end_to_end_from_the_command_line(tmp_path, saved_tiny, capsys):
     assert main(["profile", str(tmp_path)]) == 2
 
 
-def _run(command: list[str], seconds: float):
-    """Run ``command`` in its own process group; a hang past ``seconds`` kills the group and fails the test
-    (instead of stalling CI)."""
+def _run(command: list[str], seconds: float) -> str:
+    """Run ``command`` in its own process group and return its stderr; a hang past ``seconds`` kills the group
+    and fails the test (instead of stalling CI)."""
     import os
     import signal
     import subprocess
@@ -295,6 +295,7 @@ def _run(command: list[str], seconds: float):
         process.communicate()
         pytest.fail(f"{' '.join(command[:6])} ... did not finish in {seconds} s")
     assert process.returncode == 0, err[-2000:]
+    return err
 
 
 def test_two_process_scan_gives_the_same_profile_as_one(tmp_path, saved_tiny):
