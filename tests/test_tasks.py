@@ -85,9 +85,22 @@ def test_hostile_answers_score_in_linear_time():
     task = get_task("rg:basic_arithmetic", {"train_size": 10, "eval_size": 10, "max_terms": 2, "max_digits": 1})
     example = Example("e", "Calculate 4 - 1.", "3")
     for completion in ("\\boxed{3 " + "and so on " * 2000 + "2}", "The answer is 3" + "x" * 20 + "1",
-                       "\\boxed{3" + "\\text{ab}" * 3000 + "4}"):
+                       "\\boxed{3" + "\\text{ab}" * 3000 + "4}", "answer" + "\n" * 40_000,
+                       "the answer is" + " " * 40_000 + "\n",
+                       # numbers longer than Python converts (4,300 digits): no answer, not an exception
+                       "\\boxed{" + "1" * 5000 + "}", "so " + "9" * 100_000, "\\boxed{1/" + "7" * 5000 + "}",
+                       "1" + ",1" * 100_000):
         assert task.score(completion, example).reward == 0.0
     assert task.score("\\boxed{3 " + "apples" * 3000 + "}", example).reward == 1.0
+
+
+def test_an_integer_reference_is_matched_exactly_and_an_empty_answer_phrase_is_no_answer():
+    # a relative tolerance would let a near miss of a large integer pass (and a base-2 answer's last bits)
+    assert not answers_match("-131073145", "-131073014") and not answers_match("1111010011", "1111010010")
+    assert answers_match("-131073014", "-131073014") and answers_match("131,073,014", "131073014")
+    assert answers_match("0.333333", "1/3") and answers_match("5", "5.0000001")  # non-integers keep it
+    # "answer:" or "answer is" with nothing after: the last number, never the ":" or "is"
+    assert extract_answer("9 + 9 = 18. The answer:") == "18" and extract_answer("so 7. The answer is") == "7"
 
 
 def test_numeric_references_never_reach_math_verify(monkeypatch):
@@ -199,6 +212,8 @@ class Hanging(Task):
         return []
 
     def score(self, completion, example):
+        if "crash" in completion:
+            raise ValueError("a checker's bug")
         try:
             while "loop" in completion:
                 pass
@@ -219,3 +234,12 @@ def test_a_checker_that_never_returns_scores_zero_with_one_warning(capsys):
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "e7 on hanging took over 0.3 s of CPU" in err and "'loop forever'" in err
     assert signal.getsignal(signal.SIGVTALRM) == before and signal.getitimer(signal.ITIMER_VIRTUAL) == (0.0, 0.0)
+
+
+def test_a_checker_that_raises_on_one_completion_scores_it_zero_and_one_that_always_raises_stops(capsys):
+    task, example = Hanging(), Example("e8", "q", "a")
+    scores = task.score_all(["fine", "crash here"], [example] * 2)
+    assert [s.reward for s in scores] == [1.0, 0.0]
+    assert "e8 on hanging raised ValueError: a checker's bug, so it scores 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="a checker's bug"):  # every completion: the task is broken
+        Hanging().score_all(["crash", "crash too"], [example] * 2)

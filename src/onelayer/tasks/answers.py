@@ -9,9 +9,10 @@ Extraction rule, first that applies:
 Equivalence. A numeric reference (an integer, decimal or fraction) is matched only by a numeric final
 answer: an integer, a decimal or a fraction in lowest terms (``3/4``, ``\\frac{3}{4}``), with sign, thousands
 separators, ``$...$``, ``\\text{...}``, leading words or a trailing unit word around it; of an equation
-(``9 + 9 = 18``) the side after the last ``=`` counts. Its value must equal the reference's exactly, within
-1e-6 of it (relative to max(1, |reference|)), or once rounded to the reference's decimals (``1/3`` for
-``0.33``). An expression that still has to be computed (``4 - 1``,
+(``9 + 9 = 18``) the side after the last ``=`` counts. An integer reference is matched only by its exact value
+(a tolerance would let ``-131073145`` answer ``-131073014``); another must be equalled exactly, within 1e-6 of
+it (relative to max(1, |reference|)), or once rounded to the reference's decimals (``1/3`` for ``0.33``). A
+number too long for Python to convert (over 4,300 digits) is no answer. An expression that still has to be computed (``4 - 1``,
 ``2 \\times 3``, ``\\frac{12}{2}``) is not an answer: a symbolic checker evaluates it, and a policy trained on
 that reward learns to box the question itself (SmolLM2 under full training, 2026-12-02: 500 of 500 "correct"
 answers of the form ``\\boxed{4 - 1}``). Other references (expressions, sets, words) are compared by
@@ -34,7 +35,10 @@ WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|boxed)\{(.*)\}")
 LEAD = re.compile(r"^[A-Za-z]+(?=[-+.\d])")  # "simply 12", "about 3"
 UNIT_WORDS = re.compile(r"[A-Za-z ]*")  # inside a trailing \text{...}
 TOLERANCE = 1e-6  # relative to max(1, |reference|), as math-verify's numeric comparison
-ANSWER_PHRASE = re.compile(r"answer(?:\s+is)?\s*[:=]?\s*(.+)", re.IGNORECASE)
+# each part of the phrase starts with what the one before cannot match, so that a run of whitespace after
+# "answer" backtracks in linear, not quadratic, time; an "is", ":" or "=" is taken whenever it is there (it is
+# never the answer)
+ANSWER_PHRASE = re.compile(r"answer(?:\s+is|(?!\s+is))(?:\s*[:=]|(?!\s*[:=]))\s*(\S.*)", re.IGNORECASE)
 
 
 def last_boxed(text: str) -> str | None:
@@ -82,11 +86,17 @@ def numeric_value(answer: str, final: bool = True) -> Fraction | None:
     if NUMERAL.match(text) and not NUMERAL.fullmatch(text):
         text = without_unit(text)
     if NUMERAL.fullmatch(text):
-        return Fraction(text.replace(",", ""))
+        try:
+            return Fraction(text.replace(",", ""))
+        except ValueError:  # more digits than Python converts: no answer
+            return None
     fraction = FRACTION.fullmatch(text)
     if fraction is None:
         return None
-    sign, numerator, denominator = fraction[1], int(fraction[2] or fraction[4]), int(fraction[3] or fraction[5])
+    try:
+        sign, numerator, denominator = fraction[1], int(fraction[2] or fraction[4]), int(fraction[3] or fraction[5])
+    except ValueError:  # more digits than Python converts
+        return None
     if denominator == 0 or (final and (denominator == 1 or math.gcd(numerator, denominator) != 1)):
         return None
     return Fraction(-numerator if sign == "-" else numerator, denominator)
@@ -110,6 +120,8 @@ def without_unit(text: str) -> str:
 
 def numbers_match(value: Fraction, reference: Fraction, reference_text: str) -> bool:
     """Whether a numeric answer equals a numeric reference (module docstring)."""
+    if NUMERAL.fullmatch(reference_text.strip()) and "." not in reference_text:  # an integer: exactly
+        return value == reference
     if abs(value - reference) <= TOLERANCE * max(1, abs(reference)):
         return True
     decimals = re.search(r"\.(\d+)", reference_text)

@@ -65,7 +65,7 @@ class Task(ABC):
     # scoring a completion takes milliseconds; far longer is a checker's bug on unusual output, which would
     # otherwise hang a run with the GPU idle: such a completion scores 0, with a warning
     score_cpu_seconds: float = 20.0
-    _warned_slow = False
+    _warned = False  # said once per task object
 
     @abstractmethod
     def examples(self, split: str) -> list[Example]:
@@ -88,8 +88,10 @@ class Task(ABC):
         return answers_match(a, b)
 
     def score_all(self, completions: list[str], examples: list[Example]) -> list[Score]:
-        """Every completion's score, each within ``score_cpu_seconds`` of CPU time."""
-        scores = []
+        """Every completion's score, each within ``score_cpu_seconds`` of CPU time. A completion whose scoring
+        raises or runs past the limit scores 0, with a warning (the first time): one odd output must not end a
+        run. When every completion raises, the task itself is broken and the first error is raised."""
+        scores, errors = [], []
         with cpu_time_limits() as limit:
             for completion, example in zip(completions, examples, strict=True):
                 limit(self.score_cpu_seconds)
@@ -97,19 +99,24 @@ class Task(ABC):
                     score = self.score(completion, example)
                 except ScoreTimeout:
                     score = Score(0.0, False, None)
-                    self.warn_slow(completion, example)
+                    self.warn_once(completion, example, f"took over {self.score_cpu_seconds:g} s of CPU")
+                except Exception as err:
+                    errors.append(err)
+                    score = Score(0.0, False, None)
+                    self.warn_once(completion, example, f"raised {type(err).__name__}: {str(err)[:120]}")
                 finally:
                     limit(0)
                 scores.append(score)
+        if errors and len(errors) == len(completions):
+            raise errors[0]
         return scores
 
-    def warn_slow(self, completion: str, example: Example) -> None:
-        if not self._warned_slow:
-            self._warned_slow = True
-            print(f"warning: scoring one completion of {example.id} on {self.name} took over "
-                  f"{self.score_cpu_seconds:g} s of CPU, so it scores 0 (further ones silently): a bug in the "
-                  f"task's checker on this output, please report it with the completion, which starts "
-                  f"{completion[:80]!r}", file=sys.stderr)
+    def warn_once(self, completion: str, example: Example, what: str) -> None:
+        if not self._warned:
+            self._warned = True
+            print(f"warning: scoring one completion of {example.id} on {self.name} {what}, so it scores 0 "
+                  f"(further ones silently): a bug in the task's checker on this output, please report it with the "
+                  f"completion, which starts {completion[:80]!r}", file=sys.stderr)
 
     def rewards(self, prompts: list[str], completions: list[str], examples: list[Example]) -> list[float]:
         """TRL-style reward function: one float per completion."""
