@@ -243,3 +243,19 @@ def test_a_checker_that_raises_on_one_completion_scores_it_zero_and_one_that_alw
     assert "e8 on hanging raised ValueError: a checker's bug, so it scores 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="a checker's bug"):  # every completion: the task is broken
         Hanging().score_all(["crash", "crash too"], [example] * 2)
+
+
+@pytest.mark.parametrize("name, right, hacks", [
+    # the question prints the target: a value checker takes it boxed; the generator's verifier wants the numbers
+    ("countdown", lambda e: e.answer, lambda e: [str(e.meta["entry"]["metadata"]["target"])]),
+    ("puzzle24", lambda e: e.answer, lambda e: ["24", "12 + 12"]),
+    ("polynomial_equations", lambda e: ", ".join(reversed(e.answer.split(", "))), lambda e: ["x = 123"]),
+    ("prime_factorization", lambda e: " × ".join(reversed(e.answer.split(" × "))), lambda e: ["2^2 \\times 5"]),
+    ("number_sorting", lambda e: e.answer.replace("'", ""), lambda e: [e.answer.replace("'", "")[::-1]]),
+])
+def test_reasoning_gym_answers_that_are_not_numbers_are_judged_by_the_generators_verifier(name, right, hacks):
+    task = get_task(f"rg:{name}", {"train_size": 5, "eval_size": 5})
+    for example in task.examples("eval")[:3]:
+        assert task.score(f"so \\boxed{{{right(example)}}}", example).correct, (name, example.answer)
+        for hack in hacks(example):
+            assert not task.score(f"\\boxed{{{hack}}}", example).correct, (name, hack)

@@ -1,5 +1,6 @@
 """Math tasks: reasoning-gym generators, local JSONL files and Hugging Face datasets with
-question/answer columns, scored by :mod:`.answers` plus an optional format reward."""
+question/answer columns, scored by :mod:`.answers` plus an optional format reward; a reasoning-gym task
+whose reference is not a number by its generator's own verifier."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import typing
 from pathlib import Path
 
 from ..errors import OneLayerError, did_you_mean, first_line
-from .answers import answers_match, extract_answer, last_boxed
+from .answers import answers_match, extract_answer, last_boxed, numeric_value
 from .base import Example, Score, Task, dedup_against
 from .sources import check_split, dataset_splits, file_splits, read_jsonl
 
@@ -107,6 +108,11 @@ class ReasoningGymTask(MathTask):
 
     The eval split is ``eval_size`` examples generated with ``seed + 1``; the train split is
     ``train_size`` examples generated with ``seed``, minus any question the eval split has.
+
+    A numeric reference is matched by :mod:`.answers`' exact rules. Any other (an expression, a list, a cipher's
+    text) is judged by the generator's own ``score_answer``, which knows what the task asks: that a countdown
+    or 24-game expression uses the given numbers (a value checker accepts the boxed target, which the question
+    prints), that roots or factors may come in any order, that a sorted list keeps its order.
     """
 
     def __init__(self, generator: str, seed: int = 0, train_size: int = 10_000, eval_size: int = 1_000,
@@ -118,7 +124,7 @@ class ReasoningGymTask(MathTask):
                                                     "system_prompt"))
         try:
             self._make = lambda size, s: reasoning_gym.create_dataset(generator, size=size, seed=s, **config)
-            self._make(1, seed)
+            self._verifier = self._make(1, seed)
         except Exception as err:
             raise OneLayerError(f"reasoning-gym cannot make '{generator}' with options {config}: "
                                 f"{first_line(err)}") from err
@@ -126,8 +132,20 @@ class ReasoningGymTask(MathTask):
         self._splits: dict[str, list[Example]] = {}
 
     def _generate(self, size: int, seed: int, split: str) -> list[Example]:
-        return [Example(f"{self.name}/{split}/{seed}/{i}", str(e["question"]), str(e["answer"]))
+        return [Example(f"{self.name}/{split}/{seed}/{i}", str(e["question"]), str(e["answer"]), {"entry": e})
                 for i, e in enumerate(self._make(size, seed))]
+
+    def score(self, completion: str, example: Example) -> Score:
+        entry = example.meta.get("entry")
+        if entry is None or numeric_value(example.answer, final=False) is not None:
+            return super().score(completion, example)
+        extracted = extract_answer(completion)
+        try:
+            correct = extracted is not None and self._verifier.score_answer(extracted, entry) >= 1.0
+        except Exception:  # some verifiers raise on an answer they cannot parse: a wrong answer
+            correct = False
+        formatted = last_boxed(completion) is not None
+        return Score(float(correct) + self.format_weight * formatted, correct, extracted)
 
     def examples(self, split: str) -> list[Example]:
         if split not in self._splits:
