@@ -10,6 +10,7 @@ from onelayer.sandbox import Call, Check
 from onelayer.tasks import get_task
 from onelayer.tasks.code import (
     assemble_program,
+    defines,
     entry_point_of,
     extract_code,
     suite_from_asserts,
@@ -210,3 +211,12 @@ def test_same_answer_ignores_formatting_and_comments():
     task = get_task("code:synth")
     assert task.same_answer("def f(x):\n    # one\n    return x+1\n", "def f(x):  \n    return (x + 1)")
     assert not task.same_answer("def f(x): return x + 1", "def f(x): return x + 2")
+
+
+@pytest.mark.timeout(10)
+def test_code_is_read_off_hostile_replies_in_linear_time():
+    # a fence followed by many blanks, and many newlines before the code: quadratic under the old patterns
+    # (150,000 newlines took 43 s in the trainer's own process, before any sandbox)
+    for reply in ("```" + " " * 200_000 + "x", "\n" * 300_000 + "def f(a):\n    return a", "```py" + "\t" * 200_000):
+        code = extract_code(reply, "f")
+        assert defines(code, "f") == ("def f" in reply)

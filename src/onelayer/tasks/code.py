@@ -35,12 +35,15 @@ CODE_SYSTEM_PROMPT = ("You are an expert Python programmer. Write the complete f
                       "it needs, in one ```python code block.")
 REWARD_MODES = ("fraction", "all")
 
-_FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+# the language tag must start right after the first run of blanks (not split a run between two [ \t]*, which
+# backtracks quadratically on a fence followed by many spaces)
+_FENCE = re.compile(r"```[ \t]*(?:(?:python3|python|py)[ \t]*)?\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 
 
 def defines(code: str, name: str) -> bool:
     """Whether ``code`` has a ``def NAME(`` line."""
-    return re.search(rf"^\s*def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
+    # indentation is blanks: ^\s* would run over every following newline from each line start (quadratic)
+    return re.search(rf"^[ \t]*def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
 
 
 def extract_code(completion: str, entry_point: str) -> str:
