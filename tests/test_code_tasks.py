@@ -28,8 +28,9 @@ def test_extract_code_prefers_the_block_that_defines_the_function():
 
 def test_assemble_keeps_the_stub_and_helpers_and_accepts_bare_bodies():
     stub = "def helper():\n    return 1\n\ndef f(a):\n    \"\"\"doc\"\"\"\n"
-    assert assemble_program(stub, "def f(a):\n    return a\n", "f") == stub + "\ndef f(a):\n    return a\n"
-    assert assemble_program(stub, "    return a\n", "f") == stub + "    return a\n"
+    again = "\n\n\ndef helper():\n    return 1\n"  # the problem's helpers, defined again after the code
+    assert assemble_program(stub, "def f(a):\n    return a\n", "f") == stub + "\ndef f(a):\n    return a\n" + again
+    assert assemble_program(stub, "    return a\n", "f") == stub + "    return a\n" + again
     assert assemble_program("", "def f(a): pass\n", "f") == "def f(a): pass\n"
 
 
@@ -100,6 +101,19 @@ def test_humaneval_reference_solutions_all_pass_and_stubs_fail():
     assert not any(s.correct for s in stubs)  # a docstring-only function fails its tests
     body_only = task.score(examples[2].answer, examples[2])  # HumanEval's own completion format
     assert body_only.correct
+
+
+def test_completions_that_redefine_the_problems_helpers_do_not_pass():
+    task = get_task("code:humaneval", {"timeout": 10})
+    examples = {e.id: e for e in task.examples("eval")}
+    hacks = {"HumanEval/38": "def encode_cyclic(s):\n    return s\n\ndef decode_cyclic(s):\n    return s\n",
+             "HumanEval/50": "def encode_shift(s):\n    return s\n\ndef decode_shift(s):\n    return s\n",
+             "HumanEval/32": "def poly(xs, x):\n    return 0\n\ndef find_zero(xs):\n    return 0\n"}
+    chosen = [examples[k] for k in hacks]
+    scores = task.score_all([f"```python\n{hacks[e.id]}```" for e in chosen], chosen)
+    assert not any(s.correct for s in scores) and all(s.reward < 1.0 for s in scores)
+    solved = task.score_all([f"```python\n{e.meta['prompt_code']}{e.answer}```" for e in chosen], chosen)
+    assert all(s.correct for s in solved)
 
 
 def test_a_completion_that_runs_the_reference_solution_instead_scores_0():

@@ -56,13 +56,28 @@ def extract_code(completion: str, entry_point: str) -> str:
     return (blocks[-1] if blocks else completion).rstrip() + "\n"
 
 
+def prompt_helpers(prompt_code: str, entry_point: str) -> str:
+    """The functions the problem gave other than ``entry_point`` (HumanEval/38's ``encode_cyclic``), as source."""
+    try:
+        tree = ast.parse(prompt_code)
+    except SyntaxError:
+        return ""
+    return "\n\n".join(ast.get_source_segment(prompt_code, node) or "" for node in tree.body
+                        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != entry_point)
+
+
 def assemble_program(prompt_code: str, code: str, entry_point: str) -> str:
     """The program to run: ``prompt_code`` (helpers and the stub the problem gave, may be empty)
     then the model's ``code``. Code that does not define ``entry_point`` is read as the body that
-    continues the stub, HumanEval's completion format."""
+    continues the stub, HumanEval's completion format. The problem's helpers are defined again after the
+    code: tests call them (``candidate(encode_cyclic(s)) == s``), and a completion that redefined them (both
+    as the identity) passed without solving anything."""
     if defines(code, entry_point) or not prompt_code:
-        return f"{prompt_code}\n{code}" if prompt_code else code
-    return prompt_code + code
+        program = f"{prompt_code}\n{code}" if prompt_code else code
+    else:
+        program = prompt_code + code
+    helpers = prompt_helpers(prompt_code, entry_point) if prompt_code else ""
+    return f"{program}\n\n\n{helpers}\n" if helpers else program
 
 
 # --------------------------------------------------------------------------- test conversion
