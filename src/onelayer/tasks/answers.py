@@ -8,7 +8,8 @@ Extraction rule, first that applies:
 
 Equivalence. A numeric reference (an integer, decimal or fraction) is matched only by a numeric final
 answer: an integer, a decimal or a fraction in lowest terms (``3/4``, ``\\frac{3}{4}``), with sign, thousands
-separators, ``$...$``, ``\\text{...}``, leading words or a trailing unit word around it; of an equation
+separators, ``$...$``, ``\\text{...}``, brackets, leading words or a trailing unit around it (``dollars``,
+``\\mathrm{cm}``, ``\\%``, ``^\\circ``); of an equation
 (``9 + 9 = 18``) the side after the last ``=`` counts. An integer reference is matched only by its exact value
 (a tolerance would let ``-131073145`` answer ``-131073014``); another must be equalled exactly, within 1e-6 of
 it (relative to max(1, |reference|)), or once rounded to the reference's decimals (``1/3`` for ``0.33``). A
@@ -30,10 +31,12 @@ from fractions import Fraction
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 # a whole final answer that is a number: sign, digits with optional thousands commas, optional decimals
 NUMERAL = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
-FRACTION = re.compile(r"([-+]?)(?:(\d+)/(\d+)|\\[dt]?frac\{([-+]?\d+)\}\{(\d+)\})")
-WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|boxed)\{(.*)\}")
+FRACTION = re.compile(r"([-+]?)(?:(\d+)/(\d+)|\\[dt]?frac\{([-+]?\d+)\}\{(\d+)\}|\\[dt]?frac(\d)(\d))")
+WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|boxed)\{(.*)\}|\{(.*)\}|\((.*)\)")  # or {-4}, (-4)
 LEAD = re.compile(r"^[A-Za-z]+(?=[-+.\d])")  # "simply 12", "about 3"
 UNIT_WORDS = re.compile(r"[A-Za-z ]*")  # inside a trailing \text{...}
+UNIT_COMMANDS = ("\\text{", "\\mathrm{", "\\textrm{", "\\mbox{")
+UNIT_MARKS = ("\\%", "%", "^\\circ", "^{\\circ}", "\u00b0")
 TOLERANCE = 1e-6  # relative to max(1, |reference|), as math-verify's numeric comparison
 # each part of the phrase starts with what the one before cannot match, so that a run of whitespace after
 # "answer" backtracks in linear, not quadratic, time; an "is", ":" or "=" is taken whenever it is there (it is
@@ -80,8 +83,10 @@ def numeric_value(answer: str, final: bool = True) -> Fraction | None:
     requires a fraction in lowest terms: ``12/2`` restates a division rather than answering it."""
     text = re.sub(r"\s+|\\[,!; ]|\\left|\\right", "", answer.replace("\u2212", "-").replace("{,}", ","))
     text = text.strip("$").rstrip(".").replace("\\$", "")
-    while (wrapped := WRAPPER.fullmatch(text)) is not None:
-        text = wrapped[1]
+    for _ in range(8):  # wrappers in wrappers; a real answer has a few, a degenerate one thousands
+        if (wrapped := WRAPPER.fullmatch(text)) is None:
+            break
+        text = next(g for g in wrapped.groups() if g is not None)
     text = LEAD.sub("", text.rsplit("=", 1)[-1])  # "x = 3", "9 + 9 = 18": the value after the last "="
     if NUMERAL.match(text) and not NUMERAL.fullmatch(text):
         text = without_unit(text)
@@ -94,7 +99,9 @@ def numeric_value(answer: str, final: bool = True) -> Fraction | None:
     if fraction is None:
         return None
     try:
-        sign, numerator, denominator = fraction[1], int(fraction[2] or fraction[4]), int(fraction[3] or fraction[5])
+        sign = fraction[1]
+        numerator = int(fraction[2] or fraction[4] or fraction[6])
+        denominator = int(fraction[3] or fraction[5] or fraction[7])
     except ValueError:  # more digits than Python converts
         return None
     if denominator == 0 or (final and (denominator == 1 or math.gcd(numerator, denominator) != 1)):
@@ -103,18 +110,25 @@ def numeric_value(answer: str, final: bool = True) -> Fraction | None:
 
 
 def without_unit(text: str) -> str:
-    """``text`` without the unit words at its end (``18dollars``, ``18\\text{ dollars}``), read right to left in
-    linear time: the regex this replaces, a repetition of repetitions, backtracked exponentially on a run of
-    letters followed by anything else, and a model's ``\\boxed{3 and...2}`` hung a scan's scoring."""
+    """``text`` without the unit words and marks at its end (``18dollars``, ``18\\text{ dollars}``,
+    ``12\\mathrm{cm}``, ``50\\%``, ``90^\\circ``), read right to left in linear time: the regex this replaces, a
+    repetition of repetitions, backtracked exponentially on a run of letters followed by anything else, and a
+    model's ``\\boxed{3 and...2}`` hung a scan's scoring."""
     end = len(text)
     while end:
+        mark = next((m for m in UNIT_MARKS if text.endswith(m, 0, end)), None)  # before letters: ^\circ
+        if mark:
+            end -= len(mark)
+            continue
         if text[end - 1] in string.ascii_letters:
             end -= 1
             continue
-        start = text.rfind("\\text{", 0, end) if text[end - 1] == "}" else -1
-        if start < 0 or not UNIT_WORDS.fullmatch(text, start + len("\\text{"), end - 1):
+        word = next((start for command in UNIT_COMMANDS if text[end - 1] == "}"
+                     and (start := text.rfind(command, 0, end)) >= 0
+                     and UNIT_WORDS.fullmatch(text, start + len(command), end - 1)), None)
+        if word is None:
             break
-        end = start
+        end = word
     return text[:end]
 
 
