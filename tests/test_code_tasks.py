@@ -28,9 +28,12 @@ def test_extract_code_prefers_the_block_that_defines_the_function():
 
 def test_assemble_keeps_the_stub_and_helpers_and_accepts_bare_bodies():
     stub = "def helper():\n    return 1\n\ndef f(a):\n    \"\"\"doc\"\"\"\n"
-    again = "\n\n\ndef helper():\n    return 1\n"  # the problem's helpers, defined again after the code
-    assert assemble_program(stub, "def f(a):\n    return a\n", "f") == stub + "\ndef f(a):\n    return a\n" + again
-    assert assemble_program(stub, "    return a\n", "f") == stub + "    return a\n" + again
+    again = "\n\n\ndef helper():\n    return 1\n"  # a helper the tests call, defined again after the code
+    assert assemble_program(stub, "def f(a):\n    return a\n", "f") == stub + "\ndef f(a):\n    return a\n"
+    assert assemble_program(stub, "def f(a):\n    return a\n", "f", "assert f(helper()) == 1") == \
+        stub + "\ndef f(a):\n    return a\n" + again
+    assert assemble_program(stub, "    return a\n", "f", "f(helper())") == stub + "    return a\n" + again
+    assert assemble_program(stub, "    return a\n", "f", "f(1) == 1") == stub + "    return a\n"  # not called
     assert assemble_program("", "def f(a): pass\n", "f") == "def f(a): pass\n"
 
 
@@ -114,6 +117,11 @@ def test_completions_that_redefine_the_problems_helpers_do_not_pass():
     assert not any(s.correct for s in scores) and all(s.reward < 1.0 for s in scores)
     solved = task.score_all([f"```python\n{e.meta['prompt_code']}{e.answer}```" for e in chosen], chosen)
     assert all(s.correct for s in solved)
+    # a helper the tests never call stays the completion's own (HumanEval/10's is_palindrome, another signature)
+    own = ("def is_palindrome(s, i, j):\n    return s[i:j] == s[i:j][::-1]\n\n"
+           "def make_palindrome(string):\n    for i in range(len(string) + 1):\n"
+           "        if is_palindrome(string, i, len(string)):\n            return string + string[:i][::-1]\n")
+    assert task.score(f"```python\n{own}```", examples["HumanEval/10"]).correct
 
 
 def test_a_completion_that_runs_the_reference_solution_instead_scores_0():

@@ -56,27 +56,29 @@ def extract_code(completion: str, entry_point: str) -> str:
     return (blocks[-1] if blocks else completion).rstrip() + "\n"
 
 
-def prompt_helpers(prompt_code: str, entry_point: str) -> str:
-    """The functions the problem gave other than ``entry_point`` (HumanEval/38's ``encode_cyclic``), as source."""
+def prompt_helpers(prompt_code: str, entry_point: str, tests: str) -> str:
+    """The functions the problem gave, other than ``entry_point``, that ``tests`` call (HumanEval/38's
+    ``encode_cyclic``), as source. Helpers the tests never call stay the completion's to redefine."""
     try:
         tree = ast.parse(prompt_code)
     except SyntaxError:
         return ""
     return "\n\n".join(ast.get_source_segment(prompt_code, node) or "" for node in tree.body
-                        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != entry_point)
+                        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != entry_point
+                        and not node.decorator_list and re.search(rf"\b{re.escape(node.name)}\b", tests))
 
 
-def assemble_program(prompt_code: str, code: str, entry_point: str) -> str:
+def assemble_program(prompt_code: str, code: str, entry_point: str, tests: str = "") -> str:
     """The program to run: ``prompt_code`` (helpers and the stub the problem gave, may be empty)
     then the model's ``code``. Code that does not define ``entry_point`` is read as the body that
-    continues the stub, HumanEval's completion format. The problem's helpers are defined again after the
-    code: tests call them (``candidate(encode_cyclic(s)) == s``), and a completion that redefined them (both
-    as the identity) passed without solving anything."""
+    continues the stub, HumanEval's completion format. The problem's helpers that ``tests`` (their source)
+    call are defined again after the code: a completion that redefined them (``encode_cyclic`` and
+    ``decode_cyclic`` both as the identity) passed without solving anything."""
     if defines(code, entry_point) or not prompt_code:
         program = f"{prompt_code}\n{code}" if prompt_code else code
     else:
         program = prompt_code + code
-    helpers = prompt_helpers(prompt_code, entry_point) if prompt_code else ""
+    helpers = prompt_helpers(prompt_code, entry_point, tests) if prompt_code and tests else ""
     return f"{program}\n\n\n{helpers}\n" if helpers else program
 
 
@@ -321,7 +323,8 @@ class CodeTask(Task):
     def program(self, completion: str, example: Example) -> str:
         suite = example.meta["suite"]
         code = extract_code(completion, suite.entry_point)
-        return assemble_program(example.meta.get("prompt_code", ""), code, suite.entry_point)
+        tests = "\n".join([suite.setup] + [c.expr for c in suite.calls] + [c.code + "\n" + c.call for c in suite.checks])
+        return assemble_program(example.meta.get("prompt_code", ""), code, suite.entry_point, tests)
 
     def _score(self, outcome: Outcome, program: str) -> Score:
         return Score(outcome.reward(self.reward_mode), outcome.status == "passed", program, outcome.status)
