@@ -4,7 +4,7 @@ import pytest
 
 from onelayer.errors import OneLayerError
 from onelayer.tasks import Example, get_task
-from onelayer.tasks.answers import answers_match, extract_answer, last_boxed
+from onelayer.tasks.answers import answers_match, extract_answer, last_boxed, numeric_value
 from onelayer.tasks.base import Score, Task
 
 
@@ -101,6 +101,10 @@ def test_an_integer_reference_is_matched_exactly_and_an_empty_answer_phrase_is_n
     assert not answers_match("-131073145", "-131073014") and not answers_match("1111010011", "1111010010")
     assert answers_match("-131073014", "-131073014") and answers_match("131,073,014", "131073014")
     assert answers_match("0.333333", "1/3") and answers_match("5", "5.0000001")  # non-integers keep it
+    # decorated integer references too; a sequence of digits is not one number; a pair is not its last element
+    assert not answers_match("1000001", "1,\\!000,\\!000") and not answers_match("131073100", "$131073014$")
+    assert numeric_value("0 3 0 0 0 1", final=False) is None and numeric_value("2 3/4") is None
+    assert numeric_value("(2,500)", final=False) is None and numeric_value("x = (-4)") == -4
     # "answer:" or "answer is" with nothing after: the last number, never the ":" or "is"
     assert extract_answer("9 + 9 = 18. The answer:") == "18" and extract_answer("so 7. The answer is") == "7"
 
@@ -238,6 +242,25 @@ def test_a_checker_that_never_returns_scores_zero_with_one_warning(capsys):
     assert signal.getsignal(signal.SIGVTALRM) == before and signal.getitimer(signal.ITIMER_VIRTUAL) == (0.0, 0.0)
 
 
+@pytest.mark.timeout(20)
+def test_after_one_timeout_the_rest_of_the_batch_gets_a_second_each_and_a_profilers_timer_survives():
+    import signal
+    import time
+
+    task, example = Hanging(), Example("e9", "q", "a")
+    task.score_cpu_seconds = 3.0
+    start = time.process_time()
+    scores = task.score_all(["loop"] * 4, [example] * 4)
+    assert [s.reward for s in scores] == [0.0] * 4
+    assert time.process_time() - start < 3.0 + 3 * 1.0 + 1.5  # not 4 x 3 s
+    signal.setitimer(signal.ITIMER_VIRTUAL, 100.0)  # someone else's timer, armed before scoring
+    try:
+        task.score_all(["fine"], [example])
+        assert signal.getitimer(signal.ITIMER_VIRTUAL)[0] > 90.0
+    finally:
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+
+
 def test_a_checker_that_raises_on_one_completion_scores_it_zero_and_one_that_always_raises_stops(capsys):
     task, example = Hanging(), Example("e8", "q", "a")
     scores = task.score_all(["fine", "crash here"], [example] * 2)
@@ -254,6 +277,8 @@ def test_a_checker_that_raises_on_one_completion_scores_it_zero_and_one_that_alw
     ("polynomial_equations", lambda e: ", ".join(reversed(e.answer.split(", "))), lambda e: ["x = 123"]),
     ("prime_factorization", lambda e: " × ".join(reversed(e.answer.split(" × "))), lambda e: ["2^2 \\times 5"]),
     ("number_sorting", lambda e: e.answer.replace("'", ""), lambda e: [e.answer.replace("'", "")[::-1]]),
+    # digits apart are a sequence for the verifier, not one integer (one count dropped matched before)
+    ("string_synthesis", lambda e: e.answer, lambda e: [" ".join(e.answer.split(" ")[1:])]),
 ])
 def test_reasoning_gym_answers_that_are_not_numbers_are_judged_by_the_generators_verifier(name, right, hacks):
     task = get_task(f"rg:{name}", {"train_size": 5, "eval_size": 5})

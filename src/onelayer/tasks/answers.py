@@ -32,7 +32,9 @@ NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 # a whole final answer that is a number: sign, digits with optional thousands commas, optional decimals
 NUMERAL = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
 FRACTION = re.compile(r"([-+]?)(?:(\d+)/(\d+)|\\[dt]?frac\{([-+]?\d+)\}\{(\d+)\}|\\[dt]?frac(\d)(\d))")
-WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|boxed)\{(.*)\}|\{(.*)\}|\((.*)\)")  # or {-4}, (-4)
+WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|boxed)\{(.*)\}|\{(.*)\}|\(([^,]*)\)")  # or {-4}, (-4)
+THOUSANDS_SPACE = re.compile(r"(?<=\d)[ \u00a0](?=\d{3}(?!\d))")
+DIGITS_APART = re.compile(r"\d\s+\d")
 LEAD = re.compile(r"^[A-Za-z]+(?=[-+.\d])")  # "simply 12", "about 3"
 UNIT_WORDS = re.compile(r"[A-Za-z ]*")  # inside a trailing \text{...}
 UNIT_COMMANDS = ("\\text{", "\\mathrm{", "\\textrm{", "\\mbox{")
@@ -78,16 +80,25 @@ def normalize(answer: str) -> str:
     return re.sub(r"\s+", "", text.replace(",", "") if NUMBER.fullmatch(text) else text)
 
 
-def numeric_value(answer: str, final: bool = True) -> Fraction | None:
-    """The value of ``answer`` if it is written as a number (module docstring), else None. ``final``
-    requires a fraction in lowest terms: ``12/2`` restates a division rather than answering it."""
-    text = re.sub(r"\s+|\\[,!; ]|\\left|\\right", "", answer.replace("\u2212", "-").replace("{,}", ","))
-    text = text.strip("$").rstrip(".").replace("\\$", "")
-    for _ in range(8):  # wrappers in wrappers; a real answer has a few, a degenerate one thousands
+def unwrapped(text: str) -> str:
+    """``text`` without the wrappers around it (``\\text{...}``, ``{...}``, ``(...)`` without a comma: not a
+    pair or an interval); at most 8 deep: a real answer has a few, a degenerate one thousands."""
+    for _ in range(8):
         if (wrapped := WRAPPER.fullmatch(text)) is None:
             break
         text = next(g for g in wrapped.groups() if g is not None)
-    text = LEAD.sub("", text.rsplit("=", 1)[-1])  # "x = 3", "9 + 9 = 18": the value after the last "="
+    return text
+
+
+def numeric_value(answer: str, final: bool = True) -> Fraction | None:
+    """The value of ``answer`` if it is written as a number (module docstring), else None. ``final``
+    requires a fraction in lowest terms: ``12/2`` restates a division rather than answering it."""
+    text = THOUSANDS_SPACE.sub("", answer)  # "1 234"
+    if DIGITS_APART.search(text):  # "0 3 0 1" (a sequence, a grid), "2 3/4": not one number
+        return None
+    text = re.sub(r"\s+|\\[,!; ]|\\left|\\right", "", text.replace("\u2212", "-").replace("{,}", ","))
+    text = unwrapped(text.strip("$").rstrip(".").replace("\\$", ""))
+    text = unwrapped(LEAD.sub("", text.rsplit("=", 1)[-1]))  # "x = (3)", "9 + 9 = 18": the value after the last "="
     if NUMERAL.match(text) and not NUMERAL.fullmatch(text):
         text = without_unit(text)
     if NUMERAL.fullmatch(text):
@@ -134,7 +145,7 @@ def without_unit(text: str) -> str:
 
 def numbers_match(value: Fraction, reference: Fraction, reference_text: str) -> bool:
     """Whether a numeric answer equals a numeric reference (module docstring)."""
-    if NUMERAL.fullmatch(reference_text.strip()) and "." not in reference_text:  # an integer: exactly
+    if reference.denominator == 1 and "." not in reference_text.rstrip("."):  # an integer ($5$, 1,\!000): exactly
         return value == reference
     if abs(value - reference) <= TOLERANCE * max(1, abs(reference)):
         return True

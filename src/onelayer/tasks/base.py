@@ -40,8 +40,9 @@ class ScoreTimeout(BaseException):
 def cpu_time_limits():
     """Within the block, ``limit(seconds)`` arms a limit on this process's CPU time from now (``limit(0)``
     disarms it); past it, :class:`ScoreTimeout` is raised wherever the code is, a regex match included.
-    A CPU-time timer (SIGVTALRM), not SIGALRM, which math-verify's own timeouts set and clear. Only in the main
-    thread of a Unix process (signals are delivered there); elsewhere ``limit`` does nothing."""
+    A CPU-time timer (SIGVTALRM), not SIGALRM, which math-verify's own timeouts set and clear; a timer or
+    handler that was there before (a profiler's) is put back after. Only in the main thread of a Unix process
+    (signals are delivered there); elsewhere ``limit`` does nothing."""
     if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
         yield lambda seconds: None
         return
@@ -49,12 +50,16 @@ def cpu_time_limits():
     def expired(signum, frame):
         raise ScoreTimeout
 
+    previous_timer = signal.getitimer(signal.ITIMER_VIRTUAL)
     previous = signal.signal(signal.SIGVTALRM, expired)
     try:
         yield lambda seconds: signal.setitimer(signal.ITIMER_VIRTUAL, seconds)
     finally:
         signal.setitimer(signal.ITIMER_VIRTUAL, 0)
-        signal.signal(signal.SIGVTALRM, previous)
+        # None: a handler installed from C, which Python cannot put back; the default then
+        signal.signal(signal.SIGVTALRM, signal.SIG_DFL if previous is None else previous)
+        if previous_timer[0] > 0:
+            signal.setitimer(signal.ITIMER_VIRTUAL, *previous_timer)
 
 
 class Task(ABC):
@@ -88,22 +93,26 @@ class Task(ABC):
         return answers_match(a, b)
 
     def score_all(self, completions: list[str], examples: list[Example]) -> list[Score]:
-        """Every completion's score, each within ``score_cpu_seconds`` of CPU time. A completion whose scoring
-        raises or runs past the limit scores 0, with a warning (the first time): one odd output must not end a
-        run. When every completion raises, the task itself is broken and the first error is raised."""
-        scores, errors = [], []
+        """Every completion's score, each within ``score_cpu_seconds`` of CPU time (after one has run past it,
+        the rest of the batch within 1 s each: a policy stuck in one degenerate output would otherwise cost
+        the limit for every completion). A completion whose scoring raises or runs past its limit scores 0,
+        with a warning (the first time): one odd output must not end a run. When every completion raises,
+        the task itself is broken and the first error is raised."""
+        scores, errors, seconds = [], [], self.score_cpu_seconds
         with cpu_time_limits() as limit:
             for completion, example in zip(completions, examples, strict=True):
-                limit(self.score_cpu_seconds)
-                try:
-                    score = self.score(completion, example)
+                try:  # the timer may fire anywhere in here, the handler of a checker's error included
+                    limit(seconds)
+                    try:
+                        score = self.score(completion, example)
+                    except Exception as err:
+                        errors.append(err)
+                        score = Score(0.0, False, None)
+                        self.warn_once(completion, example, f"raised {type(err).__name__}: {str(err)[:120]}")
                 except ScoreTimeout:
                     score = Score(0.0, False, None)
-                    self.warn_once(completion, example, f"took over {self.score_cpu_seconds:g} s of CPU")
-                except Exception as err:
-                    errors.append(err)
-                    score = Score(0.0, False, None)
-                    self.warn_once(completion, example, f"raised {type(err).__name__}: {str(err)[:120]}")
+                    self.warn_once(completion, example, f"took over {seconds:g} s of CPU")
+                    seconds = min(seconds, 1.0)
                 finally:
                     limit(0)
                 scores.append(score)
