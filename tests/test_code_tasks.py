@@ -44,7 +44,7 @@ def test_humaneval_style_checks_become_parent_side_calls():
         "    assert not candidate([])\n    assert candidate([0]) is False\n    assert True\n", "f")
     assert suite.calls == (Call("candidate([1, 2])", 3), Call("candidate([4])", 4),
                            Call("candidate([0.5])", 0.5, "close", 1e-6), Call("candidate([1])", compare="truthy"),
-                           Call("candidate([])", compare="falsy"), Call("candidate([0])", False))
+                           Call("candidate([])", compare="falsy"), Call("candidate([0])", False, "is"))
     assert suite.checks == () and "import math" in suite.setup and "METADATA = {}" in suite.setup
 
 
@@ -122,6 +122,15 @@ def test_completions_that_redefine_the_problems_helpers_do_not_pass():
            "def make_palindrome(string):\n    for i in range(len(string) + 1):\n"
            "        if is_palindrome(string, i, len(string)):\n            return string + string[:i][::-1]\n")
     assert task.score(f"```python\n{own}```", examples["HumanEval/10"]).correct
+
+
+def test_is_true_tests_want_true_not_one():
+    task = get_task("code:humaneval", {"timeout": 10})
+    example = next(e for e in task.examples("eval") if e.id == "HumanEval/72")  # its tests say "is True/False"
+    assert {c.compare for c in example.meta["suite"].calls} == {"is"}
+    as_int = "def will_it_fly(q, w):\n    return int(sum(q) <= w and q == q[::-1])\n"
+    assert task.score(f"```python\n{as_int}```", example).reward == 0.0  # 1 == True, but 1 is not True
+    assert task.score(f"```python\n{as_int.replace('return int(', 'return bool(')}```", example).correct
 
 
 def test_a_completion_that_runs_the_reference_solution_instead_scores_0():

@@ -88,7 +88,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class Call:
-    """A test ``EXPR`` compared in the parent: ``value == expected`` (``compare="eq"``),
+    """A test ``EXPR`` compared in the parent: ``value == expected`` (``compare="eq"``), ``value is expected``
+    for ``True``, ``False`` or ``None`` (``"is"``),
     ``abs(value - expected) < tolerance`` (``"close"``), ``bool(value)`` (``"truthy"``) or
     ``not value`` (``"falsy"``)."""
 
@@ -487,6 +488,8 @@ def _compare(call: Call, text: str) -> bool:
     try:
         if call.compare == "eq":
             return bool(value == call.expected)
+        if call.compare == "is":
+            return value is call.expected
         if call.compare == "close":
             return bool(abs(value - call.expected) < call.tolerance) and not math.isnan(abs(value - call.expected))
         if call.compare == "truthy":
@@ -495,7 +498,7 @@ def _compare(call: Call, text: str) -> bool:
             return not value
     except (TypeError, ValueError, OverflowError, RecursionError):
         return False
-    raise ValueError(f"unknown comparison '{call.compare}': use eq, close, truthy or falsy")
+    raise ValueError(f"unknown comparison '{call.compare}': use eq, is, close, truthy or falsy")
 
 
 def _is_result(item: object) -> bool:

@@ -191,8 +191,11 @@ def _assert_to_call(test: ast.AST, names: set[str], env: dict | None = None) -> 
     if isinstance(op, (ast.Eq, ast.Is)):
         program, other = (left, right) if _calls(left, names) else (right, left)
         expr, (ok, value) = _program_side(program, names, env), _constant(other, env)
-        if expr and ok and not _calls(other, names) and (isinstance(op, ast.Eq) or value in (True, False, None)):
+        if expr and ok and not _calls(other, names) and isinstance(op, ast.Eq):
             return Call(expr, value)
+        # "is True" is identity: 1 == True, but 1 is not True (an int-returning solution passed before)
+        if expr and ok and not _calls(other, names) and any(value is c for c in (True, False, None)):
+            return Call(expr, value, "is")
     if (isinstance(op, (ast.Lt, ast.LtE)) and isinstance(left, ast.Call) and isinstance(left.func, ast.Name)
             and left.func.id == "abs" and len(left.args) == 1 and isinstance(left.args[0], ast.BinOp)
             and isinstance(left.args[0].op, ast.Sub)):
