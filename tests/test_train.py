@@ -351,3 +351,33 @@ def test_non_finite_gradients_three_steps_running_stop_the_run(tmp_path, tokeniz
     with pytest.raises(OneLayerError, match=r"not finite in 3 steps in a row \(last: step 4, tensors model.layers.3"):
         train(config(tmp_path, steps=6, save_every=1), tiny_model("llama"), tokenizer, progress=False)
     assert read_meta(tmp_path / "run")["step"] == 3
+
+
+def test_a_stuck_step_prints_where_every_thread_is_and_a_finished_loop_stays_quiet():
+    import subprocess
+    import sys
+
+    script = ("import time\nfrom onelayer.training.step import stall_reports\n"
+              "def stuck_in_a_checker():\n    time.sleep(2.5)\n"
+              "with stall_reports(1.0) as rearm:\n    rearm()\n    stuck_in_a_checker()\n"
+              "print('after', flush=True)\ntime.sleep(1.5)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "after\n"
+    assert done.stderr.count("Timeout (0:00:01)!") == 2  # at 1 s and 2 s into the step, not after it
+    assert "in stuck_in_a_checker" in done.stderr
+
+
+def test_every_step_of_a_run_and_of_variants_trained_together_rearms_the_stall_report(tmp_path, tokenizer,
+                                                                                      monkeypatch):
+    import faulthandler
+
+    from onelayer.training.concurrent import train_variants
+
+    armed = []
+    monkeypatch.setattr(faulthandler, "dump_traceback_later", lambda seconds, **kw: armed.append(seconds))
+    train(config(tmp_path, steps=3, out=str(tmp_path / "solo")), tiny_model("llama"), tokenizer, progress=False)
+    assert len(armed) == 3
+    configs = [config(tmp_path, steps=2, layers=layers, out=str(tmp_path / f"v{layers}"),
+                      sampling=SamplingConfig(max_new_tokens=12, engine="fast")) for layers in ("1", "2")]
+    train_variants(configs, tiny_model("llama"), tokenizer, progress=False)
+    assert len(armed) == 3 + 2  # one per joint step

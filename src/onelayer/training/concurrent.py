@@ -30,7 +30,16 @@ from ..rollout.selfcheck import fast_engine_problem
 from ..tasks import AgentTask
 from ..variants import LayerVariants
 from .setup import Run, TrainResult, check_run, model_for, open_run, peak_memory
-from .step import Rollouts, eval_due, record_eval, sample_seed, save_due, scored, update_and_log
+from .step import (
+    Rollouts,
+    eval_due,
+    record_eval,
+    sample_seed,
+    save_due,
+    scored,
+    stall_reports,
+    update_and_log,
+)
 
 # Share of free GPU memory the joint rollout cache may take (the rest: updates, logits, fragmentation).
 CACHE_FRACTION = 0.45
@@ -129,9 +138,10 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
     rows_per_variant = first.prompts_per_step * first.group_size
     sampling = first.sampling
     bar = progress_bar(f"{len(runs)} variants", progress, info=True)
-    with bar:
+    with bar, stall_reports() as rearm:
         task_id = bar.add_task("train", total=sum(r.config.steps for r in runs), completed=sum(steps), info="")
         while active := [k for k, run in enumerate(runs) if k not in failed and steps[k] < run.config.steps]:
+            rearm()
             t0 = time.perf_counter()
             examples = {k: runs[k].sampler.batch(steps[k], first.prompts_per_step) for k in active}
             # variants of one seed draw the same examples: each is rendered once

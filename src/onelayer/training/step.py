@@ -10,7 +10,9 @@ its last checkpoint and repeats exactly what it would have done.
 
 from __future__ import annotations
 
+import faulthandler
 import math
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -299,6 +301,28 @@ def update_phase(model: nn.Module, run: Run, batch: RolloutBatch, advantages: to
         stats = policy_update(model, run.optimizer, batch, advantages, run.config, run.aggregation, step, ref,
                               run.world)
     return stats, peak_memory(device)
+
+
+# a step running this long is reported with every thread's stack (a real step of an 8B model takes a minute)
+STALL_SECONDS = float(os.environ.get("ONELAYER_STALL_SECONDS", 900))
+
+
+@contextmanager
+def stall_reports(seconds: float = STALL_SECONDS):
+    """Within the block, ``rearm()`` at each step's start: a step still running ``seconds`` later prints every
+    thread's stack to stderr ("Timeout (0:15:00)!" and the tracebacks), again every ``seconds`` while it
+    lasts. Python's faulthandler does it from a C thread, so it reports even a thread stuck in C with the GIL
+    held (the demo once hung in a regex of the answer checker, with the GPU idle and nothing said)."""
+    stream = sys.stderr
+    try:
+        stream.fileno()  # faulthandler writes to a file descriptor
+    except (AttributeError, ValueError, OSError):  # stderr replaced by an object without one (some notebooks)
+        yield lambda: None
+        return
+    try:
+        yield lambda: faulthandler.dump_traceback_later(seconds, repeat=True, file=stream)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 # ------------------------------------------------------------------------------- log, evaluate, save

@@ -15,7 +15,7 @@ from ..progress import progress_bar
 from ..rollout import make_generator
 from .distributed import World, torchrun_world
 from .setup import TrainResult, check_memory, check_run, model_for, open_run, peak_memory, total_memory
-from .step import eval_due, record_eval, save_due, step_rollouts, update_and_log
+from .step import eval_due, record_eval, save_due, stall_reports, step_rollouts, update_and_log
 
 
 def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, progress: bool = True,
@@ -49,9 +49,11 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
     peak_memory(device)  # reset the counter
     if config.eval_every and config.eval_at_start and run.start == 0:
         run_eval(0)
-    with progress_bar(f"layers {run.selection.describe()}", progress and world.is_main, info=True) as bar:
+    with (progress_bar(f"layers {run.selection.describe()}", progress and world.is_main, info=True) as bar,
+          stall_reports() as rearm):
         task_id = bar.add_task("train", total=config.steps, completed=run.start, info="")
         for step in range(run.start, config.steps):
+            rearm()
             with precision:
                 rollouts = step_rollouts(run, tokenizer, generator, step)
             peak_rollout = peak_memory(device)
