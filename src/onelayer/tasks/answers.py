@@ -6,19 +6,19 @@ Extraction rule, first that applies:
    trailing punctuation;
 3. the last number in the text (integers, decimals, fractions like 3/4, with sign and thousands commas).
 
-Equivalence. A numeric reference (an integer, decimal or fraction) is matched only by a numeric final
-answer: an integer, a decimal or a fraction in lowest terms (``3/4``, ``\\frac{3}{4}``), with sign, thousands
-separators, ``$...$``, ``\\text{...}``, brackets, leading words or a trailing unit around it (``dollars``,
-``\\mathrm{cm}``, ``\\%``, ``^\\circ``); of an equation
-(``9 + 9 = 18``) the side after the last ``=`` counts. An integer reference is matched only by its exact value
-(a tolerance would let ``-131073145`` answer ``-131073014``); another must be equalled exactly, within 1e-6 of
-it (relative to max(1, |reference|)), or once rounded to the reference's decimals (``1/3`` for ``0.33``). A
-number too long for Python to convert (over 4,300 digits) is no answer. An expression that still has to be computed (``4 - 1``,
-``2 \\times 3``, ``\\frac{12}{2}``) is not an answer: a symbolic checker evaluates it, and a policy trained on
-that reward learns to box the question itself (SmolLM2 under full training, 2026-12-02: 500 of 500 "correct"
-answers of the form ``\\boxed{4 - 1}``). Other references (expressions, sets, words) are compared by
-math-verify's symbolic equivalence or, failing that, as normalised text (case, surrounding ``$``, spaces and
-a trailing period removed).
+Equivalence. A numeric reference (an integer, decimal or fraction) is matched only by a numeric final answer: an
+integer, a decimal or a fraction in lowest terms (``3/4``, ``\\frac{3}{4}``), with sign, thousands separators,
+``$...$``, ``\\text{...}``, brackets, leading words or a trailing unit around it (``dollars``, ``\\mathrm{cm}``,
+``\\%``, ``^\\circ``); of an equation (``9 + 9 = 18``) the side after the last ``=`` counts. An integer
+reference is matched only by its exact value (a tolerance would let ``-131073145`` answer ``-131073014``);
+another must be equalled exactly, within 1e-6 of it (relative to max(1, |reference|)), or once rounded to the
+reference's decimals (``1/3`` for ``0.33``). Digits apart (``0 3 0 1``) are a sequence, not a number, and a
+number too long for Python to convert (over 4,300 digits) is no answer. An expression that still has to be
+computed (``4 - 1``, ``2 \\times 3``, ``\\frac{12}{2}``) is not an answer: a symbolic checker evaluates it, and
+a policy trained on that reward learns to box the question itself (SmolLM2 under full training, 2026-12-02: 500
+of 500 "correct" answers of the form ``\\boxed{4 - 1}``). Other references (expressions, sets, words) are
+compared by math-verify's symbolic equivalence or, failing that, as normalised text (case, surrounding ``$``,
+spaces and a trailing period removed).
 """
 
 from __future__ import annotations

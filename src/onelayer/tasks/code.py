@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import builtins
 import copy
+import functools
 import gzip
 import json
 import operator
@@ -56,6 +57,7 @@ def extract_code(completion: str, entry_point: str) -> str:
     return (blocks[-1] if blocks else completion).rstrip() + "\n"
 
 
+@functools.lru_cache(maxsize=1024)  # the same problem's prompt for each of its completions
 def prompt_helpers(prompt_code: str, entry_point: str, tests: str) -> str:
     """The functions the problem gave, other than ``entry_point``, that ``tests`` call (HumanEval/38's
     ``encode_cyclic``), as source. Helpers the tests never call stay the completion's to redefine."""
@@ -191,11 +193,12 @@ def _assert_to_call(test: ast.AST, names: set[str], env: dict | None = None) -> 
     if isinstance(op, (ast.Eq, ast.Is)):
         program, other = (left, right) if _calls(left, names) else (right, left)
         expr, (ok, value) = _program_side(program, names, env), _constant(other, env)
-        if expr and ok and not _calls(other, names) and isinstance(op, ast.Eq):
-            return Call(expr, value)
-        # "is True" is identity: 1 == True, but 1 is not True (an int-returning solution passed before)
-        if expr and ok and not _calls(other, names) and any(value is c for c in (True, False, None)):
-            return Call(expr, value, "is")
+        if expr and ok and not _calls(other, names):
+            if isinstance(op, ast.Eq):
+                return Call(expr, value)
+            # "is True" is identity: 1 == True, but 1 is not True (an int-returning solution passed before)
+            if any(value is c for c in (True, False, None)):
+                return Call(expr, value, "is")
     if (isinstance(op, (ast.Lt, ast.LtE)) and isinstance(left, ast.Call) and isinstance(left.func, ast.Name)
             and left.func.id == "abs" and len(left.args) == 1 and isinstance(left.args[0], ast.BinOp)
             and isinstance(left.args[0].op, ast.Sub)):

@@ -31,9 +31,13 @@ class MathTask(Task):
 
     def score(self, completion: str, example: Example) -> Score:
         extracted = extract_answer(completion)
-        correct = answers_match(extracted, example.answer)
+        correct = self.is_correct(extracted, example)
         formatted = last_boxed(completion) is not None
         return Score(float(correct) + self.format_weight * formatted, correct, extracted)
+
+    def is_correct(self, extracted: str | None, example: Example) -> bool:
+        """Whether the answer read off a completion answers ``example``."""
+        return answers_match(extracted, example.answer)
 
 
 def reasoning_gym_names() -> list[str]:
@@ -135,17 +139,14 @@ class ReasoningGymTask(MathTask):
         return [Example(f"{self.name}/{split}/{seed}/{i}", str(e["question"]), str(e["answer"]), {"entry": e})
                 for i, e in enumerate(self._make(size, seed))]
 
-    def score(self, completion: str, example: Example) -> Score:
+    def is_correct(self, extracted: str | None, example: Example) -> bool:
         entry = example.meta.get("entry")
         if entry is None or numeric_value(example.answer, final=False) is not None:
-            return super().score(completion, example)
-        extracted = extract_answer(completion)
+            return super().is_correct(extracted, example)
         try:
-            correct = extracted is not None and self._verifier.score_answer(extracted, entry) >= 1.0
+            return extracted is not None and self._verifier.score_answer(extracted, entry) >= 1.0
         except Exception:  # some verifiers raise on an answer they cannot parse: a wrong answer
-            correct = False
-        formatted = last_boxed(completion) is not None
-        return Score(float(correct) + self.format_weight * formatted, correct, extracted)
+            return False
 
     def examples(self, split: str) -> list[Example]:
         if split not in self._splits:
