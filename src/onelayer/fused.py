@@ -67,8 +67,9 @@ def liger_wanted(model: nn.Module, mode: str, device: torch.device, processes: i
               and liger_installed())
     if wanted and not _announced:  # once per process: what changed about the update, and how to undo it
         _announced = True
-        print("update: RMSNorm, SwiGLU and rotary embeddings run as Liger Kernel's fused kernels "
-              "(~1.2x faster updates; --liger-kernels off for the plain modules)", file=sys.stderr)
+        print("update: RMSNorm, SwiGLU and rotary embeddings run as Liger Kernel's fused kernels (on an H200 the "
+              "demo's update 1.06x faster at 128-row micro-batches, 1.3x at 256; --liger-kernels off for the plain "
+              "modules)", file=sys.stderr)
     return wanted
 
 
