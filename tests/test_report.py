@@ -103,6 +103,38 @@ def test_report_has_every_section_and_is_self_contained(scan):
     assert numbers["Contribution profile"]["runs"]["layer001-s0"] == "done"
 
 
+def test_claims_table_reads_the_scan_and_the_runs_beside_it(scan, tmp_path, capsys):
+    from onelayer.analysis.rank import measured
+    from onelayer.experiments.report import param_change
+    from onelayer.profile import read_profile
+
+    copy = tmp_path / "other-math"
+    shutil.copytree(scan, copy)
+    out = tmp_path / "claims"
+    assert main(["claims", str(scan), "--math", str(copy), "--out", str(out)]) == 0
+    assert "claims.md" in capsys.readouterr().out
+    rows = {r["claim"].split(" (")[0]: r for r in json.loads((out / "claims.json").read_text())}
+    values = measured(read_profile(scan))
+    peak = max(values, key=lambda k: (values[k], -k))
+    best = rows["one well-chosen layer recovers most of the full-parameter gain, sometimes more"]
+    assert best["measure"] == f"C of the best layer (layer {peak})" and best["estimate"]["value"] == values[peak]
+    depth = rows["RL gains concentrate in a few middle layers"]
+    assert depth["estimate"]["value"] == (peak + 0.5) / 4 and depth["source"] == str(scan)
+    same = rows["layer rankings correlate across math datasets"]  # a copy ranks the layers identically
+    assert same["estimate"]["value"] == pytest.approx(1.0) and same["verdict"] == "inconclusive"  # 3 layers: no interval
+    assert rows["layer rankings are insensitive to the learning rate"]["verdict"] != "not measured"  # --lr-grid 1,2
+    assert rows["layer rankings correlate between math and code"]["verdict"] == "not measured"
+    assert rows["layer rankings hold out of domain"]["verdict"] != "not measured"  # analyze ood ran above
+    leverage = rows["contributing layers do not move more than others"]
+    assert leverage["estimate"]["value"] == pytest.approx(param_change(scan)[3].spearman)
+    assert "onelayer compare" in rows["top-k layers, contribution-scaled rates or the geometric middle beat full "
+                                      "training"]["why"]
+    md = (out / "claims.md").read_text()
+    assert md.count("\n| ") == len(json.loads((out / "claims.json").read_text())) + 1  # header + one row per claim
+    assert main(["claims", str(tmp_path / "nothing")]) == 2
+    assert "no contribution profile" in capsys.readouterr().err
+
+
 def _gzip_examples(root):
     """Compress every per-example file under ``root`` as committed results are kept (x.jsonl -> x.jsonl.gz)."""
     import gzip

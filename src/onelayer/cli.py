@@ -513,6 +513,18 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {md} and {md.with_suffix('.html')} (self-contained), numbers in {md.with_suffix('.json')}")
 
 
+def cmd_claims(args: argparse.Namespace) -> None:
+    from collections import Counter
+
+    from .experiments.claims import study_claims, write_claims
+    from .profile import reference_path
+
+    claims = study_claims(args.scan, args.math, args.code, args.compare or None, args.ensemble or None)
+    md = write_claims(claims, args.out or reference_path(args.scan) / "claims")
+    counts = Counter(c.verdict for c in claims)
+    print(f"claims: {md} and {md.with_suffix('.json')}: " + ", ".join(f"{n} {v}" for v, n in counts.most_common()))
+
+
 def cmd_ensemble(args: argparse.Namespace) -> None:
     from .experiments.specialists import ensemble_task_line, run_ensemble, run_self_consistency, summary_lines
 
@@ -661,6 +673,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="*", default=[], help="other scans to rank-correlate with")
     p.add_argument("--out", default="", help="directory (default: SCAN/report)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("claims", help="the study's claims, one by one, checked against a scan and the runs beside it")
+    p.add_argument("scan", help="the main scan (a directory, or a profile reference such as SCAN?protocol=best)")
+    p.add_argument("--math", nargs="*", default=[], help="scans of other math tasks (rank correlation)")
+    p.add_argument("--code", nargs="*", default=[], help="scans of code tasks (rank correlation)")
+    p.add_argument("--compare", default="", help="an onelayer compare directory (strategies against full training)")
+    p.add_argument("--ensemble", default="", help="an onelayer ensemble directory holding the specialists' vote and "
+                   "self-consistency")
+    p.add_argument("--out", default="", help="directory (default: SCAN/claims)")
+    p.set_defaults(func=cmd_claims)
 
     p = sub.add_parser("ensemble", help="majority vote of layer specialists, and/or self-consistency of one model")
     p.add_argument("runs", nargs="*", help="member run directories, best first (ties go to the earliest)")

@@ -23,7 +23,7 @@ from ..analysis.figures import (
     plot_rank_heatmap,
     plot_rate_robustness,
 )
-from ..analysis.rank import compare_profiles, correlation_matrix, measured, rank_correlation
+from ..analysis.rank import RankCorrelation, compare_profiles, correlation_matrix, measured, rank_correlation
 from ..errors import OneLayerError
 from ..jsonl import read_jsonl
 from ..profile import Profile, read_profile, reference_path
@@ -216,9 +216,10 @@ def _mean_runs(by_seed: dict) -> float:
     return float(np.mean([np.mean(v) for v in by_seed.values()]))
 
 
-def params_section(scan_dir: Path, figures: Path) -> Section | None:
-    """Relative weight change per layer (the run's own layer; every layer of the full run) against
-    contribution."""
+def param_change(scan_dir: Path) -> tuple[dict, dict, Profile, RankCorrelation, RankCorrelation] | None:
+    """Each measured layer's mean relative weight change in its own single-layer run and inside full training,
+    the scan's profile, and the rank correlation of contribution with each change (None when no single-layer
+    run recorded its change)."""
     _, plan = load_plan(scan_dir)
     results = _results(scan_dir)
     own: dict[int, list[float]] = {}
@@ -243,6 +244,18 @@ def params_section(scan_dir: Path, figures: Path) -> Section | None:
     vs_own = rank_correlation([own_mean[k] for k in layers], [contrib[k] for k in layers])
     in_full = [k for k in layers if k in full_mean]
     vs_full = rank_correlation([full_mean[k] for k in in_full], [contrib[k] for k in in_full])
+    return own_mean, full_mean, profile, vs_own, vs_full
+
+
+def params_section(scan_dir: Path, figures: Path) -> Section | None:
+    """Relative weight change per layer (the run's own layer; every layer of the full run) against
+    contribution."""
+    found = param_change(scan_dir)
+    if found is None:
+        return None
+    own_mean, full_mean, profile, vs_own, vs_full = found
+    contrib = measured(profile)
+    layers = sorted(set(own_mean) & set(contrib))
     figure = plot_change_vs_contribution(profile, own_mean, full_mean, figures / "param_change.png", vs_own)
     blocks = [
         "Relative change ||W_after - W_before||_F / ||W_before||_F of each layer's tensors pooled. Does a layer "

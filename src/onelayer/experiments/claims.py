@@ -1,0 +1,179 @@
+"""``onelayer claims``: the study's claims table from a main scan and whatever else has been run.
+
+Reads the main scan (profile, learning-rate grid, parameter changes, out-of-domain evaluations), scans of other
+tasks (rank correlations), an ``onelayer compare`` directory (strategies against full training) and an
+``onelayer ensemble`` directory (specialists against self-consistency), and writes ``claims.md`` (one table,
+claim by claim, then the verdict rules) and ``claims.json``. A claim whose runs are missing gets a row saying
+which command makes them, so the table can be written at any stage of a reproduction and filled in later.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..analysis.claims import (
+    CORRELATION_RULE,
+    ENSEMBLE_RULE,
+    INCONCLUSIVE,
+    STRATEGY_RULE,
+    Claim,
+    best_layer_claim,
+    correlation_claim,
+    depth_claim,
+    ensemble_claim,
+    leverage_claim,
+    missing,
+    rate_claim,
+    strategy_claim,
+)
+from ..analysis.contribution import bootstrap_indices, gain_estimate
+from ..analysis.rank import compare_profiles
+from ..errors import OneLayerError
+from ..jsonl import exists, read_jsonl
+from ..profile import read_profile, reference_path
+
+# the study's numbers the claims are checked against (arXiv:2607.01232, as quoted in the reproduction issue)
+STUDY_MATH_MATH, STUDY_MATH_CODE, STUDY_OOD = 0.76, 0.59, 0.6
+STUDY_POINTS = {"top:10": 2.7, "middle": 1.76}  # gains over full training, accuracy points
+CLAIMED = ("top:", "middle:", "lr-guided")  # strategies the study says beat full training
+
+
+def _is_scan(path: Path) -> bool:
+    return (path / "scan.json").is_file()
+
+
+def _strategy_points(label: str) -> float | None:
+    return STUDY_POINTS.get(label, STUDY_POINTS["middle"] if label.startswith("middle:") else None)
+
+
+def correlation_claims(main: str, others: Sequence[str], claim: str, study_value: float, make: str) -> list[Claim]:
+    """One rank-correlation row per other scan (or one 'not measured' row saying how to make one)."""
+    if not others:
+        return [missing(claim, f"Spearman {study_value:.2f}", "Spearman's rho of the two profiles", CORRELATION_RULE,
+                        make)]
+    profile = read_profile(main)
+    return [correlation_claim(claim, study_value, compare_profiles(profile, read_profile(o)), source=str(o))
+            for o in others]
+
+
+def ood_claims(main: str) -> list[Claim]:
+    from .ood import ood_results
+
+    claim = "layer rankings hold out of domain"
+    scan_dir = reference_path(main)
+    results = ood_results(scan_dir) if _is_scan(scan_dir) else []
+    if not results:
+        return [missing(claim, "Spearman > 0.6", "Spearman's rho, in-domain vs out-of-domain profile",
+                        CORRELATION_RULE, f"run onelayer analyze ood {scan_dir} --task TASK")]
+    return [correlation_claim(f"{claim} ({r.task})", STUDY_OOD, r.correlation, r.note, f"{scan_dir} (ood {r.slug})")
+            for r in results]
+
+
+def parameter_claim(main: str) -> Claim:
+    from .report import param_change
+
+    scan_dir = reference_path(main)
+    found = param_change(scan_dir) if _is_scan(scan_dir) else None
+    if found is None:
+        return leverage_claim(None)
+    return leverage_claim(found[3], str(scan_dir))
+
+
+def strategy_claims(compare: str | None) -> list[Claim]:
+    from .compare import comparison_results
+
+    if not compare:
+        return [missing("top-k layers, contribution-scaled rates or the geometric middle beat full training",
+                        "top-10 +2.7 points, middle +1.76", "accuracy gain over full training", STRATEGY_RULE,
+                        "run onelayer compare --profile SCAN --strategies full,top:10,lr-guided,middle:10 --seeds 2")]
+    from ..profile import Estimate
+
+    results = comparison_results(compare)
+    rows = [strategy_claim(s.label, Estimate(s.gain_over_full, s.gain_low, s.gain_high), len(s.seeds),
+                           _strategy_points(s.label), compare)
+            for s in results.strategies if s.label.startswith(CLAIMED)]
+    if not rows:
+        raise OneLayerError(f"{compare} has no finished top:k, middle:k or lr-guided strategy next to full training: "
+                            "rerun onelayer compare with them")
+    return rows
+
+
+def _correct(path: Path) -> tuple[np.ndarray, int]:
+    rows = read_jsonl(path, missing_ok=False)
+    return np.asarray([float(r["correct"]) for r in rows]), len(rows[0]["answers"]) if rows else 0
+
+
+def ensemble_claims(ensemble: str | None) -> list[Claim]:
+    claim = "a majority vote of layer specialists beats self-consistency"
+    if not ensemble:
+        return [missing(claim, "33.6 vs 31.3 (+2.3 points)", "vote accuracy minus self-consistency's", ENSEMBLE_RULE,
+                        "run onelayer ensemble RUN1 ... RUN7 --self-consistency BEST_RUN --k 7 --out DIR")]
+    folder = Path(ensemble)
+    files = {stem: folder / f"{stem}.examples.jsonl" for stem in ("ensemble", "self_consistency")}
+    absent = [str(f) for f in files.values() if not exists(f)]
+    if absent:
+        raise OneLayerError(f"{absent[0]} does not exist: an ensemble directory needs both the specialists' vote and "
+                            "self-consistency (onelayer ensemble RUNS ... --self-consistency RUN --k K --out DIR)")
+    (votes, k), (samples, k_sc) = _correct(files["ensemble"]), _correct(files["self_consistency"])
+    if votes.size != samples.size:
+        raise OneLayerError(f"{folder}: the vote covers {votes.size} examples and self-consistency {samples.size}: "
+                            "run both on the same --eval-n")
+    gain = gain_estimate(samples, votes, bootstrap_indices(votes.size, 2000, 0))
+    summary = json.loads((folder / "ensemble.json").read_text()) if (folder / "ensemble.json").is_file() else {}
+    best = summary.get("best_member")
+    single = f"best single specialist {best} {summary['member_accuracy'][best]:.3f}" if best else ""
+    row = ensemble_claim(gain, float(votes.mean()), float(samples.mean()), k, single, str(folder))
+    if k != k_sc:  # not like for like: say so, and claim nothing
+        row = replace(row, verdict=INCONCLUSIVE, why=f"{row.why}; {k} specialists against {k_sc} samples: not the same k")
+    return [row]
+
+
+def study_claims(main: str, math: Sequence[str] = (), code: Sequence[str] = (), compare: str | None = None,
+                 ensemble: str | None = None) -> list[Claim]:
+    """Every claim of the study, from ``main`` (a scan directory or profile reference, e.g. ``scans/main`` or
+    ``scans/main?protocol=best``) and the optional other measurements."""
+    profile = read_profile(main)
+    scan = str(reference_path(main))
+    return [
+        *(replace(c, source=scan) for c in (depth_claim(profile), best_layer_claim(profile), rate_claim(profile))),
+        *correlation_claims(main, math, "layer rankings correlate across math datasets", STUDY_MATH_MATH,
+                            "scan a second math task and pass it with --math SCAN"),
+        *correlation_claims(main, code, "layer rankings correlate between math and code", STUDY_MATH_CODE,
+                            "scan a code task (e.g. code:synth) and pass it with --code SCAN"),
+        *ood_claims(main), parameter_claim(main), *strategy_claims(compare), *ensemble_claims(ensemble),
+    ]
+
+
+def _ours(c: Claim) -> str:
+    e = c.estimate
+    if e is None:
+        return "n/a"
+    if e.low == e.high == e.value:  # a location (the peak's depth), not an estimate with noise
+        return f"{e.value:.2f}"
+    scale, unit = (100, " points") if c.unit == "points" else (1, "")
+    return f"{e.value * scale:+.3g}{unit} [{e.low * scale:+.3g}, {e.high * scale:+.3g}]"
+
+
+def write_claims(claims: list[Claim], out: str | Path, title: str = "The study's claims, checked") -> Path:
+    """``claims.md`` (the table, then each distinct rule once) and ``claims.json`` in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rules = list(dict.fromkeys(c.rule for c in claims))
+    lines = [f"# {title}", "", "| # | claim | study | ours (95% interval) | verdict | why | rule | from |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, c in enumerate(claims, 1):
+        cells = [str(i), c.claim, c.study or "-", _ours(c), f"**{c.verdict}**", c.why, f"R{rules.index(c.rule) + 1}",
+                 f"`{c.source}`" if c.source else "-"]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    lines += ["", "Verdicts come from the interval, not the point: reproduced when it lies wholly where the claim "
+              "says, not reproduced when wholly where it is false, inconclusive when it straddles.", ""]
+    lines += [f"- R{i}: {rule}" for i, rule in enumerate(rules, 1)]
+    md = out / "claims.md"
+    md.write_text("\n".join(lines) + "\n")
+    (out / "claims.json").write_text(json.dumps([asdict(c) for c in claims], indent=2))
+    return md

@@ -1,0 +1,145 @@
+"""The claims table: verdict rules on hand-built profiles and estimates, and the ensemble row from files."""
+
+import json
+
+import pytest
+
+from onelayer.analysis.claims import (
+    INCONCLUSIVE,
+    NOT_MEASURED,
+    NOT_REPRODUCED,
+    REPRODUCED,
+    best_layer_claim,
+    correlation_claim,
+    depth_claim,
+    leverage_claim,
+    rate_claim,
+    side,
+    spearman_interval,
+    strategy_claim,
+)
+from onelayer.analysis.rank import RankCorrelation
+from onelayer.errors import OneLayerError
+from onelayer.experiments.claims import ensemble_claims, write_claims
+from onelayer.profile import Estimate, LayerDifference, LayerPoint, Profile, RateChoice, RateRobustness
+
+GAIN = Estimate(0.3, 0.2, 0.4)
+
+
+def profile(values: dict[int, tuple[float, float, float]], differences=(), num_layers: int = 9, reliable=True,
+            robustness=None) -> Profile:
+    points = tuple(LayerPoint(k, *values.get(k, (0.0, 0.0, 0.0)), k not in values) for k in range(num_layers))
+    return Profile(points, GAIN, reliable, "" if reliable else "within noise", differences=tuple(differences),
+                   robustness=robustness)
+
+
+def test_side_is_three_way_on_the_interval():
+    assert side(Estimate(0.1, 0.01, 0.2), 0.0) == REPRODUCED
+    assert side(Estimate(-0.1, -0.2, -0.01), 0.0) == NOT_REPRODUCED
+    assert side(Estimate(0.1, -0.01, 0.2), 0.0) == INCONCLUSIVE
+    assert side(Estimate(0.01, 0.0, 0.015), 0.02, claim_above=False) == REPRODUCED
+    assert side(Estimate(0.05, 0.03, 0.08), 0.02, claim_above=False) == NOT_REPRODUCED
+    assert side(Estimate(0.0, float("nan"), float("nan")), 0.0) == INCONCLUSIVE
+
+
+def test_spearman_interval_is_fisher_z_with_fiellers_variance():
+    e = spearman_interval(0.5, 13)  # z = atanh(0.5), half-width 1.95996 * sqrt(1.06 / 10), by hand
+    assert (e.value, round(e.low, 4), round(e.high, 4)) == (0.5, -0.0886, 0.8298)
+    assert spearman_interval(1.0, 3).low != spearman_interval(1.0, 3).low  # NaN below 4 pairs
+
+
+def test_depth_claim_reads_the_peak_and_its_differences_to_the_outer_thirds():
+    # 9 layers: relative depths (l + 0.5) / 9, thirds {0, 1, 2}, {3, 4, 5}, {6, 7, 8}
+    values = {1: (0.2, 0.1, 0.3), 4: (0.8, 0.6, 1.0), 7: (0.3, 0.2, 0.4)}
+    clear = [LayerDifference(1, 4, -0.6, -0.8, -0.4), LayerDifference(4, 7, 0.5, 0.3, 0.7),
+             LayerDifference(1, 7, -0.1, -0.2, 0.0)]
+    c = depth_claim(profile(values, clear))
+    assert c.verdict == REPRODUCED and c.estimate.value == pytest.approx(4.5 / 9)
+    assert "C(4) - C(1) [lower third's best] = +0.600 [+0.400, +0.800]" in c.why  # the stored pair, turned round
+    close = [LayerDifference(1, 4, -0.6, -0.8, -0.4), LayerDifference(4, 7, 0.5, -0.1, 0.7)]
+    assert depth_claim(profile(values, close)).verdict == INCONCLUSIVE
+    assert depth_claim(profile(values, clear, reliable=False)).verdict == INCONCLUSIVE
+    # the peak at the bottom, beating the best middle layer beyond noise
+    low_peak = {1: (0.9, 0.8, 1.0), 4: (0.3, 0.2, 0.4), 7: (0.2, 0.1, 0.3)}
+    diffs = [LayerDifference(1, 4, 0.6, 0.4, 0.8), LayerDifference(4, 7, 0.1, 0.0, 0.2)]
+    c = depth_claim(profile(low_peak, diffs))
+    assert c.verdict == NOT_REPRODUCED and "lower third" in c.why
+    assert depth_claim(profile({1: (0.2, 0.1, 0.3), 4: (0.8, 0.6, 1.0)})).verdict == NOT_MEASURED
+
+
+def test_best_layer_claim_against_half_the_gain():
+    c = best_layer_claim(profile({2: (0.4, 0.1, 0.7), 5: (0.9, 0.6, 1.2)}))
+    assert (c.verdict, c.estimate) == (REPRODUCED, Estimate(0.9, 0.6, 1.2)) and "matches full training" in c.why
+    c = best_layer_claim(profile({2: (0.2, 0.1, 0.3), 5: (0.3, 0.1, 0.45)}))
+    assert c.verdict == NOT_REPRODUCED and "layer 5" in c.measure and "falls short" in c.why
+    assert best_layer_claim(profile({5: (0.6, 0.3, 0.9)})).verdict == INCONCLUSIVE
+    assert best_layer_claim(profile({5: (0.9, 0.6, 1.2)}, reliable=False)).verdict == INCONCLUSIVE
+
+
+def _choice(layer, study, gain):
+    return RateChoice(layer, 3.0, Estimate(study, study - 0.1, study + 0.1), Estimate(study + gain[0], 0, 1),
+                      Estimate(*gain), 1, 1, (1.0, 3.0))
+
+
+def test_rate_claim_takes_the_largest_gain_among_the_worst_quarter():
+    layers = (_choice(0, 0.1, (0.01, 0.0, 0.015)), _choice(2, 0.05, (0.005, 0.0, 0.01)),
+              _choice(4, 0.9, (0.3, 0.2, 0.4)), _choice(6, 0.7, (0.0, 0.0, 0.0)),
+              _choice(8, 0.6, (0.0, 0.0, 0.0)), _choice(3, 0.5, (0.0, 0.0, 0.0)),
+              _choice(5, 0.4, (0.0, 0.0, 0.0)), _choice(7, 0.3, (0.0, 0.0, 0.0)))
+    r = RateRobustness((1.0, 3.0), (0.5, 0.4), 1.0, 0.9, 0.8, layers)
+    c = rate_claim(profile({}, robustness=r))
+    # worst quarter of 8 = layers 2 and 0 (study C 0.05, 0.1); layer 4's large gain is not among them
+    assert c.verdict == REPRODUCED and c.estimate == Estimate(0.01, 0.0, 0.015) and "worst layers 2, 0" in c.why
+    moved = (_choice(0, 0.1, (0.05, 0.03, 0.08)),) + layers[1:]
+    assert rate_claim(profile({}, robustness=RateRobustness((1.0, 3.0), (0.5, 0.4), 1.0, 0.9, 0.8, moved))).verdict \
+        == NOT_REPRODUCED
+    assert rate_claim(profile({})).verdict == NOT_MEASURED
+
+
+def _corr(rho, n):
+    return RankCorrelation(rho, 0.0, rho, 0.0, n, "same layers")
+
+
+def test_correlation_and_leverage_verdicts():
+    assert correlation_claim("x", 0.76, _corr(0.9, 30)).verdict == REPRODUCED
+    weaker = correlation_claim("x", 0.76, _corr(0.45, 30))  # [0.08, 0.71]: positive, below the study's 0.76
+    assert weaker.verdict == REPRODUCED and "weaker" in weaker.why
+    assert correlation_claim("x", 0.76, _corr(0.0, 30)).verdict == NOT_REPRODUCED
+    assert correlation_claim("x", 0.76, _corr(0.5, 6)).verdict == INCONCLUSIVE
+    assert correlation_claim("x", 0.76, _corr(float("nan"), 2)).verdict == INCONCLUSIVE
+    assert correlation_claim("x", 0.76, None, "no scan").verdict == NOT_MEASURED
+    assert leverage_claim(_corr(0.9, 30)).verdict == NOT_REPRODUCED  # distance explains contribution
+    assert leverage_claim(_corr(-0.3, 30)).verdict == REPRODUCED
+    assert leverage_claim(_corr(0.3, 8)).verdict == INCONCLUSIVE
+    assert leverage_claim(None).verdict == NOT_MEASURED
+
+
+def test_strategy_claim_in_points():
+    c = strategy_claim("top:10", Estimate(0.027, 0.005, 0.05), 2, 2.7)
+    assert c.verdict == REPRODUCED and c.study == "+2.70 points" and "+2.70 points [+0.50, +5.00]" in c.why
+    assert strategy_claim("middle:4", Estimate(-0.03, -0.05, -0.01), 2, 1.76).verdict == NOT_REPRODUCED
+    assert strategy_claim("lr-guided", Estimate(0.01, -0.01, 0.03), 1, None).study == "beats full"
+
+
+def _votes(path, correct, k):
+    path.write_text("".join(json.dumps({"answers": {f"m{j}": "1" for j in range(k)}, "correct": c}) + "\n"
+                            for c in correct))
+
+
+def test_ensemble_row_is_a_paired_difference_and_refuses_unequal_k(tmp_path):
+    _votes(tmp_path / "ensemble.examples.jsonl", [True, True, False, True] * 25, 7)
+    _votes(tmp_path / "self_consistency.examples.jsonl", [True, False, False, True] * 25, 7)
+    (tmp_path / "ensemble.json").write_text(json.dumps({"best_member": "layer015-s0",
+                                                        "member_accuracy": {"layer015-s0": 0.6}}))
+    [c] = ensemble_claims(str(tmp_path))
+    # the vote is right wherever self-consistency is, and on a quarter more: every resample gains > 0
+    assert c.estimate.value == pytest.approx(0.25) and c.estimate.low > 0 and c.verdict == REPRODUCED
+    assert "best single specialist layer015-s0 0.600" in c.why
+    md = write_claims([c], tmp_path / "out").read_text()
+    assert "+25 points [" in md and "**reproduced**" in md
+    _votes(tmp_path / "self_consistency.examples.jsonl", [True, False, False, True] * 25, 5)
+    [c] = ensemble_claims(str(tmp_path))
+    assert c.verdict == INCONCLUSIVE and "7 specialists against 5 samples" in c.why
+    (tmp_path / "self_consistency.examples.jsonl").unlink()
+    with pytest.raises(OneLayerError, match="self_consistency.examples.jsonl does not exist"):
+        ensemble_claims(str(tmp_path))
