@@ -102,6 +102,7 @@ def _corr(rho, n):
 
 def test_correlation_and_leverage_verdicts():
     assert correlation_claim("x", 0.76, _corr(0.9, 30)).verdict == REPRODUCED
+    assert correlation_claim("x", 0.76, _corr(0.9, 30), "full lowered it", reliable=False).verdict == INCONCLUSIVE
     weaker = correlation_claim("x", 0.76, _corr(0.45, 30))  # [0.08, 0.71]: positive, below the study's 0.76
     assert weaker.verdict == REPRODUCED and "weaker" in weaker.why
     assert correlation_claim("x", 0.76, _corr(0.0, 30)).verdict == NOT_REPRODUCED
@@ -140,6 +141,10 @@ def test_ensemble_row_is_a_paired_difference_and_refuses_unequal_k(tmp_path):
     _votes(tmp_path / "self_consistency.examples.jsonl", [True, False, False, True] * 25, 5)
     [c] = ensemble_claims(str(tmp_path))
     assert c.verdict == INCONCLUSIVE and "7 specialists against 5 samples" in c.why
-    (tmp_path / "self_consistency.examples.jsonl").unlink()
+    apart = tmp_path / "sc"
+    apart.mkdir()
+    (tmp_path / "self_consistency.examples.jsonl").rename(apart / "self_consistency.examples.jsonl")
+    [c] = ensemble_claims(str(tmp_path), str(apart))
+    assert c.source == f"{tmp_path} vs {apart}" and "against 5 samples" in c.why
     with pytest.raises(OneLayerError, match="self_consistency.examples.jsonl does not exist"):
         ensemble_claims(str(tmp_path))

@@ -519,7 +519,8 @@ def cmd_claims(args: argparse.Namespace) -> None:
     from .experiments.claims import study_claims, write_claims
     from .profile import reference_path
 
-    claims = study_claims(args.scan, args.math, args.code, args.compare or None, args.ensemble or None)
+    claims = study_claims(args.scan, args.math, args.code, args.compare or None, args.ensemble or None,
+                          args.self_consistency or None)
     md = write_claims(claims, args.out or reference_path(args.scan) / "claims")
     counts = Counter(c.verdict for c in claims)
     print(f"claims: {md} and {md.with_suffix('.json')}: " + ", ".join(f"{n} {v}" for v, n in counts.most_common()))
@@ -681,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", default="", help="an onelayer compare directory (strategies against full training)")
     p.add_argument("--ensemble", default="", help="an onelayer ensemble directory holding the specialists' vote and "
                    "self-consistency")
+    p.add_argument("--self-consistency", default="", help="the self-consistency directory, where it is not "
+                   "--ensemble's")
     p.add_argument("--out", default="", help="directory (default: SCAN/claims)")
     p.set_defaults(func=cmd_claims)
 

@@ -160,8 +160,10 @@ CORRELATION_RULE = ("Spearman's rho over the layers both profiles measured, 95% 
 
 
 def correlation_claim(claim: str, study_value: float, correlation: RankCorrelation | None, note: str = "",
-                      source: str = "") -> Claim:
-    """Layer rankings correlate (across tasks, or in and out of domain) at about ``study_value``."""
+                      source: str = "", reliable: bool = True) -> Claim:
+    """Layer rankings correlate (across tasks, or in and out of domain) at about ``study_value``. ``reliable``:
+    whether both profiles are (full training's gain above noise in each); if not, the ranks mean nothing and
+    the verdict is inconclusive, ``note`` saying why."""
     study = f"Spearman {study_value:.2f}" if study_value != 0.6 else "Spearman > 0.6"
     measure = "Spearman's rho of the two profiles"
     if correlation is None or not math.isfinite(correlation.spearman):
@@ -169,7 +171,7 @@ def correlation_claim(claim: str, study_value: float, correlation: RankCorrelati
                      note or "the profiles share fewer than 3 measured layers, or one is constant", CORRELATION_RULE,
                      source)
     estimate = spearman_interval(correlation.spearman, correlation.n)
-    if not math.isfinite(estimate.low):
+    if not reliable or not math.isfinite(estimate.low):
         verdict = INCONCLUSIVE
     elif estimate.low > 0:
         verdict = REPRODUCED

@@ -57,8 +57,13 @@ def correlation_claims(main: str, others: Sequence[str], claim: str, study_value
         return [missing(claim, f"Spearman {study_value:.2f}", "Spearman's rho of the two profiles", CORRELATION_RULE,
                         make)]
     profile = read_profile(main)
-    return [correlation_claim(claim, study_value, compare_profiles(profile, read_profile(o)), source=str(o))
-            for o in others]
+    rows = []
+    for other in others:
+        theirs = read_profile(other)
+        notes = [f"{name}: {p.warning}" for name, p in (("main scan", profile), (str(other), theirs)) if not p.reliable]
+        rows.append(correlation_claim(claim, study_value, compare_profiles(profile, theirs), "; ".join(notes),
+                                      str(other), not notes))
+    return rows
 
 
 def ood_claims(main: str) -> list[Claim]:
@@ -70,8 +75,14 @@ def ood_claims(main: str) -> list[Claim]:
     if not results:
         return [missing(claim, "Spearman > 0.6", "Spearman's rho, in-domain vs out-of-domain profile",
                         CORRELATION_RULE, f"run onelayer analyze ood {scan_dir} --task TASK")]
-    return [correlation_claim(f"{claim} ({r.task})", STUDY_OOD, r.correlation, r.note, f"{scan_dir} (ood {r.slug})")
-            for r in results]
+    in_domain = read_profile(main)
+    rows = []
+    for r in results:
+        reliable = in_domain.reliable and r.profile is not None and r.profile.reliable
+        note = "; ".join(filter(None, [in_domain.warning and f"in domain: {in_domain.warning}", r.note]))
+        rows.append(correlation_claim(f"{claim} ({r.task})", STUDY_OOD, r.correlation, note,
+                                      f"{scan_dir} (ood {r.slug})", reliable))
+    return rows
 
 
 def parameter_claim(main: str) -> Claim:
@@ -108,17 +119,21 @@ def _correct(path: Path) -> tuple[np.ndarray, int]:
     return np.asarray([float(r["correct"]) for r in rows]), len(rows[0]["answers"]) if rows else 0
 
 
-def ensemble_claims(ensemble: str | None) -> list[Claim]:
+def ensemble_claims(ensemble: str | None, self_consistency: str | None = None) -> list[Claim]:
+    """The specialists' vote (``ensemble``: an onelayer ensemble --out) against self-consistency (in the same
+    directory, or in ``self_consistency``)."""
     claim = "a majority vote of layer specialists beats self-consistency"
     if not ensemble:
         return [missing(claim, "33.6 vs 31.3 (+2.3 points)", "vote accuracy minus self-consistency's", ENSEMBLE_RULE,
                         "run onelayer ensemble RUN1 ... RUN7 --self-consistency BEST_RUN --k 7 --out DIR")]
     folder = Path(ensemble)
-    files = {stem: folder / f"{stem}.examples.jsonl" for stem in ("ensemble", "self_consistency")}
+    files = {"ensemble": folder / "ensemble.examples.jsonl",
+             "self_consistency": Path(self_consistency or folder) / "self_consistency.examples.jsonl"}
     absent = [str(f) for f in files.values() if not exists(f)]
     if absent:
-        raise OneLayerError(f"{absent[0]} does not exist: an ensemble directory needs both the specialists' vote and "
-                            "self-consistency (onelayer ensemble RUNS ... --self-consistency RUN --k K --out DIR)")
+        raise OneLayerError(f"{absent[0]} does not exist: pass the --out of onelayer ensemble RUNS ... (and of "
+                            "onelayer ensemble --self-consistency RUN --k K, with --self-consistency DIR where it "
+                            "is another directory)")
     (votes, k), (samples, k_sc) = _correct(files["ensemble"]), _correct(files["self_consistency"])
     if votes.size != samples.size:
         raise OneLayerError(f"{folder}: the vote covers {votes.size} examples and self-consistency {samples.size}: "
@@ -127,14 +142,15 @@ def ensemble_claims(ensemble: str | None) -> list[Claim]:
     summary = json.loads((folder / "ensemble.json").read_text()) if (folder / "ensemble.json").is_file() else {}
     best = summary.get("best_member")
     single = f"best single specialist {best} {summary['member_accuracy'][best]:.3f}" if best else ""
-    row = ensemble_claim(gain, float(votes.mean()), float(samples.mean()), k, single, str(folder))
+    source = str(folder) + (f" vs {self_consistency}" if self_consistency else "")
+    row = ensemble_claim(gain, float(votes.mean()), float(samples.mean()), k, single, source)
     if k != k_sc:  # not like for like: say so, and claim nothing
         row = replace(row, verdict=INCONCLUSIVE, why=f"{row.why}; {k} specialists against {k_sc} samples: not the same k")
     return [row]
 
 
 def study_claims(main: str, math: Sequence[str] = (), code: Sequence[str] = (), compare: str | None = None,
-                 ensemble: str | None = None) -> list[Claim]:
+                 ensemble: str | None = None, self_consistency: str | None = None) -> list[Claim]:
     """Every claim of the study, from ``main`` (a scan directory or profile reference, e.g. ``scans/main`` or
     ``scans/main?protocol=best``) and the optional other measurements."""
     profile = read_profile(main)
@@ -145,7 +161,7 @@ def study_claims(main: str, math: Sequence[str] = (), code: Sequence[str] = (), 
                             "scan a second math task and pass it with --math SCAN"),
         *correlation_claims(main, code, "layer rankings correlate between math and code", STUDY_MATH_CODE,
                             "scan a code task (e.g. code:synth) and pass it with --code SCAN"),
-        *ood_claims(main), parameter_claim(main), *strategy_claims(compare), *ensemble_claims(ensemble),
+        *ood_claims(main), parameter_claim(main), *strategy_claims(compare), *ensemble_claims(ensemble, self_consistency),
     ]
 
 
