@@ -147,8 +147,10 @@ def test_a_run_with_liger_kernels_follows_the_unfused_trajectory(tmp_path, token
     assert [r["reward"] for r in fused_log] == [r["reward"] for r in plain_log]
     for a, b in zip(fused_log, plain_log, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    # Adam's normalised steps (lr 3e-2) magnify the float-order differences of near-zero gradients (2.5e-5 seen
+    # on one CPU); 1e-4 is still 300x below one step's movement, which a wrong gradient would show
     for name, value in fused_weights.items():
-        assert torch.allclose(value, plain_weights[name], atol=1e-5), name
+        assert torch.allclose(value, plain_weights[name], atol=1e-4), name
 
 
 def test_unsupported_models_and_a_missing_package_fail_in_one_line(tmp_path, monkeypatch, liger):
