@@ -1,6 +1,7 @@
 """The claims table: verdict rules on hand-built profiles and estimates, and the ensemble row from files."""
 
 import json
+import types
 
 import pytest
 
@@ -40,22 +41,30 @@ def test_side_is_three_way_on_the_interval():
     assert side(Estimate(0.01, 0.0, 0.015), 0.02, claim_above=False) == REPRODUCED
     assert side(Estimate(0.05, 0.03, 0.08), 0.02, claim_above=False) == NOT_REPRODUCED
     assert side(Estimate(0.0, float("nan"), float("nan")), 0.0) == INCONCLUSIVE
+    assert side(Estimate(0.05, 0.0, 0.1), 0.0) == INCONCLUSIVE  # touching the line is not beyond it
 
 
 def test_spearman_interval_is_fisher_z_with_fiellers_variance():
     e = spearman_interval(0.5, 13)  # z = atanh(0.5), half-width 1.95996 * sqrt(1.06 / 10), by hand
     assert (e.value, round(e.low, 4), round(e.high, 4)) == (0.5, -0.0886, 0.8298)
     assert spearman_interval(1.0, 3).low != spearman_interval(1.0, 3).low  # NaN below 4 pairs
+    # a perfect ranking counts as one adjacent swap from perfect: rho 0.8 over 4 layers (exact p 0.083), 0.9 over 5
+    assert spearman_interval(1.0, 4).low == pytest.approx(spearman_interval(0.8, 4).low)
+    assert spearman_interval(1.0, 4).low < 0 < spearman_interval(1.0, 5).low
+    assert spearman_interval(1.0, 5).low == pytest.approx(spearman_interval(0.9, 5).low)
+    assert spearman_interval(-1.0, 4).high == pytest.approx(-spearman_interval(0.8, 4).low)
 
 
 def test_depth_claim_reads_the_peak_and_its_differences_to_the_outer_thirds():
     # 9 layers: relative depths (l + 0.5) / 9, thirds {0, 1, 2}, {3, 4, 5}, {6, 7, 8}
-    values = {1: (0.2, 0.1, 0.3), 4: (0.8, 0.6, 1.0), 7: (0.3, 0.2, 0.4)}
-    clear = [LayerDifference(1, 4, -0.6, -0.8, -0.4), LayerDifference(4, 7, 0.5, 0.3, 0.7),
-             LayerDifference(1, 7, -0.1, -0.2, 0.0)]
+    # the lower third holds two measured layers: its best (1), not its worst (0), is the one compared
+    values = {0: (0.1, 0.0, 0.2), 1: (0.2, 0.1, 0.3), 4: (0.8, 0.6, 1.0), 7: (0.3, 0.2, 0.4)}
+    clear = [LayerDifference(0, 4, -0.7, -0.8, 0.1), LayerDifference(1, 4, -0.6, -0.8, -0.4),
+             LayerDifference(4, 7, 0.5, 0.3, 0.7), LayerDifference(1, 7, -0.1, -0.2, 0.0)]
     c = depth_claim(profile(values, clear))
-    assert c.verdict == REPRODUCED and c.estimate.value == pytest.approx(4.5 / 9)
+    assert c.verdict == REPRODUCED and c.estimate is None and c.ours == f"{4.5 / 9:.2f} (layer 4)"
     assert "C(4) - C(1) [lower third's best] = +0.600 [+0.400, +0.800]" in c.why  # the stored pair, turned round
+    assert "layer 4, the best of 4 measured of 9" in c.why
     close = [LayerDifference(1, 4, -0.6, -0.8, -0.4), LayerDifference(4, 7, 0.5, -0.1, 0.7)]
     assert depth_claim(profile(values, close)).verdict == INCONCLUSIVE
     assert depth_claim(profile(values, clear, reliable=False)).verdict == INCONCLUSIVE
@@ -70,6 +79,10 @@ def test_depth_claim_reads_the_peak_and_its_differences_to_the_outer_thirds():
 def test_best_layer_claim_against_half_the_gain():
     c = best_layer_claim(profile({2: (0.4, 0.1, 0.7), 5: (0.9, 0.6, 1.2)}))
     assert (c.verdict, c.estimate) == (REPRODUCED, Estimate(0.9, 0.6, 1.2)) and "matches full training" in c.why
+    assert "best of 2 measured of 9" in c.why
+    assert best_layer_claim(profile({5: (0.7, 0.52, 0.9)})).verdict == REPRODUCED
+    tie = best_layer_claim(profile({2: (0.7, 0.6, 0.8), 6: (0.7, 0.5, 0.9)}))
+    assert tie.estimate == Estimate(0.7, 0.6, 0.8)  # ties go to the lower layer
     c = best_layer_claim(profile({2: (0.2, 0.1, 0.3), 5: (0.3, 0.1, 0.45)}))
     assert c.verdict == NOT_REPRODUCED and "layer 5" in c.measure and "falls short" in c.why
     assert best_layer_claim(profile({5: (0.6, 0.3, 0.9)})).verdict == INCONCLUSIVE
@@ -81,18 +94,28 @@ def _choice(layer, study, gain):
                       Estimate(*gain), 1, 1, (1.0, 3.0))
 
 
-def test_rate_claim_takes_the_largest_gain_among_the_worst_quarter():
-    layers = (_choice(0, 0.1, (0.01, 0.0, 0.015)), _choice(2, 0.05, (0.005, 0.0, 0.01)),
-              _choice(4, 0.9, (0.3, 0.2, 0.4)), _choice(6, 0.7, (0.0, 0.0, 0.0)),
-              _choice(8, 0.6, (0.0, 0.0, 0.0)), _choice(3, 0.5, (0.0, 0.0, 0.0)),
-              _choice(5, 0.4, (0.0, 0.0, 0.0)), _choice(7, 0.3, (0.0, 0.0, 0.0)))
-    r = RateRobustness((1.0, 3.0), (0.5, 0.4), 1.0, 0.9, 0.8, layers)
-    c = rate_claim(profile({}, robustness=r))
-    # worst quarter of 8 = layers 2 and 0 (study C 0.05, 0.1); layer 4's large gain is not among them
-    assert c.verdict == REPRODUCED and c.estimate == Estimate(0.01, 0.0, 0.015) and "worst layers 2, 0" in c.why
-    moved = (_choice(0, 0.1, (0.05, 0.03, 0.08)),) + layers[1:]
-    assert rate_claim(profile({}, robustness=RateRobustness((1.0, 3.0), (0.5, 0.4), 1.0, 0.9, 0.8, moved))).verdict \
-        == NOT_REPRODUCED
+def _rates(*layers):
+    return RateRobustness((1.0, 3.0), (0.5, 0.4), 1.0, 0.9, 0.8, layers)
+
+
+FINE = (_choice(4, 0.9, (0.3, 0.2, 0.4)), _choice(6, 0.7, (0.0, 0.0, 0.0)), _choice(8, 0.6, (0.0, 0.0, 0.0)),
+        _choice(5, 0.4, (0.0, 0.0, 0.0)))
+
+
+def test_rate_claim_judges_every_layer_of_the_worst_quarter():
+    # 8 layers: the worst quarter is layers 2 and 0 by C at the full run's rate (0.05, 0.1); layer 7 is third worst
+    worst = (_choice(0, 0.1, (0.01, 0.0, 0.015)), _choice(2, 0.05, (0.005, 0.0, 0.01)))
+    c = rate_claim(profile({}, robustness=_rates(*worst, _choice(7, 0.3, (0.5, 0.4, 0.6)), _choice(3, 0.5, (0, 0, 0)),
+                                                 *FINE)))
+    assert c.verdict == REPRODUCED and c.estimate == Estimate(0.01, 0.0, 0.015) and "worst layers 2, 0 of 8" in c.why
+    # one worst layer straddling the line is enough to leave it open, one above it to refute it
+    straddling = (worst[0], _choice(2, 0.05, (0.005, 0.0, 0.2)))
+    assert rate_claim(profile({}, robustness=_rates(*straddling, _choice(7, 0.3, (0, 0, 0)), _choice(3, 0.5, (0, 0, 0)),
+                                                    *FINE))).verdict == INCONCLUSIVE
+    moved = (_choice(0, 0.1, (0.05, 0.03, 0.08)), worst[1])
+    c = rate_claim(profile({}, robustness=_rates(*moved, _choice(7, 0.3, (0, 0, 0)), _choice(3, 0.5, (0, 0, 0)), *FINE)))
+    assert c.verdict == NOT_REPRODUCED and c.estimate == Estimate(0.05, 0.03, 0.08)
+    assert rate_claim(profile({}, reliable=False, robustness=_rates(*moved, *FINE))).verdict == INCONCLUSIVE
     assert rate_claim(profile({})).verdict == NOT_MEASURED
 
 
@@ -103,8 +126,11 @@ def _corr(rho, n):
 def test_correlation_and_leverage_verdicts():
     assert correlation_claim("x", 0.76, _corr(0.9, 30)).verdict == REPRODUCED
     assert correlation_claim("x", 0.76, _corr(0.9, 30), "full lowered it", reliable=False).verdict == INCONCLUSIVE
-    weaker = correlation_claim("x", 0.76, _corr(0.45, 30))  # [0.08, 0.71]: positive, below the study's 0.76
-    assert weaker.verdict == REPRODUCED and "weaker" in weaker.why
+    weaker = correlation_claim("x", 0.76, _corr(0.45, 30))  # [0.10, 0.70]: positive, below the study's 0.76
+    assert weaker.verdict == "reproduced (weaker)"
+    assert correlation_claim("x", 0.76, _corr(0.72, 30)).verdict == REPRODUCED  # [0.48, 0.86] reaches 0.76
+    # [-0.05, 0.62]: not above 0, and below the study's value
+    assert correlation_claim("x", 0.76, _corr(0.33, 30)).verdict == NOT_REPRODUCED
     assert correlation_claim("x", 0.76, _corr(0.0, 30)).verdict == NOT_REPRODUCED
     assert correlation_claim("x", 0.76, _corr(0.5, 6)).verdict == INCONCLUSIVE
     assert correlation_claim("x", 0.76, _corr(float("nan"), 2)).verdict == INCONCLUSIVE
@@ -112,6 +138,9 @@ def test_correlation_and_leverage_verdicts():
     assert leverage_claim(_corr(0.9, 30)).verdict == NOT_REPRODUCED  # distance explains contribution
     assert leverage_claim(_corr(-0.3, 30)).verdict == REPRODUCED
     assert leverage_claim(_corr(0.3, 8)).verdict == INCONCLUSIVE
+    assert leverage_claim(_corr(0.2, 30)).verdict == INCONCLUSIVE  # [-0.18, 0.53]: not below 0.5
+    assert leverage_claim(_corr(0.4, 60)).verdict == NOT_REPRODUCED  # [0.16, 0.59]: a positive link
+    assert leverage_claim(_corr(-0.3, 30), reliable=False).verdict == INCONCLUSIVE
     assert leverage_claim(None).verdict == NOT_MEASURED
 
 
@@ -137,7 +166,7 @@ def test_ensemble_row_is_a_paired_difference_and_refuses_unequal_k(tmp_path):
     assert c.estimate.value == pytest.approx(0.25) and c.estimate.low > 0 and c.verdict == REPRODUCED
     assert "best single specialist layer015-s0 0.600" in c.why
     md = write_claims([c], tmp_path / "out").read_text()
-    assert "+25 points [" in md and "**reproduced**" in md
+    assert "+25.00 points [" in md and "**reproduced**" in md
     _votes(tmp_path / "self_consistency.examples.jsonl", [True, False, False, True] * 25, 5)
     [c] = ensemble_claims(str(tmp_path))
     assert c.verdict == INCONCLUSIVE and "7 specialists against 5 samples" in c.why
@@ -148,3 +177,64 @@ def test_ensemble_row_is_a_paired_difference_and_refuses_unequal_k(tmp_path):
     assert c.source == f"{tmp_path} vs {apart}" and "against 5 samples" in c.why
     with pytest.raises(OneLayerError, match="self_consistency.examples.jsonl does not exist"):
         ensemble_claims(str(tmp_path))
+
+
+def _write_profile(path, reliable=True, values=((1, 0.2), (4, 0.8), (7, 0.3), (8, 0.1))):
+    from dataclasses import asdict
+
+    p = profile({k: (v, v - 0.1, v + 0.1) for k, v in values}, reliable=reliable)
+    path.write_text(json.dumps(asdict(p)))
+    return str(path)
+
+
+def test_rank_rows_of_other_scans_need_both_profiles_reliable(tmp_path):
+    from onelayer.experiments.claims import correlation_claims
+
+    main = _write_profile(tmp_path / "main.json")
+    same = _write_profile(tmp_path / "same.json")
+    shaky = _write_profile(tmp_path / "shaky.json", reliable=False)
+    rows = correlation_claims(main, [same, shaky], "math", 0.76, "")
+    assert [r.estimate.value for r in rows] == [pytest.approx(1.0)] * 2 and [r.source for r in rows] == [same, shaky]
+    assert rows[0].verdict == INCONCLUSIVE  # a perfect ranking of 4 layers: one swap from perfect reaches below 0
+    assert rows[1].verdict == INCONCLUSIVE and "within noise" in rows[1].why
+    [row] = correlation_claims(main, [], "math", 0.76, "scan a second math task")
+    assert (row.verdict, row.study, row.why) == (NOT_MEASURED, "Spearman 0.76", "scan a second math task")
+
+
+def test_strategy_rows_keep_the_claimed_strategies_with_the_study_numbers(monkeypatch):
+    from onelayer.experiments import claims, compare
+
+    def result(label, gain):
+        return types.SimpleNamespace(label=label, gain_over_full=gain, gain_low=gain - 0.01, gain_high=gain + 0.01,
+                                     seeds=[0, 1])
+
+    found = types.SimpleNamespace(full_gain=Estimate(0.3, 0.2, 0.4), strategies=[
+        result("full", 0.0), result("top:10", 0.03), result("middle:4", -0.05), result("lr-guided", 0.0),
+        result("random:10", 0.1), result("lora", 0.1)])
+    monkeypatch.setattr(compare, "comparison_results", lambda out: found)
+    rows = claims.strategy_claims("cmp")
+    assert [r.claim.split("(")[1].split(")")[0] for r in rows] == ["top:10", "middle:4", "lr-guided"]
+    assert [r.study for r in rows] == ["+2.70 points", "+1.76 points", "beats full"]
+    assert [r.verdict for r in rows] == [REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE]
+    found.full_gain = None  # no finished full run: nothing to compare with
+    [row] = claims.strategy_claims("cmp")
+    assert row.verdict == NOT_MEASURED and "no finished full-training run" in row.why
+
+
+def test_ensemble_files_that_are_not_votes_fail_in_one_line(tmp_path):
+    _votes(tmp_path / "ensemble.examples.jsonl", [True, False] * 5, 3)
+    (tmp_path / "self_consistency.examples.jsonl").write_text("")
+    with pytest.raises(OneLayerError, match="holds no examples"):
+        ensemble_claims(str(tmp_path))
+    (tmp_path / "self_consistency.examples.jsonl").write_text(json.dumps({"answers": {"a": "1"}}) + "\n")
+    with pytest.raises(OneLayerError, match="lacks 'correct'"):
+        ensemble_claims(str(tmp_path))
+    _votes(tmp_path / "self_consistency.examples.jsonl", [True] * 9, 3)
+    with pytest.raises(OneLayerError, match="covers 10 examples and self-consistency 9"):
+        ensemble_claims(str(tmp_path))
+    _votes(tmp_path / "self_consistency.examples.jsonl", [True] * 10, 3)
+    (tmp_path / "ensemble.json").write_text(json.dumps({"best_member": "gone", "member_accuracy": {}}))
+    [row] = ensemble_claims(str(tmp_path))  # a summary without the member's accuracy: the row, without that line
+    assert row.verdict == NOT_REPRODUCED and "best single" not in row.why
+    with pytest.raises(OneLayerError, match="pass --ensemble DIR too"):
+        ensemble_claims(None, str(tmp_path))

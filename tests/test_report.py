@@ -108,10 +108,16 @@ def test_claims_table_reads_the_scan_and_the_runs_beside_it(scan, tmp_path, caps
     from onelayer.experiments.report import param_change
     from onelayer.profile import read_profile
 
+    assert main(["analyze", "ood", str(scan), "--tasks", "toy:repeat:b", "--device", "cpu", "--no-progress"]) == 0
     copy = tmp_path / "other-math"
     shutil.copytree(scan, copy)
+    votes = tmp_path / "vote"
+    votes.mkdir()
+    for stem, correct in (("ensemble", [1, 1, 0, 1] * 5), ("self_consistency", [1, 0, 0, 1] * 5)):
+        (votes / f"{stem}.examples.jsonl").write_text("".join(
+            json.dumps({"answers": {str(j): "x" for j in range(3)}, "correct": bool(c)}) + "\n" for c in correct))
     out = tmp_path / "claims"
-    assert main(["claims", str(scan), "--math", str(copy), "--out", str(out)]) == 0
+    assert main(["claims", str(scan), "--math", str(copy), "--ensemble", str(votes), "--out", str(out)]) == 0
     assert "claims.md" in capsys.readouterr().out
     rows = {r["claim"].split(" (")[0]: r for r in json.loads((out / "claims.json").read_text())}
     values = measured(read_profile(scan))
@@ -119,11 +125,14 @@ def test_claims_table_reads_the_scan_and_the_runs_beside_it(scan, tmp_path, caps
     best = rows["one well-chosen layer recovers most of the full-parameter gain, sometimes more"]
     assert best["measure"] == f"C of the best layer (layer {peak})" and best["estimate"]["value"] == values[peak]
     depth = rows["RL gains concentrate in a few middle layers"]
-    assert depth["estimate"]["value"] == (peak + 0.5) / 4 and depth["source"] == str(scan)
+    assert depth["ours"] == f"{(peak + 0.5) / 4:.2f} (layer {peak})" and depth["source"] == str(scan)
     same = rows["layer rankings correlate across math datasets"]  # a copy ranks the layers identically
     assert same["estimate"]["value"] == pytest.approx(1.0) and same["verdict"] == "inconclusive"  # 3 layers: no interval
     assert rows["layer rankings are insensitive to the learning rate"]["verdict"] != "not measured"  # --lr-grid 1,2
-    assert rows["layer rankings correlate between math and code"]["verdict"] == "not measured"
+    code = rows["layer rankings correlate between math and code"]
+    assert (code["verdict"], code["study"], same["study"]) == ("not measured", "Spearman 0.59", "Spearman 0.76")
+    vote = rows["a majority vote of layer specialists beats self-consistency"]
+    assert vote["estimate"]["value"] == pytest.approx(0.25) and vote["source"] == str(votes)
     assert rows["layer rankings hold out of domain"]["verdict"] != "not measured"  # analyze ood ran above
     leverage = rows["contributing layers do not move more than others"]
     assert leverage["estimate"]["value"] == pytest.approx(param_change(scan)[3].spearman)
@@ -133,6 +142,12 @@ def test_claims_table_reads_the_scan_and_the_runs_beside_it(scan, tmp_path, caps
     assert md.count("\n| ") == len(json.loads((out / "claims.json").read_text())) + 1  # header + one row per claim
     assert main(["claims", str(tmp_path / "nothing")]) == 2
     assert "no contribution profile" in capsys.readouterr().err
+    # a profile query gets a table of its own, read at that profile throughout
+    assert main(["claims", f"{scan}?protocol=best"]) == 0
+    best = {r["claim"].split(" (")[0]: r for r in json.loads((scan / "claims-protocol-best" / "claims.json").read_text())}
+    assert best["contributing layers do not move more than others"]["estimate"]["value"] == pytest.approx(
+        param_change(scan, read_profile(f"{scan}?protocol=best"))[3].spearman)
+    assert best["RL gains concentrate in a few middle layers"]["source"] == f"{scan}?protocol=best"
 
 
 def _gzip_examples(root):

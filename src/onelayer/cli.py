@@ -516,12 +516,11 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_claims(args: argparse.Namespace) -> None:
     from collections import Counter
 
-    from .experiments.claims import study_claims, write_claims
-    from .profile import reference_path
+    from .experiments.claims import default_out, study_claims, write_claims
 
     claims = study_claims(args.scan, args.math, args.code, args.compare or None, args.ensemble or None,
                           args.self_consistency or None)
-    md = write_claims(claims, args.out or reference_path(args.scan) / "claims")
+    md = write_claims(claims, args.out or default_out(args.scan))
     counts = Counter(c.verdict for c in claims)
     print(f"claims: {md} and {md.with_suffix('.json')}: " + ", ".join(f"{n} {v}" for v, n in counts.most_common()))
 
@@ -684,7 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "self-consistency")
     p.add_argument("--self-consistency", default="", help="the self-consistency directory, where it is not "
                    "--ensemble's")
-    p.add_argument("--out", default="", help="directory (default: SCAN/claims)")
+    p.add_argument("--out", default="", help="directory (default: SCAN/claims, SCAN/claims-protocol-best for "
+                   "SCAN?protocol=best, ...)")
     p.set_defaults(func=cmd_claims)
 
     p = sub.add_parser("ensemble", help="majority vote of layer specialists, and/or self-consistency of one model")

@@ -35,6 +35,7 @@ class Claim:
     rule: str                 # the verdict rule
     source: str = ""          # where the number came from (scan, comparison or ensemble directory)
     unit: str = ""            # "points": an accuracy difference, shown x100
+    ours: str = ""            # what the table shows instead of the estimate (a location, such as the peak's depth)
 
 
 def side(estimate: Estimate, line: float, claim_above: bool = True) -> str:
@@ -49,12 +50,16 @@ def side(estimate: Estimate, line: float, claim_above: bool = True) -> str:
 
 def spearman_interval(rho: float, n: int, level: float = 0.95) -> Estimate:
     """Spearman's rho with a Fisher-z interval, variance 1.06 / (n - 3) (Fieller, Hartley and Pearson, 1957).
-    It treats the ranked values as exact, so it omits the noise of the profiles themselves. NaN below 4 pairs."""
+    It treats the ranked values as exact, so it omits the noise of the profiles themselves. A perfect ranking
+    (|rho| = 1, where z is infinite) is taken one adjacent swap from perfect, the nearest value rho takes below 1
+    (1 - 12 / (n^3 - n)): over 4 layers that interval still reaches below 0, as the exact p of 0.083 says it
+    should; over 5 it does not (exact p 0.017). NaN below 4 pairs."""
     from scipy import stats
 
     if n < 4 or not math.isfinite(rho):
         return Estimate(rho, float("nan"), float("nan"))
-    z = math.atanh(float(np.clip(rho, -0.999999, 0.999999)))
+    nearest = 1 - 12 / (n ** 3 - n)
+    z = math.atanh(float(np.clip(rho, -nearest, nearest)))
     half = stats.norm.ppf((1 + level) / 2) * math.sqrt(1.06 / (n - 3))
     return Estimate(rho, math.tanh(z - half), math.tanh(z + half))
 
@@ -97,6 +102,8 @@ def depth_claim(profile: Profile) -> Claim:
     diffs = {name: profile.difference(best["middle"], best[name]) for name in ("lower", "upper")}
     said = "; ".join(f"C({best['middle']}) - C({best[n]}) [{n} third's best] = {_e(d) if d else 'n/a'}"
                      for n, d in diffs.items())
+    if not profile.differences:
+        said += " (this profile.json has no layer differences, written by an older onelayer: onelayer profile SCAN)"
     if not profile.reliable:
         verdict = INCONCLUSIVE
     elif where == "middle" and all(d is not None and d.low > 0 for d in diffs.values()):
@@ -105,9 +112,9 @@ def depth_claim(profile: Profile) -> Claim:
         verdict = NOT_REPRODUCED
     else:
         verdict = INCONCLUSIVE
-    why = (f"{_unreliable(profile)}peak at layer {peak} ({where} third, relative depth {depth:.2f}, C = "
-           f"{values[peak]:+.3f}); {said}")
-    return Claim(claim, study, measure, Estimate(depth, depth, depth), verdict, why, DEPTH_RULE)
+    why = (f"{_unreliable(profile)}peak at layer {peak}, the best of {len(values)} measured of {num_layers} ({where} "
+           f"third, relative depth {depth:.2f}, C = {values[peak]:+.3f}); {said}")
+    return Claim(claim, study, measure, None, verdict, why, DEPTH_RULE, ours=f"{depth:.2f} (layer {peak})")
 
 
 BEST_RULE = ("reproduced if the best layer's C has its interval above 0.5 (most of the gain); not reproduced if below "
@@ -127,12 +134,14 @@ def best_layer_claim(profile: Profile) -> Claim:
     verdict = side(estimate, 0.5) if profile.reliable else INCONCLUSIVE
     match = ("matches full training within noise" if best.low <= 1 <= best.high else
              "beats full training beyond noise" if best.low > 1 else "falls short of full training beyond noise")
-    why = f"{_unreliable(profile)}layer {best.layer}: C = {_e(estimate)}; it {match}"
+    why = (f"{_unreliable(profile)}layer {best.layer}, the best of {len(points)} measured of {len(profile.points)}: "
+           f"C = {_e(estimate)}; it {match}")
     return Claim(claim, study, f"C of the best layer (layer {best.layer})", estimate, verdict, why, BEST_RULE)
 
 
-RATE_RULE = ("for the worst quarter of the measured layers, the largest gain from reading a layer at its own best "
-             "rate instead of the full run's: reproduced if its interval lies below 0.02, not reproduced if above")
+RATE_RULE = ("the worst quarter of the measured layers (by C at the full run's best rate), each one's gain in C from "
+             "reading it at its own best rate instead: reproduced if every one's interval lies below 0.02, not "
+             "reproduced if any one's lies above 0.02")
 
 
 def rate_claim(profile: Profile) -> Claim:
@@ -145,18 +154,27 @@ def rate_claim(profile: Profile) -> Claim:
         return missing(claim, study, measure, RATE_RULE, "needs a scan with a learning-rate grid (--lr-grid 1,3)")
     ranked = sorted(r.layers, key=lambda c: (c.study.value, c.layer))
     worst = ranked[:max(1, len(ranked) // 4)]
-    top = max(worst, key=lambda c: (c.gain.value, c.gain.high))
-    estimate = top.gain
-    why = (f"worst layers {', '.join(str(c.layer) for c in worst)}; layer {top.layer} gains {_e(estimate)} at its own "
-           f"best rate ({top.best_lr_scale:g}x); rank agreement of the two protocols over {len(r.layers)} layers: "
-           f"Spearman {r.spearman:+.2f}")
-    return Claim(claim, study, measure, estimate, side(estimate, 0.02, claim_above=False), why, RATE_RULE)
+    top = max(worst, key=lambda c: (c.gain.value, c.gain.high))  # shown: the largest gain among them
+    gains = [c.gain for c in worst]
+    if not profile.reliable or not all(math.isfinite(g.low) and math.isfinite(g.high) for g in gains):
+        verdict = INCONCLUSIVE
+    elif any(g.low > 0.02 for g in gains):
+        verdict = NOT_REPRODUCED
+    elif all(g.high < 0.02 for g in gains):
+        verdict = REPRODUCED
+    else:
+        verdict = INCONCLUSIVE
+    why = (f"{_unreliable(profile)}worst layers {', '.join(str(c.layer) for c in worst)} of {len(r.layers)}: gains "
+           + ", ".join(f"{c.layer}: {_e(c.gain)}" for c in worst) + f"; layer {top.layer}'s own best rate is "
+           f"{top.best_lr_scale:g}x; rank agreement of the two protocols: Spearman {r.spearman:+.2f}")
+    return Claim(claim, study, measure, top.gain, verdict, why, RATE_RULE)
 
 
 CORRELATION_RULE = ("Spearman's rho over the layers both profiles measured, 95% Fisher-z interval (it omits the "
-                    "profiles' own noise): reproduced if the interval lies above 0 (a shared ranking; 'weaker' "
-                    "when it also lies below the study's value); not reproduced if it lies below the study's value "
-                    "and reaches 0")
+                    "profiles' own noise; a perfect ranking counts as one swap from perfect): reproduced if the "
+                    "interval lies above 0 (a shared ranking; 'weaker' when it also lies below the study's value); "
+                    "not reproduced if it lies below the study's value and reaches 0; inconclusive when either "
+                    "profile's full-training gain is within noise")
 
 
 def correlation_claim(claim: str, study_value: float, correlation: RankCorrelation | None, note: str = "",
@@ -179,28 +197,32 @@ def correlation_claim(claim: str, study_value: float, correlation: RankCorrelati
         verdict = NOT_REPRODUCED
     else:
         verdict = INCONCLUSIVE
-    weaker = " (weaker than the study's)" if verdict == REPRODUCED and estimate.high < study_value else ""
-    why = (f"rho = {_e(estimate, 2)} over {correlation.n} layers ({correlation.method}){weaker}"
+    if verdict == REPRODUCED and estimate.high < study_value:
+        verdict = f"{REPRODUCED} (weaker)"
+    why = (f"rho = {_e(estimate, 2)} over {correlation.n} layers ({correlation.method})"
            + (f"; {note}" if note else ""))
     return Claim(claim, study, measure, estimate, verdict, why, CORRELATION_RULE, source)
 
 
-LEVERAGE_RULE = ("Spearman's rho of a layer's relative weight change (its own single-layer run) against its C: "
-                 "reproduced if the interval lies below 0.5 (no strong 'moves more, contributes more'); not "
-                 "reproduced if it lies above 0 (distance explains contribution)")
+LEVERAGE_RULE = ("Spearman's rho of a layer's relative weight change (its own single-layer run) against its C, "
+                 "95% Fisher-z interval: not reproduced if it lies above 0 (layers that move more contribute more: "
+                 "distance); reproduced if it reaches 0 or below and stays below 0.5 (no strong link); "
+                 "inconclusive otherwise, or when full training's gain is within noise")
 
 
-def leverage_claim(correlation: RankCorrelation | None, source: str = "") -> Claim:
-    """Middle layers do not move more than others: leverage, not distance."""
+def leverage_claim(correlation: RankCorrelation | None, source: str = "", reliable: bool = True,
+                   absent: str = "the scan's runs recorded no parameter change") -> Claim:
+    """Middle layers do not move more than others: leverage, not distance. ``absent``: why there is no
+    correlation, when there is none."""
     claim, study, measure = ("contributing layers do not move more than others (leverage, not distance)",
                              "no positive link of change and contribution", "Spearman's rho of change vs C")
     if correlation is None:
-        return missing(claim, study, measure, LEVERAGE_RULE, "the scan's runs recorded no parameter change")
+        return missing(claim, study, measure, LEVERAGE_RULE, absent)
     if not math.isfinite(correlation.spearman):
         return Claim(claim, study, measure, None, INCONCLUSIVE, "fewer than 3 layers, or a constant side",
                      LEVERAGE_RULE, source)
     estimate = spearman_interval(correlation.spearman, correlation.n)
-    if not math.isfinite(estimate.low):
+    if not reliable or not math.isfinite(estimate.low):
         verdict = INCONCLUSIVE
     elif estimate.low > 0:
         verdict = NOT_REPRODUCED
@@ -208,8 +230,9 @@ def leverage_claim(correlation: RankCorrelation | None, source: str = "") -> Cla
         verdict = REPRODUCED
     else:
         verdict = INCONCLUSIVE
-    return Claim(claim, study, measure, estimate, verdict, f"rho = {_e(estimate, 2)} over {correlation.n} layers",
-                 LEVERAGE_RULE, source)
+    why = ("" if reliable else "full training's gain is within noise; ") + \
+        f"rho = {_e(estimate, 2)} over {correlation.n} layers"
+    return Claim(claim, study, measure, estimate, verdict, why, LEVERAGE_RULE, source)
 
 
 STRATEGY_RULE = ("accuracy minus full training's, paired bootstrap over seeds and examples: reproduced if the "

@@ -35,7 +35,7 @@ from ..analysis.contribution import bootstrap_indices, gain_estimate
 from ..analysis.rank import compare_profiles
 from ..errors import OneLayerError
 from ..jsonl import exists, read_jsonl
-from ..profile import read_profile, reference_path
+from ..profile import Estimate, read_profile, reference_path
 
 # the study's numbers the claims are checked against (arXiv:2607.01232, as quoted in the reproduction issue)
 STUDY_MATH_MATH, STUDY_MATH_CODE, STUDY_OOD = 0.76, 0.59, 0.6
@@ -67,21 +67,26 @@ def correlation_claims(main: str, others: Sequence[str], claim: str, study_value
 
 
 def ood_claims(main: str) -> list[Claim]:
+    """One row per out-of-domain task the main scan was evaluated on: its profile (at the rate the scan's study
+    profile reads) against the main profile as given (with its query)."""
     from .ood import ood_results
 
-    claim = "layer rankings hold out of domain"
+    claim, study, measure = ("layer rankings hold out of domain", "Spearman > 0.6",
+                             "Spearman's rho, in-domain vs out-of-domain profile")
     scan_dir = reference_path(main)
-    results = ood_results(scan_dir) if _is_scan(scan_dir) else []
+    if not _is_scan(scan_dir):
+        return [missing(claim, study, measure, CORRELATION_RULE, f"{main} is not a scan directory: pass the scan")]
+    results = ood_results(scan_dir)
     if not results:
-        return [missing(claim, "Spearman > 0.6", "Spearman's rho, in-domain vs out-of-domain profile",
-                        CORRELATION_RULE, f"run onelayer analyze ood {scan_dir} --task TASK")]
+        return [missing(claim, study, measure, CORRELATION_RULE, f"run onelayer analyze ood {scan_dir} --tasks TASK")]
     in_domain = read_profile(main)
     rows = []
     for r in results:
         reliable = in_domain.reliable and r.profile is not None and r.profile.reliable
         note = "; ".join(filter(None, [in_domain.warning and f"in domain: {in_domain.warning}", r.note]))
-        rows.append(correlation_claim(f"{claim} ({r.task})", STUDY_OOD, r.correlation, note,
-                                      f"{scan_dir} (ood {r.slug})", reliable))
+        correlation = compare_profiles(in_domain, r.profile) if r.profile is not None else None
+        rows.append(correlation_claim(f"{claim} ({r.task})", STUDY_OOD, correlation, note,
+                                      f"{main} (ood {r.slug})", reliable))
     return rows
 
 
@@ -89,40 +94,58 @@ def parameter_claim(main: str) -> Claim:
     from .report import param_change
 
     scan_dir = reference_path(main)
-    found = param_change(scan_dir) if _is_scan(scan_dir) else None
+    if not _is_scan(scan_dir):
+        return leverage_claim(None, absent=f"{main} is not a scan directory: pass the scan")
+    profile = read_profile(main)
+    found = param_change(scan_dir, profile)
     if found is None:
         return leverage_claim(None)
-    return leverage_claim(found[3], str(scan_dir))
+    return leverage_claim(found[3], main, profile.reliable)
+
+
+STRATEGIES_CLAIM = "top-k layers, contribution-scaled rates or the geometric middle beat full training"
 
 
 def strategy_claims(compare: str | None) -> list[Claim]:
     from .compare import comparison_results
 
+    study, measure = "top-10 +2.7 points, middle +1.76", "accuracy gain over full training"
     if not compare:
-        return [missing("top-k layers, contribution-scaled rates or the geometric middle beat full training",
-                        "top-10 +2.7 points, middle +1.76", "accuracy gain over full training", STRATEGY_RULE,
-                        "run onelayer compare --profile SCAN --strategies full,top:10,lr-guided,middle:10 --seeds 2")]
-    from ..profile import Estimate
-
+        return [missing(STRATEGIES_CLAIM, study, measure, STRATEGY_RULE,
+                        "run onelayer compare SCAN --strategies full,top:10,lr-guided,middle:10 --seeds 2")]
     results = comparison_results(compare)
+    if results.full_gain is None:
+        return [missing(STRATEGIES_CLAIM, study, measure, STRATEGY_RULE,
+                        f"{compare} has no finished full-training run: rerun onelayer compare to finish it")]
     rows = [strategy_claim(s.label, Estimate(s.gain_over_full, s.gain_low, s.gain_high), len(s.seeds),
                            _strategy_points(s.label), compare)
             for s in results.strategies if s.label.startswith(CLAIMED)]
     if not rows:
-        raise OneLayerError(f"{compare} has no finished top:k, middle:k or lr-guided strategy next to full training: "
-                            "rerun onelayer compare with them")
+        return [missing(STRATEGIES_CLAIM, study, measure, STRATEGY_RULE,
+                        f"{compare} has no finished top:k, middle:k or lr-guided strategy: rerun onelayer compare "
+                        "with them")]
     return rows
 
 
 def _correct(path: Path) -> tuple[np.ndarray, int]:
+    """Per-example correctness of a vote file and how many answers each vote pooled."""
     rows = read_jsonl(path, missing_ok=False)
-    return np.asarray([float(r["correct"]) for r in rows]), len(rows[0]["answers"]) if rows else 0
+    if not rows:
+        raise OneLayerError(f"{path} holds no examples: rerun onelayer ensemble")
+    try:
+        return np.asarray([float(r["correct"]) for r in rows]), len(rows[0]["answers"])
+    except (KeyError, TypeError) as err:
+        raise OneLayerError(f"{path} is not an onelayer ensemble file (a line lacks {err}): rerun onelayer "
+                            "ensemble") from None
 
 
 def ensemble_claims(ensemble: str | None, self_consistency: str | None = None) -> list[Claim]:
     """The specialists' vote (``ensemble``: an onelayer ensemble --out) against self-consistency (in the same
-    directory, or in ``self_consistency``)."""
+    directory, or in ``self_consistency``). Examples are paired by their order in the two files (both are
+    written in the eval split's order)."""
     claim = "a majority vote of layer specialists beats self-consistency"
+    if self_consistency and not ensemble:
+        raise OneLayerError("--self-consistency compares with the specialists' vote: pass --ensemble DIR too")
     if not ensemble:
         return [missing(claim, "33.6 vs 31.3 (+2.3 points)", "vote accuracy minus self-consistency's", ENSEMBLE_RULE,
                         "run onelayer ensemble RUN1 ... RUN7 --self-consistency BEST_RUN --k 7 --out DIR")]
@@ -137,11 +160,11 @@ def ensemble_claims(ensemble: str | None, self_consistency: str | None = None) -
     (votes, k), (samples, k_sc) = _correct(files["ensemble"]), _correct(files["self_consistency"])
     if votes.size != samples.size:
         raise OneLayerError(f"{folder}: the vote covers {votes.size} examples and self-consistency {samples.size}: "
-                            "run both on the same --eval-n")
+                            "run both on the same --n")
     gain = gain_estimate(samples, votes, bootstrap_indices(votes.size, 2000, 0))
     summary = json.loads((folder / "ensemble.json").read_text()) if (folder / "ensemble.json").is_file() else {}
-    best = summary.get("best_member")
-    single = f"best single specialist {best} {summary['member_accuracy'][best]:.3f}" if best else ""
+    best, accuracy = summary.get("best_member"), summary.get("member_accuracy") or {}
+    single = f"best single specialist {best} {accuracy[best]:.3f}" if best in accuracy else ""
     source = str(folder) + (f" vs {self_consistency}" if self_consistency else "")
     row = ensemble_claim(gain, float(votes.mean()), float(samples.mean()), k, single, source)
     if k != k_sc:  # not like for like: say so, and claim nothing
@@ -154,9 +177,8 @@ def study_claims(main: str, math: Sequence[str] = (), code: Sequence[str] = (), 
     """Every claim of the study, from ``main`` (a scan directory or profile reference, e.g. ``scans/main`` or
     ``scans/main?protocol=best``) and the optional other measurements."""
     profile = read_profile(main)
-    scan = str(reference_path(main))
     return [
-        *(replace(c, source=scan) for c in (depth_claim(profile), best_layer_claim(profile), rate_claim(profile))),
+        *(replace(c, source=str(main)) for c in (depth_claim(profile), best_layer_claim(profile), rate_claim(profile))),
         *correlation_claims(main, math, "layer rankings correlate across math datasets", STUDY_MATH_MATH,
                             "scan a second math task and pass it with --math SCAN"),
         *correlation_claims(main, code, "layer rankings correlate between math and code", STUDY_MATH_CODE,
@@ -166,13 +188,33 @@ def study_claims(main: str, math: Sequence[str] = (), code: Sequence[str] = (), 
 
 
 def _ours(c: Claim) -> str:
+    if c.ours:
+        return c.ours
     e = c.estimate
     if e is None:
         return "n/a"
-    if e.low == e.high == e.value:  # a location (the peak's depth), not an estimate with noise
-        return f"{e.value:.2f}"
-    scale, unit = (100, " points") if c.unit == "points" else (1, "")
-    return f"{e.value * scale:+.3g}{unit} [{e.low * scale:+.3g}, {e.high * scale:+.3g}]"
+    scale, unit, digits = (100, " points", 2) if c.unit == "points" else (1, "", 3)
+    return f"{e.value * scale:+.{digits}f}{unit} [{e.low * scale:+.{digits}f}, {e.high * scale:+.{digits}f}]"
+
+
+def _finite(value):
+    """NaN and infinities as null, so that claims.json is strict JSON."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def default_out(main: str) -> Path:
+    """``SCAN/claims``, or ``SCAN/claims-protocol-best`` and so on for a profile query (each its own table); beside
+    a profile file, ``claims``."""
+    path = reference_path(main)
+    _, _, query = str(main).partition("?")
+    folder = path if path.is_dir() else path.parent
+    return folder / ("claims" + ("-" + query.replace("&", "-").replace("=", "-") if query else ""))
 
 
 def write_claims(claims: list[Claim], out: str | Path, title: str = "The study's claims, checked") -> Path:
@@ -191,5 +233,5 @@ def write_claims(claims: list[Claim], out: str | Path, title: str = "The study's
     lines += [f"- R{i}: {rule}" for i, rule in enumerate(rules, 1)]
     md = out / "claims.md"
     md.write_text("\n".join(lines) + "\n")
-    (out / "claims.json").write_text(json.dumps([asdict(c) for c in claims], indent=2))
+    (out / "claims.json").write_text(json.dumps([_finite(asdict(c)) for c in claims], indent=2, allow_nan=False))
     return md

@@ -216,10 +216,11 @@ def _mean_runs(by_seed: dict) -> float:
     return float(np.mean([np.mean(v) for v in by_seed.values()]))
 
 
-def param_change(scan_dir: Path) -> tuple[dict, dict, Profile, RankCorrelation, RankCorrelation] | None:
+def param_change(scan_dir: Path, profile: Profile | None = None
+                 ) -> tuple[dict, dict, Profile, RankCorrelation, RankCorrelation] | None:
     """Each measured layer's mean relative weight change in its own single-layer run and inside full training,
-    the scan's profile, and the rank correlation of contribution with each change (None when no single-layer
-    run recorded its change)."""
+    the profile (``profile``, else the scan's), and the rank correlation of contribution with each change (None
+    when no single-layer run recorded its change)."""
     _, plan = load_plan(scan_dir)
     results = _results(scan_dir)
     own: dict[int, list[float]] = {}
@@ -238,7 +239,7 @@ def param_change(scan_dir: Path) -> tuple[dict, dict, Profile, RankCorrelation, 
         return None
     own_mean = {k: sum(v) / len(v) for k, v in own.items()}
     full_mean = {k: sum(v) / len(v) for k, v in full.items()}
-    profile, _ = scan_profile(scan_dir)
+    profile = profile or scan_profile(scan_dir)[0]
     contrib = measured(profile)
     layers = sorted(set(own_mean) & set(contrib))
     vs_own = rank_correlation([own_mean[k] for k in layers], [contrib[k] for k in layers])
