@@ -238,3 +238,19 @@ def test_ensemble_files_that_are_not_votes_fail_in_one_line(tmp_path):
     assert row.verdict == NOT_REPRODUCED and "best single" not in row.why
     with pytest.raises(OneLayerError, match="pass --ensemble DIR too"):
         ensemble_claims(None, str(tmp_path))
+
+
+def test_out_of_domain_rows_need_both_profiles_reliable(tmp_path, monkeypatch):
+    from onelayer.experiments import claims, ood
+
+    six = tuple((k, 0.1 * k) for k in range(1, 7))
+    (tmp_path / "scan.json").write_text("{}")
+    _write_profile(tmp_path / "profile.json", values=six)
+    there = {True: profile({k: (v, v - 0.1, v + 0.1) for k, v in six}),
+             False: profile({k: (v, v - 0.1, v + 0.1) for k, v in six}, reliable=False)}
+    monkeypatch.setattr(ood, "ood_results", lambda scan: [
+        types.SimpleNamespace(task=f"t{ok}", slug=f"t{ok}", profile=there[ok], note="" if ok else "lowered it")
+        for ok in (True, False)])
+    good, bad = claims.ood_claims(str(tmp_path))
+    assert good.estimate.value == pytest.approx(1.0) and good.verdict == REPRODUCED  # 6 layers ranked alike
+    assert bad.verdict == INCONCLUSIVE and "lowered it" in bad.why

@@ -142,6 +142,14 @@ def test_claims_table_reads_the_scan_and_the_runs_beside_it(scan, tmp_path, caps
     assert md.count("\n| ") == len(json.loads((out / "claims.json").read_text())) + 1  # header + one row per claim
     assert main(["claims", str(tmp_path / "nothing")]) == 2
     assert "no contribution profile" in capsys.readouterr().err
+    # a main profile whose full-training gain is within noise leaves every rank row inconclusive
+    stored = json.loads((copy / "profile.json").read_text())
+    (copy / "profile.json").write_text(json.dumps({**stored, "reliable": False, "warning": "within noise"}))
+    assert main(["claims", str(copy)]) == 0
+    shaky = json.loads((copy / "claims" / "claims.json").read_text())
+    ranked = [r for r in shaky if r["claim"].startswith(("layer rankings hold out", "contributing layers"))]
+    assert len(ranked) == 2 and all(r["verdict"] == "inconclusive" for r in ranked), ranked
+    assert "within noise" in ranked[1]["why"]
     # a profile query gets a table of its own, read at that profile throughout
     assert main(["claims", f"{scan}?protocol=best"]) == 0
     best = {r["claim"].split(" (")[0]: r for r in json.loads((scan / "claims-protocol-best" / "claims.json").read_text())}
