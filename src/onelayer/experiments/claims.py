@@ -217,20 +217,39 @@ def default_out(main: str) -> Path:
     return folder / ("claims" + ("-" + query.replace("&", "-").replace("=", "-") if query else ""))
 
 
+HEADER = ["#", "claim", "study", "ours (95% interval)", "verdict", "why", "rule", "from"]
+VERDICT_NOTE = ("Verdicts come from the interval, not the point: reproduced when it lies wholly where the claim says, "
+                "not reproduced when wholly where it is false, inconclusive when it straddles.")
+
+
+def claim_table(claims: list[Claim]) -> tuple[list[list[str]], list[str]]:
+    """The table's rows (cells as in :data:`HEADER`) and the distinct rules they cite (R1 is the first)."""
+    rules = list(dict.fromkeys(c.rule for c in claims))
+    rows = [[str(i), c.claim, c.study or "-", _ours(c), c.verdict, c.why, f"R{rules.index(c.rule) + 1}",
+             c.source or "-"] for i, c in enumerate(claims, 1)]
+    return rows, rules
+
+
+def claims_section(claims: list[Claim]):
+    """The claims as a report section (``onelayer report`` adds it to a scan's report)."""
+    from ..analysis.document import Section, Table
+
+    rows, rules = claim_table(claims)
+    return Section("The study's claims", [Table(HEADER, rows), VERDICT_NOTE,
+                                          "; ".join(f"R{i}: {rule}" for i, rule in enumerate(rules, 1))],
+                   {"claims": [_finite(asdict(c)) for c in claims]})
+
+
 def write_claims(claims: list[Claim], out: str | Path, title: str = "The study's claims, checked") -> Path:
     """``claims.md`` (the table, then each distinct rule once) and ``claims.json`` in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rules = list(dict.fromkeys(c.rule for c in claims))
-    lines = [f"# {title}", "", "| # | claim | study | ours (95% interval) | verdict | why | rule | from |",
-             "|---|---|---|---|---|---|---|---|"]
-    for i, c in enumerate(claims, 1):
-        cells = [str(i), c.claim, c.study or "-", _ours(c), f"**{c.verdict}**", c.why, f"R{rules.index(c.rule) + 1}",
-                 f"`{c.source}`" if c.source else "-"]
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    lines += ["", "Verdicts come from the interval, not the point: reproduced when it lies wholly where the claim "
-              "says, not reproduced when wholly where it is false, inconclusive when it straddles.", ""]
-    lines += [f"- R{i}: {rule}" for i, rule in enumerate(rules, 1)]
+    rows, rules = claim_table(claims)
+    lines = [f"# {title}", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for row in rows:
+        row[4], row[7] = f"**{row[4]}**", f"`{row[7]}`" if row[7] != "-" else "-"
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    lines += ["", VERDICT_NOTE, ""] + [f"- R{i}: {rule}" for i, rule in enumerate(rules, 1)]
     md = out / "claims.md"
     md.write_text("\n".join(lines) + "\n")
     (out / "claims.json").write_text(json.dumps([_finite(asdict(c)) for c in claims], indent=2, allow_nan=False))
