@@ -1,0 +1,78 @@
+# The reproduction issue's runs, one stage per call, each resumable (finished runs are kept and skipped).
+# From the repo root after setup.sh, in its own session (or it dies with the command that started it):
+#   setsid nohup bash docs/results/2026-12-02-reproduction-pending/reproduce.sh STAGE [ARG] > /root/job.out 2>&1 < /dev/null &
+# Stages, in order (W=/root/w by default; bring $W back without checkpoints after each session and send it again):
+#   sweep             full training at 4 rates x 2 seeds (sweep.sh); `lr` prints the rate it picks
+#   main LAYERS       the main scan at the picked rate, grown session by session: 0-9, then 0-19, then all
+#   second LAYERS     rg:chain_sum, the same protocol, 1 seed (check the base model's pass@8 first: `passk`)
+#   code              code:synth difficulty 2, every third layer, 1 seed (needs bubblewrap, prlimit, libseccomp)
+#   strategies        onelayer compare on the main scan, 2 seeds, under the study protocol
+#   ensemble          the top-7 specialists' vote vs self-consistency of the best one at k = 7 (the vote reuses the
+#                     members' final evaluations; self-consistency samples the best one, so its checkpoint must be
+#                     there: a scan brought back without checkpoints needs that run trained again first)
+#   claims            the claims table (CPU is enough)
+set -eo pipefail
+W=${W:-/root/w}; mkdir -p $W
+HERE=$(dirname "$0")
+TO=(--task-option min_terms=2 --task-option max_terms=2 --task-option min_digits=1 --task-option max_digits=2
+    --task-option 'operators=["+","-"]' --task-option allow_parentheses=false --task-option allow_negation=false
+    --task-option eval_size=500)
+PROTOCOL=(--algo grpo --steps 100 --prompts-per-step 16 --group-size 8 --eval-every 20 --no-eval-at-start --eval-n 500
+          --max-new-tokens 96 --micro-batch-size 128 --generation-batch-size 512 --save-every 20 --attention eager
+          --keep-optimizer none --no-progress)
+ol() { python3 -m onelayer "$@"; }
+
+# the sweep's rate with the best mean final accuracy over its seeds (every run must have finished)
+lr() {
+  python3 - "$W/sweep/runs" <<'EOF'
+import json, sys
+from collections import defaultdict
+from pathlib import Path
+runs = sorted(Path(sys.argv[1]).glob("full-lr*-s*"))
+if len(runs) < 8 or not all((r / "result.json").is_file() for r in runs):
+    sys.exit(f"the sweep has not finished ({sum((r / 'result.json').is_file() for r in runs)} of 8 runs): run the sweep stage")
+by_rate = defaultdict(list)
+for r in runs:
+    by_rate[r.name.split("-s")[0][len("full-lr"):]].append(json.loads((r / "result.json").read_text())["accuracy"])
+print(max(sorted(by_rate), key=lambda rate: sum(by_rate[rate]) / len(by_rate[rate])))
+EOF
+}
+
+case "${1:?stage: sweep, lr, main LAYERS, passk, second LAYERS, code, strategies, ensemble or claims}" in
+  sweep) W=$W bash "$HERE/sweep.sh" ;;
+  lr) lr ;;
+  main)
+    ol scan --model smollm2 --task rg:basic_arithmetic "${TO[@]}" "${PROTOCOL[@]}" --layers "${2:?layers, e.g. 0-9}" \
+      --lr "$(lr)" --lr-grid 1,3 --seeds 2 --concurrent 16 --out $W/scans/main ;;
+  passk)
+    ol eval --model smollm2 --task rg:chain_sum --samples 8 --temperature 1 --n 200 --out $W/passk-chain-sum ;;
+  second)
+    ol scan --model smollm2 --task rg:chain_sum --task-option eval_size=500 "${PROTOCOL[@]}" \
+      --layers "${2:?layers, e.g. every:2}" --lr "$(lr)" --seeds 1 --concurrent 16 --out $W/scans/chain-sum ;;
+  code)
+    ol scan --model smollm2 --task code:synth --task-option difficulty=2 "${PROTOCOL[@]}" --layers every:3 \
+      --lr "$(lr)" --seeds 1 --concurrent 16 --out $W/scans/code ;;
+  strategies)
+    ol compare $W/scans/main --strategies full,top:1,top:3,top:10,lr-guided,middle:10,random:10,lora --seeds 2 \
+      --out $W/compare ;;
+  ensemble)
+    # the seven layers of highest contribution, as run directories at the rate the study protocol reads
+    mapfile -t MEMBERS < <(python3 - "$W/scans/main" <<'EOF'
+import json, sys
+from pathlib import Path
+scan = Path(sys.argv[1])
+profile = json.loads((scan / "profile.json").read_text())
+points = sorted((p for p in profile["points"] if not p["interpolated"]), key=lambda p: (-p["contribution"], p["layer"]))
+rate = profile["full_lr_scale"]
+tag = "" if rate == 1 else f"-lr{rate:g}x"
+for p in points[:7]:
+    print(scan / "runs" / f"layer{p['layer']:03d}{tag}-s0")
+EOF
+)
+    ol ensemble "${MEMBERS[@]}" --n 500 --out $W/ensemble
+    ol ensemble --self-consistency "${MEMBERS[0]}" --k 7 --n 500 --out $W/ensemble ;;
+  claims)
+    ol claims $W/scans/main --math $W/scans/chain-sum --code $W/scans/code --compare $W/compare --ensemble $W/ensemble
+    ol claims "$W/scans/main?protocol=best" --math $W/scans/chain-sum --code $W/scans/code ;;
+  *) echo "unknown stage $1" >&2; exit 2 ;;
+esac
