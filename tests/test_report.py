@@ -107,7 +107,7 @@ def test_report_has_every_section_and_is_self_contained(scan):
 
 def test_claims_table_reads_the_scan_and_the_runs_beside_it(scan, tmp_path, capsys):
     from onelayer.analysis.rank import measured
-    from onelayer.experiments.report import param_change
+    from onelayer.experiments.scan import param_change
     from onelayer.profile import read_profile
 
     assert main(["analyze", "ood", str(scan), "--tasks", "toy:repeat:b", "--device", "cpu", "--no-progress"]) == 0

@@ -91,7 +91,7 @@ def ood_claims(main: str) -> list[Claim]:
 
 
 def parameter_claim(main: str) -> Claim:
-    from .report import param_change
+    from .scan import param_change
 
     scan_dir = reference_path(main)
     if not _is_scan(scan_dir):

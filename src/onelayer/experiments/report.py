@@ -23,12 +23,12 @@ from ..analysis.figures import (
     plot_rank_heatmap,
     plot_rate_robustness,
 )
-from ..analysis.rank import RankCorrelation, compare_profiles, correlation_matrix, measured, rank_correlation
+from ..analysis.rank import compare_profiles, correlation_matrix, measured
 from ..errors import OneLayerError
 from ..jsonl import read_jsonl
 from ..profile import Profile, read_profile, reference_path
 from .rundir import read_result, run_dir, run_status
-from .scan import evaluated_steps, load_plan, lr_scales, scan_profile, scan_scores
+from .scan import evaluated_steps, load_plan, lr_scales, param_change, scan_profile, scan_scores
 
 
 def _f(x, digits: int = 3, sign: bool = False) -> str:
@@ -214,38 +214,6 @@ def learning_curves_section(scan_dir: Path, figures: Path) -> Section | None:
 
 def _mean_runs(by_seed: dict) -> float:
     return float(np.mean([np.mean(v) for v in by_seed.values()]))
-
-
-def param_change(scan_dir: Path, profile: Profile | None = None
-                 ) -> tuple[dict, dict, Profile, RankCorrelation, RankCorrelation] | None:
-    """Each measured layer's mean relative weight change in its own single-layer run and inside full training,
-    the profile (``profile``, else the scan's), and the rank correlation of contribution with each change (None
-    when no single-layer run recorded its change)."""
-    _, plan = load_plan(scan_dir)
-    results = _results(scan_dir)
-    own: dict[int, list[float]] = {}
-    full: dict[int, list[float]] = {}
-    for r in plan:
-        change = results.get(r.name, {}).get("param_change")
-        if not change:
-            continue
-        if r.kind == "layer":
-            own.setdefault(r.layer, []).append(change[str(r.layer)])
-        elif r.kind == "full":
-            for key, value in change.items():
-                if key.isdigit():
-                    full.setdefault(int(key), []).append(value)
-    if not own:
-        return None
-    own_mean = {k: sum(v) / len(v) for k, v in own.items()}
-    full_mean = {k: sum(v) / len(v) for k, v in full.items()}
-    profile = profile or scan_profile(scan_dir)[0]
-    contrib = measured(profile)
-    layers = sorted(set(own_mean) & set(contrib))
-    vs_own = rank_correlation([own_mean[k] for k in layers], [contrib[k] for k in layers])
-    in_full = [k for k in layers if k in full_mean]
-    vs_full = rank_correlation([full_mean[k] for k in in_full], [contrib[k] for k in in_full])
-    return own_mean, full_mean, profile, vs_own, vs_full
 
 
 def params_section(scan_dir: Path, figures: Path) -> Section | None:

@@ -24,6 +24,7 @@ import torch
 
 from ..analysis.contribution import area_under_curve, contribution_profile
 from ..analysis.figures import plot_profile, profile_table
+from ..analysis.rank import RankCorrelation, measured, rank_correlation
 from ..config import ScanConfig, TrainConfig, check_out_dir, to_dict
 from ..errors import OneLayerError
 from ..jsonl import exists
@@ -454,6 +455,38 @@ def scan_profile(scan_dir: str | Path, n_resamples: int = 2000, source: str = ""
     n_layers = model_num_layers(config["recipe"]["model"])
     profile = contribution_profile(base, full, layers, n_layers, protocol=protocol, n_resamples=n_resamples)
     return replace(profile, step=step, auc_steps=tuple(steps)), status
+
+
+def param_change(scan_dir: Path, profile: Profile | None = None
+                 ) -> tuple[dict, dict, Profile, RankCorrelation, RankCorrelation] | None:
+    """Each measured layer's mean relative weight change in its own single-layer run and inside full training,
+    the profile (``profile``, else the scan's), and the rank correlation of contribution with each change (None
+    when no single-layer run recorded its change)."""
+    _, plan = load_plan(scan_dir)
+    results = {r.name: read_result(scan_dir, r) for r in plan if run_status(scan_dir, r) == "done"}
+    own: dict[int, list[float]] = {}
+    full: dict[int, list[float]] = {}
+    for r in plan:
+        change = results.get(r.name, {}).get("param_change")
+        if not change:
+            continue
+        if r.kind == "layer":
+            own.setdefault(r.layer, []).append(change[str(r.layer)])
+        elif r.kind == "full":
+            for key, value in change.items():
+                if key.isdigit():
+                    full.setdefault(int(key), []).append(value)
+    if not own:
+        return None
+    own_mean = {k: sum(v) / len(v) for k, v in own.items()}
+    full_mean = {k: sum(v) / len(v) for k, v in full.items()}
+    profile = profile or scan_profile(scan_dir)[0]
+    contrib = measured(profile)
+    layers = sorted(set(own_mean) & set(contrib))
+    vs_own = rank_correlation([own_mean[k] for k in layers], [contrib[k] for k in layers])
+    in_full = [k for k in layers if k in full_mean]
+    vs_full = rank_correlation([full_mean[k] for k in in_full], [contrib[k] for k in in_full])
+    return own_mean, full_mean, profile, vs_own, vs_full
 
 
 def write_profile(scan_dir: str | Path, step: int | None = None, auc: bool = False) -> Profile:
