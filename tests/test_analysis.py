@@ -78,10 +78,10 @@ def test_document_renders_markdown_with_links_and_html_with_embedded_figures(tmp
     (tmp_path / "figs").mkdir()
     fig.savefig(tmp_path / "figs" / "f.png")
     plt.close(fig)
-    sections = [Section("One", ["a <b> paragraph", Callout("careful"), Table(["x", "y"], [["1", "2"]]),
+    sections = [Section("One", ["a <b> paragraph", Callout("careful"), Table(["x", "y"], [["1", "2"], ["a | b", "3"]]),
                                 Figure(tmp_path / "figs" / "f.png", "a figure")])]
     md = to_markdown("Title", sections, tmp_path / "report")
-    assert "## One" in md and "| x | y |\n|---|---|\n| 1 | 2 |" in md and "> **Warning:** careful" in md
+    assert "## One" in md and "| x | y |\n|---|---|\n| 1 | 2 |\n| a \\| b | 3 |" in md and "> **Warning:** careful" in md
     assert "![a figure](../figs/f.png)" in md
     page = to_html("Title", sections)
     assert "a &lt;b&gt; paragraph" in page and "<td>1</td><td>2</td>" in page

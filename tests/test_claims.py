@@ -166,7 +166,7 @@ def test_ensemble_row_is_a_paired_difference_and_refuses_unequal_k(tmp_path):
     assert c.estimate.value == pytest.approx(0.25) and c.estimate.low > 0 and c.verdict == REPRODUCED
     assert "best single specialist layer015-s0 0.600" in c.why
     md = write_claims([c], tmp_path / "out").read_text()
-    assert "+25.00 points [" in md and "**reproduced**" in md
+    assert "+25.00 points [" in md and "| reproduced |" in md
     _votes(tmp_path / "self_consistency.examples.jsonl", [True, False, False, True] * 25, 5)
     [c] = ensemble_claims(str(tmp_path))
     assert c.verdict == INCONCLUSIVE and "7 specialists against 5 samples" in c.why

@@ -46,7 +46,8 @@ def to_markdown(title: str, sections: list[Section], relative_to: Path) -> str:
             if isinstance(block, Table):
                 lines.append("| " + " | ".join(block.header) + " |")
                 lines.append("|" + "---|" * len(block.header))
-                lines += ["| " + " | ".join(row) + " |" for row in block.rows]
+                # a "|" inside a cell would end it: escaped, as markdown tables require
+                lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in block.rows]
             elif isinstance(block, Figure):
                 target = os.path.relpath(Path(block.path).resolve(), relative_to.resolve())
                 lines.append(f"![{block.caption}]({Path(target).as_posix()})")

@@ -236,21 +236,17 @@ def claims_section(claims: list[Claim]):
 
     rows, rules = claim_table(claims)
     return Section("The study's claims", [Table(HEADER, rows), VERDICT_NOTE,
-                                          "; ".join(f"R{i}: {rule}" for i, rule in enumerate(rules, 1))],
+                                          *(f"R{i}: {rule}." for i, rule in enumerate(rules, 1))],
                    {"claims": [_finite(asdict(c)) for c in claims]})
 
 
 def write_claims(claims: list[Claim], out: str | Path, title: str = "The study's claims, checked") -> Path:
-    """``claims.md`` (the table, then each distinct rule once) and ``claims.json`` in ``out``."""
+    """``claims.md`` (the table, the verdict rule and each distinct rule once) and ``claims.json`` in ``out``."""
+    from ..analysis.document import to_markdown
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, rules = claim_table(claims)
-    lines = [f"# {title}", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    for row in rows:
-        row[4], row[7] = f"**{row[4]}**", f"`{row[7]}`" if row[7] != "-" else "-"
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
-    lines += ["", VERDICT_NOTE, ""] + [f"- R{i}: {rule}" for i, rule in enumerate(rules, 1)]
     md = out / "claims.md"
-    md.write_text("\n".join(lines) + "\n")
+    md.write_text(to_markdown(title, [claims_section(claims)], out))
     (out / "claims.json").write_text(json.dumps([_finite(asdict(c)) for c in claims], indent=2, allow_nan=False))
     return md
