@@ -22,7 +22,15 @@ from onelayer.analysis.claims import (
 from onelayer.analysis.rank import RankCorrelation
 from onelayer.errors import OneLayerError
 from onelayer.experiments.claims import ensemble_claims, write_claims
-from onelayer.profile import Estimate, LayerDifference, LayerPoint, Profile, RateChoice, RateRobustness
+from onelayer.profile import (
+    Estimate,
+    LayerDifference,
+    LayerPoint,
+    Profile,
+    RateChoice,
+    RateRobustness,
+    read_profile,
+)
 
 GAIN = Estimate(0.3, 0.2, 0.4)
 
@@ -190,7 +198,7 @@ def _write_profile(path, reliable=True, values=((1, 0.2), (4, 0.8), (7, 0.3), (8
 def test_rank_rows_of_other_scans_need_both_profiles_reliable(tmp_path):
     from onelayer.experiments.claims import correlation_claims
 
-    main = _write_profile(tmp_path / "main.json")
+    main = read_profile(_write_profile(tmp_path / "main.json"))
     same = _write_profile(tmp_path / "same.json")
     shaky = _write_profile(tmp_path / "shaky.json", reliable=False)
     rows = correlation_claims(main, [same, shaky], "math", 0.76, "")
@@ -251,6 +259,7 @@ def test_out_of_domain_rows_need_both_profiles_reliable(tmp_path, monkeypatch):
     monkeypatch.setattr(ood, "ood_results", lambda scan: [
         types.SimpleNamespace(task=f"t{ok}", slug=f"t{ok}", profile=there[ok], note="" if ok else "lowered it")
         for ok in (True, False)])
-    good, bad = claims.ood_claims(str(tmp_path))
+    good, bad = claims.ood_claims(str(tmp_path), read_profile(tmp_path))
+    assert good.study == "Spearman > 0.6"
     assert good.estimate.value == pytest.approx(1.0) and good.verdict == REPRODUCED  # 6 layers ranked alike
     assert bad.verdict == INCONCLUSIVE and "lowered it" in bad.why

@@ -178,11 +178,12 @@ CORRELATION_RULE = ("Spearman's rho over the layers both profiles measured, 95% 
 
 
 def correlation_claim(claim: str, study_value: float, correlation: RankCorrelation | None, note: str = "",
-                      source: str = "", reliable: bool = True) -> Claim:
-    """Layer rankings correlate (across tasks, or in and out of domain) at about ``study_value``. ``reliable``:
-    whether both profiles are (full training's gain above noise in each); if not, the ranks mean nothing and
-    the verdict is inconclusive, ``note`` saying why."""
-    study = f"Spearman {study_value:.2f}" if study_value != 0.6 else "Spearman > 0.6"
+                      source: str = "", reliable: bool = True, study: str = "") -> Claim:
+    """Layer rankings correlate (across tasks, or in and out of domain) at about ``study_value`` (``study``: how
+    the study puts it, by default "Spearman <value>"). ``reliable``: whether both profiles are (full training's
+    gain above noise in each); if not, the ranks mean nothing and the verdict is inconclusive, ``note`` saying
+    why."""
+    study = study or f"Spearman {study_value:.2f}"
     measure = "Spearman's rho of the two profiles"
     if correlation is None or not math.isfinite(correlation.spearman):
         return Claim(claim, study, measure, None, NOT_MEASURED if correlation is None else INCONCLUSIVE,

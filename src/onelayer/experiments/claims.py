@@ -32,10 +32,11 @@ from ..analysis.claims import (
     strategy_claim,
 )
 from ..analysis.contribution import bootstrap_indices, gain_estimate
+from ..analysis.document import Section, Table, to_markdown
 from ..analysis.rank import compare_profiles
 from ..errors import OneLayerError
 from ..jsonl import exists, read_jsonl
-from ..profile import Estimate, read_profile, reference_path
+from ..profile import Estimate, Profile, read_profile, reference_path
 
 # the study's numbers the claims are checked against (arXiv:2607.01232, as quoted in the reproduction issue)
 STUDY_MATH_MATH, STUDY_MATH_CODE, STUDY_OOD = 0.76, 0.59, 0.6
@@ -51,12 +52,13 @@ def _strategy_points(label: str) -> float | None:
     return STUDY_POINTS.get(label, STUDY_POINTS["middle"] if label.startswith("middle:") else None)
 
 
-def correlation_claims(main: str, others: Sequence[str], claim: str, study_value: float, make: str) -> list[Claim]:
-    """One rank-correlation row per other scan (or one 'not measured' row saying how to make one)."""
+def correlation_claims(profile: Profile, others: Sequence[str], claim: str, study_value: float,
+                       make: str) -> list[Claim]:
+    """One rank-correlation row of the main ``profile`` with each other scan's (or one 'not measured' row saying
+    how to make one)."""
     if not others:
         return [missing(claim, f"Spearman {study_value:.2f}", "Spearman's rho of the two profiles", CORRELATION_RULE,
                         make)]
-    profile = read_profile(main)
     rows = []
     for other in others:
         theirs = read_profile(other)
@@ -66,9 +68,10 @@ def correlation_claims(main: str, others: Sequence[str], claim: str, study_value
     return rows
 
 
-def ood_claims(main: str) -> list[Claim]:
+def ood_claims(main: str, in_domain: Profile, results: list | None = None) -> list[Claim]:
     """One row per out-of-domain task the main scan was evaluated on: its profile (at the rate the scan's study
-    profile reads) against the main profile as given (with its query)."""
+    profile reads) against ``in_domain``, the main profile as given (with its query). ``results``: the scan's
+    :func:`onelayer.experiments.ood.ood_results`, where the caller has them already."""
     from .ood import ood_results
 
     claim, study, measure = ("layer rankings hold out of domain", "Spearman > 0.6",
@@ -76,27 +79,25 @@ def ood_claims(main: str) -> list[Claim]:
     scan_dir = reference_path(main)
     if not _is_scan(scan_dir):
         return [missing(claim, study, measure, CORRELATION_RULE, f"{main} is not a scan directory: pass the scan")]
-    results = ood_results(scan_dir)
+    results = ood_results(scan_dir) if results is None else results
     if not results:
         return [missing(claim, study, measure, CORRELATION_RULE, f"run onelayer analyze ood {scan_dir} --tasks TASK")]
-    in_domain = read_profile(main)
     rows = []
     for r in results:
         reliable = in_domain.reliable and r.profile is not None and r.profile.reliable
         note = "; ".join(filter(None, [in_domain.warning and f"in domain: {in_domain.warning}", r.note]))
         correlation = compare_profiles(in_domain, r.profile) if r.profile is not None else None
         rows.append(correlation_claim(f"{claim} ({r.task})", STUDY_OOD, correlation, note,
-                                      f"{main} (ood {r.slug})", reliable))
+                                      f"{main} (ood {r.slug})", reliable, study))
     return rows
 
 
-def parameter_claim(main: str) -> Claim:
+def parameter_claim(main: str, profile: Profile) -> Claim:
     from .scan import param_change
 
     scan_dir = reference_path(main)
     if not _is_scan(scan_dir):
         return leverage_claim(None, absent=f"{main} is not a scan directory: pass the scan")
-    profile = read_profile(main)
     found = param_change(scan_dir, profile)
     if found is None:
         return leverage_claim(None)
@@ -173,17 +174,20 @@ def ensemble_claims(ensemble: str | None, self_consistency: str | None = None) -
 
 
 def study_claims(main: str, math: Sequence[str] = (), code: Sequence[str] = (), compare: str | None = None,
-                 ensemble: str | None = None, self_consistency: str | None = None) -> list[Claim]:
+                 ensemble: str | None = None, self_consistency: str | None = None,
+                 ood: list | None = None) -> list[Claim]:
     """Every claim of the study, from ``main`` (a scan directory or profile reference, e.g. ``scans/main`` or
-    ``scans/main?protocol=best``) and the optional other measurements."""
+    ``scans/main?protocol=best``) and the optional other measurements; ``ood``: the scan's out-of-domain results
+    where the caller has them already (the report)."""
     profile = read_profile(main)
     return [
         *(replace(c, source=str(main)) for c in (depth_claim(profile), best_layer_claim(profile), rate_claim(profile))),
-        *correlation_claims(main, math, "layer rankings correlate across math datasets", STUDY_MATH_MATH,
+        *correlation_claims(profile, math, "layer rankings correlate across math datasets", STUDY_MATH_MATH,
                             "scan a second math task and pass it with --math SCAN"),
-        *correlation_claims(main, code, "layer rankings correlate between math and code", STUDY_MATH_CODE,
+        *correlation_claims(profile, code, "layer rankings correlate between math and code", STUDY_MATH_CODE,
                             "scan a code task (e.g. code:synth) and pass it with --code SCAN"),
-        *ood_claims(main), parameter_claim(main), *strategy_claims(compare), *ensemble_claims(ensemble, self_consistency),
+        *ood_claims(main, profile, ood), parameter_claim(main, profile), *strategy_claims(compare),
+        *ensemble_claims(ensemble, self_consistency),
     ]
 
 
@@ -230,10 +234,8 @@ def claim_table(claims: list[Claim]) -> tuple[list[list[str]], list[str]]:
     return rows, rules
 
 
-def claims_section(claims: list[Claim]):
+def claims_section(claims: list[Claim]) -> Section:
     """The claims as a report section (``onelayer report`` adds it to a scan's report)."""
-    from ..analysis.document import Section, Table
-
     rows, rules = claim_table(claims)
     return Section("The study's claims", [Table(HEADER, rows), VERDICT_NOTE,
                                           *(f"R{i}: {rule}." for i, rule in enumerate(rules, 1))],
@@ -242,11 +244,10 @@ def claims_section(claims: list[Claim]):
 
 def write_claims(claims: list[Claim], out: str | Path, title: str = "The study's claims, checked") -> Path:
     """``claims.md`` (the table, the verdict rule and each distinct rule once) and ``claims.json`` in ``out``."""
-    from ..analysis.document import to_markdown
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    section = claims_section(claims)
     md = out / "claims.md"
-    md.write_text(to_markdown(title, [claims_section(claims)], out))
-    (out / "claims.json").write_text(json.dumps([_finite(asdict(c)) for c in claims], indent=2, allow_nan=False))
+    md.write_text(to_markdown(title, [section], out))
+    (out / "claims.json").write_text(json.dumps(section.data["claims"], indent=2, allow_nan=False))
     return md

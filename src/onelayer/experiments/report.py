@@ -434,7 +434,7 @@ def build_report(scan_dir: str | Path, compare: list[str] | None = None, out: st
                 ood_section(scan_dir, figures, transfer)]
     from .claims import claims_section, study_claims
 
-    sections.append(claims_section(study_claims(str(scan_dir))))
+    sections.append(claims_section(study_claims(str(scan_dir), ood=transfer)))
     profiles = {scan_dir.name: scan_profile(scan_dir)[0]}
     profiles.update({f"{scan_dir.name} {k}": v for k, v in per_seed.items()})
     profiles.update({f"{r.task} (ood)": r.profile for r in transfer if r.profile is not None})
