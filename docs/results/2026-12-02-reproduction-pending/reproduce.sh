@@ -22,18 +22,22 @@ PROTOCOL=(--algo grpo --steps 100 --prompts-per-step 16 --group-size 8 --eval-ev
           --keep-optimizer none --no-progress)
 ol() { python3 -m onelayer "$@"; }
 
-# the sweep's rate with the best mean final accuracy over its seeds (every run must have finished)
+# the sweep's rate with the best mean final accuracy over its seeds (every run must have reached its last step;
+# `onelayer train` leaves its evaluations in eval.jsonl, the last row is the final one)
 lr() {
   python3 - "$W/sweep/runs" <<'EOF'
-import json, sys
+import sys
 from collections import defaultdict
 from pathlib import Path
+from onelayer.jsonl import exists, read_jsonl
 runs = sorted(Path(sys.argv[1]).glob("full-lr*-s*"))
-if len(runs) < 8 or not all((r / "result.json").is_file() for r in runs):
-    sys.exit(f"the sweep has not finished ({sum((r / 'result.json').is_file() for r in runs)} of 8 runs): run the sweep stage")
+final = {r: rows[-1] for r in runs if exists(r / "eval.jsonl") and (rows := read_jsonl(r / "eval.jsonl"))}
+done = [r for r in runs if r in final and final[r]["step"] == 100]
+if len(runs) < 8 or len(done) < len(runs):
+    sys.exit(f"the sweep has not finished ({len(done)} of 8 runs at step 100): run the sweep stage")
 by_rate = defaultdict(list)
-for r in runs:
-    by_rate[r.name.split("-s")[0][len("full-lr"):]].append(json.loads((r / "result.json").read_text())["accuracy"])
+for r in done:
+    by_rate[r.name.split("-s")[0][len("full-lr"):]].append(final[r]["accuracy"])
 print(max(sorted(by_rate), key=lambda rate: sum(by_rate[rate]) / len(by_rate[rate])))
 EOF
 }
