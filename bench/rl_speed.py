@@ -24,6 +24,10 @@ Sections (each prints a table and adds to OUT/results.json, so sections may run 
   floor       the GPU's measured copy bandwidth and bf16 matmul throughput, and the demo recipe's floor per
               phase from them (weights and KV cache read once per decode step, the update's matmuls)
   prefill     the demo's rollout batch: one new token (prompt prefill) against the whole completion
+  compaction  the demo's joint generation (--compaction-variants single-layer variants x 64 x 8 rows, real EOS)
+              with finished rows dropped from the batch (the default) and kept: seconds, rows decoded per
+              step, and how many completions are the same both ways (the same streams; other batch shapes
+              may take other bf16 kernels)
   levers      the demo's update (64 x 8 rollouts, at most 96 new tokens) of layer 15 and of all layers, one
               lever at a time: SDPA attention, larger micro-batches, --liger-kernels, --compile-layers; each
               against the baseline's (the update before issue 26) loss and gradients, with its host
@@ -62,8 +66,8 @@ from onelayer.training.step import update_phase
 
 TASK = "rg:basic_arithmetic"
 SECTIONS = ("check", "architectures", "attention", "generation", "compiled", "profile", "update", "step", "large", "trl",
-            "floor", "prefill", "levers", "demo", "summary")
-SCAN_SECTIONS = "demo,floor,generation,prefill,levers,step,trl,summary"
+            "floor", "prefill", "compaction", "levers", "demo", "summary")
+SCAN_SECTIONS = "demo,floor,generation,prefill,compaction,levers,step,trl,summary"
 SCAN_SETTINGS = {"models": "smollm2", "batches": "1024", "generation_engines": "plain,fast,fast-compiled",
                  "step_layers": "middle:1,all", "trl_layers": "middle:1,all", "steps": 4}
 
@@ -795,6 +799,45 @@ def section_levers(args) -> dict:
     return {"rows": rows, "rows_per_update": batch.size, "columns": batch.input_ids.shape[1]}
 
 
+def section_compaction(args) -> dict:
+    """The demo's joint generation with finished rows dropped from the batch and kept, from the same streams."""
+    from onelayer.variants import LayerVariants
+
+    tokenizer = load_tokenizer("smollm2")
+    recipe = demo_recipe().recipe
+    model = load_model("smollm2", "cuda", "bf16", "eager")
+    task = get_task(recipe.task, recipe.task_options)
+    examples = task.examples("train")[:recipe.prompts_per_step]
+    prompts = render_prompts(tokenizer, [task.messages(e) for e in examples]) * args.compaction_variants
+    variants = LayerVariants(model, [(i,) for i in range(args.compaction_variants)])
+    rows_per_variant = recipe.prompts_per_step * recipe.group_size
+    out, texts = [], {}
+    for compact in (False, True):
+        generator = FastGenerator(model, tokenizer, row_hook=variants.set_rows, compact=compact)
+        seconds = []
+        with precision_context(torch.device("cuda"), torch.bfloat16), \
+                variants.joint(list(range(args.compaction_variants)), rows_per_variant):
+            for _ in range(3):  # the first call captures the decode steps of the whole batch
+                start = synced()
+                batch = generator.generate(prompts, recipe.group_size, recipe.sampling.max_new_tokens,
+                                           recipe.sampling.temperature, 1.0, seeds=list(range(args.compaction_variants)))
+                seconds.append(synced() - start)
+        texts[compact] = batch.texts
+        row = {"compact": compact, "rows": batch.size, "first_call_s": seconds[0], "seconds": min(seconds[1:]),
+               "decode_steps": batch.input_ids.shape[1] - batch.prompt_length,
+               "completion_tokens": float(batch.completion_lengths.float().mean()), **generator.stats}
+        out.append(row)
+        print(f"{batch.size} rows, finished rows {'dropped' if compact else 'kept   '}: {row['seconds']:.2f} s, "
+              f"{row['row_steps']:,} row-steps over {row['decode_steps']} decode steps, {row['compactions']} "
+              f"compactions, {row['completion_tokens']:.1f} tokens a completion", flush=True)
+        del generator
+        torch.cuda.empty_cache()
+    same = sum(a == b for a, b in zip(texts[False], texts[True], strict=True)) / len(texts[False])
+    speedup = out[0]["seconds"] / out[1]["seconds"]
+    print(f"dropping finished rows: {speedup:.2f}x; {same:.1%} of completions the same both ways", flush=True)
+    return {"rows": out, "speedup": speedup, "same_completions": same}
+
+
 def demo_phases(scan_dir: Path) -> dict:
     """Where a scan's time went, from its runs' logs: generation (a joint generation counted once, not once
     per variant), scoring, updates; and how many single-layer variant-steps it made."""
@@ -946,6 +989,12 @@ def section_summary(args) -> dict:
                      if ours and theirs and "seconds_step" in theirs else "-")
             lines.append(f"| {layers} | {cells[0]} | {cells[1]} | {ratio} |")
         lines.append("")
+    compaction = results.get("compaction", {})
+    if "speedup" in compaction:
+        kept, dropped = compaction["rows"]
+        lines += [f"Dropping finished rows from the demo's joint generation ({kept['rows']} rows): {kept['seconds']:.2f} s "
+                  f"-> {dropped['seconds']:.2f} s ({compaction['speedup']:.2f}x), {kept['row_steps']:,} -> "
+                  f"{dropped['row_steps']:,} row-steps; {compaction['same_completions']:.1%} of completions the same.", ""]
     prefill = results.get("prefill")
     if prefill and "prefill_share" in prefill:
         lines += [f"Prompt prefill is at most {prefill['prefill_share']:.1%} of the demo batch's generation.", ""]
@@ -973,6 +1022,7 @@ def main() -> None:
     parser.add_argument("--demo-flags", default="", help=(
         "demo section: KEY=VALUE,... overrides of the demo recipe, e.g. liger_kernels=off,micro_batch_size=128,compile_decode=1; 'auto': "
         "the levers this run measured to pay (after the levers and generation sections)"))
+    parser.add_argument("--compaction-variants", type=int, default=15, help="compaction section: variants at once")
     parser.add_argument("--large-steps", type=int, default=3)
     parser.add_argument("--large-micro-batch", type=int, default=8)
     args = parser.parse_args()

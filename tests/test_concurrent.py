@@ -114,6 +114,41 @@ def test_joint_rows_run_through_their_own_layer_copies(tokenizer):
     assert torch.equal(model(ids).logits, base)  # the shared layers are back in place
 
 
+def test_a_compacted_joint_batch_keeps_each_row_on_its_variant(tokenizer):
+    from onelayer.rollout import FastGenerator, render_prompts
+
+    model = tiny_model("llama")
+    with torch.no_grad():  # rows end over a wide range of steps, so compactions shift the variants' boundaries
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+        model.lm_head.bias[1] = 2.5
+    variants = LayerVariants(model, [(1,), (3,), (1, 2)])
+    g = torch.Generator().manual_seed(3)
+    for k in range(3):
+        for p in (p for layer in variants.copies[k].values() for p in layer.parameters()):
+            p.data += 0.3 * torch.randn(p.shape, generator=g)
+    prompts = render_prompts(tokenizer, [[{"role": "user", "content": t}] for t in ("ab", "xyz", "q")])
+    generator = FastGenerator(model, tokenizer, row_hook=variants.set_rows)
+    with variants.joint([0, 1, 2], 3 * 4):
+        joint = generator.generate(prompts * 3, 4, 120, temperature=1.0, seeds=[3, 4, 5])
+    assert generator.stats["compactions"] >= 2
+    for k in range(3):
+        with variants.variant(k):
+            alone = FastGenerator(model, tokenizer, compact=False).generate(prompts, 4, 120, temperature=1.0,
+                                                                             seeds=[3 + k])
+        assert joint.texts[12 * k:12 * (k + 1)] == alone.texts, k
+
+
+def test_routing_segments_of_a_compacted_batch_by_hand():
+    model = tiny_model("llama")
+    variants = LayerVariants(model, [(1,), (3,), (2,)])
+    with variants.joint([0, 1, 2], 4):  # rows 0-3 variant 0, 4-7 variant 1, 8-11 variant 2
+        assert variants.segments == [(0, 4, 0), (4, 8, 1), (8, 12, 2)]
+        variants.set_rows(0, 5, [1, 2, 9, 10, 11])  # variant 1 has no row left
+        assert variants.segments == [(0, 2, 0), (2, 5, 2)]
+        variants.set_rows(1, 4, [0, 3, 5, 7, 8])
+        assert variants.segments == [(0, 1, 0), (1, 3, 1)]
+
+
 def test_compiled_joint_generation_equals_eager(tokenizer):
     eager, fused = joint_generations(tokenizer, [{"compiled": False}, {"compiled": True}])
     assert torch.equal(fused.input_ids, eager.input_ids)

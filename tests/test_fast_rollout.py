@@ -66,6 +66,40 @@ def test_after_eos_rows_are_padding_and_the_loop_stops_early(tokenizer):
     assert fixed[0].completion_lengths.tolist() == [30] * 3 and torch.equal(fixed[0].input_ids, fixed[1].input_ids)
 
 
+def _eos_likely(model, bias: float):
+    with torch.no_grad():  # EOS (id 1) likely enough that rows end over a wide range of steps
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+        model.lm_head.bias[1] = bias
+    return model
+
+
+def test_finished_rows_are_dropped_from_the_batch_without_changing_a_sample(tokenizer):
+    model = _eos_likely(tiny_model("llama"), 2.0)
+    prompts = _prompts(tokenizer, ("abc", "x y z qq", "12", "hello"))
+    kept = FastGenerator(model, tokenizer, compact=False)
+    whole = kept.generate(prompts, 4, 100, temperature=1.0, seeds=[7])
+    compacting = FastGenerator(model, tokenizer)
+    batch = compacting.generate(prompts, 4, 100, temperature=1.0, seeds=[7])
+    assert batch.texts == whole.texts and torch.equal(batch.completion_mask, whole.completion_mask)
+    assert torch.equal(batch.truncated, whole.truncated)
+    assert torch.allclose(batch.logprobs, whole.logprobs, atol=1e-5)
+    # every decode step of the whole batch decodes all 16 rows; compacting, a check (every 16 steps) keeps only
+    # the rows still going once they are at most half of the batch, unless fewer than 16 steps are left
+    lengths = whole.completion_lengths.tolist()
+    assert sorted(lengths)[7] <= 16 < max(lengths) == 100  # some end early, one runs to the cap
+    assert kept.stats == {"row_steps": 99 * 16, "compactions": 0}
+    rows, row_steps, compactions = 16, 0, 0
+    for done in range(1, 100):
+        going = sum(n > done for n in lengths)
+        if done % 16 == 0 and going <= rows / 2 and 100 - done >= 16:
+            rows, compactions = going, compactions + 1
+        row_steps += rows
+    assert compactions >= 2 and compacting.stats == {"row_steps": row_steps, "compactions": compactions}
+    # the next call starts again from the whole batch, on the state it keeps
+    again = compacting.generate(prompts, 4, 100, temperature=1.0, seeds=[7])
+    assert again.texts == whole.texts and compacting.state.rows == 16
+
+
 def test_nucleus_by_hand():
     probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
     assert nucleus_mask(probs, 0.7).tolist() == [[False, True, False, True]]  # 0.5 + 0.3 reaches 0.7

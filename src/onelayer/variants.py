@@ -9,11 +9,13 @@ once, and each variant owns a float32 copy of the layers it trains. Two ways to 
   leaves (linear maps, norms) send each block of rows through its variant's copy and the other rows
   through the shared weights. Attention, caches and masks are untouched (they hold no weights), so
   the fast engine's static cache and CUDA graphs work as they are; routing is by contiguous row
-  slices, fixed for a batch shape, so a captured step replays it.
+  slices, fixed for a batch shape, so a captured step replays it (a batch compacted to its unfinished
+  rows keeps them in order, so each variant's rows stay contiguous).
 """
 
 from __future__ import annotations
 
+import bisect
 import copy
 from contextlib import contextmanager
 
@@ -127,14 +129,16 @@ class LayerVariants:
             for i, layer in self.shared.items():
                 self.layers[i] = layer
 
-    def set_rows(self, start: int, stop: int) -> None:
-        """The next forward covers rows ``[start, stop)`` of the joint batch."""
-        segments, row = [], start
-        while row < stop:
-            block = row // self._block_rows
-            end = min(stop, (block + 1) * self._block_rows)
-            segments.append((row - start, end - start, self._blocks[block]))
-            row = end
+    def set_rows(self, start: int, stop: int, rows: list[int] | None = None) -> None:
+        """The next forward covers rows ``[start, stop)`` of the joint batch, or, for a batch compacted to
+        some of its rows (ascending indices ``rows`` in the joint batch), rows ``[start, stop)`` of those."""
+        rows = range(len(self._blocks) * self._block_rows) if rows is None else rows
+        segments, i = [], start
+        while i < stop:
+            block = rows[i] // self._block_rows
+            end = bisect.bisect_left(rows, (block + 1) * self._block_rows, i, stop)  # the block's last row, + 1
+            segments.append((i - start, end - start, self._blocks[block]))
+            i = end
         self.segments = segments
 
 

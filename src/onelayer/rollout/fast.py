@@ -11,13 +11,16 @@ whatever the batch; the GPU needs a few. Here:
   (multiples of ``WINDOW`` columns, so early steps do not read the empty end of the cache) and replayed;
 - on CUDA, attention and sampling run as Triton kernels (:mod:`.kernels`), the attention kernel skipping
   masked blocks of the cache itself (so one window, one captured step, serves every column);
-- the loop asks every ``CHECK_EVERY`` steps whether all rows have finished and stops early.
+- the loop asks every ``CHECK_EVERY`` steps how many rows are still going: it stops when none is, and once at
+  most ``COMPACT_BELOW`` of them are, it moves them to a smaller batch (their cache rows gathered to the front of
+  the same cache, new captured steps), so finished rows stop costing decode work.
 
 On CPU the same loop runs eagerly (tests check it against ``generate`` and a plain forward).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from contextlib import contextmanager, nullcontext
 
@@ -34,6 +37,10 @@ from .streams import row_keys, uniforms
 
 WINDOW = 64  # key-window granularity of the captured decode steps (and of the cache length)
 CHECK_EVERY = 16  # decode steps between checks that every row has finished (each check syncs)
+# Compact a batch to its unfinished rows once they are at most this share of it. A compaction costs a gather of
+# their cache rows and new captured steps (about two decode steps of the smaller batch); decoding the finished
+# rows costs what the live ones cost, step after step.
+COMPACT_BELOW = 0.5
 PREFILL_TOKENS = 32_768  # prompt tokens per prefill chunk: bounds activations and attention scores
 ATTENTION = "onelayer_static_cache"
 FUSED_ATTENTION = "onelayer_static_cache_fused"
@@ -112,6 +119,16 @@ class StaticKVCache(compat.cache_base()):
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.rows, self.columns, self.window = slice(None), None, length
+
+    def compacted(self, live: torch.Tensor) -> StaticKVCache:
+        """A cache of rows ``live`` (ascending) of this one, in the front rows of the same storage: this
+        cache's other rows are overwritten (it is only written again by the next prefill)."""
+        twin = StaticKVCache(live.numel(), self.length)
+        for mine, theirs in ((self.keys, twin.keys), (self.values, twin.values)):
+            for layer, tensor in mine.items():
+                tensor[:live.numel()] = tensor.index_select(0, live)
+                theirs[layer] = tensor[:live.numel()]
+        return twin
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # what follows layer_idx differs between transformers releases and is not needed (see compat)
@@ -206,7 +223,8 @@ class DecodeState:
                  eos_ids: list[int], pad_id: int, cuda_graphs: bool, ignore_eos: bool = False, row_hook=None,
                  compiled: bool = False, fused: bool = False):
         device = next(model.parameters()).device
-        self.row_hook = row_hook or (lambda start, stop: None)
+        self.row_hook = row_hook or (lambda start, stop, rows=None: None)
+        self.row_map: list[int] | None = None  # rows of the batch this state holds, after compaction (else all)
         self.model, self.rows, self.length = model, rows, length
         self.temperature, self.top_p, self.pad_id, self.cuda_graphs = temperature, top_p, pad_id, cuda_graphs
         self.config = model.config.get_text_config()
@@ -280,7 +298,7 @@ class DecodeState:
             part = slice(start, start + chunk)
             allowed = (causal[None] & self.key_valid[part, None, :width]) | diagonal[None]
             self.cache.rows = part
-            self.row_hook(start, min(start + chunk, rows))
+            self.row_hook(start, min(start + chunk, rows), self.row_map)
             logits.append(self._forward(prompt_ids[part], mask_argument(self.config, allowed, columns, columns),
                                         positions[part]))
         self.cache.rows = slice(None)
@@ -295,7 +313,7 @@ class DecodeState:
         keys = self.key_columns[:window]
         allowed = (self.key_valid[:, :window] & (keys <= self.column))[:, None, :]
         mask = mask_argument(self.config, allowed, self.column, keys)
-        self.row_hook(0, self.rows)
+        self.row_hook(0, self.rows, self.row_map)
         forward = _compiled_forward() if self.compiled else DecodeState._forward
         self._record(forward(self, self.current[:, None], mask, self.position[:, None]))
 
@@ -309,6 +327,27 @@ class DecodeState:
         if window not in self.graphs:
             self.graphs[window] = self._capture(window)
         self.graphs[window].replay()
+
+    def compacted(self, live: torch.Tensor) -> DecodeState:
+        """The rows ``live`` (ascending indices) as a state of their own that goes on where this one is, its
+        cache in this cache's storage (so this state must not decode again before its next prefill); its
+        ``row_map`` names their rows in the batch, for the row hook and :meth:`write_back`."""
+        twin = copy.copy(self)  # model, settings, graph pool; every per-row buffer is replaced below
+        twin.rows, twin.graphs = live.numel(), {}
+        twin.cache = self.cache.compacted(live)
+        twin.cache_argument = compat.cache_argument(self.model.base_model, twin.cache)
+        for name in ("key_valid", "current", "position", "finished", "keys", "tokens", "logprobs"):
+            setattr(twin, name, getattr(self, name).index_select(0, live))
+        twin.column, twin.step_index = self.column.clone(), self.step_index.clone()
+        rows = live.tolist()
+        twin.row_map = rows if self.row_map is None else [self.row_map[i] for i in rows]
+        return twin
+
+    def write_back(self, compact: DecodeState) -> None:
+        """Copy a compacted state's tokens and log-probs into this (its batch's first) state's rows."""
+        rows = torch.tensor(compact.row_map, device=self.tokens.device)
+        self.tokens.index_copy_(0, rows, compact.tokens)
+        self.logprobs.index_copy_(0, rows, compact.logprobs)
 
     def _capture(self, window: int) -> torch.cuda.CUDAGraph:
         # warm-up runs a real step (cuBLAS setup, allocator); the bookkeeping it advances is put back, and
@@ -347,17 +386,22 @@ class FastGenerator:
     The state (cache and captured steps) is kept between calls of the same shape; it is rebuilt when the
     shape or sampling settings change or when a parameter was reallocated (graphs hold raw pointers).
     ``ignore_eos`` generates exactly ``max_new_tokens`` per row (EOS is never sampled), for benchmarks.
-    ``row_hook(start, stop)`` is called before every forward with the rows it covers (layer variants
-    route rows to their own layers by it). ``compiled`` runs decode steps through torch.compile.
+    ``row_hook(start, stop, rows)`` is called before every forward with the rows it covers (layer variants
+    route rows to their own layers by it): rows ``start``-``stop`` of the batch, or, after the batch was
+    compacted to its unfinished rows, of ``rows`` (their indices in the batch). ``compact``: compact batches
+    (see ``COMPACT_BELOW``); never under ``compiled``, which runs decode steps through torch.compile (each new
+    batch shape would compile again). ``stats`` says what the last call decoded.
     ``kernels`` runs decode attention and sampling in Triton kernels (:mod:`.kernels`): None = where they
     run by default (CUDA sm80+ with Triton installed), True = always (on CPU through Triton's interpreter,
     for tests), False = never.
     """
 
     def __init__(self, model: nn.Module, tokenizer, batch_size: int = 256, cuda_graphs: bool | None = None,
-                 ignore_eos: bool = False, row_hook=None, compiled: bool = False, kernels: bool | None = None):
+                 ignore_eos: bool = False, row_hook=None, compiled: bool = False, kernels: bool | None = None,
+                 compact: bool = True):
         self.model, self.tokenizer, self.batch_size, self.ignore_eos = model, tokenizer, batch_size, ignore_eos
-        self.row_hook, self.compiled = row_hook, compiled
+        self.row_hook, self.compiled, self.compact = row_hook, compiled, compact and not compiled
+        self.stats = {"row_steps": 0, "compactions": 0}  # decode steps x rows decoded, by the last call
         self.eos_ids = eos_token_ids(model, tokenizer)
         device = next(model.parameters()).device
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -391,13 +435,23 @@ class FastGenerator:
         rows, width = prompt_ids.shape
         state = self._state_for(rows, width + max_new_tokens, temperature, top_p)
         state.prefill(prompt_ids, prompt_mask, keys)
-        done = 1
+        current, done = state, 1
         for done in range(1, max_new_tokens):
-            if done % CHECK_EVERY == 0 and bool(state.finished.all()):
-                break
-            state.decode(width + done - 1)
+            if done % CHECK_EVERY == 0:
+                going = int(current.rows - current.finished.sum())  # one host sync per check
+                if not going:
+                    break
+                if self.compact and going <= COMPACT_BELOW * current.rows and max_new_tokens - done >= CHECK_EVERY:
+                    if current is not state:
+                        state.write_back(current)
+                    current = current.compacted((~current.finished).nonzero()[:, 0])
+                    self.stats["compactions"] += 1
+            current.decode(width + done - 1)
+            self.stats["row_steps"] += current.rows
         else:
             done = max_new_tokens
+        if current is not state:
+            state.write_back(current)
         return state.tokens[:, :done].clone(), state.logprobs[:, :done].clone()
 
     @torch.no_grad()
@@ -424,6 +478,7 @@ class FastGenerator:
             prompt_ids.device.type, dtype=dtype, cache_enabled=False)
         was_training = model.training
         model.eval()
+        self.stats = {"row_steps": 0, "compactions": 0}
         tokens, logprobs = [], []
         try:
             with cached_attention_for(model, self.kernels), autocast:
