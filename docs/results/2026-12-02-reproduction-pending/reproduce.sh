@@ -2,6 +2,7 @@
 # From the repo root after setup.sh, in its own session (or it dies with the command that started it):
 #   setsid nohup bash docs/results/2026-12-02-reproduction-pending/reproduce.sh STAGE [ARG] > /root/job.out 2>&1 < /dev/null &
 # Stages, in order (W=/root/w by default; bring $W back without checkpoints after each session and send it again):
+#   restore           copy the committed results of earlier sessions (RESULTS, below) into $W, keeping what is there
 #   sweep             full training at 4 rates x 2 seeds (sweep.sh); `lr` prints the rate it picks
 #   main LAYERS       the main scan at the picked rate, grown session by session: 0-9, then 0-19, then all
 #   second LAYERS     rg:chain_sum, the same protocol, 1 seed (check the base model's pass@8 first: `passk`)
@@ -14,6 +15,8 @@
 set -eo pipefail
 W=${W:-/root/w}; mkdir -p $W
 HERE=$(dirname "$0")
+# what earlier sessions brought back (this folder is their $W, evaluations gzipped, no checkpoints)
+RESULTS=${RESULTS:-$HERE/../2026-12-02-reproduction-smollm2}
 TO=(--task-option min_terms=2 --task-option max_terms=2 --task-option min_digits=1 --task-option max_digits=2
     --task-option 'operators=["+","-"]' --task-option allow_parentheses=false --task-option allow_negation=false
     --task-option eval_size=500)
@@ -42,7 +45,8 @@ print(max(sorted(by_rate), key=lambda rate: sum(by_rate[rate]) / len(by_rate[rat
 EOF
 }
 
-case "${1:?stage: sweep, lr, main LAYERS, passk, second LAYERS, code, strategies, ensemble or claims}" in
+case "${1:?stage: restore, sweep, lr, main LAYERS, passk, second LAYERS, code, strategies, ensemble or claims}" in
+  restore) cp -rn "$RESULTS"/sweep "$RESULTS"/scans "$RESULTS"/passk-chain-sum "$W"/ && ls "$W"/scans/main/runs | wc -l ;;
   sweep) W=$W bash "$HERE/sweep.sh" ;;
   lr) lr ;;
   main)
