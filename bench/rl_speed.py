@@ -103,8 +103,9 @@ GENERATORS = {
 }
 
 
-def synced() -> float:
-    torch.cuda.synchronize()
+def synced(device: torch.device | None = None) -> float:
+    if device is None or device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter()
 
 
@@ -803,9 +804,10 @@ def section_compaction(args) -> dict:
     """The demo's joint generation with finished rows dropped from the batch and kept, from the same streams."""
     from onelayer.variants import LayerVariants
 
+    device = torch.device(args.device)
     tokenizer = load_tokenizer("smollm2")
-    recipe = demo_recipe().recipe
-    model = load_model("smollm2", "cuda", "bf16", "eager")
+    recipe = demo_recipe(args.demo_flags if args.demo_flags != "auto" else "").recipe
+    model = load_model("smollm2", device, "bf16" if device.type == "cuda" else "fp32", "eager")
     task = get_task(recipe.task, recipe.task_options)
     examples = task.examples("train")[:recipe.prompts_per_step]
     prompts = render_prompts(tokenizer, [task.messages(e) for e in examples]) * args.compaction_variants
@@ -815,13 +817,13 @@ def section_compaction(args) -> dict:
     for compact in (False, True):
         generator = FastGenerator(model, tokenizer, row_hook=variants.set_rows, compact=compact)
         seconds = []
-        with precision_context(torch.device("cuda"), torch.bfloat16), \
+        with precision_context(device, next(model.parameters()).dtype), \
                 variants.joint(list(range(args.compaction_variants)), rows_per_variant):
-            for _ in range(3):  # the first call captures the decode steps of the whole batch
-                start = synced()
+            for _ in range(3 if device.type == "cuda" else 2):  # the first captures the whole batch's steps
+                start = synced(device)
                 batch = generator.generate(prompts, recipe.group_size, recipe.sampling.max_new_tokens,
                                            recipe.sampling.temperature, 1.0, seeds=list(range(args.compaction_variants)))
-                seconds.append(synced() - start)
+                seconds.append(synced(device) - start)
         texts[compact] = batch.texts
         row = {"compact": compact, "rows": batch.size, "first_call_s": seconds[0], "seconds": min(seconds[1:]),
                "decode_steps": batch.input_ids.shape[1] - batch.prompt_length,
@@ -1023,6 +1025,8 @@ def main() -> None:
         "demo section: KEY=VALUE,... overrides of the demo recipe, e.g. liger_kernels=off,micro_batch_size=128,compile_decode=1; 'auto': "
         "the levers this run measured to pay (after the levers and generation sections)"))
     parser.add_argument("--compaction-variants", type=int, default=15, help="compaction section: variants at once")
+    parser.add_argument("--device", default="cuda", help="compaction section: cuda, or cpu (eager decode, float32; "
+                        "with --demo-flags prompts_per_step=N for a batch a CPU can take)")
     parser.add_argument("--large-steps", type=int, default=3)
     parser.add_argument("--large-micro-batch", type=int, default=8)
     args = parser.parse_args()
@@ -1030,13 +1034,15 @@ def main() -> None:
         for key, value in SCAN_SETTINGS.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
-    if not torch.cuda.is_available():
-        sys.exit("bench/rl_speed.py measures GPU speed: run it on a machine with CUDA")
+    cpu_sections = {"compaction", "summary"}
+    if not torch.cuda.is_available() and not (args.device == "cpu" and set(args.sections.split(",")) <= cpu_sections):
+        sys.exit("bench/rl_speed.py measures GPU speed: run it on a machine with CUDA (only --sections compaction "
+                 "--device cpu runs without one)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    results["device"] = torch.cuda.get_device_name()
+    results["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     results["torch"] = torch.__version__
     for name in args.sections.replace("scan", SCAN_SECTIONS).split(","):
         print(f"\n## {name}", flush=True)

@@ -147,6 +147,10 @@ def test_routing_segments_of_a_compacted_batch_by_hand():
         assert variants.segments == [(0, 2, 0), (2, 5, 2)]
         variants.set_rows(1, 4, [0, 3, 5, 7, 8])
         assert variants.segments == [(0, 1, 0), (1, 3, 1)]
+        variants.set_rows(0, 2, [0, 1, 2, 3])  # the forward covers two rows of a block that has four
+        assert variants.segments == [(0, 2, 0)]
+        variants.set_rows(6, 10)  # a prefill chunk of the whole batch
+        assert variants.segments == [(0, 2, 1), (2, 4, 2)]
 
 
 def test_compiled_joint_generation_equals_eager(tokenizer):

@@ -95,9 +95,38 @@ def test_finished_rows_are_dropped_from_the_batch_without_changing_a_sample(toke
             rows, compactions = going, compactions + 1
         row_steps += rows
     assert compactions >= 2 and compacting.stats == {"row_steps": row_steps, "compactions": compactions}
-    # the next call starts again from the whole batch, on the state it keeps
-    again = compacting.generate(prompts, 4, 100, temperature=1.0, seeds=[7])
-    assert again.texts == whole.texts and compacting.state.rows == 16
+    # the next call starts again from the whole batch, on the state it keeps: other prompts, longer, another seed
+    others = _prompts(tokenizer, ("qq", "a b", "zz top", "7+8"))
+    again = compacting.generate(others, 4, 120, temperature=1.0, seeds=[9])
+    fresh = FastGenerator(model, tokenizer, compact=False).generate(others, 4, 120, temperature=1.0, seeds=[9])
+    assert compacting.stats["compactions"] >= 1 and again.texts == fresh.texts and compacting.state.rows == 16
+
+
+@pytest.mark.parametrize("arch, options, sampling", [
+    ("mistral", {"sliding_window": 5}, {}), ("gemma2", {"sliding_window": 5}, {}), ("gpt2", {}, {}),
+    ("qwen3", {}, {"top_p": 0.8}), ("llama", {}, {"temperature": 0.0}), ("llama", {"batch_size": 5}, {})])
+def test_compaction_changes_no_sample_of_any_architecture_or_setting(arch, options, sampling, tokenizer):
+    model = _eos_likely(tiny_model(arch), 2.0)
+    for key, value in options.items():
+        if key != "batch_size":
+            setattr(model.config, key, value)
+    batch_size = {"batch_size": options.get("batch_size", 256)}
+    prompts = _prompts(tokenizer, ("abc", "x y z qq", "12", "hello"))
+    kwargs = {"temperature": 1.0, "seeds": [4], **sampling}
+    compacting = FastGenerator(model, tokenizer, **batch_size)
+    batch = compacting.generate(prompts, 4, 100, **kwargs)
+    whole = FastGenerator(model, tokenizer, compact=False, **batch_size).generate(prompts, 4, 100, **kwargs)
+    assert compacting.stats["compactions"] >= 1
+    assert batch.texts == whole.texts and torch.equal(batch.completion_mask, whole.completion_mask)
+    assert torch.allclose(batch.logprobs, whole.logprobs, atol=1e-5)
+
+
+def test_compaction_is_on_where_it_cannot_cost_captures(tokenizer):
+    model = tiny_model("llama")
+    assert FastGenerator(model, tokenizer).compact  # eager decode: fewer rows, nothing to capture
+    assert not FastGenerator(model, tokenizer, cuda_graphs=True).compact  # each compaction would capture anew
+    assert FastGenerator(model, tokenizer, cuda_graphs=True, compact=True).compact
+    assert not FastGenerator(model, tokenizer, compiled=True, compact=True).compact  # each shape compiles again
 
 
 def test_nucleus_by_hand():

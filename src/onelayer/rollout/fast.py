@@ -38,8 +38,8 @@ from .streams import row_keys, uniforms
 WINDOW = 64  # key-window granularity of the captured decode steps (and of the cache length)
 CHECK_EVERY = 16  # decode steps between checks that every row has finished (each check syncs)
 # Compact a batch to its unfinished rows once they are at most this share of it. A compaction costs a gather of
-# their cache rows and new captured steps (about two decode steps of the smaller batch); decoding the finished
-# rows costs what the live ones cost, step after step.
+# their cache rows and, with CUDA graphs, new captured steps (torch.cuda.graph also synchronises, collects
+# garbage and empties the allocator's cache); decoding the finished rows costs what the live ones cost.
 COMPACT_BELOW = 0.5
 PREFILL_TOKENS = 32_768  # prompt tokens per prefill chunk: bounds activations and attention scores
 ATTENTION = "onelayer_static_cache"
@@ -389,8 +389,10 @@ class FastGenerator:
     ``row_hook(start, stop, rows)`` is called before every forward with the rows it covers (layer variants
     route rows to their own layers by it): rows ``start``-``stop`` of the batch, or, after the batch was
     compacted to its unfinished rows, of ``rows`` (their indices in the batch). ``compact``: compact batches
-    (see ``COMPACT_BELOW``); never under ``compiled``, which runs decode steps through torch.compile (each new
-    batch shape would compile again). ``stats`` says what the last call decoded.
+    (see ``COMPACT_BELOW``); None = without CUDA graphs only (each compaction would capture new steps, which
+    ``bench/rl_speed.py --sections compaction`` weighs against the rows saved), never under ``compiled``, which
+    runs decode steps through torch.compile (each new batch shape would compile again). ``stats`` says what the
+    last call decoded.
     ``kernels`` runs decode attention and sampling in Triton kernels (:mod:`.kernels`): None = where they
     run by default (CUDA sm80+ with Triton installed), True = always (on CPU through Triton's interpreter,
     for tests), False = never.
@@ -398,13 +400,14 @@ class FastGenerator:
 
     def __init__(self, model: nn.Module, tokenizer, batch_size: int = 256, cuda_graphs: bool | None = None,
                  ignore_eos: bool = False, row_hook=None, compiled: bool = False, kernels: bool | None = None,
-                 compact: bool = True):
+                 compact: bool | None = None):
         self.model, self.tokenizer, self.batch_size, self.ignore_eos = model, tokenizer, batch_size, ignore_eos
-        self.row_hook, self.compiled, self.compact = row_hook, compiled, compact and not compiled
+        self.row_hook, self.compiled = row_hook, compiled
         self.stats = {"row_steps": 0, "compactions": 0}  # decode steps x rows decoded, by the last call
         self.eos_ids = eos_token_ids(model, tokenizer)
         device = next(model.parameters()).device
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.compact = (not self.cuda_graphs if compact is None else compact) and not compiled
         if kernels and (reason := _kernels.unavailable_reason(device)):
             raise ValueError(f"the fast engine's Triton kernels cannot run: {reason}")
         self.kernels = _kernels.available(device) if kernels is None else kernels
@@ -452,6 +455,7 @@ class FastGenerator:
             done = max_new_tokens
         if current is not state:
             state.write_back(current)
+            state.row_hook(0, rows)  # routing as for the whole batch again, for whatever runs next
         return state.tokens[:, :done].clone(), state.logprobs[:, :done].clone()
 
     @torch.no_grad()
