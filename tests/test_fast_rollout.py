@@ -83,18 +83,18 @@ def test_finished_rows_are_dropped_from_the_batch_without_changing_a_sample(toke
     assert batch.texts == whole.texts and torch.equal(batch.completion_mask, whole.completion_mask)
     assert torch.equal(batch.truncated, whole.truncated)
     assert torch.allclose(batch.logprobs, whole.logprobs, atol=1e-5)
-    # every decode step of the whole batch decodes all 16 rows; compacting, a check (every 16 steps) keeps only
-    # the rows still going once they are at most half of the batch, unless fewer than 16 steps are left
+    # every decode step of the whole batch decodes all 16 rows; compacting (on a CPU: no graphs to capture), each
+    # check (every 16 steps) keeps only the rows still going, unless fewer than 16 steps are left
     lengths = whole.completion_lengths.tolist()
     assert sorted(lengths)[7] <= 16 < max(lengths) == 100  # some end early, one runs to the cap
     assert kept.stats == {"row_steps": 99 * 16, "compactions": 0}
     rows, row_steps, compactions = 16, 0, 0
     for done in range(1, 100):
         going = sum(n > done for n in lengths)
-        if done % 16 == 0 and going <= rows / 2 and 100 - done >= 16:
+        if done % 16 == 0 and going < rows and 100 - done >= 16:
             rows, compactions = going, compactions + 1
         row_steps += rows
-    assert compactions >= 2 and compacting.stats == {"row_steps": row_steps, "compactions": compactions}
+    assert compactions >= 3 and compacting.stats == {"row_steps": row_steps, "compactions": compactions}
     # the next call starts again from the whole batch, on the state it keeps: other prompts, longer, another seed
     others = _prompts(tokenizer, ("qq", "a b", "zz top", "7+8"))
     again = compacting.generate(others, 4, 120, temperature=1.0, seeds=[9])
@@ -121,10 +121,22 @@ def test_compaction_changes_no_sample_of_any_architecture_or_setting(arch, optio
     assert torch.allclose(batch.logprobs, whole.logprobs, atol=1e-5)
 
 
+def test_when_a_batch_is_compacted_by_hand():
+    from onelayer.rollout.fast import CHECK_EVERY, compact_now
+
+    assert CHECK_EVERY == 16
+    assert compact_now(8, 16, 50, 0.5) and not compact_now(9, 16, 50, 0.5)  # at most half still going
+    assert compact_now(15, 16, 16, 1.0) and not compact_now(15, 16, 15, 1.0)  # a check's worth of steps left
+    assert not compact_now(16, 16, 80, 1.0)  # nothing finished: nothing to drop
+    assert compact_now(1, 2, 80, 0.5) and not compact_now(0, 0, 80, 1.0)
+
+
 def test_compaction_is_on_where_it_cannot_cost_captures(tokenizer):
     model = tiny_model("llama")
-    assert FastGenerator(model, tokenizer).compact  # eager decode: fewer rows, nothing to capture
-    assert not FastGenerator(model, tokenizer, cuda_graphs=True).compact  # each compaction would capture anew
+    eager = FastGenerator(model, tokenizer)
+    assert eager.compact and eager.compact_below == 1.0  # fewer rows, nothing to capture: at every check
+    graphs = FastGenerator(model, tokenizer, cuda_graphs=True)
+    assert not graphs.compact and graphs.compact_below == 0.5  # each compaction would capture anew
     assert FastGenerator(model, tokenizer, cuda_graphs=True, compact=True).compact
     assert not FastGenerator(model, tokenizer, compiled=True, compact=True).compact  # each shape compiles again
 

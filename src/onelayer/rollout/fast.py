@@ -11,9 +11,9 @@ whatever the batch; the GPU needs a few. Here:
   (multiples of ``WINDOW`` columns, so early steps do not read the empty end of the cache) and replayed;
 - on CUDA, attention and sampling run as Triton kernels (:mod:`.kernels`), the attention kernel skipping
   masked blocks of the cache itself (so one window, one captured step, serves every column);
-- the loop asks every ``CHECK_EVERY`` steps how many rows are still going: it stops when none is, and once at
-  most ``COMPACT_BELOW`` of them are, it moves them to a smaller batch (their cache rows gathered to the front of
-  the same cache, new captured steps), so finished rows stop costing decode work.
+- the loop asks every ``CHECK_EVERY`` steps how many rows are still going: it stops when none is, and when some
+  have finished it may move the others to a smaller batch (:func:`compact_now`: their cache rows gathered to the
+  front of the same cache, new captured steps), so finished rows stop costing decode work.
 
 On CPU the same loop runs eagerly (tests check it against ``generate`` and a plain forward).
 """
@@ -37,10 +37,18 @@ from .streams import row_keys, uniforms
 
 WINDOW = 64  # key-window granularity of the captured decode steps (and of the cache length)
 CHECK_EVERY = 16  # decode steps between checks that every row has finished (each check syncs)
-# Compact a batch to its unfinished rows once they are at most this share of it. A compaction costs a gather of
-# their cache rows and, with CUDA graphs, new captured steps (torch.cuda.graph also synchronises, collects
-# garbage and empties the allocator's cache); decoding the finished rows costs what the live ones cost.
+# With CUDA graphs, compact a batch to its unfinished rows once they are at most this share of it: a compaction
+# captures new steps (torch.cuda.graph also synchronises, collects garbage and empties the allocator's cache).
+# Without them a compaction costs a gather of the live rows' cache (about what one step's attention reads), so
+# it pays at every check that finds a finished row.
 COMPACT_BELOW = 0.5
+
+
+def compact_now(going: int, rows: int, steps_left: int, below: float) -> bool:
+    """Whether a check that finds ``going`` of ``rows`` unfinished, with ``steps_left`` decode steps to go,
+    compacts the batch to them: some row has finished, at most ``below`` of them go on, and at least one more
+    check's worth of steps is left to save."""
+    return going < rows and going <= below * rows and steps_left >= CHECK_EVERY
 PREFILL_TOKENS = 32_768  # prompt tokens per prefill chunk: bounds activations and attention scores
 ATTENTION = "onelayer_static_cache"
 FUSED_ATTENTION = "onelayer_static_cache_fused"
@@ -389,7 +397,7 @@ class FastGenerator:
     ``row_hook(start, stop, rows)`` is called before every forward with the rows it covers (layer variants
     route rows to their own layers by it): rows ``start``-``stop`` of the batch, or, after the batch was
     compacted to its unfinished rows, of ``rows`` (their indices in the batch). ``compact``: compact batches
-    (see ``COMPACT_BELOW``); None = without CUDA graphs only (each compaction would capture new steps, which
+    (:func:`compact_now`); None = without CUDA graphs only (each compaction would capture new steps, which
     ``bench/rl_speed.py --sections compaction`` weighs against the rows saved), never under ``compiled``, which
     runs decode steps through torch.compile (each new batch shape would compile again). ``stats`` says what the
     last call decoded.
@@ -408,6 +416,7 @@ class FastGenerator:
         device = next(model.parameters()).device
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.compact = (not self.cuda_graphs if compact is None else compact) and not compiled
+        self.compact_below = COMPACT_BELOW if self.cuda_graphs else 1.0
         if kernels and (reason := _kernels.unavailable_reason(device)):
             raise ValueError(f"the fast engine's Triton kernels cannot run: {reason}")
         self.kernels = _kernels.available(device) if kernels is None else kernels
@@ -444,7 +453,7 @@ class FastGenerator:
                 going = int(current.rows - current.finished.sum())  # one host sync per check
                 if not going:
                     break
-                if self.compact and going <= COMPACT_BELOW * current.rows and max_new_tokens - done >= CHECK_EVERY:
+                if self.compact and compact_now(going, current.rows, max_new_tokens - done, self.compact_below):
                     if current is not state:
                         state.write_back(current)
                     current = current.compacted((~current.finished).nonzero()[:, 0])
