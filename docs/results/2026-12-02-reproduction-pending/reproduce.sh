@@ -61,10 +61,10 @@ case "${1:?stage: restore, sweep, lr, main LAYERS, passk, second LAYERS, code, s
       --out $W/passk-chain-sum-easy ;;
   second)
     ol scan --model smollm2 --task rg:chain_sum "${CHAIN[@]}" "${PROTOCOL[@]}" \
-      --layers "${2:?layers, e.g. every:2}" --lr "$(lr)" --seeds 1 --concurrent 16 --out $W/scans/chain-sum ;;
+      --layers "${2:?layers, e.g. every:2}" --lr "$(lr)" --lr-grid 1,3 --seeds 1 --concurrent 16 --out $W/scans/chain-sum ;;
   code)
     ol scan --model smollm2 --task code:synth --task-option difficulty=2 "${PROTOCOL[@]}" --layers every:3 \
-      --lr "$(lr)" --seeds 1 --concurrent 16 --out $W/scans/code ;;
+      --lr "$(lr)" --lr-grid 1,3 --seeds 1 --concurrent 16 --out $W/scans/code ;;
   strategies)
     ol compare $W/scans/main --strategies full,top:1,top:3,top:10,lr-guided,middle:10,random:10,lora --seeds 2 \
       --out $W/compare ;;
