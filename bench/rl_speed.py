@@ -24,6 +24,9 @@ Sections (each prints a table and adds to OUT/results.json, so sections may run 
   floor       the GPU's measured copy bandwidth and bf16 matmul throughput, and the demo recipe's floor per
               phase from them (weights and KV cache read once per decode step, the update's matmuls)
   prefill     the demo's rollout batch: one new token (prompt prefill) against the whole completion
+  eos         the demo's prompts and sampling with real EOS (rows end at different steps), one model, by engine:
+              plain generate, the fast engine with finished rows kept, and with them dropped (--device cpu
+              too: on a CPU `--engine auto` picks plain generate)
   compaction  the demo's joint generation (--compaction-variants single-layer variants x 64 x 8 rows, real EOS)
               with finished rows dropped from the batch (the default) and kept: seconds, rows decoded per
               step, and how many completions are the same both ways (the same streams; other batch shapes
@@ -35,7 +38,7 @@ Sections (each prints a table and adds to OUT/results.json, so sections may run 
   demo        `onelayer demo`'s GPU scan (30 layers, base, full) with --demo-flags: wall time and where it went
   summary     OUT/summary.md: one table of what OUT/results.json holds (run it last)
 
---sections scan runs demo,floor,generation,prefill,levers,step,trl,summary: issue 26's measurements (SmolLM2,
+--sections scan runs demo,floor,generation,prefill,eos,compaction,levers,step,trl,summary: issue 26's measurements (SmolLM2,
 generation at batch 1024 by engine, steps of middle:1 and all layers against TRL, 4 steps each, unless given),
 the demo first (the headline; about 11 minutes on an H200), then what explains it (about 6 more).
 
@@ -66,8 +69,8 @@ from onelayer.training.step import update_phase
 
 TASK = "rg:basic_arithmetic"
 SECTIONS = ("check", "architectures", "attention", "generation", "compiled", "profile", "update", "step", "large", "trl",
-            "floor", "prefill", "compaction", "levers", "demo", "summary")
-SCAN_SECTIONS = "demo,floor,generation,prefill,compaction,levers,step,trl,summary"
+            "floor", "prefill", "eos", "compaction", "levers", "demo", "summary")
+SCAN_SECTIONS = "demo,floor,generation,prefill,eos,compaction,levers,step,trl,summary"
 SCAN_SETTINGS = {"models": "smollm2", "batches": "1024", "generation_engines": "plain,fast,fast-compiled",
                  "step_layers": "middle:1,all", "trl_layers": "middle:1,all", "steps": 4}
 
@@ -800,6 +803,46 @@ def section_levers(args) -> dict:
     return {"rows": rows, "rows_per_update": batch.size, "columns": batch.input_ids.shape[1]}
 
 
+def section_eos(args) -> dict:
+    """The demo's rollout batch from one model by engine, with real EOS: seconds, and whether the fast engine's
+    completions are the same with finished rows kept and dropped."""
+    device = torch.device(args.device)
+    tokenizer = load_tokenizer("smollm2")
+    recipe = demo_recipe(args.demo_flags if args.demo_flags != "auto" else "").recipe
+    model = load_model("smollm2", device, "bf16" if device.type == "cuda" else "fp32", "eager")
+    task = get_task(recipe.task, recipe.task_options)
+    prompts = render_prompts(tokenizer, [task.messages(e) for e in task.examples("train")[:recipe.prompts_per_step]])
+    rows_total = len(prompts) * recipe.group_size
+    engines = {"plain": lambda: HFGenerator(model, tokenizer, rows_total),
+               "fast, finished rows kept": lambda: FastGenerator(model, tokenizer, rows_total, compact=False),
+               "fast, finished rows dropped": lambda: FastGenerator(model, tokenizer, rows_total, compact=True)}
+    out, texts = [], {}
+    for label, make in engines.items():
+        generator, seconds = make(), []
+        with precision_context(device, next(model.parameters()).dtype):
+            for _ in range(3 if device.type == "cuda" else 1):  # on a GPU the first call captures
+                torch.manual_seed(0)
+                start = synced(device)
+                batch = generator.generate(prompts, recipe.group_size, recipe.sampling.max_new_tokens,
+                                           recipe.sampling.temperature, 1.0, seeds=[0])
+                seconds.append(synced(device) - start)
+        texts[label] = batch.texts
+        row = {"engine": label, "rows": batch.size, "seconds": min(seconds[1:] or seconds),
+               "completion_tokens": float(batch.completion_lengths.float().mean())}
+        out.append(row)
+        print(f"{batch.size} rows, {label:28s}: {row['seconds']:.2f} s, {row['completion_tokens']:.1f} tokens a "
+              "completion", flush=True)
+        del generator
+        torch.cuda.empty_cache()
+    kept, dropped = texts["fast, finished rows kept"], texts["fast, finished rows dropped"]
+    same = sum(a == b for a, b in zip(kept, dropped, strict=True)) / len(kept)
+    for row in out[1:]:
+        row["speedup_over_plain"] = out[0]["seconds"] / row["seconds"]
+        print(f"{row['engine']}: {row['speedup_over_plain']:.2f}x plain", flush=True)
+    print(f"fast engine: {same:.1%} of completions the same with finished rows kept and dropped", flush=True)
+    return {"rows": out, "same_completions": same}
+
+
 def section_compaction(args) -> dict:
     """The demo's joint generation with finished rows dropped from the batch and kept, from the same streams."""
     from onelayer.variants import LayerVariants
@@ -1025,7 +1068,7 @@ def main() -> None:
         "demo section: KEY=VALUE,... overrides of the demo recipe, e.g. liger_kernels=off,micro_batch_size=128,compile_decode=1; 'auto': "
         "the levers this run measured to pay (after the levers and generation sections)"))
     parser.add_argument("--compaction-variants", type=int, default=15, help="compaction section: variants at once")
-    parser.add_argument("--device", default="cuda", help="compaction section: cuda, or cpu (eager decode, float32; "
+    parser.add_argument("--device", default="cuda", help="eos and compaction sections: cuda, or cpu (eager decode, float32; "
                         "with --demo-flags prompts_per_step=N for a batch a CPU can take)")
     parser.add_argument("--large-steps", type=int, default=3)
     parser.add_argument("--large-micro-batch", type=int, default=8)
@@ -1034,10 +1077,10 @@ def main() -> None:
         for key, value in SCAN_SETTINGS.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
-    cpu_sections = {"compaction", "summary"}
+    cpu_sections = {"eos", "compaction", "summary"}
     if not torch.cuda.is_available() and not (args.device == "cpu" and set(args.sections.split(",")) <= cpu_sections):
         sys.exit("bench/rl_speed.py measures GPU speed: run it on a machine with CUDA (only --sections compaction "
-                 "--device cpu runs without one)")
+                 "or --sections eos --device cpu run without one)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
