@@ -5,6 +5,8 @@
 #   restore           copy the committed results of earlier sessions (RESULTS, below) into $W, keeping what is there
 #   sweep             full training at 4 rates x 2 seeds (sweep.sh); `lr` prints the rate it picks
 #   main LAYERS       the main scan at the picked rate, grown session by session: 0-9, then 0-19, then all
+#   edge [LAYERS]     a few layers (default 0,5,9) at 10x, 2 seeds: part 1 found every layer's best rate at 3x, the grid's
+#                     top; compare their accuracy with the main scan's 3x runs (its own C is against full at 10x)
 #   second LAYERS     rg:chain_sum at 2-3 one-digit terms (CHAIN), the same protocol, 1 seed; `passk` checks the base
 #                     model's pass@8 there (0.48 on 50 problems on a CPU; the defaults' 0.07 is below the issue's 0.2)
 #   code              code:synth difficulty 2, every third layer, 1 seed (needs bubblewrap, prlimit, libseccomp)
@@ -49,13 +51,16 @@ print(max(sorted(by_rate), key=lambda rate: sum(by_rate[rate]) / len(by_rate[rat
 EOF
 }
 
-case "${1:?stage: restore, sweep, lr, main LAYERS, passk, second LAYERS, code, strategies, ensemble or claims}" in
+case "${1:?stage: restore, sweep, lr, main LAYERS, edge [LAYERS], passk, second LAYERS, code, strategies, ensemble or claims}" in
   restore) cp -rn "$RESULTS"/sweep "$RESULTS"/scans "$RESULTS"/passk-chain-sum "$W"/ && ls "$W"/scans/main/runs | wc -l ;;
   sweep) W=$W bash "$HERE/sweep.sh" ;;
   lr) lr ;;
   main)
     ol scan --model smollm2 --task rg:basic_arithmetic "${TO[@]}" "${PROTOCOL[@]}" --layers "${2:?layers, e.g. 0-9}" \
       --lr "$(lr)" --lr-grid 1,3 --seeds 2 --concurrent 16 --out $W/scans/main ;;
+  edge)
+    ol scan --model smollm2 --task rg:basic_arithmetic "${TO[@]}" "${PROTOCOL[@]}" --layers "${2:-0,5,9}" \
+      --lr "$(lr)" --lr-grid 10 --seeds 2 --concurrent 16 --out $W/scans/main-10x ;;
   passk)
     ol eval --model smollm2 --task rg:chain_sum "${CHAIN[@]}" --samples 8 --temperature 1 --n 200 --max-new-tokens 96 \
       --out $W/passk-chain-sum-easy ;;
