@@ -42,13 +42,6 @@ CHECK_EVERY = 16  # decode steps between checks that every row has finished (eac
 # Without them a compaction costs a gather of the live rows' cache (about what one step's attention reads), so
 # it pays at every check that finds a finished row.
 COMPACT_BELOW = 0.5
-
-
-def compact_now(going: int, rows: int, steps_left: int, below: float) -> bool:
-    """Whether a check that finds ``going`` of ``rows`` unfinished, with ``steps_left`` decode steps to go,
-    compacts the batch to them: some row has finished, at most ``below`` of them go on, and at least one more
-    check's worth of steps is left to save."""
-    return going < rows and going <= below * rows and steps_left >= CHECK_EVERY
 PREFILL_TOKENS = 32_768  # prompt tokens per prefill chunk: bounds activations and attention scores
 ATTENTION = "onelayer_static_cache"
 FUSED_ATTENTION = "onelayer_static_cache_fused"
@@ -57,6 +50,13 @@ FUSED_ATTENTION = "onelayer_static_cache_fused"
 # any other architecture falls back to the plain path with a notice.
 ARCHITECTURES = frozenset({"llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "olmo2",
                            "gpt2", "gpt_neox"})
+
+
+def compact_now(going: int, rows: int, steps_left: int, below: float) -> bool:
+    """Whether a check that finds ``going`` of ``rows`` unfinished, with ``steps_left`` decode steps to go,
+    compacts the batch to them: some row has finished, at most ``below`` of them go on, and at least one more
+    check's worth of steps is left to save."""
+    return going < rows and going <= below * rows and steps_left >= CHECK_EVERY
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
