@@ -28,7 +28,15 @@ from ..errors import OneLayerError
 from ..jsonl import read_jsonl
 from ..profile import Profile, read_profile, reference_path
 from .rundir import read_result, run_dir, run_status
-from .scan import evaluated_steps, load_plan, lr_scales, param_change, scan_profile, scan_scores
+from .scan import (
+    evaluated_steps,
+    finished_results,
+    load_plan,
+    lr_scales,
+    param_change,
+    scan_profile,
+    scan_scores,
+)
 
 
 def _f(x, digits: int = 3, sign: bool = False) -> str:
@@ -39,11 +47,6 @@ def _f(x, digits: int = 3, sign: bool = False) -> str:
 
 def _p(x) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.2g}"
-
-
-def _results(scan_dir: Path) -> dict[str, dict]:
-    _, plan = load_plan(scan_dir)
-    return {r.name: read_result(scan_dir, r) for r in plan if run_status(scan_dir, r) == "done"}
 
 
 def seed_profiles(scan_dir: Path) -> dict[str, Profile]:
@@ -79,7 +82,7 @@ def profile_section(scan_dir: Path, figures: Path, per_seed: dict[str, Profile])
     """``per_seed``: :func:`seed_profiles` of the scan."""
     config, plan = load_plan(scan_dir)
     profile, status = scan_profile(scan_dir)
-    results = _results(scan_dir)
+    results = finished_results(scan_dir, plan)
     figure = plot_profile(profile, figures / "profile.png", f"layer contribution: {scan_dir.name}", per_seed)
     base = next(v["accuracy"] for v in results.values() if v["kind"] == "base")
     fulls = _accuracy(results, "full", profile.full_lr_scale)

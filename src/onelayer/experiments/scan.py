@@ -457,13 +457,19 @@ def scan_profile(scan_dir: str | Path, n_resamples: int = 2000, source: str = ""
     return replace(profile, step=step, auc_steps=tuple(steps)), status
 
 
+def finished_results(scan_dir: Path, plan: list[PlannedRun] | None = None) -> dict[str, dict]:
+    """Each finished run's ``result.json``, by run name (``plan``: the scan's, where the caller has it)."""
+    plan = load_plan(scan_dir)[1] if plan is None else plan
+    return {r.name: read_result(scan_dir, r) for r in plan if run_status(scan_dir, r) == "done"}
+
+
 def param_change(scan_dir: Path, profile: Profile | None = None
                  ) -> tuple[dict, dict, Profile, RankCorrelation, RankCorrelation] | None:
     """Each measured layer's mean relative weight change in its own single-layer run and inside full training,
     the profile (``profile``, else the scan's), and the rank correlation of contribution with each change (None
     when no single-layer run recorded its change)."""
     _, plan = load_plan(scan_dir)
-    results = {r.name: read_result(scan_dir, r) for r in plan if run_status(scan_dir, r) == "done"}
+    results = finished_results(scan_dir, plan)
     own: dict[int, list[float]] = {}
     full: dict[int, list[float]] = {}
     for r in plan:
