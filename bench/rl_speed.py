@@ -129,12 +129,17 @@ def time_generation(generator, prompts: list[str], new_tokens: int) -> dict:
 # ------------------------------------------------------------------------------------------- sections
 
 
+def same_share(a: list[str], b: list[str]) -> float:
+    """Fraction of row-wise identical completions."""
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+
 def _greedy_agreement(a, b) -> tuple[float, list[int]]:
     """Fraction of identical completions, and the first differing token of the others."""
     width = min(a.input_ids.shape[1], b.input_ids.shape[1])
     differ = a.input_ids[:, :width] != b.input_ids[:, :width]
     first = sorted(int(row.float().argmax()) - a.prompt_length for row in differ if row.any())
-    return sum(x == y for x, y in zip(a.texts, b.texts, strict=True)) / len(a.texts), first
+    return same_share(a.texts, b.texts), first
 
 
 def section_check(args) -> dict:
@@ -651,11 +656,25 @@ def demo_recipe(overrides: str = ""):
     return config
 
 
+def demo_prompts(tokenizer, recipe) -> list[str]:
+    """The rendered prompts of the demo recipe's first step."""
+    task = get_task(recipe.task, recipe.task_options)
+    return render_prompts(tokenizer, [task.messages(e) for e in task.examples("train")[:recipe.prompts_per_step]])
+
+
+def demo_generation(args):
+    """The device, tokenizer, demo recipe (with ``--demo-flags``), SmolLM2 and the recipe's first prompts for the
+    sections that generate on ``--device`` (bf16 on a GPU, float32 on a CPU)."""
+    device = torch.device(args.device)
+    tokenizer = load_tokenizer("smollm2")
+    recipe = demo_recipe(args.demo_flags if args.demo_flags != "auto" else "").recipe
+    model = load_model("smollm2", device, "bf16" if device.type == "cuda" else "fp32", "eager")
+    return device, tokenizer, recipe, model, demo_prompts(tokenizer, recipe)
+
+
 def demo_batch(model, tokenizer, recipe):
     """One rollout batch of the demo's shape (64 prompts x 8 completions, at most 96 new tokens) from ``model``."""
-    task = get_task(recipe.task, recipe.task_options)
-    examples = task.examples("train")[:recipe.prompts_per_step]
-    prompts = render_prompts(tokenizer, [task.messages(e) for e in examples])
+    prompts = demo_prompts(tokenizer, recipe)
     torch.manual_seed(0)
     with precision_context(torch.device("cuda"), torch.bfloat16):
         return FastGenerator(model, tokenizer, recipe.sampling.generation_batch_size).generate(
@@ -806,12 +825,7 @@ def section_levers(args) -> dict:
 def section_eos(args) -> dict:
     """The demo's rollout batch from one model by engine, with real EOS: seconds, and whether the fast engine's
     completions are the same with finished rows kept and dropped."""
-    device = torch.device(args.device)
-    tokenizer = load_tokenizer("smollm2")
-    recipe = demo_recipe(args.demo_flags if args.demo_flags != "auto" else "").recipe
-    model = load_model("smollm2", device, "bf16" if device.type == "cuda" else "fp32", "eager")
-    task = get_task(recipe.task, recipe.task_options)
-    prompts = render_prompts(tokenizer, [task.messages(e) for e in task.examples("train")[:recipe.prompts_per_step]])
+    device, tokenizer, recipe, model, prompts = demo_generation(args)
     rows_total = len(prompts) * recipe.group_size
     engines = {"plain": lambda: HFGenerator(model, tokenizer, rows_total),
                "fast, finished rows kept": lambda: FastGenerator(model, tokenizer, rows_total, compact=False),
@@ -834,8 +848,7 @@ def section_eos(args) -> dict:
               "completion", flush=True)
         del generator
         torch.cuda.empty_cache()
-    kept, dropped = texts["fast, finished rows kept"], texts["fast, finished rows dropped"]
-    same = sum(a == b for a, b in zip(kept, dropped, strict=True)) / len(kept)
+    same = same_share(texts["fast, finished rows kept"], texts["fast, finished rows dropped"])
     for row in out[1:]:
         row["speedup_over_plain"] = out[0]["seconds"] / row["seconds"]
         print(f"{row['engine']}: {row['speedup_over_plain']:.2f}x plain", flush=True)
@@ -847,13 +860,8 @@ def section_compaction(args) -> dict:
     """The demo's joint generation with finished rows dropped from the batch and kept, from the same streams."""
     from onelayer.variants import LayerVariants
 
-    device = torch.device(args.device)
-    tokenizer = load_tokenizer("smollm2")
-    recipe = demo_recipe(args.demo_flags if args.demo_flags != "auto" else "").recipe
-    model = load_model("smollm2", device, "bf16" if device.type == "cuda" else "fp32", "eager")
-    task = get_task(recipe.task, recipe.task_options)
-    examples = task.examples("train")[:recipe.prompts_per_step]
-    prompts = render_prompts(tokenizer, [task.messages(e) for e in examples]) * args.compaction_variants
+    device, tokenizer, recipe, model, prompts = demo_generation(args)
+    prompts = prompts * args.compaction_variants
     variants = LayerVariants(model, [(i,) for i in range(args.compaction_variants)])
     rows_per_variant = recipe.prompts_per_step * recipe.group_size
     out, texts = [], {}
@@ -877,7 +885,7 @@ def section_compaction(args) -> dict:
               f"compactions, {row['completion_tokens']:.1f} tokens a completion", flush=True)
         del generator
         torch.cuda.empty_cache()
-    same = sum(a == b for a, b in zip(texts[False], texts[True], strict=True)) / len(texts[False])
+    same = same_share(texts[False], texts[True])
     speedup = out[0]["seconds"] / out[1]["seconds"]
     print(f"dropping finished rows: {speedup:.2f}x; {same:.1%} of completions the same both ways", flush=True)
     return {"rows": out, "speedup": speedup, "same_completions": same}
