@@ -121,6 +121,21 @@ def test_compaction_changes_no_sample_of_any_architecture_or_setting(arch, optio
     assert torch.allclose(batch.logprobs, whole.logprobs, atol=1e-5)
 
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_steps_of_a_compacting_batch_sample_what_eager_steps_sample(tokenizer):
+    model = _eos_likely(tiny_model("llama"), 2.0).cuda()
+    prompts = _prompts(tokenizer, ("abc", "x y z qq", "12", "hello"))
+    kwargs = {"temperature": 1.0, "seeds": [7]}
+    eager = FastGenerator(model, tokenizer, cuda_graphs=False, kernels=False, compact=False).generate(
+        prompts, 4, 100, **kwargs)
+    captured = FastGenerator(model, tokenizer, cuda_graphs=True, kernels=False, compact=True)
+    for _ in range(2):  # the second call replays the whole batch's steps and captures the compacted ones anew
+        batch = captured.generate(prompts, 4, 100, **kwargs)
+        assert captured.stats["compactions"] >= 1
+        assert batch.texts == eager.texts and torch.equal(batch.completion_mask, eager.completion_mask)
+        assert torch.allclose(batch.logprobs, eager.logprobs, atol=1e-5)
+
 def test_when_a_batch_is_compacted_by_hand():
     from onelayer.rollout.fast import CHECK_EVERY, compact_now
 

@@ -29,6 +29,9 @@ CHAIN=(--task-option min_terms=2 --task-option max_terms=3 --task-option min_dig
 PROTOCOL=(--algo grpo --steps 100 --prompts-per-step 16 --group-size 8 --eval-every 20 --no-eval-at-start --eval-n 500
           --max-new-tokens 96 --micro-batch-size 128 --generation-batch-size 512 --save-every 20 --attention eager
           --keep-optimizer none --no-progress)
+# single-layer runs trained together: 16 in part 1 (its 40 runs in groups of 14, 14, 12); 20 trains ten layers'
+# 40 runs in two groups (a joint step's generation is shared by its group, the updates are not)
+CONCURRENT=${CONCURRENT:-20}
 ol() { python3 -m onelayer "$@"; }
 
 # the sweep's rate with the best mean final accuracy over its seeds (every run must have reached its last step;
@@ -57,19 +60,19 @@ case "${1:?stage: restore, sweep, lr, main LAYERS, edge [LAYERS], passk, second 
   lr) lr ;;
   main)
     ol scan --model smollm2 --task rg:basic_arithmetic "${TO[@]}" "${PROTOCOL[@]}" --layers "${2:?layers, e.g. 0-9}" \
-      --lr "$(lr)" --lr-grid 1,3 --seeds 2 --concurrent 16 --out $W/scans/main ;;
+      --lr "$(lr)" --lr-grid 1,3 --seeds 2 --concurrent $CONCURRENT --out $W/scans/main ;;
   edge)
     ol scan --model smollm2 --task rg:basic_arithmetic "${TO[@]}" "${PROTOCOL[@]}" --layers "${2:-0,5,9}" \
-      --lr "$(lr)" --lr-grid 10 --seeds 2 --concurrent 16 --out $W/scans/main-10x ;;
+      --lr "$(lr)" --lr-grid 10 --seeds 2 --concurrent $CONCURRENT --out $W/scans/main-10x ;;
   passk)
     ol eval --model smollm2 --task rg:chain_sum "${CHAIN[@]}" --samples 8 --temperature 1 --n 200 --max-new-tokens 96 \
       --out $W/passk-chain-sum-easy ;;
   second)
     ol scan --model smollm2 --task rg:chain_sum "${CHAIN[@]}" "${PROTOCOL[@]}" \
-      --layers "${2:?layers, e.g. every:2}" --lr "$(lr)" --lr-grid 1,3 --seeds 1 --concurrent 16 --out $W/scans/chain-sum ;;
+      --layers "${2:?layers, e.g. every:2}" --lr "$(lr)" --lr-grid 1,3 --seeds 1 --concurrent $CONCURRENT --out $W/scans/chain-sum ;;
   code)
     ol scan --model smollm2 --task code:synth --task-option difficulty=2 "${PROTOCOL[@]}" --layers every:3 \
-      --lr "$(lr)" --lr-grid 1,3 --seeds 1 --concurrent 16 --out $W/scans/code ;;
+      --lr "$(lr)" --lr-grid 1,3 --seeds 1 --concurrent $CONCURRENT --out $W/scans/code ;;
   strategies)
     ol compare $W/scans/main --strategies full,top:1,top:3,top:10,lr-guided,middle:10,random:10,lora --seeds 2 \
       --out $W/compare ;;

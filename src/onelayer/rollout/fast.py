@@ -38,7 +38,7 @@ from .streams import row_keys, uniforms
 WINDOW = 64  # key-window granularity of the captured decode steps (and of the cache length)
 CHECK_EVERY = 16  # decode steps between checks that every row has finished (each check syncs)
 # With CUDA graphs, compact a batch to its unfinished rows once they are at most this share of it: a compaction
-# captures new steps (torch.cuda.graph also synchronises, collects garbage and empties the allocator's cache).
+# captures new steps (a warm-up step and a capture, each synchronising with the host).
 # Without them a compaction costs a gather of the live rows' cache (about what one step's attention reads), so
 # it pays at every check that finds a finished row.
 COMPACT_BELOW = 0.5
@@ -362,17 +362,27 @@ class DecodeState:
         # the cache column it writes is written again by the replay before anything reads it
         bookkeeping = (self.current, self.position, self.column, self.step_index, self.finished)
         saved = [t.clone() for t in bookkeeping]
-        stream = torch.cuda.Stream()
+        # captured by hand, on the warm-up's stream: torch.cuda.graph would also synchronise and empty the
+        # allocator's cache, so that the update after each generation with a compaction allocated afresh. One
+        # stream for every capture: the allocator keeps a stream's freed blocks for that stream
+        stream, graph = _capture_stream(torch.cuda.current_device()), torch.cuda.CUDAGraph()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._decode(window)
+            graph.capture_begin(pool=self.pool)
+            try:
+                self._decode(window)
+            finally:
+                graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self._decode(window)
         for buffer, value in zip(bookkeeping, saved, strict=True):
             buffer.copy_(value)
         return graph
+
+
+@functools.cache
+def _capture_stream(device: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 # ------------------------------------------------------------------------------------------- generator
