@@ -28,9 +28,9 @@ Sections (each prints a table and adds to OUT/results.json, so sections may run 
               plain generate, the fast engine with finished rows kept, and with them dropped (--device cpu
               too: on a CPU `--engine auto` picks plain generate)
   compaction  the demo's joint generation (--compaction-variants single-layer variants x 64 x 8 rows, real EOS)
-              with finished rows dropped from the batch (the default) and kept: seconds, rows decoded per
-              step, and how many completions are the same both ways (the same streams; other batch shapes
-              may take other bf16 kernels)
+              with finished rows kept, and dropped once at most a share of them is still going (--compact-below,
+              each share a row): seconds, rows decoded per step, and how many completions are the same (the
+              same streams; other batch shapes may take other bf16 kernels)
   levers      the demo's update (64 x 8 rollouts, at most 96 new tokens) of layer 15 and of all layers, one
               lever at a time: SDPA attention, larger micro-batches, --liger-kernels, --compile-layers; each
               against the baseline's (the update before issue 26) loss and gradients, with its host
@@ -829,7 +829,8 @@ def section_eos(args) -> dict:
     rows_total = len(prompts) * recipe.group_size
     engines = {"plain": lambda: HFGenerator(model, tokenizer, rows_total),
                "fast, finished rows kept": lambda: FastGenerator(model, tokenizer, rows_total, compact=False),
-               "fast, finished rows dropped": lambda: FastGenerator(model, tokenizer, rows_total, compact=True)}
+               "fast, finished rows dropped": lambda: FastGenerator(model, tokenizer, rows_total, compact=True,
+                                                                    compact_below=max(args.compact_below))}
     out, texts = [], {}
     for label, make in engines.items():
         generator, seconds = make(), []
@@ -865,8 +866,9 @@ def section_compaction(args) -> dict:
     variants = LayerVariants(model, [(i,) for i in range(args.compaction_variants)])
     rows_per_variant = recipe.prompts_per_step * recipe.group_size
     out, texts = [], {}
-    for compact in (False, True):
-        generator = FastGenerator(model, tokenizer, row_hook=variants.set_rows, compact=compact)
+    for below in [None, *args.compact_below]:  # None: finished rows kept
+        generator = FastGenerator(model, tokenizer, row_hook=variants.set_rows, compact=below is not None,
+                                  compact_below=below)
         seconds = []
         with precision_context(device, next(model.parameters()).dtype), \
                 variants.joint(list(range(args.compaction_variants)), rows_per_variant):
@@ -875,20 +877,24 @@ def section_compaction(args) -> dict:
                 batch = generator.generate(prompts, recipe.group_size, recipe.sampling.max_new_tokens,
                                            recipe.sampling.temperature, 1.0, seeds=list(range(args.compaction_variants)))
                 seconds.append(synced(device) - start)
-        texts[compact] = batch.texts
-        row = {"compact": compact, "rows": batch.size, "first_call_s": seconds[0], "seconds": min(seconds[1:]),
+        texts[below] = batch.texts
+        row = {"compact": below is not None, "compact_below": below, "rows": batch.size, "first_call_s": seconds[0],
+               "seconds": min(seconds[1:]),
                "decode_steps": batch.input_ids.shape[1] - batch.prompt_length,
                "completion_tokens": float(batch.completion_lengths.float().mean()), **generator.stats}
         out.append(row)
-        print(f"{batch.size} rows, finished rows {'dropped' if compact else 'kept   '}: {row['seconds']:.2f} s, "
+        how = "kept" if below is None else f"dropped at <= {below:.0%} going"
+        print(f"{batch.size} rows, finished rows {how:24s}: {row['seconds']:.2f} s, "
               f"{row['row_steps']:,} row-steps over {row['decode_steps']} decode steps, {row['compactions']} "
               f"compactions, {row['completion_tokens']:.1f} tokens a completion", flush=True)
         del generator
         torch.cuda.empty_cache()
-    same = same_share(texts[False], texts[True])
-    speedup = out[0]["seconds"] / out[1]["seconds"]
-    print(f"dropping finished rows: {speedup:.2f}x; {same:.1%} of completions the same both ways", flush=True)
-    return {"rows": out, "speedup": speedup, "same_completions": same}
+    for row in out[1:]:
+        row["speedup"] = out[0]["seconds"] / row["seconds"]
+        row["same_completions"] = same_share(texts[None], texts[row["compact_below"]])
+        print(f"dropping finished rows at <= {row['compact_below']:.0%} going: {row['speedup']:.2f}x; "
+              f"{row['same_completions']:.1%} of completions the same as with them kept", flush=True)
+    return {"rows": out}
 
 
 def demo_phases(scan_dir: Path) -> dict:
@@ -1043,11 +1049,13 @@ def section_summary(args) -> dict:
             lines.append(f"| {layers} | {cells[0]} | {cells[1]} | {ratio} |")
         lines.append("")
     compaction = results.get("compaction", {})
-    if "speedup" in compaction:
-        kept, dropped = compaction["rows"]
-        lines += [f"Dropping finished rows from the demo's joint generation ({kept['rows']} rows): {kept['seconds']:.2f} s "
-                  f"-> {dropped['seconds']:.2f} s ({compaction['speedup']:.2f}x), {kept['row_steps']:,} -> "
-                  f"{dropped['row_steps']:,} row-steps; {compaction['same_completions']:.1%} of completions the same.", ""]
+    if compaction.get("rows"):
+        kept, *dropped = compaction["rows"]
+        lines += [f"Dropping finished rows from the demo's joint generation ({kept['rows']} rows; kept: "
+                  f"{kept['seconds']:.2f} s, {kept['row_steps']:,} row-steps): "
+                  + "; ".join(f"at <= {r['compact_below']:.0%} going {r['seconds']:.2f} s ({r['speedup']:.2f}x), "
+                              f"{r['compactions']} compactions, {r['row_steps']:,} row-steps, "
+                              f"{r['same_completions']:.1%} of completions the same" for r in dropped) + ".", ""]
     prefill = results.get("prefill")
     if prefill and "prefill_share" in prefill:
         lines += [f"Prompt prefill is at most {prefill['prefill_share']:.1%} of the demo batch's generation.", ""]
@@ -1076,6 +1084,8 @@ def main() -> None:
         "demo section: KEY=VALUE,... overrides of the demo recipe, e.g. liger_kernels=off,micro_batch_size=128,compile_decode=1; 'auto': "
         "the levers this run measured to pay (after the levers and generation sections)"))
     parser.add_argument("--compaction-variants", type=int, default=15, help="compaction section: variants at once")
+    parser.add_argument("--compact-below", type=lambda v: [float(x) for x in v.split(",")], default=[0.5, 0.75, 1.0],
+                        help="compaction section: shares of rows still going at or below which a check compacts")
     parser.add_argument("--device", default="cuda", help="eos and compaction sections: cuda, or cpu (eager decode, float32; "
                         "with --demo-flags prompts_per_step=N for a batch a CPU can take)")
     parser.add_argument("--large-steps", type=int, default=3)

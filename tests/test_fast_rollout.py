@@ -95,6 +95,17 @@ def test_finished_rows_are_dropped_from_the_batch_without_changing_a_sample(toke
             rows, compactions = going, compactions + 1
         row_steps += rows
     assert compactions >= 3 and compacting.stats == {"row_steps": row_steps, "compactions": compactions}
+    # at most half still going (the rule with CUDA graphs): fewer compactions, the same samples
+    halving = FastGenerator(model, tokenizer, compact_below=0.5)
+    assert halving.generate(prompts, 4, 100, temperature=1.0, seeds=[7]).texts == whole.texts
+    rows, row_steps, compactions = 16, 0, 0
+    for done in range(1, 100):
+        going = sum(n > done for n in lengths)
+        if done % 16 == 0 and going < rows and going <= rows / 2 and 100 - done >= 16:
+            rows, compactions = going, compactions + 1
+        row_steps += rows
+    assert 1 <= compactions < compacting.stats["compactions"]
+    assert halving.stats == {"row_steps": row_steps, "compactions": compactions}
     # the next call starts again from the whole batch, on the state it keeps: other prompts, longer, another seed
     others = _prompts(tokenizer, ("qq", "a b", "zz top", "7+8"))
     again = compacting.generate(others, 4, 120, temperature=1.0, seeds=[9])
@@ -153,6 +164,7 @@ def test_compaction_is_on_where_it_cannot_cost_captures(tokenizer):
     graphs = FastGenerator(model, tokenizer, cuda_graphs=True)
     assert not graphs.compact and graphs.compact_below == 0.5  # each compaction would capture anew
     assert FastGenerator(model, tokenizer, cuda_graphs=True, compact=True).compact
+    assert FastGenerator(model, tokenizer, cuda_graphs=True, compact=True, compact_below=1.0).compact_below == 1.0
     assert not FastGenerator(model, tokenizer, compiled=True, compact=True).compact  # each shape compiles again
 
 

@@ -38,7 +38,7 @@ from .streams import row_keys, uniforms
 WINDOW = 64  # key-window granularity of the captured decode steps (and of the cache length)
 CHECK_EVERY = 16  # decode steps between checks that every row has finished (each check syncs)
 # With CUDA graphs, compact a batch to its unfinished rows once they are at most this share of it: a compaction
-# captures new steps (a warm-up step and a capture, each synchronising with the host).
+# captures new steps (a warm-up step, then torch.cuda.graph, which synchronises and empties the allocator's cache).
 # Without them a compaction costs a gather of the live rows' cache (about what one step's attention reads), so
 # it pays at every check that finds a finished row.
 COMPACT_BELOW = 0.5
@@ -362,27 +362,20 @@ class DecodeState:
         # the cache column it writes is written again by the replay before anything reads it
         bookkeeping = (self.current, self.position, self.column, self.step_index, self.finished)
         saved = [t.clone() for t in bookkeeping]
-        # captured by hand, on the warm-up's stream: torch.cuda.graph would also synchronise and empty the
-        # allocator's cache, so that the update after each generation with a compaction allocated afresh. One
-        # stream for every capture: the allocator keeps a stream's freed blocks for that stream
-        stream, graph = _capture_stream(torch.cuda.current_device()), torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._decode(window)
-            graph.capture_begin(pool=self.pool)
-            try:
-                self._decode(window)
-            finally:
-                graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)
+        # torch.cuda.graph empties the allocator's cache first, which these captures need: captured by hand
+        # without it, a 20-variant scan's fifth joint evaluation ran out of memory with 32 GB cached outside the
+        # graphs' pools, which a capture cannot free
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._decode(window)
         for buffer, value in zip(bookkeeping, saved, strict=True):
             buffer.copy_(value)
         return graph
-
-
-@functools.cache
-def _capture_stream(device: int) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)
 
 
 # ------------------------------------------------------------------------------------------- generator
@@ -409,8 +402,9 @@ class FastGenerator:
     compacted to its unfinished rows, of ``rows`` (their indices in the batch). ``compact``: compact batches
     (:func:`compact_now`); None = without CUDA graphs only (each compaction would capture new steps, which
     ``bench/rl_speed.py --sections compaction`` weighs against the rows saved), never under ``compiled``, which
-    runs decode steps through torch.compile (each new batch shape would compile again). ``stats`` says what the
-    last call decoded.
+    runs decode steps through torch.compile (each new batch shape would compile again); ``compact_below``: the
+    share of rows still going at or below which a check compacts (None: ``COMPACT_BELOW`` with CUDA graphs, else
+    1.0, at every check that finds a finished row). ``stats`` says what the last call decoded.
     ``kernels`` runs decode attention and sampling in Triton kernels (:mod:`.kernels`): None = where they
     run by default (CUDA sm80+ with Triton installed), True = always (on CPU through Triton's interpreter,
     for tests), False = never.
@@ -418,7 +412,7 @@ class FastGenerator:
 
     def __init__(self, model: nn.Module, tokenizer, batch_size: int = 256, cuda_graphs: bool | None = None,
                  ignore_eos: bool = False, row_hook=None, compiled: bool = False, kernels: bool | None = None,
-                 compact: bool | None = None):
+                 compact: bool | None = None, compact_below: float | None = None):
         self.model, self.tokenizer, self.batch_size, self.ignore_eos = model, tokenizer, batch_size, ignore_eos
         self.row_hook, self.compiled = row_hook, compiled
         self.stats = {"row_steps": 0, "compactions": 0}  # decode steps x rows decoded, by the last call
@@ -426,7 +420,8 @@ class FastGenerator:
         device = next(model.parameters()).device
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.compact = (not self.cuda_graphs if compact is None else compact) and not compiled
-        self.compact_below = COMPACT_BELOW if self.cuda_graphs else 1.0
+        self.compact_below = compact_below if compact_below is not None else (
+            COMPACT_BELOW if self.cuda_graphs else 1.0)
         if kernels and (reason := _kernels.unavailable_reason(device)):
             raise ValueError(f"the fast engine's Triton kernels cannot run: {reason}")
         self.kernels = _kernels.available(device) if kernels is None else kernels
