@@ -400,9 +400,10 @@ class FastGenerator:
     ``row_hook(start, stop, rows)`` is called before every forward with the rows it covers (layer variants
     route rows to their own layers by it): rows ``start``-``stop`` of the batch, or, after the batch was
     compacted to its unfinished rows, of ``rows`` (their indices in the batch). ``compact``: compact batches
-    (:func:`compact_now`); None = without CUDA graphs only (each compaction would capture new steps, which
-    ``bench/rl_speed.py --sections compaction`` weighs against the rows saved), never under ``compiled``, which
-    runs decode steps through torch.compile (each new batch shape would compile again); ``compact_below``: the
+    (:func:`compact_now`); None = without CUDA graphs only (with them each compaction captures new steps: on an
+    H200, ``bench/rl_speed.py --sections compaction`` found that a quarter fewer row-steps did not pay for them),
+    never under ``compiled``, which runs decode steps through torch.compile (each new batch shape would compile
+    again); ``compact_below``: the
     share of rows still going at or below which a check compacts (None: ``COMPACT_BELOW`` with CUDA graphs, else
     1.0, at every check that finds a finished row). ``stats`` says what the last call decoded.
     ``kernels`` runs decode attention and sampling in Triton kernels (:mod:`.kernels`): None = where they
