@@ -203,3 +203,62 @@ def test_the_joint_rollout_cache_is_kept_between_steps(tmp_path, tokenizer, monk
     configs = [config(tmp_path / f"v{k}", str(k), steps=3, eval_every=0) for k in range(2)]
     train_variants(configs, tiny_model("llama"), tokenizer, progress=False)
     assert built == [2 * 3 * 4]  # one state for the 2 x 3 prompts x 4 samples, reused by all three steps
+
+
+def _greedy_calls_fail(monkeypatch, fails):
+    """Make the fast engine's greedy (evaluation) calls raise out of GPU memory where ``fails(prompts)``."""
+    from onelayer.rollout import FastGenerator
+
+    original = FastGenerator.generate
+
+    def generate(self, prompts, num_samples, max_new_tokens, temperature=1.0, *args, **kwargs):
+        if temperature == 0.0 and fails(prompts):
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return original(self, prompts, num_samples, max_new_tokens, temperature, *args, **kwargs)
+
+    monkeypatch.setattr(FastGenerator, "generate", generate)
+
+
+def _evals(out):
+    return [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+
+
+def test_a_joint_evaluation_out_of_memory_is_made_in_halves(tmp_path, tokenizer, monkeypatch, capsys):
+    configs = [config(tmp_path / f"a{k}", str(k), steps=3) for k in range(3)]
+    reference = train_variants(configs, tiny_model("llama"), tokenizer, progress=False)
+    # more than one variant's 6 eval prompts at once does not fit
+    _greedy_calls_fail(monkeypatch, lambda prompts: len(prompts) > 6)
+    configs = [config(tmp_path / f"b{k}", str(k), steps=3) for k in range(3)]
+    results = train_variants(configs, tiny_model("llama"), tokenizer, progress=False)
+    assert "out of GPU memory evaluating 3 at once; in groups of 2 and 1" in capsys.readouterr().err
+    for k in range(3):
+        assert not isinstance(results[k], Exception)
+        assert _evals(tmp_path / f"b{k}") == _evals(tmp_path / f"a{k}")  # greedy rows: the same answers
+        assert results[k].final_eval == reference[k].final_eval
+
+
+def test_a_failed_final_evaluation_costs_no_training(tmp_path, tokenizer, monkeypatch):
+    configs = [config(tmp_path / f"v{k}", str(k), steps=3, eval_at_start=False) for k in range(2)]
+    _greedy_calls_fail(monkeypatch, lambda prompts: True)
+    with pytest.raises(OneLayerError, match="out of GPU memory evaluating .*v0 on 6 prompts: use a smaller --concurrent"):
+        train_variants(configs, tiny_model("llama"), tokenizer, progress=False)
+    # each variant's step-3 checkpoint was written before the evaluation
+    assert [read_meta(tmp_path / f"v{k}")["step"] for k in range(2)] == [3, 3]
+    assert not (tmp_path / "v0" / "eval.jsonl").exists()
+    trained = {k: log(tmp_path / f"v{k}") for k in range(2)}
+    monkeypatch.undo()
+    again = train_variants(configs, tiny_model("llama"), tokenizer, progress=False)
+    for k in range(2):
+        assert log(tmp_path / f"v{k}") == trained[k]  # nothing trained again
+        assert again[k].final_eval["step"] == 3 and [e["step"] for e in _evals(tmp_path / f"v{k}")] == [3]
+    # a solo run the same way: its evaluation fails after the checkpoint, and its resume only evaluates
+    solo = config(tmp_path / "solo", "1", steps=3, eval_at_start=False)
+    _greedy_calls_fail(monkeypatch, lambda prompts: True)
+    with pytest.raises(torch.OutOfMemoryError):
+        train(solo, tiny_model("llama"), tokenizer, progress=False)
+    assert read_meta(tmp_path / "solo")["step"] == 3 and not (tmp_path / "solo" / "eval.jsonl").exists()
+    monkeypatch.undo()
+    result = train(solo, tiny_model("llama"), tokenizer, progress=False)
+    assert len(log(tmp_path / "solo")) == 3 and result.final_eval["step"] == 3
+    assert [e["step"] for e in _evals(tmp_path / "solo")] == [3]
+    assert result.final_eval["accuracy"] == _evals(tmp_path / "solo")[-1]["accuracy"]

@@ -32,6 +32,7 @@ from ..variants import LayerVariants
 from .setup import Run, TrainResult, check_run, model_for, open_run, peak_memory
 from .step import (
     Rollouts,
+    eval_before_first_step,
     eval_due,
     record_eval,
     sample_seed,
@@ -121,18 +122,31 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
         print(f"concurrent variants: {runs[k].out} stopped: {err}", file=sys.stderr)
 
     def evaluate_jointly(members: list[int]) -> None:
-        """One greedy generation of the eval prompts for every variant in ``members``."""
+        """One greedy generation of the eval prompts for every variant in ``members``; out of GPU memory, each
+        half of them in turn (greedy rows do not depend on their batch)."""
         examples, prompts = eval_prompts(tokenizer, task, first.eval_n)
         rollouts.release()  # the training cache is rebuilt at the next step
-        with precision, variants.joint(members, len(prompts)):
-            batch = evals.generate(prompts * len(members), 1, first.sampling.max_new_tokens, 0.0, 1.0,
-                                   seeds=[runs[k].config.seed for k in members])
+        try:
+            with precision, variants.joint(members, len(prompts)):
+                batch = evals.generate(prompts * len(members), 1, first.sampling.max_new_tokens, 0.0, 1.0,
+                                       seeds=[runs[k].config.seed for k in members])
+        except torch.OutOfMemoryError:
+            evals.release()
+            if len(members) == 1:
+                raise _out_of_memory(f"evaluating {runs[members[0]].out} on {len(prompts)} prompts") from None
+            torch.cuda.empty_cache()
+            half = len(members) // 2
+            print(f"concurrent variants: out of GPU memory evaluating {len(members)} at once; in groups of "
+                  f"{len(members) - half} and {half}", file=sys.stderr)
+            evaluate_jointly(members[:half])
+            evaluate_jointly(members[half:])
+            return
         evals.release()
         for b, k in enumerate(members):
             part = batch.rows(slice(b * len(prompts), (b + 1) * len(prompts)))
             record_eval(runs[k], steps[k], eval_result(task, examples, part, 1))
 
-    starting = [k for k, run in enumerate(runs) if run.config.eval_every and run.config.eval_at_start and steps[k] == 0]
+    starting = [k for k, run in enumerate(runs) if eval_before_first_step(run)]
     if starting:
         evaluate_jointly(starting)
     rows_per_variant = first.prompts_per_step * first.group_size
@@ -181,20 +195,16 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
                 except torch.OutOfMemoryError:
                     raise _out_of_memory(f"updating one of {len(active)} variants next to their rollout cache") from None
                 bar.advance(task_id)
-            # as a solo run does: evaluate, then checkpoint (the evaluation of all that are due at once)
-            due = [k for k in stepped if eval_due(runs[k].config, steps[k])]
-            if due:
-                evaluate_jointly(due)
+            # as a solo run does: checkpoint, then evaluate (the evaluation of all that are due at once), so
+            # that an evaluation that fails costs no training
             for k in stepped:
                 with variants.variant(k):
                     save_due(runs[k], model, steps[k])
+            due = [k for k in stepped if eval_due(runs[k].config, steps[k])]
+            if due:
+                evaluate_jointly(due)
             bar.update(task_id, info=f"{len(active)} active, {time.perf_counter() - t0:.1f}s/step"
                        + (f", {len(failed)} failed" if failed else ""))
-    # runs finished before this call (killed before anyone used their result) still get an evaluation
-    unevaluated = [k for k, run in enumerate(runs) if k not in failed and run.final_eval is None
-                   and run.config.eval_every]
-    if unevaluated:
-        evaluate_jointly(unevaluated)
     for run in runs:
         run.tracker.close()
     return [failed[k] if k in failed else run.result(device) for k, run in enumerate(runs)]

@@ -407,6 +407,14 @@ def eval_due(config: TrainConfig, done: int) -> bool:
     return bool(config.eval_every) and (done % config.eval_every == 0 or done == config.steps)
 
 
+def eval_before_first_step(run: Run) -> bool:
+    """Whether a run evaluates before its first step: at step 0 when asked to, and where it resumed at a step
+    whose evaluation was due but not made (it stopped between that step's checkpoint and its evaluation)."""
+    if run.start == 0:
+        return bool(run.config.eval_every) and run.config.eval_at_start
+    return run.final_eval is None and eval_due(run.config, run.start)
+
+
 def record_eval(run: Run, step: int, result) -> dict:
     """Write an evaluation after ``step`` steps (``eval.jsonl`` line and ``evals/``); returns the line."""
     row = {"step": step, **result.summary()}

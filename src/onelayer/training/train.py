@@ -15,7 +15,15 @@ from ..progress import progress_bar
 from ..rollout import make_generator
 from .distributed import World, torchrun_world
 from .setup import TrainResult, check_memory, check_run, model_for, open_run, peak_memory, total_memory
-from .step import eval_due, record_eval, save_due, stall_reports, step_rollouts, update_and_log
+from .step import (
+    eval_before_first_step,
+    eval_due,
+    record_eval,
+    save_due,
+    stall_reports,
+    step_rollouts,
+    update_and_log,
+)
 
 
 def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, progress: bool = True,
@@ -47,8 +55,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
         world.barrier()
 
     peak_memory(device)  # reset the counter
-    if config.eval_every and config.eval_at_start and run.start == 0:
-        run_eval(0)
+    if eval_before_first_step(run):
+        run_eval(run.start)
     with (progress_bar(f"layers {run.selection.describe()}", progress and world.is_main, info=True) as bar,
           stall_reports() as rearm):
         task_id = bar.add_task("train", total=config.steps, completed=run.start, info="")
@@ -62,9 +70,10 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             row = update_and_log(learner, run, rollouts, precision, step, peak_rollout)
             if run.sharded:
                 run.sharded.refresh()  # the next rollouts and evaluations see the updated weights
+            # checkpoint first: an evaluation that fails (out of memory, say) costs no training
+            save_due(run, learner, step + 1)
             if eval_due(config, step + 1):
                 run_eval(step + 1)
-            save_due(run, learner, step + 1)
             bar.update(task_id, completed=step + 1,
                        info=f"reward {row['reward']:.3f} acc {row['accuracy']:.3f} {row['seconds_step']:.1f}s/step")
     run.tracker.close()
