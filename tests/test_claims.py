@@ -157,6 +157,9 @@ def test_strategy_claim_in_points():
     assert c.verdict == REPRODUCED and c.study == "+2.70 points" and "+2.70 points [+0.50, +5.00]" in c.why
     assert strategy_claim("middle:4", Estimate(-0.03, -0.05, -0.01), 2, 1.76).verdict == NOT_REPRODUCED
     assert strategy_claim("lr-guided", Estimate(0.01, -0.01, 0.03), 1, None).study == "beats full"
+    # a strategy at another rate (TERM*K) is the same claim
+    assert strategy_claim("lr-guided*3", Estimate(0.01, -0.01, 0.03), 1, None).claim.startswith(
+        "contribution-scaled learning rates (lr-guided*3)")
 
 
 def _votes(path, correct, k):
@@ -218,12 +221,12 @@ def test_strategy_rows_keep_the_claimed_strategies_with_the_study_numbers(monkey
 
     found = types.SimpleNamespace(full_gain=Estimate(0.3, 0.2, 0.4), strategies=[
         result("full", 0.0), result("top:10", 0.03), result("middle:4", -0.05), result("lr-guided", 0.0),
-        result("random:10", 0.1), result("lora", 0.1)])
+        result("random:10", 0.1), result("lora", 0.1), result("top:10*3", 0.03), result("full*3", 0.2)])
     monkeypatch.setattr(compare, "comparison_results", lambda out: found)
     rows = claims.strategy_claims("cmp")
-    assert [r.claim.split("(")[1].split(")")[0] for r in rows] == ["top:10", "middle:4", "lr-guided"]
-    assert [r.study for r in rows] == ["+2.70 points", "+1.76 points", "beats full"]
-    assert [r.verdict for r in rows] == [REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE]
+    assert [r.claim.split("(")[1].split(")")[0] for r in rows] == ["top:10", "middle:4", "lr-guided", "top:10*3"]
+    assert [r.study for r in rows] == ["+2.70 points", "+1.76 points", "beats full", "+2.70 points"]
+    assert [r.verdict for r in rows] == [REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, REPRODUCED]
     found.full_gain = None  # no finished full run: nothing to compare with
     [row] = claims.strategy_claims("cmp")
     assert row.verdict == NOT_MEASURED and "no finished full-training run" in row.why

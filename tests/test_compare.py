@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -32,6 +33,12 @@ def test_strategies_become_exact_training_recipes(tmp_path):
     plan = plan_comparison(strategies, [3, 4])
     assert [r.name for r in plan[:5]] == ["base", "full-s3", "full-s4", "top_2-s3", "top_2-s4"]
     assert len(plan) == 1 + 9 * 2
+    # TERM*K: the same strategy at K times the rate
+    scaled = parse_strategies(replace(config, strategies="top:2*3,lora*0.5,full*2"), 4, matched_rank=5)
+    assert [(s.label, s.slug, s.layers, s.lr_scale) for s in scaled] == [
+        ("top:2*3", "top_2-lr3x", f"top:2@{scan}", 3.0), ("lora*0.5", "lora-lr0.5x", "all", 5.0),
+        ("full*2", "full-lr2x", "all", 2.0)]
+    assert recipe_for(config, plan_comparison(scaled, [3])[1], tmp_path / "c").lr == pytest.approx(3e-3)
     by_name = {r.name: recipe_for(config, r, tmp_path / "c") for r in plan}
     assert by_name["full-s4"].layers == "all" and by_name["full-s4"].seed == 4 and by_name["full-s4"].lr == 1e-3
     assert parse_layer_spec(by_name["top_2-s3"].layers, 4).layers == (1, 2)
@@ -51,6 +58,10 @@ def test_strategies_become_exact_training_recipes(tmp_path):
     ("full,middle:x", "middle:k"),
     ("full,top:0", "positive integer"),
     ("full,full", "listed twice"),
+    ("full,middle:2*x", "learning-rate multiple"),
+    ("full,full*0", "learning-rate multiple"),
+    ("full*-1", "learning-rate multiple"),
+    ("full,full*1e999", "learning-rate multiple"),
     (",", "names nothing"),
 ])
 def test_bad_strategies_fail_before_any_training(strategies, message):
@@ -99,20 +110,30 @@ def test_comparison_runs_every_strategy_and_reports_costs(tmp_path, saved_tiny):
 
 def test_compare_takes_the_scans_recipe_and_copies_its_base_and_full_runs(tmp_path, saved_tiny, capsys):
     scan_dir = tmp_path / "scan"
-    run_scan(ScanConfig(recipe=recipe(scan_dir, saved_tiny, layers="1,2")), progress=False)
+    run_scan(ScanConfig(recipe=recipe(scan_dir, saved_tiny, layers="1,2"), lr_grid="1,3"), progress=False)
     assert main(["profile", str(scan_dir)]) == 0
-    code = main(["compare", str(scan_dir), "--strategies", "full,middle:1", "--seeds", "1", "--no-progress"])
+    code = main(["compare", str(scan_dir), "--strategies", "full,full*3,middle:1", "--seeds", "1", "--no-progress"])
     assert code == 0
     out = scan_dir / "compare"
     saved = json.loads((out / "compare.json").read_text())
     assert saved["config"]["recipe"]["steps"] == 2 and saved["config"]["recipe"]["task"] == "toy:repeat"
-    for name, source in (("base", "base"), ("full-s0", "full-s0")):
+    # full training at 3x --lr is the scan's full run at 3x
+    for name, source in (("base", "base"), ("full-s0", "full-s0"), ("full-lr3x-s0", "full-lr3x-s0")):
         result = json.loads((out / "runs" / name / "result.json").read_text())
         original = json.loads((scan_dir / "runs" / source / "result.json").read_text())
         assert result["copied_from"].endswith(source) and result["accuracy"] == original["accuracy"]
     assert "copied_from" not in json.loads((out / "runs" / "middle_1-s0" / "result.json").read_text())
     printed = capsys.readouterr().out
     assert "middle:1" in printed and "gain over full" in printed and (out / "results.md").is_file()
+
+    # at the own-best protocol: top:1 ranks the layers by their contribution at their own best rates
+    best = json.loads((scan_dir / "profile-best.json").read_text())
+    top = max((p for p in best["points"] if not p["interpolated"]), key=lambda p: (p["contribution"], -p["layer"]))
+    code = main(["compare", f"{scan_dir}?protocol=best", "--strategies", "top:1*3", "--seeds", "1",
+                 "--out", str(tmp_path / "best"), "--no-progress"])
+    assert code == 0
+    meta = read_meta(tmp_path / "best" / "runs" / "top_1-lr3x-s0")
+    assert meta["layers"] == [top["layer"]] and meta["config"]["lr"] == pytest.approx(3e-2)
 
     # another recipe is another experiment: nothing is copied
     code = main(["compare", str(scan_dir), "--strategies", "full", "--seeds", "1", "--steps", "1",

@@ -290,7 +290,8 @@ class CompareConfig:
     directory). Without flags, ``onelayer compare SCAN`` takes the scan's own recipe."""
 
     recipe: TrainConfig = nested(TrainConfig)
-    strategies: str = option(DEFAULT_STRATEGIES, group="compare", help="comma-separated strategies")
+    strategies: str = option(DEFAULT_STRATEGIES, group="compare", help="comma-separated strategies; TERM*K trains "
+                             "one at K times --lr (e.g. top:10*3)")
     profile: str = option("", group="compare", help="scan dir or profile.json for top:k and lr-guided")
     seeds: int = option(2, group="compare", help="seeds per strategy")
     lora_lr_scale: float = option(10.0, group="compare", help=(

@@ -10,7 +10,7 @@
 #   second LAYERS     rg:chain_sum at 2-3 one-digit terms (CHAIN), the same protocol, 1 seed; `passk` checks the base
 #                     model's pass@8 there (0.48 on 50 problems on a CPU; the defaults' 0.07 is below the issue's 0.2)
 #   code              code:synth difficulty 2, every third layer, 1 seed (needs bubblewrap, prlimit, libseccomp)
-#   strategies        onelayer compare on the main scan, 2 seeds, under the study protocol
+#   strategies        onelayer compare on the main scan, 2 seeds, under the study protocol and at own best rates
 #   ensemble          the top-7 specialists' vote vs self-consistency of the best one at k = 7 (the vote reuses the
 #                     members' final evaluations; self-consistency samples the best one, so its checkpoint must be
 #                     there: a scan brought back without checkpoints needs that run trained again first)
@@ -32,6 +32,7 @@ PROTOCOL=(--algo grpo --steps 100 --prompts-per-step 16 --group-size 8 --eval-ev
 # single-layer runs trained together: 16 in part 1 (its 40 runs in groups of 14, 14, 12); 20 trains ten layers'
 # 40 runs in two groups (a joint step's generation is shared by its group, the updates are not)
 CONCURRENT=${CONCURRENT:-20}
+BEST=${BEST:-3}  # the strategies' rate multiple under the own-best protocol
 ol() { python3 -m onelayer "$@"; }
 
 # the sweep's rate with the best mean final accuracy over its seeds (every run must have reached its last step;
@@ -74,8 +75,13 @@ case "${1:?stage: restore, sweep, lr, main LAYERS, edge [LAYERS], passk, second 
     ol scan --model smollm2 --task code:synth --task-option difficulty=2 "${PROTOCOL[@]}" --layers every:3 \
       --lr "$(lr)" --lr-grid 1,3 --seeds 1 --concurrent $CONCURRENT --out $W/scans/code ;;
   strategies)
+    # the study protocol: every strategy at full training's tuned rate, the layers ranked at that rate
     ol compare $W/scans/main --strategies full,top:1,top:3,top:10,lr-guided,middle:10,random:10,lora --seeds 2 \
-      --out $W/compare ;;
+      --out $W/compare
+    # each at its own best rate: the layers ranked by their contribution at theirs, the layer strategies trained at
+    # BEST x (every layer's best rate in parts 1-2 was 3x), full training at its own (1x)
+    ol compare "$W/scans/main?protocol=best" --seeds 2 --out $W/compare-best \
+      --strategies "full,top:1*$BEST,top:3*$BEST,top:10*$BEST,lr-guided*$BEST,middle:10*$BEST,random:10*$BEST" ;;
   ensemble)
     # the seven layers of highest contribution, as run directories at the rate the study protocol reads
     mapfile -t MEMBERS < <(python3 - "$W/scans/main" <<'EOF'
@@ -94,6 +100,6 @@ EOF
     ol ensemble --self-consistency "${MEMBERS[0]}" --k 7 --n 500 --out $W/ensemble ;;
   claims)
     ol claims $W/scans/main --math $W/scans/chain-sum --code $W/scans/code --compare $W/compare --ensemble $W/ensemble
-    ol claims "$W/scans/main?protocol=best" --math $W/scans/chain-sum --code $W/scans/code ;;
+    ol claims "$W/scans/main?protocol=best" --math $W/scans/chain-sum --code $W/scans/code --compare $W/compare-best ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac

@@ -243,8 +243,9 @@ STRATEGY_RULE = ("accuracy minus full training's, paired bootstrap over seeds an
 def strategy_claim(label: str, gain: Estimate, seeds: int, study_points: float | None, source: str = "") -> Claim:
     """A layer-selection strategy beats full-parameter training (``study_points``: its gain in the study, in
     accuracy points, where the study gives one)."""
-    what = ("training the top-k layers" if label.startswith("top:") else
-            "contribution-scaled learning rates" if label == "lr-guided" else "training the geometric middle layers")
+    kind = label.partition("*")[0]  # top:10*3: top:10 at 3x the rate
+    what = ("training the top-k layers" if kind.startswith("top:") else
+            "contribution-scaled learning rates" if kind == "lr-guided" else "training the geometric middle layers")
     study = f"{study_points:+.2f} points" if study_points is not None else "beats full"
     why = f"{label}: {gain.value * 100:+.2f} points [{gain.low * 100:+.2f}, {gain.high * 100:+.2f}] over {seeds} seed(s)"
     return Claim(f"{what} ({label}) beats full-parameter training", study, "accuracy gain over full training",

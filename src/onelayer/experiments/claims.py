@@ -49,6 +49,7 @@ def _is_scan(path: Path) -> bool:
 
 
 def _strategy_points(label: str) -> float | None:
+    label = label.partition("*")[0]  # top:10*3 is top:10 at another rate
     return STUDY_POINTS.get(label, STUDY_POINTS["middle"] if label.startswith("middle:") else None)
 
 

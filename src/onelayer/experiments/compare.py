@@ -19,6 +19,7 @@ repeated: it is the same computation.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass, replace
@@ -65,8 +66,8 @@ class Strategy:
     per_seed_draw: bool = False  # random:k without a seed: each seed draws its own layers
 
     @property
-    def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9.\-]+", "_", self.label).strip("_")
+    def slug(self) -> str:  # top:10*3 -> top_10-lr3x
+        return re.sub(r"[^A-Za-z0-9.\-]+", "_", re.sub(r"\*(.*)$", r"-lr\1x", self.label)).strip("_")
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,20 @@ def _count(text: str, term: str) -> int:
     return int(text)
 
 
+def _multiple(text: str, written: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise OneLayerError(f"strategy '{written}': after * comes the learning-rate multiple, a positive number, "
+                            "e.g. top:10*3 (top:10 at 3x --lr)")
+    return value
+
+
 def parse_strategies(config: CompareConfig, n_layers: int, matched_rank: int) -> list[Strategy]:
-    """The strategies of ``config.strategies``; ``matched_rank`` is the LoRA rank used by ``lora``."""
+    """The strategies of ``config.strategies``; ``matched_rank`` is the LoRA rank used by ``lora``. ``TERM*K`` is
+    strategy TERM at K times the recipe's rate (single layers' best rate is often above full training's)."""
     profile = config.profile
 
     def need_profile(term: str) -> str:
@@ -92,9 +105,10 @@ def parse_strategies(config: CompareConfig, n_layers: int, matched_rank: int) ->
         return profile
 
     strategies = []
-    for term in (t.strip() for t in config.strategies.split(",")):
-        if not term:
+    for written in (t.strip() for t in config.strategies.split(",")):
+        if not written:
             continue
+        term, star, multiple = written.partition("*")  # TERM*K: that strategy at K times --lr
         name, _, arg = term.partition(":")
         if term in ("full", "all"):
             strategy = Strategy(term)
@@ -108,6 +122,8 @@ def parse_strategies(config: CompareConfig, n_layers: int, matched_rank: int) ->
         else:
             parse_layer_spec(term, n_layers)  # a malformed spec fails now, with the grammar in the message
             strategy = Strategy(term, layers=term, per_seed_draw=name == "random" and arg.count(":") == 0)
+        if star:
+            strategy = replace(strategy, label=written, lr_scale=strategy.lr_scale * _multiple(multiple, written))
         strategies.append(strategy)
     if not strategies:
         raise OneLayerError(f"--strategies names nothing; e.g. {DEFAULT_STRATEGIES}")
@@ -147,8 +163,8 @@ def reuse_from_scan(config: CompareConfig, run: StrategyRun, out: Path) -> bool:
     scan = reference_path(config.profile) if config.profile else None
     if scan is None or not (scan / "scan.json").is_file():
         return False
-    if run.strategy is not None and run.strategy.label not in ("full", "all"):
-        return False
+    if run.strategy is not None and (run.strategy.layers != "all" or run.strategy.lr_from or run.strategy.lora_rank):
+        return False  # only full training (at any rate) is in a scan
     saved, plan = load_plan(scan)
     mine = to_dict(recipe_for(config, run, out))
     kind = "base" if run.strategy is None else "full"
