@@ -1051,9 +1051,13 @@ def section_summary(args) -> dict:
     compaction = results.get("compaction", {})
     if compaction.get("rows"):
         kept, *dropped = compaction["rows"]
+        if "speedup" in compaction:  # a results.json from before --compact-below: one row, at the engine's rule
+            dropped = [{**dropped[0], "compact_below": None, "speedup": compaction["speedup"],
+                        "same_completions": compaction["same_completions"]}]
         lines += [f"Dropping finished rows from the demo's joint generation ({kept['rows']} rows; kept: "
                   f"{kept['seconds']:.2f} s, {kept['row_steps']:,} row-steps): "
-                  + "; ".join(f"at <= {r['compact_below']:.0%} going {r['seconds']:.2f} s ({r['speedup']:.2f}x), "
+                  + "; ".join(("by the engine's default rule" if r["compact_below"] is None else
+                               f"at <= {r['compact_below']:.0%} going") + f" {r['seconds']:.2f} s ({r['speedup']:.2f}x), "
                               f"{r['compactions']} compactions, {r['row_steps']:,} row-steps, "
                               f"{r['same_completions']:.1%} of completions the same" for r in dropped) + ".", ""]
     prefill = results.get("prefill")

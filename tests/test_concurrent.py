@@ -206,7 +206,8 @@ def test_the_joint_rollout_cache_is_kept_between_steps(tmp_path, tokenizer, monk
 
 
 def _greedy_calls_fail(monkeypatch, fails):
-    """Make the fast engine's greedy (evaluation) calls raise out of GPU memory where ``fails(prompts)``."""
+    """Make the fast engine's greedy calls raise out of GPU memory where ``fails(prompts)`` (an evaluation has 6
+    prompts a variant here; the engine's self-check, 2)."""
     from onelayer.rollout import FastGenerator
 
     original = FastGenerator.generate
@@ -230,7 +231,7 @@ def test_a_joint_evaluation_out_of_memory_is_made_in_halves(tmp_path, tokenizer,
     _greedy_calls_fail(monkeypatch, lambda prompts: len(prompts) > 6)
     configs = [config(tmp_path / f"b{k}", str(k), steps=3) for k in range(3)]
     results = train_variants(configs, tiny_model("llama"), tokenizer, progress=False)
-    assert "out of GPU memory evaluating 3 at once; in groups of 2 and 1" in capsys.readouterr().err
+    assert "out of GPU memory evaluating 3 at once; 1 of them, then the other 2" in capsys.readouterr().err
     for k in range(3):
         assert not isinstance(results[k], Exception)
         assert _evals(tmp_path / f"b{k}") == _evals(tmp_path / f"a{k}")  # greedy rows: the same answers
@@ -239,7 +240,7 @@ def test_a_joint_evaluation_out_of_memory_is_made_in_halves(tmp_path, tokenizer,
 
 def test_a_failed_final_evaluation_costs_no_training(tmp_path, tokenizer, monkeypatch):
     configs = [config(tmp_path / f"v{k}", str(k), steps=3, eval_at_start=False) for k in range(2)]
-    _greedy_calls_fail(monkeypatch, lambda prompts: True)
+    _greedy_calls_fail(monkeypatch, lambda prompts: len(prompts) >= 6)
     with pytest.raises(OneLayerError, match="out of GPU memory evaluating .*v0 on 6 prompts: use a smaller --concurrent"):
         train_variants(configs, tiny_model("llama"), tokenizer, progress=False)
     # each variant's step-3 checkpoint was written before the evaluation
@@ -251,14 +252,24 @@ def test_a_failed_final_evaluation_costs_no_training(tmp_path, tokenizer, monkey
     for k in range(2):
         assert log(tmp_path / f"v{k}") == trained[k]  # nothing trained again
         assert again[k].final_eval["step"] == 3 and [e["step"] for e in _evals(tmp_path / f"v{k}")] == [3]
+    train_variants(configs, tiny_model("llama"), tokenizer, progress=False)  # once evaluated, never again
+    assert all([e["step"] for e in _evals(tmp_path / f"v{k}")] == [3] for k in range(2))
+    # nor when --steps was lowered since: a run past its last step gets its final evaluation once
+    lowered = [config(tmp_path / f"v{k}", str(k), steps=2, eval_at_start=False) for k in range(2)]
+    (tmp_path / "v0" / "eval.jsonl").unlink()
+    done = train_variants(lowered, tiny_model("llama"), tokenizer, progress=False)
+    assert done[0].final_eval["step"] == 3 and [e["step"] for e in _evals(tmp_path / "v0")] == [3]
+    assert [e["step"] for e in _evals(tmp_path / "v1")] == [3]
     # a solo run the same way: its evaluation fails after the checkpoint, and its resume only evaluates
     solo = config(tmp_path / "solo", "1", steps=3, eval_at_start=False)
-    _greedy_calls_fail(monkeypatch, lambda prompts: True)
+    _greedy_calls_fail(monkeypatch, lambda prompts: len(prompts) >= 6)
     with pytest.raises(torch.OutOfMemoryError):
         train(solo, tiny_model("llama"), tokenizer, progress=False)
     assert read_meta(tmp_path / "solo")["step"] == 3 and not (tmp_path / "solo" / "eval.jsonl").exists()
     monkeypatch.undo()
     result = train(solo, tiny_model("llama"), tokenizer, progress=False)
     assert len(log(tmp_path / "solo")) == 3 and result.final_eval["step"] == 3
+    train(solo, tiny_model("llama"), tokenizer, progress=False)  # once evaluated, never again
+    assert [e["step"] for e in _evals(tmp_path / "solo")] == [3]
     assert [e["step"] for e in _evals(tmp_path / "solo")] == [3]
     assert result.final_eval["accuracy"] == _evals(tmp_path / "solo")[-1]["accuracy"]

@@ -11,6 +11,7 @@ that fails (a NaN loss, say) stops alone; the others go on.
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 
@@ -126,22 +127,25 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
         half of them in turn (greedy rows do not depend on their batch)."""
         examples, prompts = eval_prompts(tokenizer, task, first.eval_n)
         rollouts.release()  # the training cache is rebuilt at the next step
+        batch = None
         try:
             with precision, variants.joint(members, len(prompts)):
                 batch = evals.generate(prompts * len(members), 1, first.sampling.max_new_tokens, 0.0, 1.0,
                                        seeds=[runs[k].config.seed for k in members])
         except torch.OutOfMemoryError:
-            evals.release()
+            pass  # recovered below: inside the except clause its traceback would still hold the failed call's memory
+        evals.release()
+        if batch is None:
             if len(members) == 1:
-                raise _out_of_memory(f"evaluating {runs[members[0]].out} on {len(prompts)} prompts") from None
+                raise _out_of_memory(f"evaluating {runs[members[0]].out} on {len(prompts)} prompts")
+            gc.collect()
             torch.cuda.empty_cache()
             half = len(members) // 2
-            print(f"concurrent variants: out of GPU memory evaluating {len(members)} at once; in groups of "
-                  f"{len(members) - half} and {half}", file=sys.stderr)
+            print(f"concurrent variants: out of GPU memory evaluating {len(members)} at once; {half} of them, "
+                  f"then the other {len(members) - half}", file=sys.stderr)
             evaluate_jointly(members[:half])
             evaluate_jointly(members[half:])
             return
-        evals.release()
         for b, k in enumerate(members):
             part = batch.rows(slice(b * len(prompts), (b + 1) * len(prompts)))
             record_eval(runs[k], steps[k], eval_result(task, examples, part, 1))

@@ -1,6 +1,6 @@
 """The parts of one RL step, shared by a run alone (:mod:`.train`) and by layer variants trained
 together (:mod:`.concurrent`): sample prompts -> roll out and score -> advantages -> update the trained
-tensors -> log -> evaluate -> checkpoint.
+tensors -> log -> checkpoint -> evaluate (the checkpoint first: an evaluation that fails costs no training).
 
 Both kinds of step return :class:`Rollouts` (the batch, an advantage per row, the step's metrics and
 seconds): single-turn tasks score one completion per row, multi-turn ones play episodes whose turns are
@@ -409,10 +409,13 @@ def eval_due(config: TrainConfig, done: int) -> bool:
 
 def eval_before_first_step(run: Run) -> bool:
     """Whether a run evaluates before its first step: at step 0 when asked to, and where it resumed at a step
-    whose evaluation was due but not made (it stopped between that step's checkpoint and its evaluation)."""
+    whose evaluation was due but not made (it stopped between that step's checkpoint and its evaluation), or
+    past its last step (``--steps`` lowered since) without a final one."""
+    config = run.config
     if run.start == 0:
-        return bool(run.config.eval_every) and run.config.eval_at_start
-    return run.final_eval is None and eval_due(run.config, run.start)
+        return bool(config.eval_every) and config.eval_at_start
+    return (bool(config.eval_every) and run.final_eval is None
+            and (eval_due(config, run.start) or run.start >= config.steps))
 
 
 def record_eval(run: Run, step: int, result) -> dict:

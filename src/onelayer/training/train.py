@@ -1,5 +1,5 @@
 """The RL recipe for one run: rollout -> reward -> advantage -> update the selected layers -> log ->
-evaluate -> checkpoint, step after step (the parts are in :mod:`.step`, the setup in :mod:`.setup`)."""
+checkpoint -> evaluate, step after step (the parts are in :mod:`.step`, the setup in :mod:`.setup`)."""
 
 from __future__ import annotations
 
