@@ -30,7 +30,8 @@ def save_figure(fig, out: str | Path) -> Path:
 def plot_profile(profile: Profile, out: str | Path, title: str = "",
                  others: Mapping[str, Profile] | None = None) -> Path:
     """Contribution per layer (x: index, top axis: relative depth) with its interval as a band, the
-    full-training level at 1.0, and interpolated layers drawn hollow; ``others`` (e.g. per-seed or
+    full-training level at 1.0, and interpolated layers drawn hollow (beyond the first and last measured layers,
+    where the profile only repeats its end values, without band or line); ``others`` (e.g. per-seed or
     out-of-domain profiles) are drawn as thin lines through their measured layers. When full training's gain
     is not above the noise, contributions mean nothing: the figure then shows what was measured instead
     (:func:`plot_gains`) and says so."""
@@ -40,11 +41,12 @@ def plot_profile(profile: Profile, out: str | Path, title: str = "",
     points = profile.points
     n = len(points)
     fig, ax = plt.subplots(figsize=(9, 4))
-    xs = [p.layer for p in points]
-    ax.fill_between(xs, [p.low for p in points], [p.high for p in points], alpha=0.2, label="95% interval")
-    ax.plot(xs, [p.contribution for p in points], color="C0")
     measured = [p for p in points if not p.interpolated]
     guessed = [p for p in points if p.interpolated]
+    span = [p for p in points if measured and measured[0].layer <= p.layer <= measured[-1].layer]
+    xs = [p.layer for p in span]
+    ax.fill_between(xs, [p.low for p in span], [p.high for p in span], alpha=0.2, label="95% interval")
+    ax.plot(xs, [p.contribution for p in span], color="C0")
     ax.scatter([p.layer for p in measured], [p.contribution for p in measured], color="C0", zorder=3, label="measured")
     if guessed:
         ax.scatter([p.layer for p in guessed], [p.contribution for p in guessed], facecolors="none",
