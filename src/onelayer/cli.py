@@ -696,8 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="train strategies (full, top:k, lr-guided, middle:k, random:k, lora) with one "
                                        "budget and seeds; table and figure (resumable)")
-    p.add_argument("scan", nargs="?", default="", help="scan directory: its profile and, unless flags override it, "
-                                                        "its recipe; without one, strategies that need no profile")
+    p.add_argument("scan", nargs="?", default="", help="scan directory (or a profile reference such as "
+                                                        "SCAN?protocol=best): its profile and, unless flags override "
+                                                        "it, its recipe; without one, strategies that need no profile")
     add_config_flags(p, CompareConfig, only_given=True, nested_from="the scan's")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
