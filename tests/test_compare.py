@@ -34,7 +34,7 @@ def test_strategies_become_exact_training_recipes(tmp_path):
     assert [r.name for r in plan[:5]] == ["base", "full-s3", "full-s4", "top_2-s3", "top_2-s4"]
     assert len(plan) == 1 + 9 * 2
     # TERM*K: the same strategy at K times the rate
-    scaled = parse_strategies(replace(config, strategies="top:2*3,lora*0.5,full*2"), 4, matched_rank=5)
+    scaled = parse_strategies(replace(config, strategies="top:2*3,lora*0.5,full*2x"), 4, matched_rank=5)
     assert [(s.label, s.slug, s.layers, s.lr_scale) for s in scaled] == [
         ("top:2*3", "top_2-lr3x", f"top:2@{scan}", 3.0), ("lora*0.5", "lora-lr0.5x", "all", 5.0),
         ("full*2", "full-lr2x", "all", 2.0)]

@@ -85,7 +85,7 @@ def _count(text: str, term: str) -> int:
 
 def _multiple(text: str, written: str) -> float:
     try:
-        value = float(text)
+        value = float(text.removesuffix("x"))  # top:10*3 or top:10*3x
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
@@ -123,7 +123,8 @@ def parse_strategies(config: CompareConfig, n_layers: int, matched_rank: int) ->
             parse_layer_spec(term, n_layers)  # a malformed spec fails now, with the grammar in the message
             strategy = Strategy(term, layers=term, per_seed_draw=name == "random" and arg.count(":") == 0)
         if star:
-            strategy = replace(strategy, label=written, lr_scale=strategy.lr_scale * _multiple(multiple, written))
+            k = _multiple(multiple, written)
+            strategy = replace(strategy, label=f"{term}*{k:g}", lr_scale=strategy.lr_scale * k)
         strategies.append(strategy)
     if not strategies:
         raise OneLayerError(f"--strategies names nothing; e.g. {DEFAULT_STRATEGIES}")
