@@ -266,3 +266,32 @@ def test_out_of_domain_rows_need_both_profiles_reliable(tmp_path, monkeypatch):
     assert good.study == "Spearman > 0.6"
     assert good.estimate.value == pytest.approx(1.0) and good.verdict == REPRODUCED  # 6 layers ranked alike
     assert bad.verdict == INCONCLUSIVE and "lowered it" in bad.why
+
+
+def test_out_of_domain_rows_may_come_from_a_scan_of_their_own(tmp_path, monkeypatch):
+    from onelayer.experiments import claims, ood
+
+    six = tuple((k, 0.1 * k) for k in range(1, 7))
+    for name, values in (("main", tuple((k, 0.1 * (7 - k)) for k in range(1, 7))), ("ood-scan", six)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "scan.json").write_text("{}")
+        _write_profile(tmp_path / name / "profile.json", values=values)
+    asked = []
+
+    def results(scan):
+        asked.append(scan)
+        return [types.SimpleNamespace(task="t", slug="t", note="",
+                                      profile=profile({k: (v, v - 0.1, v + 0.1) for k, v in six}))]
+
+    monkeypatch.setattr(ood, "ood_results", results)
+    # these hand-written scans have no runs for the parameter-change row
+    monkeypatch.setattr(claims, "parameter_claim", lambda main, profile: types.SimpleNamespace(claim="change"))
+    rows = {c.claim: c for c in claims.study_claims(str(tmp_path / "main"), ood_scan=str(tmp_path / "ood-scan"))}
+    row = rows["layer rankings hold out of domain (t)"]
+    # read against the other scan's own in-domain profile (ranked like its out-of-domain one), not the main one's
+    assert asked == [tmp_path / "ood-scan"] and row.verdict == REPRODUCED
+    assert row.estimate.value == pytest.approx(1.0) and str(tmp_path / "ood-scan") in row.source
+    # without it, the main scan's own out-of-domain results
+    rows = {c.claim: c for c in claims.study_claims(str(tmp_path / "main"))}
+    assert asked[-1] == tmp_path / "main"
+    assert rows["layer rankings hold out of domain (t)"].estimate.value == pytest.approx(-1.0)

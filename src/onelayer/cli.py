@@ -519,7 +519,7 @@ def cmd_claims(args: argparse.Namespace) -> None:
     from .experiments.claims import default_out, study_claims, write_claims
 
     claims = study_claims(args.scan, args.math, args.code, args.compare or None, args.ensemble or None,
-                          args.self_consistency or None)
+                          args.self_consistency or None, ood_scan=args.ood or None)
     md = write_claims(claims, args.out or default_out(args.scan))
     counts = Counter(c.verdict for c in claims)
     print(f"claims: {md} and {md.with_suffix('.json')}: " + ", ".join(f"{n} {v}" for v, n in counts.most_common()))
@@ -679,6 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--math", nargs="*", default=[], help="scans of other math tasks (rank correlation)")
     p.add_argument("--code", nargs="*", default=[], help="scans of code tasks (rank correlation)")
     p.add_argument("--compare", default="", help="an onelayer compare directory (strategies against full training)")
+    p.add_argument("--ood", default="", help="a scan evaluated out of domain (onelayer analyze ood), where it is not "
+                   "the main scan: its in-domain profile against its out-of-domain ones")
     p.add_argument("--ensemble", default="", help="an onelayer ensemble directory holding the specialists' vote and "
                    "self-consistency")
     p.add_argument("--self-consistency", default="", help="the self-consistency directory, where it is not "

@@ -10,6 +10,8 @@
 #   second LAYERS     rg:chain_sum at 2-3 one-digit terms (CHAIN), the same protocol, 1 seed; `passk` checks the base
 #                     model's pass@8 there (0.48 on 50 problems on a CPU; the defaults' 0.07 is below the issue's 0.2)
 #   code              code:synth difficulty 2, every third layer, 1 seed (needs bubblewrap, prlimit, libseccomp)
+#   ood               every third layer, 1 seed, on the main task, then evaluated on chain_sum in the same session
+#                     (out-of-domain evaluation needs checkpoints, and checkpoints do not come back)
 #   strategies        onelayer compare on the main scan, 2 seeds, under the study protocol and at own best rates
 #   ensemble          the top-7 specialists' vote vs self-consistency of the best one at k = 7 (the vote reuses the
 #                     members' final evaluations; self-consistency samples the best one, so its checkpoint must be
@@ -55,7 +57,7 @@ print(max(sorted(by_rate), key=lambda rate: sum(by_rate[rate]) / len(by_rate[rat
 EOF
 }
 
-case "${1:?stage: restore, sweep, lr, main LAYERS, edge [LAYERS], passk, second LAYERS, code, strategies, ensemble or claims}" in
+case "${1:?stage: restore, sweep, lr, main LAYERS, edge [LAYERS], passk, second LAYERS, code, ood, strategies, ensemble or claims}" in
   restore) cp -rn "$RESULTS"/sweep "$RESULTS"/scans "$RESULTS"/passk-chain-sum "$W"/ && ls "$W"/scans/main/runs | wc -l ;;
   sweep) W=$W bash "$HERE/sweep.sh" ;;
   lr) lr ;;
@@ -74,6 +76,12 @@ case "${1:?stage: restore, sweep, lr, main LAYERS, edge [LAYERS], passk, second 
   code)
     ol scan --model smollm2 --task code:synth --task-option difficulty=2 "${PROTOCOL[@]}" --layers every:3 \
       --lr "$(lr)" --lr-grid 1,3 --seeds 1 --concurrent $CONCURRENT --out $W/scans/code ;;
+  ood)
+    # out-of-domain evaluation needs the runs' checkpoints, which stay on the machine: a scan of its own (every third
+    # layer, one seed, both rates), trained and then evaluated on chain_sum in one session (~11 GPU-min, estimated)
+    ol scan --model smollm2 --task rg:basic_arithmetic "${TO[@]}" "${PROTOCOL[@]}" --layers every:3 \
+      --lr "$(lr)" --lr-grid 1,3 --seeds 1 --concurrent $CONCURRENT --out $W/scans/ood
+    ol analyze ood $W/scans/ood --tasks "rg:chain_sum?min_terms=2&max_terms=3&min_digits=1&max_digits=1&eval_size=500" ;;
   strategies)
     # the study protocol: every strategy at full training's tuned rate, the layers ranked at that rate
     ol compare $W/scans/main --strategies full,top:1,top:3,top:10,lr-guided,middle:10,random:10,lora --seeds 2 \
@@ -99,7 +107,9 @@ EOF
     ol ensemble "${MEMBERS[@]}" --n 500 --out $W/ensemble
     ol ensemble --self-consistency "${MEMBERS[0]}" --k 7 --n 500 --out $W/ensemble ;;
   claims)
-    ol claims $W/scans/main --math $W/scans/chain-sum --code $W/scans/code --compare $W/compare --ensemble $W/ensemble
-    ol claims "$W/scans/main?protocol=best" --math $W/scans/chain-sum --code $W/scans/code --compare $W/compare-best ;;
+    ol claims $W/scans/main --math $W/scans/chain-sum --code $W/scans/code --ood $W/scans/ood --compare $W/compare \
+      --ensemble $W/ensemble
+    ol claims "$W/scans/main?protocol=best" --math $W/scans/chain-sum --code $W/scans/code --ood $W/scans/ood \
+      --compare $W/compare-best ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac

@@ -176,18 +176,26 @@ def ensemble_claims(ensemble: str | None, self_consistency: str | None = None) -
 
 def study_claims(main: str, math: Sequence[str] = (), code: Sequence[str] = (), compare: str | None = None,
                  ensemble: str | None = None, self_consistency: str | None = None,
-                 ood: list | None = None) -> list[Claim]:
+                 ood: list | None = None, ood_scan: str | None = None) -> list[Claim]:
     """Every claim of the study, from ``main`` (a scan directory or profile reference, e.g. ``scans/main`` or
     ``scans/main?protocol=best``) and the optional other measurements; ``ood``: the scan's out-of-domain results
-    where the caller has them already (the report)."""
+    where the caller has them already (the report); ``ood_scan``: another scan that was evaluated out of domain
+    (its checkpoints are needed, so it may be a smaller scan trained for it), read against its own in-domain
+    profile under ``main``'s query."""
     profile = read_profile(main)
+    if ood_scan:
+        query = str(main).partition("?")[2]
+        ood_main = f"{ood_scan}?{query}" if query else str(ood_scan)
+        ood_rows = ood_claims(ood_main, read_profile(ood_main))
+    else:
+        ood_rows = ood_claims(main, profile, ood)
     return [
         *(replace(c, source=str(main)) for c in (depth_claim(profile), best_layer_claim(profile), rate_claim(profile))),
         *correlation_claims(profile, math, "layer rankings correlate across math datasets", STUDY_MATH_MATH,
                             "scan a second math task and pass it with --math SCAN"),
         *correlation_claims(profile, code, "layer rankings correlate between math and code", STUDY_MATH_CODE,
                             "scan a code task (e.g. code:synth) and pass it with --code SCAN"),
-        *ood_claims(main, profile, ood), parameter_claim(main, profile), *strategy_claims(compare),
+        *ood_rows, parameter_claim(main, profile), *strategy_claims(compare),
         *ensemble_claims(ensemble, self_consistency),
     ]
 
