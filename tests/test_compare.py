@@ -145,7 +145,7 @@ def test_compare_takes_the_scans_recipe_and_copies_its_base_and_full_runs(tmp_pa
 
 def test_ensemble_members_from_a_scan_reuse_their_final_evaluation(tmp_path, saved_tiny, monkeypatch):
     from onelayer.config import EvalConfig
-    from onelayer.experiments.specialists import run_ensemble
+    from onelayer.experiments.specialists import run_ensemble, run_self_consistency
 
     scan_dir = tmp_path / "scan"
     run_scan(ScanConfig(recipe=recipe(scan_dir, saved_tiny, layers="1,2", steps=1)), progress=False)
@@ -170,11 +170,23 @@ def test_ensemble_members_from_a_scan_reuse_their_final_evaluation(tmp_path, sav
         shutil.rmtree(f"{m}/checkpoint")
     again = run_ensemble(members, same, tmp_path / "vote-again")
     assert [v.answer for v in again.votes] == [v.answer for v in summary.votes]
-    # another completion cap, or more examples than the run evaluated, is another evaluation
-    for other in (EvalConfig(task="toy:repeat", n=5, sampling=SamplingConfig(max_new_tokens=8, temperature=0.0)),
-                  EvalConfig(task="toy:repeat", n=7, sampling=SamplingConfig(max_new_tokens=6, temperature=0.0))):
-        with pytest.raises(AssertionError, match="evaluated again"):
+    # another completion cap, or more examples than the run evaluated, is another evaluation, which a run without
+    # its checkpoint cannot make: the error names the run's own settings
+    for other, named in (
+            (EvalConfig(task="toy:repeat", n=5, sampling=SamplingConfig(max_new_tokens=8, temperature=0.0)),
+             "pass --max-new-tokens 6 "),
+            (EvalConfig(task="toy:repeat", n=7, sampling=SamplingConfig(max_new_tokens=6, temperature=0.0)),
+             "pass --n at most 6 ")):
+        with pytest.raises(OneLayerError, match=f"kept without its checkpoint.*{named}"):
             run_ensemble(members, other, tmp_path / f"vote-{other.n}-{other.sampling.max_new_tokens}")
+    with pytest.raises(OneLayerError, match="self-consistency samples the model, so it needs the checkpoint"):
+        run_self_consistency(members[0], 3, same, tmp_path / "sc")
+    # with its checkpoint, another evaluation is made
+    run_scan(ScanConfig(recipe=recipe(tmp_path / "scan2", saved_tiny, layers="1", steps=1)), progress=False)
+    with pytest.raises(AssertionError, match="evaluated again"):
+        run_ensemble([str(tmp_path / "scan2" / "runs" / "layer001-s0"), members[1]],
+                     EvalConfig(task="toy:repeat", n=5, sampling=SamplingConfig(max_new_tokens=8, temperature=0.0)),
+                     tmp_path / "vote-cap")
 
 
 def test_compare_refuses_a_layer_spec_outside_strategies(capsys):

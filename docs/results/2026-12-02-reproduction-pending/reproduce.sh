@@ -14,8 +14,8 @@
 #                     (out-of-domain evaluation needs checkpoints, and checkpoints do not come back)
 #   strategies        onelayer compare on the main scan, 2 seeds, under the study protocol and at own best rates
 #   ensemble          the top-7 specialists' vote vs self-consistency of the best one at k = 7 (the vote reuses the
-#                     members' final evaluations; self-consistency samples the best one, so its checkpoint must be
-#                     there: a scan brought back without checkpoints needs that run trained again first)
+#                     members' final evaluations; self-consistency samples the best one, trained again alone where
+#                     its checkpoint did not come back)
 #   claims            the claims table (CPU is enough)
 set -eo pipefail
 W=${W:-/root/w}; mkdir -p $W
@@ -104,8 +104,20 @@ for p in points[:7]:
     print(scan / "runs" / f"layer{p['layer']:03d}{tag}-s0")
 EOF
 )
-    ol ensemble "${MEMBERS[@]}" --n 500 --out $W/ensemble
-    ol ensemble --self-consistency "${MEMBERS[0]}" --k 7 --n 500 --out $W/ensemble ;;
+    # self-consistency samples the best member; where its checkpoint did not come back it is trained again alone,
+    # with its own layer, rate and seed (the same recipe; alone, bf16 rounding may differ from its group's)
+    BEST_RUN=${MEMBERS[0]}
+    if [ ! -d "$BEST_RUN/checkpoint" ]; then
+      read -r L RATE SEED < <(python3 -c 'import json, sys; c = json.load(open(sys.argv[1])); print(c["layers"], c["lr"], c["seed"])' \
+        "$BEST_RUN/config.json")
+      ol train --model smollm2 --task rg:basic_arithmetic "${TO[@]}" "${PROTOCOL[@]}" --layers "$L" --lr "$RATE" \
+        --seed "$SEED" --out $W/ensemble-best-member
+      BEST_RUN=$W/ensemble-best-member
+    fi
+    # the scans' evaluation settings, so that the vote reuses each member's final evaluation (no checkpoint needed)
+    EVAL=(--n 500 --max-new-tokens 96 --generation-batch-size 512 --attention eager)
+    ol ensemble "${MEMBERS[@]}" "${EVAL[@]}" --out $W/ensemble
+    ol ensemble --self-consistency "$BEST_RUN" --k 7 "${EVAL[@]}" --out $W/ensemble ;;
   claims)
     ol claims $W/scans/main --math $W/scans/chain-sum --code $W/scans/code --ood $W/scans/ood --compare $W/compare \
       --ensemble $W/ensemble

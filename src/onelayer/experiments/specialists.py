@@ -30,6 +30,13 @@ def _answers(config: EvalConfig) -> list[dict]:
     saved = json.loads(stamp_file.read_text()) if stamp_file.is_file() else {}
     if not exists(cached) or {k: v for k, v in saved.items() if k != "reused"} != stamp:  # or its .gz
         found = final_eval_answers(config)
+        run = Path(config.checkpoint) if config.checkpoint else None
+        if found is None and run is not None and find_checkpoint(run) is None and (run / "config.json").is_file():
+            asked = _differences(config, json.loads((run / "config.json").read_text()))
+            raise OneLayerError(f"{run} was kept without its checkpoint, so only its final (greedy) evaluation can "
+                                "stand for it, and that was another evaluation: "
+                                + (f"pass {', '.join(asked)} (the run's settings)" if asked else "sampling it")
+                                + ", or bring back its checkpoint")
         if found is None:
             run_eval(config)
         else:
@@ -70,18 +77,28 @@ def final_eval_answers(config: EvalConfig) -> tuple[list[dict], Path] | None:
     if (run is None or config.samples != 1 or config.sampling.temperature != 0
             or not (run / "result.json").is_file() or not (run / "config.json").is_file()):
         return None
-    recipe = json.loads((run / "config.json").read_text())
-    sampling = recipe.get("sampling", {})
-    same = (recipe.get("task") == config.task and recipe.get("task_options") == config.task_options
-            and recipe.get("eval_n", 0) >= config.n and config.model in ("", recipe.get("model"))
-            and sampling.get("max_new_tokens") == config.sampling.max_new_tokens
-            and sampling.get("generation_batch_size") == config.sampling.generation_batch_size
-            and config.dtype in ("auto", recipe.get("dtype")) and config.attention == recipe.get("attention", ""))
-    if not same:
+    if _differences(config, json.loads((run / "config.json").read_text())):
         return None
     source = final_examples(run)
     rows = read_jsonl(source)
     return (rows[:config.n], source) if len(rows) >= config.n else None
+
+
+def _differences(config: EvalConfig, recipe: dict) -> list[str]:
+    """How the evaluation ``config`` asks for differs from the final one of the run trained with ``recipe``
+    (``--flag`` and the run's value), empty when its answers can stand for it."""
+    sampling = recipe.get("sampling", {})
+    checks = [("--task", recipe.get("task"), config.task == recipe.get("task")),
+              ("--task-option", recipe.get("task_options"), config.task_options == recipe.get("task_options")),
+              ("--n at most", recipe.get("eval_n", 0), recipe.get("eval_n", 0) >= config.n),
+              ("--model", recipe.get("model"), config.model in ("", recipe.get("model"))),
+              ("--max-new-tokens", sampling.get("max_new_tokens"),
+               sampling.get("max_new_tokens") == config.sampling.max_new_tokens),
+              ("--generation-batch-size", sampling.get("generation_batch_size"),
+               sampling.get("generation_batch_size") == config.sampling.generation_batch_size),
+              ("--dtype", recipe.get("dtype"), config.dtype in ("auto", recipe.get("dtype"))),
+              ("--attention", recipe.get("attention", ""), config.attention == recipe.get("attention", ""))]
+    return [f"{flag} {value!r}" if isinstance(value, str) else f"{flag} {value}" for flag, value, ok in checks if not ok]
 
 
 def member_configs(members: list[str], base: EvalConfig, out: Path) -> list[EvalConfig]:
@@ -124,6 +141,9 @@ def run_self_consistency(model_or_run: str, k: int, base: EvalConfig, out: str |
         raise OneLayerError("--k must be >= 2 for self-consistency")
     out = Path(out)
     is_run = find_checkpoint(model_or_run) is not None
+    if not is_run and (Path(model_or_run) / "config.json").is_file() and (Path(model_or_run) / "result.json").is_file():
+        raise OneLayerError(f"{model_or_run} is a run kept without its checkpoint: self-consistency samples the model, "
+                            "so it needs the checkpoint (train the run again with its command, or pass another run)")
     config, _ = resolve_task(replace(base, checkpoint=model_or_run if is_run else "",
                                      model="" if is_run else model_or_run, samples=k, out=str(out / "samples"),
                                      sampling=replace(base.sampling, temperature=1.0)))
