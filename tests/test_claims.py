@@ -291,6 +291,15 @@ def test_out_of_domain_rows_may_come_from_a_scan_of_their_own(tmp_path, monkeypa
     # read against the other scan's own in-domain profile (ranked like its out-of-domain one), not the main one's
     assert asked == [tmp_path / "ood-scan"] and row.verdict == REPRODUCED
     assert row.estimate.value == pytest.approx(1.0) and str(tmp_path / "ood-scan") in row.source
+    # a protocol query on the main scan is not carried over: the other scan's profiles out of domain are read at
+    # its study protocol's rate, and so is its own in domain
+    _write_profile(tmp_path / "main" / "profile-best.json", values=tuple((k, 0.1 * (7 - k)) for k in range(1, 7)))
+    rows = {c.claim: c for c in claims.study_claims(f"{tmp_path / 'main'}?protocol=best",
+                                                    ood_scan=str(tmp_path / "ood-scan"))}
+    assert rows["layer rankings hold out of domain (t)"].estimate.value == pytest.approx(1.0)
+    # not there yet: a row saying how to make it, not a failed table
+    rows = {c.claim: c for c in claims.study_claims(str(tmp_path / "main"), ood_scan=str(tmp_path / "no-scan"))}
+    assert rows["layer rankings hold out of domain"].verdict == NOT_MEASURED
     # without it, the main scan's own out-of-domain results
     rows = {c.claim: c for c in claims.study_claims(str(tmp_path / "main"))}
     assert asked[-1] == tmp_path / "main"

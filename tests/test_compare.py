@@ -129,10 +129,9 @@ def test_compare_takes_the_scans_recipe_and_copies_its_base_and_full_runs(tmp_pa
     # at the own-best protocol: top:1 ranks the layers by their contribution at their own best rates
     best = json.loads((scan_dir / "profile-best.json").read_text())
     top = max((p for p in best["points"] if not p["interpolated"]), key=lambda p: (p["contribution"], -p["layer"]))
-    code = main(["compare", f"{scan_dir}?protocol=best", "--strategies", "top:1*3", "--seeds", "1",
-                 "--out", str(tmp_path / "best"), "--no-progress"])
-    assert code == 0
-    meta = read_meta(tmp_path / "best" / "runs" / "top_1-lr3x-s0")
+    code = main(["compare", f"{scan_dir}?protocol=best", "--strategies", "top:1*3", "--seeds", "1", "--no-progress"])
+    assert code == 0  # into a folder of its own: the study comparison's top:k trained other layers
+    meta = read_meta(scan_dir / "compare-protocol-best" / "runs" / "top_1-lr3x-s0")
     assert meta["layers"] == [top["layer"]] and meta["config"]["lr"] == pytest.approx(3e-2)
 
     # another recipe is another experiment: nothing is copied
@@ -220,7 +219,8 @@ def test_an_ensemble_refuses_a_member_whose_training_stopped_early(tmp_path, sav
         run_ensemble([str(finished), str(tmp_path / "early")], base, tmp_path / "vote")
 
 
-def test_comparison_intervals_resample_seeds_then_examples_by_hand(tmp_path, monkeypatch):
+@pytest.mark.parametrize("full, slug", [("full", "full"), ("full*3", "full-lr3x")])  # full training at any rate
+def test_comparison_intervals_resample_seeds_then_examples_by_hand(full, slug, tmp_path, monkeypatch):
     """The same fixed plan as tests/test_contribution.py's two-seed profile: the strategy's share of full
     training's gain must come out with the same seed-level interval."""
     import importlib
@@ -229,7 +229,7 @@ def test_comparison_intervals_resample_seeds_then_examples_by_hand(tmp_path, mon
 
     out = tmp_path / "compare"
     runs = [("base", None, 0, TWO_SEEDS["base"][0])] + [
-        (f"{label}-s{s}", label, s, TWO_SEEDS[kind][s]) for label, kind in (("full", "full"), ("3", "layer"))
+        (f"{name}-s{s}", label, s, TWO_SEEDS[kind][s]) for label, name, kind in ((full, slug, "full"), ("3", "3", "layer"))
         for s in (0, 1)]
     for name, _, _, correct in runs:
         directory = out / "runs" / name
@@ -238,7 +238,7 @@ def test_comparison_intervals_resample_seeds_then_examples_by_hand(tmp_path, mon
             "".join(json.dumps({"correct": [bool(c)]}) + "\n" for c in correct))
         (directory / "result.json").write_text(json.dumps({"examples": "evals/final.examples.jsonl",
                                                            "accuracy": sum(correct) / 4, "layers_spec": "3"}))
-    saved = {"config": {"recipe": {"model": "unused"}}, "strategies": [{"label": "full"}, {"label": "3"}],
+    saved = {"config": {"recipe": {"model": "unused"}}, "strategies": [{"label": full}, {"label": "3"}],
              "runs": [{"name": n, "strategy": st, "seed": s} for n, st, s, _ in runs]}
     (out / "compare.json").write_text(json.dumps(saved))
     compare = importlib.import_module("onelayer.experiments.compare")

@@ -563,7 +563,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config = config_with_overrides(defaults, args)
     if not hasattr(args, "out"):
         scan = reference_path(profile) if profile else None
-        out = scan / "compare" if scan and scan.is_dir() else Path("compare-out")
+        query = profile.partition("?")[2] if profile else ""
+        # each profile reference its own comparison: top:k of ?protocol=best trains other layers
+        folder = "compare" + ("-" + query.replace("&", "-").replace("=", "-") if query else "")
+        out = scan / folder if scan and scan.is_dir() else Path(folder + "-out")
         config = replace(config, recipe=replace(config.recipe, out=str(out)))
     run_comparison(config, progress=not args.no_progress)
     if Shard.from_env().rank != 0:

@@ -291,7 +291,7 @@ class CompareConfig:
 
     recipe: TrainConfig = nested(TrainConfig)
     strategies: str = option(DEFAULT_STRATEGIES, group="compare", help="comma-separated strategies; TERM*K trains "
-                             "one at K times --lr (e.g. top:10*3)")
+                             "one at K times its rate (e.g. top:10*3: 3x --lr)")
     profile: str = option("", group="compare", help="scan dir or profile.json for top:k and lr-guided")
     seeds: int = option(2, group="compare", help="seeds per strategy")
     lora_lr_scale: float = option(10.0, group="compare", help=(

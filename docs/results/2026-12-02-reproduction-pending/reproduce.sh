@@ -87,9 +87,11 @@ case "${1:?stage: restore, sweep, lr, main LAYERS, edge [LAYERS], passk, second 
     ol compare $W/scans/main --strategies full,top:1,top:3,top:10,lr-guided,middle:10,random:10,lora --seeds 2 \
       --out $W/compare
     # each at its own best rate: the layers ranked by their contribution at theirs, the layer strategies trained at
-    # BEST x (every layer's best rate in parts 1-2 was 3x), full training at its own (1x)
+    # BEST x (every layer's best rate in parts 1-2 was 3x), full training at its own (the profile's full_lr_scale)
+    FULL=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["full_lr_scale"])' \
+      $W/scans/main/profile-best.json)
     ol compare "$W/scans/main?protocol=best" --seeds 2 --out $W/compare-best \
-      --strategies "full,top:1*$BEST,top:3*$BEST,top:10*$BEST,lr-guided*$BEST,middle:10*$BEST,random:10*$BEST" ;;
+      --strategies "full*$FULL,top:1*$BEST,top:3*$BEST,top:10*$BEST,lr-guided*$BEST,middle:10*$BEST,random:10*$BEST" ;;
   ensemble)
     # the seven layers of highest contribution, as run directories at the rate the study protocol reads
     mapfile -t MEMBERS < <(python3 - "$W/scans/main" <<'EOF'

@@ -69,7 +69,7 @@ def correlation_claims(profile: Profile, others: Sequence[str], claim: str, stud
     return rows
 
 
-def ood_claims(main: str, in_domain: Profile, results: list | None = None) -> list[Claim]:
+def ood_claims(main: str, in_domain: Profile | None, results: list | None = None) -> list[Claim]:
     """One row per out-of-domain task the main scan was evaluated on: its profile (at the rate the scan's study
     profile reads) against ``in_domain``, the main profile as given (with its query). ``results``: the scan's
     :func:`onelayer.experiments.ood.ood_results`, where the caller has them already."""
@@ -181,12 +181,10 @@ def study_claims(main: str, math: Sequence[str] = (), code: Sequence[str] = (), 
     ``scans/main?protocol=best``) and the optional other measurements; ``ood``: the scan's out-of-domain results
     where the caller has them already (the report); ``ood_scan``: another scan that was evaluated out of domain
     (its checkpoints are needed, so it may be a smaller scan trained for it), read against its own in-domain
-    profile under ``main``'s query."""
+    profile (the reference's, e.g. its study protocol)."""
     profile = read_profile(main)
-    if ood_scan:
-        query = str(main).partition("?")[2]
-        ood_main = f"{ood_scan}?{query}" if query else str(ood_scan)
-        ood_rows = ood_claims(ood_main, read_profile(ood_main))
+    if ood_scan:  # its profiles out of domain are read at its study protocol's rate: so is its own in domain
+        ood_rows = ood_claims(str(ood_scan), read_profile(ood_scan) if _is_scan(reference_path(ood_scan)) else None)
     else:
         ood_rows = ood_claims(main, profile, ood)
     return [

@@ -124,7 +124,7 @@ def parse_strategies(config: CompareConfig, n_layers: int, matched_rank: int) ->
             strategy = Strategy(term, layers=term, per_seed_draw=name == "random" and arg.count(":") == 0)
         if star:
             k = _multiple(multiple, written)
-            strategy = replace(strategy, label=f"{term}*{k:g}", lr_scale=strategy.lr_scale * k)
+            strategy = replace(strategy, label=f"{term}*{k:.15g}", lr_scale=strategy.lr_scale * k)
         strategies.append(strategy)
     if not strategies:
         raise OneLayerError(f"--strategies names nothing; e.g. {DEFAULT_STRATEGIES}")
@@ -335,7 +335,9 @@ def comparison_results(out: str | Path, n_resamples: int = 2000) -> Comparison:
         return resampled([v[2] for v in sorted(found, key=lambda v: v[0]["seed"])], plan)
 
     base = resampled(base_scores, plan)
-    full_label = next((label for label in labels if label in ("full", "all") and by_label[label]), None)
+    # full training at any rate (full, full*3): the first such strategy listed that finished
+    full_label = next((label for label in labels if label.partition("*")[0] in ("full", "all") and by_label[label]),
+                      None)
     full = scores_of(by_label[full_label]) if full_label else None
     results = []
     for label in labels:

@@ -33,9 +33,11 @@ def _answers(config: EvalConfig) -> list[dict]:
         run = Path(config.checkpoint) if config.checkpoint else None
         if found is None and run is not None and find_checkpoint(run) is None and (run / "config.json").is_file():
             asked = _differences(config, json.loads((run / "config.json").read_text()))
+            kept = len(read_jsonl(final_examples(run))) if not asked else 0
             raise OneLayerError(f"{run} was kept without its checkpoint, so only its final (greedy) evaluation can "
                                 "stand for it, and that was another evaluation: "
-                                + (f"pass {', '.join(asked)} (the run's settings)" if asked else "sampling it")
+                                + (f"pass {', '.join(asked)} (the run's settings)" if asked else
+                                   f"it holds {kept} examples, pass --n {kept} or fewer")
                                 + ", or bring back its checkpoint")
         if found is None:
             run_eval(config)
@@ -88,8 +90,11 @@ def _differences(config: EvalConfig, recipe: dict) -> list[str]:
     """How the evaluation ``config`` asks for differs from the final one of the run trained with ``recipe``
     (``--flag`` and the run's value), empty when its answers can stand for it."""
     sampling = recipe.get("sampling", {})
+    options = " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in
+                       (recipe.get("task_options") or {}).items())
     checks = [("--task", recipe.get("task"), config.task == recipe.get("task")),
-              ("--task-option", recipe.get("task_options"), config.task_options == recipe.get("task_options")),
+              ("no --task-option (the run's own task options:", f"{options})",
+               config.task_options == recipe.get("task_options")),
               ("--n at most", recipe.get("eval_n", 0), recipe.get("eval_n", 0) >= config.n),
               ("--model", recipe.get("model"), config.model in ("", recipe.get("model"))),
               ("--max-new-tokens", sampling.get("max_new_tokens"),
@@ -98,7 +103,7 @@ def _differences(config: EvalConfig, recipe: dict) -> list[str]:
                sampling.get("generation_batch_size") == config.sampling.generation_batch_size),
               ("--dtype", recipe.get("dtype"), config.dtype in ("auto", recipe.get("dtype"))),
               ("--attention", recipe.get("attention", ""), config.attention == recipe.get("attention", ""))]
-    return [f"{flag} {value!r}" if isinstance(value, str) else f"{flag} {value}" for flag, value, ok in checks if not ok]
+    return [f"{flag} {value if value != '' else repr('')}" for flag, value, ok in checks if not ok]
 
 
 def member_configs(members: list[str], base: EvalConfig, out: Path) -> list[EvalConfig]:
