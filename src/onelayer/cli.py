@@ -551,7 +551,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .experiments.compare import recipe_from_profile, run_comparison
     from .experiments.report import compare_section
     from .experiments.sharding import Shard
-    from .profile import reference_path
+    from .profile import reference_path, reference_suffix
 
     for name in ("layers", "lr_from"):
         if hasattr(args, name):
@@ -563,9 +563,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config = config_with_overrides(defaults, args)
     if not hasattr(args, "out"):
         scan = reference_path(profile) if profile else None
-        query = profile.partition("?")[2] if profile else ""
         # each profile reference its own comparison: top:k of ?protocol=best trains other layers
-        folder = "compare" + ("-" + query.replace("&", "-").replace("=", "-") if query else "")
+        folder = "compare" + reference_suffix(profile)
         out = scan / folder if scan and scan.is_dir() else Path(folder + "-out")
         config = replace(config, recipe=replace(config.recipe, out=str(out)))
     run_comparison(config, progress=not args.no_progress)

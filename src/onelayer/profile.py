@@ -194,6 +194,13 @@ def reference_path(reference: str | Path) -> Path:
     return parse_reference(reference)[0]
 
 
+def reference_suffix(reference: str | Path) -> str:
+    """A file-name suffix for a profile reference's query (``SCAN?protocol=best`` -> ``-protocol-best``; none
+    without one), so that what is read from each reference gets a folder of its own."""
+    query = str(reference).partition("?")[2]
+    return "-" + query.replace("&", "-").replace("=", "-") if query else ""
+
+
 def read_profile(reference: str | Path) -> Profile:
     """A profile from a scan directory (its ``profile.json``, or the profile a query names), an onelayer predict
     directory (its ``predicted.json``) or a profile JSON file."""

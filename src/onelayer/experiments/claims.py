@@ -36,7 +36,7 @@ from ..analysis.document import Section, Table, to_markdown
 from ..analysis.rank import compare_profiles
 from ..errors import OneLayerError
 from ..jsonl import exists, read_jsonl
-from ..profile import Estimate, Profile, read_profile, reference_path
+from ..profile import Estimate, Profile, read_profile, reference_path, reference_suffix
 
 # the study's numbers the claims are checked against (arXiv:2607.01232, as quoted in the reproduction issue)
 STUDY_MATH_MATH, STUDY_MATH_CODE, STUDY_OOD = 0.76, 0.59, 0.6
@@ -49,7 +49,9 @@ def _is_scan(path: Path) -> bool:
 
 
 def _strategy_points(label: str) -> float | None:
-    label = label.partition("*")[0]  # top:10*3 is top:10 at another rate
+    from .compare import strategy_term  # as strategy_claims below: reading claims needs no comparison code
+
+    label = strategy_term(label)
     return STUDY_POINTS.get(label, STUDY_POINTS["middle"] if label.startswith("middle:") else None)
 
 
@@ -223,9 +225,8 @@ def default_out(main: str) -> Path:
     """``SCAN/claims``, or ``SCAN/claims-protocol-best`` and so on for a profile query (each its own table); beside
     a profile file, ``claims``."""
     path = reference_path(main)
-    _, _, query = str(main).partition("?")
     folder = path if path.is_dir() else path.parent
-    return folder / ("claims" + ("-" + query.replace("&", "-").replace("=", "-") if query else ""))
+    return folder / ("claims" + reference_suffix(main))
 
 
 HEADER = ["#", "claim", "study", "ours (95% interval)", "verdict", "why", "rule", "from"]

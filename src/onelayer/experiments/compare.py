@@ -83,6 +83,11 @@ def _count(text: str, term: str) -> int:
     return int(text)
 
 
+def strategy_term(label: str) -> str:
+    """The strategy a label names, without its rate multiple (``top:10*3`` -> ``top:10``)."""
+    return label.partition("*")[0]
+
+
 def _multiple(text: str, written: str) -> float:
     try:
         value = float(text.removesuffix("x"))  # top:10*3 or top:10*3x
@@ -336,8 +341,7 @@ def comparison_results(out: str | Path, n_resamples: int = 2000) -> Comparison:
 
     base = resampled(base_scores, plan)
     # full training at any rate (full, full*3): the first such strategy listed that finished
-    full_label = next((label for label in labels if label.partition("*")[0] in ("full", "all") and by_label[label]),
-                      None)
+    full_label = next((label for label in labels if strategy_term(label) in ("full", "all") and by_label[label]), None)
     full = scores_of(by_label[full_label]) if full_label else None
     results = []
     for label in labels:

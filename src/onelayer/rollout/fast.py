@@ -403,9 +403,9 @@ class FastGenerator:
     (:func:`compact_now`); None = without CUDA graphs only (with them each compaction captures new steps: on an
     H200, ``bench/rl_speed.py --sections compaction`` found that a quarter fewer row-steps did not pay for them),
     never under ``compiled``, which runs decode steps through torch.compile (each new batch shape would compile
-    again); ``compact_below``: the
-    share of rows still going at or below which a check compacts (None: ``COMPACT_BELOW`` with CUDA graphs, else
-    1.0, at every check that finds a finished row). ``stats`` says what the last call decoded.
+    again). ``compact_below``: the share of rows still going at or below which a check compacts (None:
+    ``COMPACT_BELOW`` with CUDA graphs, else 1.0, at every check that finds a finished row). ``stats`` says what
+    the last call decoded.
     ``kernels`` runs decode attention and sampling in Triton kernels (:mod:`.kernels`): None = where they
     run by default (CUDA sm80+ with Triton installed), True = always (on CPU through Triton's interpreter,
     for tests), False = never.
