@@ -82,6 +82,27 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, tokenizer, monkeypatc
         assert torch.equal(p, q), name
 
 
+def test_a_run_restored_compressed_without_its_checkpoint_starts_over_with_no_stale_log(tmp_path, tokenizer):
+    # committed results keep logs gzipped and drop checkpoints: the rerun must not mix the old steps in
+    import gzip
+    import shutil
+
+    train(config(tmp_path, steps=2, save_every=2, eval_every=1), tiny_model("llama"), tokenizer, progress=False)
+    run = tmp_path / "run"
+    shutil.rmtree(find_checkpoint(run))
+    for name in ("log.jsonl", "eval.jsonl"):
+        old = [json.loads(x) for x in (run / name).read_text().splitlines()]
+        with gzip.open(run / f"{name}.gz", "wt") as f:
+            f.writelines(json.dumps({**row, "stale": True}) + "\n" for row in old)
+        (run / name).unlink()
+    train(config(tmp_path, steps=2, save_every=2, eval_every=1), tiny_model("llama"), tokenizer, progress=False)
+    assert not list(run.glob("*.gz"))
+    for name in ("log.jsonl", "eval.jsonl"):
+        rows = [json.loads(x) for x in (run / name).read_text().splitlines()]
+        assert rows and not any("stale" in row for row in rows)
+    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_extending_a_finished_run_continues_it(tmp_path, tokenizer):
     train(config(tmp_path, steps=2, save_every=2), tiny_model("llama"), tokenizer, progress=False)
     train(config(tmp_path, steps=4, save_every=2), tiny_model("llama"), tokenizer, progress=False)
