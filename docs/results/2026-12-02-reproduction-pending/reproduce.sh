@@ -17,7 +17,12 @@
 #                     members' final evaluations; self-consistency samples the best one, trained again alone where
 #                     its checkpoint did not come back)
 #   claims            the claims table (CPU is enough)
+# SMOKE=1 runs a stage at toy size (2 steps of 2 x 4, 8 held-out problems, 16 new tokens) in its own $W on a CPU,
+# with full training's rate fixed (LR, default 1e-5): it checks a stage's wiring before the stage costs GPU time, and
+# its numbers mean nothing. E.g. SMOKE=1 bash reproduce.sh main 0,15 && SMOKE=1 bash reproduce.sh strategies
 set -eo pipefail
+SMOKE=${SMOKE:-0}
+if [ "$SMOKE" = 1 ]; then W=${W:-/tmp/onelayer-smoke}; LR=${LR:-1e-5}; fi
 W=${W:-/root/w}; mkdir -p $W
 HERE=$(dirname "$0")
 # what earlier sessions brought back (this folder is their $W, evaluations gzipped, no checkpoints)
@@ -34,12 +39,26 @@ PROTOCOL=(--algo grpo --steps 100 --prompts-per-step 16 --group-size 8 --eval-ev
 # single-layer runs trained together: 16 in part 1 (its 40 runs in groups of 14, 14, 12); 20 trains ten layers'
 # 40 runs in two groups (a joint step's generation is shared by its group, the updates are not)
 CONCURRENT=${CONCURRENT:-20}
+# evaluation settings of the protocol, passed where a command evaluates finished runs again (the ensemble's vote
+# then reuses each member's final evaluation); PASSK_N: problems of the pass@8 check
+EVAL=(--n 500 --max-new-tokens 96 --generation-batch-size 512 --attention eager)
+PASSK_N=200
+CODE_TOKENS=192  # code answers are longer: the code page of 2026-11-23 used 192 new tokens (math's 96 would cut them)
+if [ "$SMOKE" = 1 ]; then
+  PROTOCOL=(--algo grpo --steps 2 --prompts-per-step 2 --group-size 4 --eval-every 2 --no-eval-at-start --eval-n 8
+            --max-new-tokens 16 --micro-batch-size 8 --generation-batch-size 16 --save-every 2 --attention eager
+            --keep-optimizer none --no-progress)
+  EVAL=(--n 8 --max-new-tokens 16 --generation-batch-size 16 --attention eager)
+  PASSK_N=4
+  CODE_TOKENS=16
+fi
 BEST=${BEST:-3}  # the strategies' rate multiple under the own-best protocol
 ol() { python3 -m onelayer "$@"; }
 
 # the sweep's rate with the best mean final accuracy over its seeds (every run must have reached its last step;
 # `onelayer train` leaves its evaluations in eval.jsonl, the last row is the final one)
 lr() {
+  if [ -n "$LR" ]; then echo "$LR"; return; fi
   python3 - "$W/sweep/runs" <<'EOF'
 import sys
 from collections import defaultdict
@@ -68,14 +87,14 @@ case "${1:?stage: restore, sweep, lr, main LAYERS, edge [LAYERS], passk, second 
     ol scan --model smollm2 --task rg:basic_arithmetic "${TO[@]}" "${PROTOCOL[@]}" --layers "${2:-0,5,9}" \
       --lr "$(lr)" --lr-grid 10 --seeds 2 --concurrent $CONCURRENT --out $W/scans/main-10x ;;
   passk)
-    ol eval --model smollm2 --task rg:chain_sum "${CHAIN[@]}" --samples 8 --temperature 1 --n 200 --max-new-tokens 96 \
+    ol eval --model smollm2 --task rg:chain_sum "${CHAIN[@]}" --samples 8 --temperature 1 --n $PASSK_N --max-new-tokens 96 \
       --out $W/passk-chain-sum-easy ;;
   second)
     ol scan --model smollm2 --task rg:chain_sum "${CHAIN[@]}" "${PROTOCOL[@]}" \
       --layers "${2:?layers, e.g. every:2}" --lr "$(lr)" --lr-grid 1,3 --seeds 1 --concurrent $CONCURRENT --out $W/scans/chain-sum ;;
   code)
-    ol scan --model smollm2 --task code:synth --task-option difficulty=2 "${PROTOCOL[@]}" --layers every:3 \
-      --lr "$(lr)" --lr-grid 1,3 --seeds 1 --concurrent $CONCURRENT --out $W/scans/code ;;
+    ol scan --model smollm2 --task code:synth --task-option difficulty=2 "${PROTOCOL[@]}" --max-new-tokens $CODE_TOKENS \
+      --layers every:3 --lr "$(lr)" --lr-grid 1,3 --seeds 1 --concurrent $CONCURRENT --out $W/scans/code ;;
   ood)
     # out-of-domain evaluation needs the runs' checkpoints, which stay on the machine: a scan of its own (every third
     # layer, one seed, both rates), trained and then evaluated on chain_sum in one session (~11 GPU-min, estimated)
@@ -116,8 +135,7 @@ EOF
         --seed "$SEED" --out $W/ensemble-best-member
       BEST_RUN=$W/ensemble-best-member
     fi
-    # the scans' evaluation settings, so that the vote reuses each member's final evaluation (no checkpoint needed)
-    EVAL=(--n 500 --max-new-tokens 96 --generation-batch-size 512 --attention eager)
+    # the scans' evaluation settings (EVAL), so that the vote reuses each member's final evaluation (no checkpoint needed)
     ol ensemble "${MEMBERS[@]}" "${EVAL[@]}" --out $W/ensemble
     ol ensemble --self-consistency "$BEST_RUN" --k 7 "${EVAL[@]}" --out $W/ensemble ;;
   claims)
