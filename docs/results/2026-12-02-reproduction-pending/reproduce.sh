@@ -33,25 +33,22 @@ TO=(--task-option min_terms=2 --task-option max_terms=2 --task-option min_digits
 # the second math task's setting: reasoning-gym's defaults (2-6 terms of 1-4 digits) are too hard for the base model
 CHAIN=(--task-option min_terms=2 --task-option max_terms=3 --task-option min_digits=1 --task-option max_digits=1
        --task-option eval_size=500)
-PROTOCOL=(--algo grpo --steps 100 --prompts-per-step 16 --group-size 8 --eval-every 20 --no-eval-at-start --eval-n 500
-          --max-new-tokens 96 --micro-batch-size 128 --generation-batch-size 512 --save-every 20 --attention eager
-          --keep-optimizer none --no-progress)
+# the protocol's sizes: the issue's, or toy ones under SMOKE; CODE_TOKENS: code answers are longer (the code page of
+# 2026-11-23 used 192 new tokens, math's 96 would cut them); PASSK_N: problems of the pass@8 check
+if [ "$SMOKE" = 1 ]; then
+  STEPS=2 PROMPTS=2 GROUP=4 EVERY=2 EVAL_N=8 TOKENS=16 CODE_TOKENS=16 MICRO=8 GEN_BATCH=16 PASSK_N=4
+else
+  STEPS=100 PROMPTS=16 GROUP=8 EVERY=20 EVAL_N=500 TOKENS=96 CODE_TOKENS=192 MICRO=128 GEN_BATCH=512 PASSK_N=200
+fi
+PROTOCOL=(--algo grpo --steps $STEPS --prompts-per-step $PROMPTS --group-size $GROUP --eval-every $EVERY
+          --no-eval-at-start --eval-n $EVAL_N --max-new-tokens $TOKENS --micro-batch-size $MICRO
+          --generation-batch-size $GEN_BATCH --save-every $EVERY --attention eager --keep-optimizer none --no-progress)
+# the protocol's evaluation, passed where a command evaluates finished runs again (the ensemble's vote then reuses
+# each member's final evaluation)
+EVAL=(--n $EVAL_N --max-new-tokens $TOKENS --generation-batch-size $GEN_BATCH --attention eager)
 # single-layer runs trained together: 16 in part 1 (its 40 runs in groups of 14, 14, 12); 20 trains ten layers'
 # 40 runs in two groups (a joint step's generation is shared by its group, the updates are not)
 CONCURRENT=${CONCURRENT:-20}
-# evaluation settings of the protocol, passed where a command evaluates finished runs again (the ensemble's vote
-# then reuses each member's final evaluation); PASSK_N: problems of the pass@8 check
-EVAL=(--n 500 --max-new-tokens 96 --generation-batch-size 512 --attention eager)
-PASSK_N=200
-CODE_TOKENS=192  # code answers are longer: the code page of 2026-11-23 used 192 new tokens (math's 96 would cut them)
-if [ "$SMOKE" = 1 ]; then
-  PROTOCOL=(--algo grpo --steps 2 --prompts-per-step 2 --group-size 4 --eval-every 2 --no-eval-at-start --eval-n 8
-            --max-new-tokens 16 --micro-batch-size 8 --generation-batch-size 16 --save-every 2 --attention eager
-            --keep-optimizer none --no-progress)
-  EVAL=(--n 8 --max-new-tokens 16 --generation-batch-size 16 --attention eager)
-  PASSK_N=4
-  CODE_TOKENS=16
-fi
 BEST=${BEST:-3}  # the strategies' rate multiple under the own-best protocol
 ol() { python3 -m onelayer "$@"; }
 
@@ -87,7 +84,7 @@ case "${1:?stage: restore, sweep, lr, main LAYERS, edge [LAYERS], passk, second 
     ol scan --model smollm2 --task rg:basic_arithmetic "${TO[@]}" "${PROTOCOL[@]}" --layers "${2:-0,5,9}" \
       --lr "$(lr)" --lr-grid 10 --seeds 2 --concurrent $CONCURRENT --out $W/scans/main-10x ;;
   passk)
-    ol eval --model smollm2 --task rg:chain_sum "${CHAIN[@]}" --samples 8 --temperature 1 --n $PASSK_N --max-new-tokens 96 \
+    ol eval --model smollm2 --task rg:chain_sum "${CHAIN[@]}" --samples 8 --temperature 1 --n $PASSK_N --max-new-tokens $TOKENS \
       --out $W/passk-chain-sum-easy ;;
   second)
     ol scan --model smollm2 --task rg:chain_sum "${CHAIN[@]}" "${PROTOCOL[@]}" \
