@@ -14,10 +14,15 @@ from pathlib import Path
 from .errors import OneLayerError
 
 
+def gz_twin(path: Path) -> Path:
+    """The compressed copy of ``path`` (``x.jsonl`` -> ``x.jsonl.gz``)."""
+    return path.with_name(path.name + ".gz")
+
+
 def resolve(path: str | Path) -> Path:
     """``path``, or its ``.gz`` twin when only that exists."""
     path = Path(path).expanduser()
-    zipped = path.with_name(path.name + ".gz")
+    zipped = gz_twin(path)
     return zipped if not path.is_file() and zipped.is_file() else path
 
 

@@ -20,7 +20,7 @@ from ..algorithms import Algorithm, get_algorithm
 from ..checkpoint import apply_checkpoint, find_checkpoint, load_optimizer_state, read_meta
 from ..config import RESUMABLE, TrainConfig, check_out_dir, flat, from_dict, to_dict
 from ..errors import OneLayerError
-from ..jsonl import read_jsonl, resolve, write_jsonl
+from ..jsonl import gz_twin, read_jsonl, resolve, write_jsonl
 from ..layers import LayerSelection, apply_selection, lr_scales_from_profile, select_layers
 from ..memory import TRAIN_OVER, check_fits, prompt_tokens
 from ..models import default_device, load_model, load_tokenizer
@@ -143,8 +143,7 @@ def _truncate_log(path: Path, last_step: int) -> None:
     found = resolve(path)
     if found.is_file():
         write_jsonl(path, [row for row in read_jsonl(found) if row["step"] <= last_step])
-        if found != path:
-            found.unlink()
+        gz_twin(path).unlink(missing_ok=True)  # read already, or shadowed by the plain log
 
 
 def resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int,
