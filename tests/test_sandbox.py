@@ -399,6 +399,22 @@ def test_only_the_allowed_packages_can_be_imported():
     assert run_program("import torch\n" + GOOD, ADD, FAST).status == "error"  # installed here, not inside
 
 
+def test_an_interpreter_without_a_site_packages_folder_still_runs_programs(monkeypatch):
+    # Ubuntu's python3 names a site-packages folder under its stdlib that does not exist (its packages live in
+    # dist-packages); hiding it asked bwrap to create a mount point inside the read-only stdlib, and every
+    # program crashed (found on the GPU machine's image, 2026-12-03)
+    real_get_path = sandbox.sysconfig.get_path
+    missing = os.path.join(real_get_path("stdlib"), "no-such-site-packages")
+    monkeypatch.setattr(sandbox.sysconfig, "get_path",
+                        lambda name, *args, **kwargs: missing if name == "purelib" else real_get_path(name, *args, **kwargs))
+    sandbox._mount_view.cache_clear()
+    try:
+        assert not any(missing in arg for arg in sandbox._mount_view(()))
+        assert outcome(GOOD).status == "passed"
+    finally:
+        sandbox._mount_view.cache_clear()
+
+
 def test_a_parent_with_many_open_descriptors_still_runs_programs():
     import resource
 

@@ -233,7 +233,10 @@ def _mount_view(packages: tuple[str, ...]) -> tuple[str, ...]:
     for library in _shared_libraries(binaries):
         if not os.path.realpath(library).startswith(inside):
             args += ["--ro-bind", os.path.realpath(library), library]
-    if base_site.startswith(stdlib + os.sep):  # the interpreter's own packages: hidden under an empty tmpfs
+    # the interpreter's own packages, hidden under an empty tmpfs; a folder the distribution does not have
+    # (Ubuntu's python3 keeps its packages in dist-packages) is left alone: bwrap cannot create its mount
+    # point inside the read-only stdlib
+    if base_site.startswith(stdlib + os.sep) and os.path.isdir(base_site):
         args += ["--size", "4096", "--tmpfs", base_site, "--remount-ro", base_site]
     for root, name in packages_found:
         args += ["--ro-bind", root, f"{_SITE}/{name}"]
