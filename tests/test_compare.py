@@ -108,6 +108,45 @@ def test_comparison_runs_every_strategy_and_reports_costs(tmp_path, saved_tiny):
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/result.json")} == stamps
 
 
+def test_strategies_trained_together_give_the_runs_they_give_one_at_a_time(tmp_path, saved_tiny, capsys):
+    from onelayer.experiments.compare import run_comparison, trained_state_bytes
+
+    scan = write_profile(tmp_path / "scan", PROFILE)
+    strategies = "full,top:2,middle:1,random:1,2-3,lora:2"
+    fast = recipe(tmp_path / "alone", saved_tiny, sampling=SamplingConfig(max_new_tokens=6, engine="fast"))
+    alone = CompareConfig(recipe=fast, profile=str(scan), seeds=2, strategies=strategies, concurrent=1)
+    run_comparison(alone, progress=False)
+    assert "trained together" not in capsys.readouterr().err
+    together = replace(alone, recipe=replace(fast, out=str(tmp_path / "together")), concurrent=3)
+    run_comparison(together, progress=False)
+    # 8 runs of decoder layers (4 strategies x 2 seeds) at up to 3: groups of 3, 3 and 2
+    assert "compare: 8 runs of decoder layers, up to 3 trained together" in capsys.readouterr().err
+
+    def log(out, name):
+        return [json.loads(x) for x in (out / "runs" / name / "log.jsonl").read_text().splitlines()]
+
+    def science(rows):
+        return [{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()
+                 if not k.startswith(("seconds", "tokens_per", "concurrent"))} for r in rows]
+
+    a, b = comparison_results(tmp_path / "alone"), comparison_results(tmp_path / "together")
+    assert [(r.label, r.accuracies, r.layers) for r in a.strategies] == [
+        (r.label, r.accuracies, r.layers) for r in b.strategies]
+    widths = {}
+    for name in ("full", "top_2", "middle_1", "random_1", "2-3", "lora_2"):
+        for seed in (0, 1):
+            run = f"{name}-s{seed}"
+            assert science(log(tmp_path / "alone", run)) == science(log(tmp_path / "together", run)), run
+            widths[run] = [r.get("concurrent_variants", 1) for r in log(tmp_path / "together", run)]
+    assert {run for run, w in widths.items() if w != [1, 1]} == {
+        f"{n}-s{s}" for n in ("top_2", "middle_1", "random_1", "2-3") for s in (0, 1)}
+    assert sorted(w[0] for w in widths.values() if w != [1, 1]) == [2, 2, 3, 3, 3, 3, 3, 3]
+    # what auto concurrency reserves per run: the largest trained set (top:2, 2-3: two layers of 9280), 16 B each
+    runs = [r for r in plan_comparison(parse_strategies(together, 4, 2), [0, 1]) if r.strategy]
+    assert trained_state_bytes(together, runs[2:4], tmp_path) == 16 * 2 * 9280  # top:2
+    assert trained_state_bytes(together, runs[4:6], tmp_path) == 16 * 9280  # middle:1
+
+
 def test_compare_takes_the_scans_recipe_and_copies_its_base_and_full_runs(tmp_path, saved_tiny, capsys):
     scan_dir = tmp_path / "scan"
     run_scan(ScanConfig(recipe=recipe(scan_dir, saved_tiny, layers="1,2"), lr_grid="1,3"), progress=False)

@@ -296,6 +296,10 @@ class CompareConfig:
     seeds: int = option(2, group="compare", help="seeds per strategy")
     lora_lr_scale: float = option(10.0, group="compare", help=(
         "LoRA's learning rate is --lr times this (LoRA needs a larger one; ~10x is the usual finding)"))
+    concurrent: int = option(0, group="compare", help=(
+        "strategies of decoder layers only (top:k, middle:k, random:k, layer specs; not full training, lr-guided "
+        "or LoRA) trained together in one process, sharing the frozen weights: 0 = as many as fit (on a GPU; 1 "
+        "on a CPU), 1 = one at a time"))
     group_gpus: int = option(0, group="compare", help=GROUP_GPUS_HELP)
 
 

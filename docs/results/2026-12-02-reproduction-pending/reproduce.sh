@@ -99,14 +99,15 @@ case "${1:?stage: restore, sweep, lr, main LAYERS, edge [LAYERS], passk, second 
       --lr "$(lr)" --lr-grid 1,3 --seeds 1 --concurrent $CONCURRENT --out $W/scans/ood
     ol analyze ood $W/scans/ood --tasks "rg:chain_sum?min_terms=2&max_terms=3&min_digits=1&max_digits=1&eval_size=500" ;;
   strategies)
-    # the study protocol: every strategy at full training's tuned rate, the layers ranked at that rate
+    # the study protocol: every strategy at full training's tuned rate, the layers ranked at that rate; the runs of
+    # decoder layers (top:k, middle:10, random:10: 10 of 16) train together, full, lr-guided and LoRA one at a time
     ol compare $W/scans/main --strategies full,top:1,top:3,top:10,lr-guided,middle:10,random:10,lora --seeds 2 \
-      --out $W/compare
+      --concurrent $CONCURRENT --out $W/compare
     # each at its own best rate: the layers ranked by their contribution at theirs, the layer strategies trained at
     # BEST x (every layer's best rate in parts 1-2 was 3x), full training at its own (the profile's full_lr_scale)
     FULL=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["full_lr_scale"])' \
       $W/scans/main/profile-best.json)
-    ol compare "$W/scans/main?protocol=best" --seeds 2 --out $W/compare-best \
+    ol compare "$W/scans/main?protocol=best" --seeds 2 --concurrent $CONCURRENT --out $W/compare-best \
       --strategies "full*$FULL,top:1*$BEST,top:3*$BEST,top:10*$BEST,lr-guided*$BEST,middle:10*$BEST,random:10*$BEST" ;;
   ensemble)
     # the seven layers of highest contribution, as run directories at the rate the study protocol reads

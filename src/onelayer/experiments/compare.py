@@ -22,6 +22,7 @@ import json
 import math
 import re
 import shutil
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,7 +50,7 @@ from ..config import (
 )
 from ..errors import OneLayerError
 from ..layers import parse_layer_spec
-from ..models import load_skeleton, model_num_layers
+from ..models import load_skeleton, model_num_layers, parameter_layers
 from ..profile import Estimate, read_profile, reference_path
 from .rundir import example_scores, examples_file, read_result, run_dir, run_status
 from .scan import evaluation_schedule, load_plan
@@ -192,6 +193,45 @@ def reuse_from_scan(config: CompareConfig, run: StrategyRun, out: Path) -> bool:
     return False
 
 
+def _write_result(run: StrategyRun, recipe: TrainConfig, summary: dict) -> dict:
+    row = {"name": run.name, "strategy": run.strategy.label if run.strategy else "base", "seed": run.seed,
+           "layers_spec": recipe.layers, **summary}
+    (Path(recipe.out) / "result.json").write_text(json.dumps(row, indent=2))
+    return row
+
+
+def groupable(config: CompareConfig, run: StrategyRun, out: Path, n_layers: int) -> bool:
+    """Whether ``run`` can train with others in one process (:mod:`onelayer.training.concurrent`): a strategy
+    of decoder layers only: not the base model, full training (which a scan's run may stand in for), lr-guided
+    (per-layer rates) or LoRA, nor a spec that names embeddings or the head."""
+    s = run.strategy
+    if s is None or s.layers == "all" or s.lr_from or s.lora_rank:
+        return False
+    return not parse_layer_spec(recipe_for(config, run, out).layers, n_layers).extras
+
+
+def trained_state_bytes(config: CompareConfig, runs: list[StrategyRun], out: Path) -> int:
+    """The most that one run of ``runs`` holds for its trained layers: a float32 copy, its gradient and Adam's
+    two moments (16 bytes a parameter)."""
+    skeleton = load_skeleton(config.recipe.model)
+    layer_of = parameter_layers(skeleton)
+    sizes: dict[int, int] = {}
+    for name, p in skeleton.named_parameters():
+        if isinstance(layer := layer_of[name], int):
+            sizes[layer] = sizes.get(layer, 0) + p.numel()
+    n_layers = model_num_layers(config.recipe.model)
+    return max((16 * sum(sizes.get(i, 0) for i in parse_layer_spec(recipe_for(config, r, out).layers, n_layers).layers)
+                for r in runs), default=0)
+
+
+def execute_group(config: CompareConfig, runs: list[StrategyRun], out: Path, progress: bool = False) -> None:
+    """Train the strategy runs ``runs`` together; each writes its ``result.json``, or its ``error.txt``."""
+    from .recipes import train_group
+
+    recipes = [recipe_for(config, run, out) for run in runs]
+    train_group(recipes, lambda k, summary: _write_result(runs[k], recipes[k], summary), progress)
+
+
 def execute(config: CompareConfig, run: StrategyRun, out: Path, progress: bool = False, world=None) -> dict:
     """Train (unless base) and evaluate one run, or copy it from the scan; write and return its result.
     ``world``: the processes training it together (each calls this; rank 0 copies and writes)."""
@@ -206,12 +246,7 @@ def execute(config: CompareConfig, run: StrategyRun, out: Path, progress: bool =
     recipe = recipe_for(config, run, out)
     summary = train_and_evaluate(recipe, trained=run.strategy is not None, progress=progress,
                                  **({"world": world} if world is not None else {}))
-    if not main:
-        return {}
-    row = {"name": run.name, "strategy": run.strategy.label if run.strategy else "base", "seed": run.seed,
-           "layers_spec": recipe.layers, **summary}
-    (Path(recipe.out) / "result.json").write_text(json.dumps(row, indent=2))
-    return row
+    return _write_result(run, recipe, summary) if main else {}
 
 
 def run_widths(config: CompareConfig, plan: list[StrategyRun], out: Path, n_layers: int) -> dict[str, int]:
@@ -264,8 +299,19 @@ def run_comparison(config: CompareConfig, progress: bool = True) -> list[Strateg
         run_groups([r for r in plan if widths[r.name] == width], width,
                    lambda r, world: execute(config, r, out, world=world), out, shard, progress, "compare",
                    config.recipe.prompts_per_step, config.recipe.device)
-    run_share([r for r in plan if widths[r.name] == 1], lambda r: execute(config, r, out), out, shard, progress,
+    from ..training.concurrent import group_size  # training loads only to run
+
+    narrow = [r for r in plan if widths[r.name] == 1]
+    together = [r for r in narrow if groupable(config, r, out, n_layers)]
+    size = (group_size(recipe_for(config, together[0], out), config.concurrent, trained_state_bytes(config, together, out))
+            if together else 1)
+    together = together if size > 1 else []
+    run_share([r for r in narrow if r not in together], lambda r: execute(config, r, out), out, shard, progress,
               "compare")
+    if together:
+        if shard.rank == 0:
+            print(f"compare: {len(together)} runs of decoder layers, up to {size} trained together", file=sys.stderr)
+        run_share(together, lambda g: execute_group(config, list(g.runs), out), out, shard, progress, "compare", size)
     return plan
 
 

@@ -4,6 +4,7 @@ summarise what it gained, how far its weights moved and what it cost."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from ..tasks import get_task
 from ..training import TrainResult, model_for, train, train_variants
 from ..training.distributed import SOLO, World
 from ..training.setup import check_memory
+from .rundir import write_error
 from .sharding import GROUP_OVER
 
 
@@ -102,3 +104,13 @@ def train_and_evaluate_variants(recipes: list[TrainConfig], progress: bool = Fal
     return [result if isinstance(result, Exception) else
             _trained_summary(recipe, result, model, before[k], result.final_eval)
             for k, (recipe, result) in enumerate(zip(recipes, results, strict=True))]
+
+
+def train_group(recipes: list[TrainConfig], record: Callable[[int, dict], None], progress: bool = False) -> None:
+    """Train ``recipes`` together (:func:`train_and_evaluate_variants`); ``record(k, summary)`` for each run
+    that finished, ``error.txt`` in the directory of each that failed alone."""
+    for k, (recipe, summary) in enumerate(zip(recipes, train_and_evaluate_variants(recipes, progress), strict=True)):
+        if isinstance(summary, Exception):
+            write_error(Path(recipe.out) / "error.txt", summary)
+        else:
+            record(k, summary)

@@ -29,7 +29,7 @@ from ..config import ScanConfig, TrainConfig, check_out_dir, to_dict
 from ..errors import OneLayerError
 from ..jsonl import exists
 from ..layers import parse_layer_spec
-from ..models import default_device, load_skeleton, model_num_layers
+from ..models import default_device, model_num_layers
 from ..profile import Profile, profile_file
 from ..tracking import open_tracker
 from . import adaptive
@@ -41,7 +41,6 @@ from .rundir import (
     run_dir,
     run_status,
     step_examples,
-    write_error,
 )
 from .sharding import Shard, run_groups, run_share, run_width, trains_many_layers
 
@@ -131,14 +130,10 @@ def execute_group(config: ScanConfig, runs: list[PlannedRun], scan_dir: Path, pr
                   final: bool = True) -> None:
     """Train single-layer runs together (:func:`onelayer.concurrent.train_variants`) and evaluate
     them; each writes its ``result.json`` (unless not ``final``), or its ``error.txt`` when it alone failed."""
-    from .recipes import train_and_evaluate_variants
+    from .recipes import train_group
 
     recipes = [_recipe_for(config, run, scan_dir) for run in runs]
-    for run, recipe, summary in zip(runs, recipes, train_and_evaluate_variants(recipes, progress), strict=True):
-        if isinstance(summary, Exception):
-            write_error(Path(recipe.out) / "error.txt", summary)
-        elif final:
-            _write_result(run, recipe, summary)
+    train_group(recipes, lambda k, summary: _write_result(runs[k], recipes[k], summary) if final else None, progress)
 
 
 def _write_result(run: PlannedRun, recipe: TrainConfig, summary: dict) -> dict:
@@ -152,37 +147,9 @@ def _write_result(run: PlannedRun, recipe: TrainConfig, summary: dict) -> dict:
 def concurrency(config: ScanConfig) -> int:
     """How many single-layer runs to train together: ``config.concurrent``, or for 0 as many as fit
     in the free memory of the scan's GPU (1 on a CPU, or where concurrent training cannot run)."""
-    from ..rollout.fast import unsupported_reason
-    from ..tasks import AgentTask, get_task
-    from ..training.concurrent import auto_concurrency, check_group
+    from ..training.concurrent import group_size
 
-    recipe = config.recipe
-    if config.concurrent < 0:
-        raise OneLayerError(f"--concurrent must be >= 0 (0 = automatic), got {config.concurrent}")
-    device = torch.device(recipe.device) if recipe.device else default_device()
-    if config.concurrent == 1 or (config.concurrent == 0 and device.type != "cuda"):
-        return 1
-    skeleton = load_skeleton(recipe.model)
-    reason = unsupported_reason(skeleton)
-    task = get_task(recipe.task, recipe.task_options)
-    agentic = isinstance(task, AgentTask)
-    if config.concurrent > 1:
-        check_group([recipe])
-        if reason or agentic:
-            why = reason or f"{recipe.task} is a multi-turn agent task"
-            raise OneLayerError(f"--concurrent {config.concurrent} is not possible because {why}: use --concurrent 1")
-        return config.concurrent
-    if reason or agentic or recipe.lora_rank or recipe.sampling.engine == "plain":
-        return 1
-    element = 4 if recipe.dtype == "fp32" else 2
-    weights = sum(p.numel() for p in skeleton.parameters()) * element
-    return auto_concurrency(recipe, torch.cuda.mem_get_info(device)[0] - 2 * weights, _prompt_tokens(recipe, task))
-
-
-def _prompt_tokens(recipe: TrainConfig, task, sample: int = 64) -> int:
-    from ..memory import prompt_tokens
-
-    return prompt_tokens(recipe, task, sample)
+    return group_size(config.recipe, config.concurrent)
 
 
 def run_widths(config: ScanConfig, plan: list[PlannedRun]) -> dict[str, int]:

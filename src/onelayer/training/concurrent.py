@@ -66,13 +66,46 @@ def check_group(configs: list[TrainConfig]) -> None:
                                 "or use --concurrent 1")
 
 
-def auto_concurrency(config: TrainConfig, free_bytes: int, prompt_tokens: int = 256) -> int:
-    """How many single-layer variants of ``config`` fit their joint rollout cache (and sampling
-    logits) into ``CACHE_FRACTION`` of ``free_bytes``, assuming prompts of ``prompt_tokens``."""
+def auto_concurrency(config: TrainConfig, free_bytes: int, prompt_tokens: int = 256, state_bytes: int = 0) -> int:
+    """How many variants of ``config`` fit their joint rollout cache (and sampling logits) into
+    ``CACHE_FRACTION`` of ``free_bytes``, assuming prompts of ``prompt_tokens``; ``state_bytes``: what
+    each variant's trained layers hold besides (their float32 copy, gradients and Adam moments), 0 for
+    one layer of a small model, where the cache dominates."""
     text = load_config(config.model).get_text_config()
     per_row = rollout_bytes_per_row(text, element_bytes(config.dtype), prompt_tokens, config.sampling.max_new_tokens)
     rows = config.prompts_per_step * config.group_size
-    return max(1, int(CACHE_FRACTION * free_bytes // (per_row * rows)))
+    return max(1, int(CACHE_FRACTION * free_bytes // (per_row * rows + state_bytes)))
+
+
+def group_size(config: TrainConfig, concurrent: int, state_bytes: int = 0) -> int:
+    """How many runs of ``config``'s kind to train together: ``concurrent``, or for 0 as many as fit in the
+    free memory of its GPU (:func:`auto_concurrency`; 1 on a CPU, or where variants cannot train together).
+    An impossible ``concurrent`` > 1 raises a one-line error naming the fix."""
+    from ..memory import prompt_tokens
+    from ..models import default_device, load_skeleton
+    from ..tasks import get_task
+
+    if concurrent < 0:
+        raise OneLayerError(f"--concurrent must be >= 0 (0 = automatic), got {concurrent}")
+    device = torch.device(config.device) if config.device else default_device()
+    if concurrent == 1 or (concurrent == 0 and device.type != "cuda"):
+        return 1
+    skeleton = load_skeleton(config.model)
+    reason = unsupported_reason(skeleton)
+    task = get_task(config.task, config.task_options)
+    agentic = isinstance(task, AgentTask)
+    if concurrent > 1:
+        check_group([config])
+        if reason or agentic:
+            why = reason or f"{config.task} is a multi-turn agent task"
+            raise OneLayerError(f"--concurrent {concurrent} is not possible because {why}: use --concurrent 1")
+        return concurrent
+    if reason or agentic or config.lora_rank or config.sampling.engine == "plain":
+        return 1
+    element = 4 if config.dtype == "fp32" else 2
+    weights = sum(p.numel() for p in skeleton.parameters()) * element
+    return auto_concurrency(config, torch.cuda.mem_get_info(device)[0] - 2 * weights, prompt_tokens(config, task, 64),
+                            state_bytes)
 
 
 def _out_of_memory(doing: str) -> OneLayerError:
