@@ -86,3 +86,32 @@ def test_training_with_guided_learning_rates_leaves_harmful_layers_unmoved(tmp_p
     meta = read_meta(tmp_path / "run")
     assert meta["lr_scales"] == {"0": pytest.approx(2.0), "1": 0.0} and meta["lr_rule"]
     assert read_profile(scan).points[1].contribution == -0.2
+
+
+def test_where_full_training_lost_layers_are_chosen_and_guided_by_their_own_gain():
+    from onelayer.analysis.contribution import layer_profile
+
+    base = [[1, 1, 1, 1, 0, 0, 0, 0]]
+    lost = [[1, 0, 0, 0, 0, 0, 0, 0]]  # full training: 1/8 - 4/8 = -3/8
+    layers = {1: [[1, 1, 1, 1, 1, 1, 0, 0]], 3: [[0, 0, 0, 1, 0, 0, 0, 0]]}  # gains +2/8 and -3/8
+    profile = layer_profile(base, lost, layers, 4, n_resamples=200)
+    # C(3) = (-3/8) / (-3/8) = 1 and C(1) = -2/3: contributions would pick the layer that hurts most
+    assert profile.points[3].contribution == pytest.approx(1.0) and profile.points[1].contribution < 0
+    layers_chosen, notes = top_layers(profile, 1)
+    assert layers_chosen == [1] and "ranked by their own gain" in notes[0] and "-0.3750" in notes[0]
+    # measured layers first, then the unmeasured filled in from the gains: 0 at its neighbour's +2/8, 2 at -1/16
+    layers_chosen, notes = top_layers(profile, 3)
+    assert layers_chosen == [0, 1, 3] and any("interpolated layers [0]" in n for n in notes)
+    scales, rule = lr_scales_from_profile(profile, [1, 3])
+    assert scales == {1: 2.0, 3: 0.0} and "max(G_l, 0)" in rule and "own gain" in rule
+    with pytest.raises(OneLayerError, match="no trained layer has a positive gain"):
+        lr_scales_from_profile(profile, [3])
+    # full training that did not move: C undefined everywhere, the gains still rank
+    still = layer_profile(base, base, layers, 4, n_resamples=200)
+    assert top_layers(still, 1)[0] == [1] and "+0.0000" in top_layers(still, 1)[1][0]
+    # where full training gained, contributions rank as before (the same order as the gains)
+    gained = layer_profile(base, [[1] * 8], layers, 4, n_resamples=200)
+    assert top_layers(gained, 1) == ([1], [])
+    old = Profile(profile.points, profile.full_gain, False, "lost")  # written before layer gains were kept
+    with pytest.raises(OneLayerError, match="rerun onelayer profile SCAN"):
+        top_layers(old, 1)

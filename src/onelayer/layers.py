@@ -126,20 +126,23 @@ def top_layers(profile, k: int) -> tuple[list[int], list[str]]:
     """The ``k`` highest-contribution layers of ``profile``: measured layers first (interpolated values
     are not evidence), interpolated ones only to fill up; equal contributions go to the shallower layer.
     Returns the layers and notes on how ties and interpolation decided."""
-    finite = [p for p in profile.points if math.isfinite(p.contribution)]
+    points, ranked_by = profile.ranking()
+    finite = [p for p in points if math.isfinite(p.contribution)]
     order = sorted(finite, key=lambda p: (p.interpolated, -p.contribution, p.layer))
     chosen = order[:k]
     if len(chosen) < k:
-        raise OneLayerError(f"the profile has only {len(chosen)} layers with a finite contribution, {k} asked")
-    notes = []
+        raise OneLayerError(f"the profile has only {len(chosen)} layers with a finite contribution, {k} asked: "
+                            f"measure more layers (onelayer scan --layers) or ask for fewer")
+    notes = [ranked_by] if ranked_by else []
     if not profile.reliable:
         notes.append(f"the profile is unreliable: {profile.warning}")
+    what = "gain" if ranked_by else "C"
     filled = [p.layer for p in chosen if p.interpolated]
     if filled:
         notes.append(f"only {k - len(filled)} measured layers; interpolated layers {filled} fill the top {k}")
     if len(order) > k and order[k].interpolated == chosen[-1].interpolated \
             and order[k].contribution == chosen[-1].contribution:
-        notes.append(f"layers {chosen[-1].layer} and {order[k].layer} tie at C = {chosen[-1].contribution:.3f}; "
+        notes.append(f"layers {chosen[-1].layer} and {order[k].layer} tie at {what} = {chosen[-1].contribution:.3f}; "
                      "the shallower one is taken")
     return sorted(p.layer for p in chosen), notes
 
@@ -147,6 +150,9 @@ def top_layers(profile, k: int) -> tuple[list[int], list[str]]:
 def top_separation(profile, k: int) -> str:
     """Which of the top ``k`` measured layers are distinguishable from the (k+1)-th: the interval of
     C(l) - C(k+1-th) (from the profile's resamples) excludes 0."""
+    if profile.ranking()[1]:
+        return "full training did not gain, so the profile's intervals (of differences in contribution) cannot " \
+               "tell the chosen layers apart from the next"
     order = sorted((p for p in profile.points if not p.interpolated and math.isfinite(p.contribution)),
                    key=lambda p: (-p.contribution, p.layer))
     if len(order) <= k:
@@ -223,20 +229,24 @@ def parse_layer_spec(spec: str, n_layers: int) -> LayerSelection:
 
 def lr_scales_from_profile(profile, layers: tuple[int, ...] | list[int]) -> tuple[dict[int, float], str]:
     """Contribution-guided learning-rate scales for ``layers``: proportional to the layer's contribution
-    clipped at 0 (harmful layers do not move), normalised to a mean of 1 over the trained layers (so
+    (its own gain where full training did not gain: :meth:`~onelayer.profile.Profile.ranking`) clipped at 0 (harmful layers do not move), normalised to a mean of 1 over the trained layers (so
     the total step size matches uniform training at the same --lr). Unmeasured layers use their
     interpolated contribution. Returns the scales and the rule, stated for the run's metadata."""
-    by_layer = {p.layer: p.contribution for p in profile.points}
+    points, ranked_by = profile.ranking()
+    by_layer = {p.layer: p.contribution for p in points}
     missing = [layer for layer in layers if layer not in by_layer]
     if missing:
         raise OneLayerError(f"the profile has no layer {missing[0]}: it was made for another model")
     clipped = {layer: max(by_layer[layer], 0.0) if math.isfinite(by_layer[layer]) else 0.0 for layer in layers}
     total = sum(clipped.values())
+    what = "gain" if ranked_by else "contribution"
     if total <= 0:
-        raise OneLayerError("no trained layer has a positive contribution in that profile: contribution-guided "
+        raise OneLayerError(f"no trained layer has a positive {what} in that profile: contribution-guided "
                             "learning rates would train nothing; use another profile or plain --lr")
     scales = {layer: c * len(clipped) / total for layer, c in clipped.items()}
-    rule = f"lr_l = lr * max(C_l, 0) / mean over trained layers of max(C, 0); C from the profile's {profile.describe()}"
+    c = "G" if ranked_by else "C"
+    rule = (f"lr_l = lr * max({c}_l, 0) / mean over trained layers of max({c}, 0); {c} from the profile's "
+            f"{profile.describe()}" + (f" ({ranked_by})" if ranked_by else ""))
     return scales, rule
 
 

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
+
 from .errors import OneLayerError
 
 PROTOCOLS = ("study", "best")
@@ -120,6 +122,32 @@ class Profile:
         else:
             when = "final evaluation" if self.step is None else f"evaluation after {self.step} steps"
         return f"{protocol}; {when}"
+
+    def ranking(self) -> tuple[tuple[LayerPoint, ...], str]:
+        """What ranks the layers for selection (``top:k``) and guidance (``--lr-from``), and a note on it: the
+        contributions where full training gained (C then orders layers as their own gains do); otherwise each
+        layer's own gain over the base model, S_l - S_base (in ``contribution``; unmeasured layers linearly
+        between measured ones), because C's sign flips when full training lost and C is undefined when it did
+        not move: ranking by it would put the layers that hurt most first."""
+        gain = self.full_gain.value
+        if gain > 0:
+            return self.points, ""
+        if not self.layer_gains:
+            raise OneLayerError(f"full training did not gain over the base model ({gain:+.4f}), so contributions "
+                                "cannot rank layers, and this profile (from an older onelayer) has no per-layer "
+                                "gains: rerun onelayer profile SCAN")
+        measured = {g.layer: g for g in self.layer_gains}
+        xs = sorted(measured)
+
+        def between(name: str, layer: int) -> float:
+            return float(np.interp(layer, xs, [getattr(measured[x], name) for x in xs]))
+
+        points = tuple(measured.get(p.layer) or LayerPoint(p.layer, between("contribution", p.layer),
+                                                           between("low", p.layer), between("high", p.layer),
+                                                           True, p.lr_scale)
+                       for p in self.points)
+        return points, (f"full training did not gain over the base model ({gain:+.4f}): layers are ranked by "
+                        "their own gain over it, S_l - S_base, not by contribution")
 
     def difference(self, first: int, second: int) -> LayerDifference | None:
         """C(first) - C(second) with its interval, when both layers were measured."""
