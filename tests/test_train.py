@@ -285,6 +285,26 @@ def test_bad_configs(tmp_path, tokenizer):
         train(config(tmp_path, mini_batches=3), tiny_model("llama"), tokenizer, progress=False)
     with pytest.raises(OneLayerError, match="layer 9 is out of range"):
         train(config(tmp_path, layers="9"), tiny_model("llama"), tokenizer, progress=False)
+    for name, value in (("save_every", -1), ("eval_every", -5), ("beta", math.nan), ("max_grad_norm", -1.0)):
+        with pytest.raises(OneLayerError, match=f"--{name.replace('_', '-')} must be >= 0, got {value}"):
+            train(config(tmp_path, **{name: value}), tiny_model("llama"), tokenizer, progress=False)
+    with pytest.raises(OneLayerError, match="--eval-n must be >= 1"):
+        train(config(tmp_path, eval_n=0), tiny_model("llama"), tokenizer, progress=False)
+    assert not (tmp_path / "run").exists()  # each refused before the run directory was made
+
+
+def test_save_every_0_checkpoints_only_at_the_end(tmp_path, tokenizer, monkeypatch):
+    from onelayer.training import step as step_module
+
+    saved, original = [], step_module.save_checkpoint
+    monkeypatch.setattr(step_module, "save_checkpoint", lambda path, model, trained, meta, optimizer=None: (
+        saved.append(meta["step"]), original(path, model, trained, meta, optimizer)))
+    train(config(tmp_path, steps=3, save_every=0), tiny_model("llama"), tokenizer, progress=False)
+    assert saved == [3] and read_meta(tmp_path / "run" / "checkpoint")["step"] == 3
+    saved.clear()
+    train(config(tmp_path, steps=5, save_every=2, out=str(tmp_path / "every2")), tiny_model("llama"), tokenizer,
+          progress=False)
+    assert saved == [2, 4, 5]
 
 
 def test_prompt_sampler_is_a_function_of_seed_and_step():

@@ -86,6 +86,12 @@ def check_positive(config, names: tuple[str, ...]) -> None:
             raise OneLayerError(f"{flag(name)} must be >= 1, got {getattr(config, name)}")
 
 
+def check_nonnegative(config, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not getattr(config, name) >= 0:  # NaN too
+            raise OneLayerError(f"{flag(name)} must be >= 0, got {getattr(config, name)}")
+
+
 def check_out_dir(path: str | Path, flag: str = "--out") -> None:
     """Raise a one-line error when ``path`` cannot be (or become) a writable directory: it is a file, a
     file stands where one of its parents should be, or the nearest existing parent is not writable.
@@ -173,7 +179,7 @@ class TrainConfig:
     eval_n: int = option(200, group="evaluation", resumable=True, shared=True,
                          help="eval examples for periodic evaluation")
     save_every: int = option(10, group="run", resumable=True, science=False,
-                             help="checkpoint every N steps (and at the end)")
+                             help="checkpoint every N steps (and at the end); 0 = only at the end")
     keep_optimizer: str = option("last", group="run", choices=("last", "none"), resumable=True, science=False, help=(
         "optimizer state (Adam moments: twice the trained weights' size) in the checkpoint: last = the latest "
         "checkpoint's, none = dropped once the run finishes (a finished run continued to more --steps then "
@@ -194,7 +200,9 @@ class TrainConfig:
     def validate(self) -> None:
         check_choices(self)
         check_positive(self, ("steps", "prompts_per_step", "group_size", "micro_batch_size", "mini_batches",
-                              "ppo_epochs"))
+                              "ppo_epochs", "eval_n"))
+        check_nonnegative(self, ("eval_every", "save_every", "warmup_steps", "weight_decay", "max_grad_norm", "beta",
+                                 "clip_low", "clip_high", "step_weight"))
         if self.group_size < 2:
             raise OneLayerError("--group-size 1 gives no learning signal: GRPO, Dr. GRPO and GiGPO compare each "
                                 "completion with the others of its group; use --group-size 2 or more (8 is usual)")

@@ -431,7 +431,8 @@ def record_eval(run: Run, step: int, result) -> dict:
 def save_due(run: Run, model: nn.Module, done: int) -> None:
     """Checkpoint after ``done`` steps when the schedule or the end says so (of a sharded run: its gathered
     tensors, written by rank 0)."""
-    if done % run.config.save_every == 0 or done == run.config.steps:
+    every = run.config.save_every
+    if (every and done % every == 0) or done == run.config.steps:
         meta = {**run.meta, "step": done}
         # --keep-optimizer none: a finished run keeps its weights, not the state to continue it exactly
         drop = run.config.keep_optimizer == "none" and done >= run.config.steps
