@@ -128,9 +128,10 @@ class Profile:
         contributions where full training gained (C then orders layers as their own gains do); otherwise each
         layer's own gain over the base model, S_l - S_base (in ``contribution``; unmeasured layers linearly
         between measured ones), because C's sign flips when full training lost and C is undefined when it did
-        not move: ranking by it would put the layers that hurt most first."""
+        not move: ranking by it would put the layers that hurt most first. A profile without a measured full
+        gain (NaN: a prediction, :mod:`onelayer.experiments.predict`) ranks by its points."""
         gain = self.full_gain.value
-        if gain > 0:
+        if not gain <= 0:
             return self.points, ""
         if not self.layer_gains:
             raise OneLayerError(f"full training did not gain over the base model ({gain:+.4f}), so contributions "
