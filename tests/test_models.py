@@ -221,3 +221,36 @@ def test_gguf_cache_off_or_unwritable_loads_the_file(tiny_gguf, tmp_path, monkey
     assert all(torch.equal(t, expected[n]) for n, t in model.state_dict().items())
     assert "cannot keep a converted copy" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_causal_lm_whose_base_model_prefix_names_a_missing_wrapper_still_scores_its_completions():
+    """Llama 4's text-only causal LM keeps the composite model's ``base_model_prefix`` (language_model), so
+    ``model.base_model`` is the causal LM itself; log-probs must still come from its backbone."""
+    import transformers as tf
+
+    from onelayer import compat
+    from onelayer.rollout import completion_logprobs
+
+    from .tiny import COMMON
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.Llama4TextConfig(**COMMON, head_dim=8)).eval()
+    assert model.base_model is model and compat.backbone(model) is model.model
+    ids = torch.randint(3, 40, (2, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        got = completion_logprobs(model, ids, mask, 5, torch.ones(2, 4))
+        want = model(input_ids=ids).logits.float().log_softmax(-1)[:, 4:-1].gather(-1, ids[:, 5:, None])[..., 0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    gpt2 = tiny_model("gpt2")
+    assert compat.backbone(gpt2) is gpt2.transformer  # the usual case: base_model itself
+
+
+def test_a_model_without_a_backbone_is_a_clear_error():
+    from onelayer import compat
+
+    class Bare(nn.Module):
+        base_model = property(lambda self: self)
+
+    with pytest.raises(OneLayerError, match="cannot find the backbone of Bare"):
+        compat.backbone(Bare())

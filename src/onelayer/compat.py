@@ -17,6 +17,31 @@ from contextlib import contextmanager
 
 from torch import nn
 
+# ------------------------------------------------------------------------------ transformers: backbone
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The module of a causal LM that returns its final hidden states (``last_hidden_state``), before the head.
+
+    Assumes: that is ``model.base_model``, found through the class's ``base_model_prefix``, except where the
+    prefix names a wrapper the model lacks: Llama 4's text-only causal LM keeps the composite model's prefix
+    (``language_model``), so ``base_model`` is the causal LM itself; its backbone is then its child ``model``
+    (or ``transformer``, GPT-2's name).
+    """
+    base = model.base_model
+    if base is not model:
+        return base
+    for name in ("model", "transformer"):
+        child = getattr(model, name, None)
+        if isinstance(child, nn.Module):
+            return child
+    from .errors import OneLayerError
+
+    raise OneLayerError(f"cannot find the backbone of {type(model).__name__} (base_model is the model itself and it "
+                        "has no child 'model' or 'transformer'): this architecture is not supported, please open "
+                        "an issue")
+
+
 # ------------------------------------------------------------------------------ transformers: KV cache
 
 
@@ -40,7 +65,7 @@ def _cache_keyword(forward) -> str:
 
 
 def cache_argument(backbone: nn.Module, cache) -> dict:
-    """The keyword argument that hands ``cache`` to ``backbone`` (a model's ``base_model``).
+    """The keyword argument that hands ``cache`` to ``backbone`` (a model's :func:`backbone`).
 
     Assumes: the backbone's forward takes the cache as ``past_key_values`` (5.17) or ``cache`` (5.24
     renamed it; the old name is deprecated until 5.40). ``inspect`` sees through transformers'

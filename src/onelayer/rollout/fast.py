@@ -238,7 +238,8 @@ class DecodeState:
         self.config = model.config.get_text_config()
         self.head, self.softcap = model.get_output_embeddings(), logit_softcap(model)
         self.cache = StaticKVCache(rows, length)
-        self.cache_argument = compat.cache_argument(model.base_model, self.cache)  # found once, outside graphs
+        self.backbone = compat.backbone(model)
+        self.cache_argument = compat.cache_argument(self.backbone, self.cache)  # found once, outside graphs
         self.eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
         self.ignore_eos = ignore_eos
         self.key_columns = torch.arange(length, device=device)
@@ -278,8 +279,8 @@ class DecodeState:
         self.step_index += 1
 
     def _forward(self, input_ids, mask, position_ids) -> torch.Tensor:
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                       use_cache=True, **self.cache_argument).last_hidden_state
+        hidden = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                use_cache=True, **self.cache_argument).last_hidden_state
         if self.raw_logits:
             return self.head(hidden[:, -1])
         return head_logits(self.head, hidden[:, -1], self.softcap)
@@ -343,7 +344,7 @@ class DecodeState:
         twin = copy.copy(self)  # model, settings, graph pool; every per-row buffer is replaced below
         twin.rows, twin.graphs = live.numel(), {}
         twin.cache = self.cache.compacted(live)
-        twin.cache_argument = compat.cache_argument(self.model.base_model, twin.cache)
+        twin.cache_argument = compat.cache_argument(self.backbone, twin.cache)
         for name in ("key_valid", "current", "position", "finished", "keys", "tokens", "logprobs"):
             setattr(twin, name, getattr(self, name).index_select(0, live))
         twin.column, twin.step_index = self.column.clone(), self.step_index.clone()

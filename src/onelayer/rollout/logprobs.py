@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import compat
+
 DEFAULT_LOGIT_BYTES = 256 * 2**20  # float32 logits held at once
 
 
@@ -58,7 +60,7 @@ def completion_logprobs(
 
     Differentiable when gradients are enabled and the model has trainable parameters.
     """
-    hidden = model.base_model(
+    hidden = compat.backbone(model)(
         input_ids=input_ids, attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask), use_cache=False,
     ).last_hidden_state
