@@ -139,3 +139,29 @@ def test_onelayer_plan_prints_the_parts_per_gpu_and_the_fewest_gpus_that_fit(qwe
     assert "fewest GPUs that fit: 2" in lines
     data = json.loads(subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=120).stdout)
     assert data["gpus"]["2"]["parts"]["optimizer"] == 4 * LAYERS * PER_LAYER and data["gpus"]["1"]["fits"] is False
+
+
+def test_a_cpu_run_that_cannot_hold_its_weights_is_refused_before_loading(qwen8b, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from onelayer.memory import check_fits_host
+    from onelayer.training import setup, train
+
+    # middle:1 of the 8B shape on a CPU (auto is fp32 there): every weight in float32, and one layer's float32
+    # copy, gradient and two Adam moments
+    trained, frozen = PER_LAYER, LAYERS * PER_LAYER - PER_LAYER + 2 * VOCAB * H + H
+    held = 4 * frozen + 16 * trained
+    assert check_fits_host(big(qwen8b, layers="middle:1", dtype="auto"), held) == held
+    with pytest.raises(OneLayerError, match=rf"need at least {held / GB:.1f} GB on a CPU .* more than the "
+                                            rf"{(held - 1) / GB:.1f} GB of memory available: train on a GPU") as error:
+        check_fits_host(big(qwen8b, layers="middle:1", dtype="auto"), held - 1)
+    assert "\n" not in str(error.value)
+    assert check_fits_host(big(qwen8b, layers="middle:1", dtype="bf16"), held) < held  # bf16 frozen weights
+    # train() checks before it loads anything (the 8B directory has no weights: loading would fail otherwise)
+    monkeypatch.setattr(setup, "available_host_bytes", lambda: 4 * GB)
+    run = TrainConfig(model=qwen8b, task="toy:repeat", layers="middle:1", device="cpu", out=str(tmp_path / "run"))
+    with pytest.raises(OneLayerError, match="on a CPU"):
+        train(run, progress=False)
+    with pytest.raises(Exception) as loading:  # --no-memory-check goes on, to the missing weights
+        train(replace(run, memory_check=False), progress=False)
+    assert "on a CPU" not in str(loading.value)

@@ -263,6 +263,38 @@ def _count(n: int) -> str:
                 if n >= scale or scale == 1)
 
 
+HELD = ("weights", "trained", "gradients", "optimizer")  # what a run holds whatever its batch
+
+
+def available_host_bytes() -> int | None:
+    """The memory a new process can take without swapping (``MemAvailable``; Linux), None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits_host(config: TrainConfig, available: float) -> int:
+    """On a CPU: the bytes ``config`` holds whatever its batch (weights, its trained float32 copy, gradients and
+    Adam's moments; rollouts and activations come on top), or a one-line error when even that exceeds
+    ``available``: the kernel would kill the run partway through loading, without a word."""
+    from dataclasses import replace
+
+    cpu = replace(config, dtype="fp32" if config.dtype == "auto" else config.dtype)  # auto is fp32 on a CPU
+    found = estimate(cpu, 1, prompt_tokens=1)
+    held = sum(found.parts[k] for k in HELD)
+    if held > available:
+        parts = ", ".join(f"{k} {found.parts[k] / GB:.1f}" for k in HELD if found.parts[k])
+        raise OneLayerError(f"layers '{config.layers}' of {config.model} need at least {held / GB:.1f} GB on a CPU "
+                            f"({parts} GB), more than the {available / GB:.1f} GB of memory available: train on a "
+                            "GPU, or a smaller model or fewer layers (--no-memory-check tries anyway)")
+    return held
+
+
 def plan_lines(config: TrainConfig, gpus: list[int], prompt_tokens: int, gpu_bytes: float) -> list[str]:
     """A table (text lines) of the estimate of ``config`` over each number of ``gpus``, with whether it fits
     GPUs of ``gpu_bytes``, and the fewest GPUs that fit."""

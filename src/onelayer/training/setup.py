@@ -22,7 +22,7 @@ from ..config import RESUMABLE, TrainConfig, check_out_dir, flat, from_dict, to_
 from ..errors import OneLayerError
 from ..jsonl import gz_twin, read_jsonl, resolve, write_jsonl
 from ..layers import LayerSelection, apply_selection, lr_scales_from_profile, select_layers
-from ..memory import TRAIN_OVER, check_fits, prompt_tokens
+from ..memory import TRAIN_OVER, available_host_bytes, check_fits, check_fits_host, prompt_tokens
 from ..models import default_device, load_model, load_tokenizer
 from ..profile import read_profile
 from ..tasks import AgentTask, Example, Task, get_task
@@ -279,10 +279,15 @@ def check_run(config: TrainConfig, task: Task | None = None, world: World = SOLO
 
 def check_memory(config: TrainConfig, world: World = SOLO, task: Task | None = None, over: str = TRAIN_OVER) -> None:
     """Fail before loading, with the number of GPUs or the flag that would make it fit, when ``config`` does
-    not fit its GPUs by the estimate of :mod:`onelayer.memory` (GPUs only; ``--no-memory-check`` skips it)."""
+    not fit its GPUs by the estimate of :mod:`onelayer.memory`, or on a CPU when what it holds whatever its batch
+    exceeds the available memory (``--no-memory-check`` skips both)."""
     device = torch.device(config.device) if config.device else default_device()
-    if device.type == "cuda" and config.memory_check:
+    if not config.memory_check:
+        return
+    if device.type == "cuda":
         check_fits(config, world.size, prompt_tokens(config, task), total_memory(device), over)
+    elif device.type == "cpu" and (available := available_host_bytes()) is not None:
+        check_fits_host(config, available)
 
 
 def open_run(config: TrainConfig, model: nn.Module, task: Task, algorithm: Algorithm, world: World = SOLO) -> Run:
