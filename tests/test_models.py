@@ -13,7 +13,7 @@ from onelayer.models import (
     resolve_model_source,
 )
 
-from .tiny import ARCHS, tiny_config, tiny_model
+from .tiny import ARCHS, HELD_OUT, tiny_config, tiny_model
 
 EXPECTED_PREFIX = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
 
@@ -254,3 +254,25 @@ def test_a_model_without_a_backbone_is_a_clear_error():
 
     with pytest.raises(OneLayerError, match="cannot find the backbone of Bare"):
         compat.backbone(Bare())
+
+
+@pytest.mark.parametrize("arch", HELD_OUT)
+def test_a_family_the_fast_engine_was_not_checked_on_trains_exactly_its_selected_layer(arch, tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    from onelayer.checkpoint import TENSORS
+    from onelayer.rollout.fast import unsupported_reason
+    from onelayer.training import train
+
+    from .test_train import config
+
+    model = tiny_model(arch)
+    assert unsupported_reason(model)  # it samples with generate
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(config(tmp_path, layers="1", steps=2, prompts_per_step=2, group_size=4, save_every=0), model, tokenizer,
+          progress=False)
+    layer_of = parameter_layers(model)
+    saved = load_file(tmp_path / "run" / "checkpoint" / TENSORS)
+    assert set(saved) == {n for n in before if layer_of[n] == 1}
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach().float(), before[n].float())}
+    assert moved == set(saved)  # every tensor of layer 1 moved, no other one
