@@ -228,10 +228,11 @@ def parse_layer_spec(spec: str, n_layers: int) -> LayerSelection:
 
 
 def lr_scales_from_profile(profile, layers: tuple[int, ...] | list[int]) -> tuple[dict[int, float], str]:
-    """Contribution-guided learning-rate scales for ``layers``: proportional to the layer's contribution
-    (its own gain where full training did not gain: :meth:`~onelayer.profile.Profile.ranking`) clipped at 0 (harmful layers do not move), normalised to a mean of 1 over the trained layers (so
-    the total step size matches uniform training at the same --lr). Unmeasured layers use their
-    interpolated contribution. Returns the scales and the rule, stated for the run's metadata."""
+    """Contribution-guided learning-rate scales for ``layers``: proportional to the layer's contribution (its
+    own gain where full training did not gain: :meth:`~onelayer.profile.Profile.ranking`) clipped at 0 (harmful
+    layers do not move), normalised to a mean of 1 over the trained layers (so the total step size matches
+    uniform training at the same --lr). Unmeasured layers use their interpolated value. Returns the scales and
+    the rule, stated for the run's metadata."""
     points, ranked_by = profile.ranking()
     by_layer = {p.layer: p.contribution for p in points}
     missing = [layer for layer in layers if layer not in by_layer]
