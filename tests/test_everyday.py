@@ -122,11 +122,16 @@ def test_run_board_counts_estimates_and_prints_a_line_per_run_off_a_terminal(mon
         board.start("layer002-s0")
         now[0] = 160.0
         board.finish("layer002-s0", failed=True)  # 60 s for two: 2 left, about 60 s
+        board.start("layer003-s0 and 1 more")
+        now[0] = 200.0
+        board.finish("layer003-s0 and 1 more", failed=1, count=2)  # a group trained together: one line
     lines = out.getvalue().splitlines()
     assert lines == [
         "scan: layer001-s0 finished; runs done 2 of 5; best layer so far layer 3; elapsed 30 s; time left about 2 min",
         "scan: layer002-s0 failed; runs done 3 of 5 (1 failed); best layer so far layer 3; elapsed 60 s; "
-        "time left about 60 s"]
+        "time left about 60 s",
+        "scan: layer003-s0 and 1 more finished (1 failed); runs done 5 of 5 (2 failed); best layer so far layer 3; "
+        "elapsed 2 min; time left about 0 s"]
 
 
 def test_run_board_is_a_live_table_on_a_terminal():

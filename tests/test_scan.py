@@ -363,7 +363,7 @@ def test_a_concurrent_scan_gives_the_runs_of_a_scan_one_at_a_time(tmp_path, save
         assert together["param_change"][str(layer)] == pytest.approx(alone["param_change"][str(layer)], rel=1e-4)
 
 
-def test_a_failed_variant_is_recorded_alone_and_the_group_retried(tmp_path, saved_tiny, monkeypatch):
+def test_a_failed_variant_is_recorded_alone_and_the_group_retried(tmp_path, saved_tiny, monkeypatch, capsys):
     import onelayer.experiments.recipes as recipes
 
     calls = []
@@ -376,9 +376,16 @@ def test_a_failed_variant_is_recorded_alone_and_the_group_retried(tmp_path, save
     monkeypatch.setattr(recipes, "train_and_evaluate_variants", group)
     config = scan_config(tmp_path / "scan", saved_tiny, layers="0-3")
     config.concurrent = 2
-    run_scan(config, progress=False, execute=_fake_execute([], {**SCORES, ("layer", 0): [0] * 40,
-                                                                 ("layer", 2): [0] * 40}))
+    capsys.readouterr()
+    run_scan(config, progress=True, execute=_fake_execute([], {**SCORES, ("layer", 0): [0] * 40,
+                                                                ("layer", 2): [0] * 40}))
     assert calls == [["0", "1"], ["2", "3"]]
+    board = [x for x in capsys.readouterr().out.splitlines() + capsys.readouterr().err.splitlines()
+             if x.startswith("scan: layer")]
+    # one line a group, its lone failure counted
+    assert [x.split("; base")[0] for x in board] == [
+        "scan: layer000-s0 and 1 more finished (1 failed); runs done 2 of 4 (1 failed)",
+        "scan: layer002-s0 and 1 more finished; runs done 4 of 4 (1 failed)"]
     assert run_status(tmp_path / "scan", PlannedRun("layer001-s0", "layer", 0, 1)) == "failed"
     assert "boom" in (tmp_path / "scan" / "runs" / "layer001-s0" / "error.txt").read_text()
     assert run_status(tmp_path / "scan", PlannedRun("layer000-s0", "layer", 0, 0)) == "done"

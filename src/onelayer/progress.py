@@ -121,16 +121,17 @@ class RunBoard:
         if self._live is not None:
             self._live.update(self.table())
 
-    def finish(self, name: str, failed: bool = False) -> None:
-        self.done += 1
-        self._finished_here += 1
+    def finish(self, name: str, failed: int = 0, count: int = 1) -> None:
+        """``count`` runs done under ``name`` (a group trained together is one line), ``failed`` of them failed."""
+        self.done += count
+        self._finished_here += count
         self.failed += failed
         if self._live is not None:
             self._live.update(self.table())
         elif self.enabled:
             facts = "; ".join(f"{k} {v}" for k, v in self.rows() if k != "running")
-            self.console.print(f"{self.label}: {name} {'failed' if failed else 'finished'}; {facts}",
-                               highlight=False, soft_wrap=True)
+            what = "failed" if failed == count else f"finished ({failed} failed)" if failed else "finished"
+            self.console.print(f"{self.label}: {name} {what}; {facts}", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------- other libraries, quiet

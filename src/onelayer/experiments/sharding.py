@@ -104,8 +104,8 @@ def for_each_run(runs: list, work: Callable[[NamedRun], object], error_files: Ca
                 for path in paths:
                     write_error(path, RuntimeError("another process training this run with this one failed: see its "
                                                    "output"))
-            for _ in range(size):
-                board.finish(run.name, not ok)
+            # a group's runs fail alone too, each leaving its error file
+            board.finish(run.name, size if not ok else sum(path.is_file() for path in paths), size)
 
 
 def run_share(runs: list, work: Callable, out: Path, shard: Shard, progress: bool, label: str,
