@@ -165,3 +165,28 @@ def test_a_cpu_run_that_cannot_hold_its_weights_is_refused_before_loading(qwen8b
     with pytest.raises(Exception) as loading:  # --no-memory-check goes on, to the missing weights
         train(replace(run, memory_check=False), progress=False)
     assert "on a CPU" not in str(loading.value)
+
+
+def test_a_family_whose_config_has_no_attention_shapes_is_held_but_not_estimated(tmp_path, tokenizer, monkeypatch,
+                                                                                   capsys):
+    from dataclasses import replace
+
+    import transformers as tf
+
+    from onelayer.memory import NoEstimate, check_fits_host
+    from onelayer.training import setup
+    from onelayer.training.setup import check_memory
+
+    from .tiny import VOCAB
+
+    path = tmp_path / "mamba"
+    tf.MambaForCausalLM(tf.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    run = TrainConfig(model=str(path), task="toy:repeat", layers="1", out=str(tmp_path / "run"))
+    with pytest.raises(NoEstimate, match="no memory estimate for .*mamba: its config does not give attention shapes"):
+        estimate(run, 1, 100)
+    assert check_fits_host(run, 1 * GB) > 0  # what it holds needs parameter counts only
+    # on a GPU the check says why it cannot be made, and the run goes on
+    monkeypatch.setattr(setup, "total_memory", lambda device: 80 * GB)
+    check_memory(replace(run, device="cuda"))
+    assert "warning: no memory estimate for" in capsys.readouterr().err

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from . import compat
 from .config import TrainConfig
-from .errors import OneLayerError
+from .errors import OneLayerError, first_line
 from .layers import parse_layer_spec
 from .models import decoder_layers, head_is_tied, load_config, load_skeleton, parameter_layers
 from .rollout.fast import PREFILL_TOKENS, WINDOW
@@ -66,6 +66,11 @@ def rollout_bytes_per_row(text, element: int, prompt_tokens: int, max_new_tokens
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     columns = -(-(prompt_tokens + max_new_tokens + WINDOW) // WINDOW) * WINDOW
     return text.num_hidden_layers * 2 * heads * head_dim * element * columns + text.vocab_size * 16
+
+
+class NoEstimate(OneLayerError):
+    """A model the estimate cannot read (a family whose config names its attention shapes otherwise, or has
+    none, as Mamba's): callers that only guard go on without the check, and say so."""
 
 
 @dataclass(frozen=True)
@@ -148,32 +153,42 @@ class MemoryEstimate:
         return f"~{self.peak / GB:.0f} GB per GPU ({parts} GB)"
 
 
+def _split(config: TrainConfig, shapes: Shapes) -> tuple[int, int, int, int]:
+    """Trained and frozen parameters of ``config``'s selection, its lowest trained decoder layer (activations
+    are kept from there up) and its largest trained unit (what a sharded run gathers at once)."""
+    selection = parse_layer_spec(config.layers, shapes.layers)
+    total = sum(shapes.per_id.values())
+    if config.lora_rank:
+        trained = sum(shapes.lora_per_rank[i] for i in selection.layers) * config.lora_rank
+        lowest = min(selection.layers, default=shapes.layers)
+        return trained, total, lowest, max((shapes.lora_per_rank[i] * config.lora_rank for i in selection.layers),
+                                           default=0)
+    wanted = set(selection.layers) | set(selection.extras)
+    if "head" in wanted and shapes.tied:
+        wanted.add("embed")
+    trained = sum(n for layer, n in shapes.per_id.items() if layer in wanted)
+    lowest = 0 if "embed" in wanted else min(selection.layers, default=shapes.layers)
+    return trained, total - trained, lowest, max((shapes.per_id[w] for w in wanted if w in shapes.per_id), default=0)
+
+
 def estimate(config: TrainConfig, gpus: int = 1, prompt_tokens: int = 256, gpu_bytes: float | None = None
              ) -> MemoryEstimate:
     """The memory per GPU of ``config`` trained over ``gpus`` GPUs with prompts of ``prompt_tokens``; on GPUs
     of ``gpu_bytes``, a rollout cache small enough to be kept (:data:`RELEASE_FRACTION`) counts in the update
     phase too."""
     shapes = model_shapes(config.model, config.attention)
-    selection = parse_layer_spec(config.layers, shapes.layers)
-    total = sum(shapes.per_id.values())
-    if config.lora_rank:
-        trained = sum(shapes.lora_per_rank[i] for i in selection.layers) * config.lora_rank
-        frozen, lowest = total, min(selection.layers, default=shapes.layers)
-        largest_unit = max((shapes.lora_per_rank[i] * config.lora_rank for i in selection.layers), default=0)
-    else:
-        wanted = set(selection.layers) | set(selection.extras)
-        if "head" in wanted and shapes.tied:
-            wanted.add("embed")
-        trained = sum(n for layer, n in shapes.per_id.items() if layer in wanted)
-        frozen = total - trained
-        lowest = 0 if "embed" in wanted else min(selection.layers, default=shapes.layers)
-        largest_unit = max((shapes.per_id[w] for w in wanted if w in shapes.per_id), default=0)
+    trained, frozen, lowest, largest_unit = _split(config, shapes)
     e = element_bytes(config.dtype)
     rows = config.prompts_per_step * config.group_size // gpus
     s = config.sampling
     sequence = prompt_tokens + s.max_new_tokens
     tokens = min(config.micro_batch_size, rows) * sequence
-    per_token = _activation_bytes_per_token(shapes, e, sequence)
+    try:
+        per_token = _activation_bytes_per_token(shapes, e, sequence)
+        cache_per_row = rollout_bytes_per_row(shapes.text, e, prompt_tokens, s.max_new_tokens)
+    except (AttributeError, TypeError) as err:
+        raise NoEstimate(f"no memory estimate for {config.model}: its config does not give attention shapes as "
+                         f"the estimate reads them ({first_line(err)})") from err
     activations = (tokens * per_token * (shapes.layers - lowest + 1)  # the layers from the lowest trained up, + one
                    + 3 * DEFAULT_LOGIT_BYTES  # the head's chunk of logits: forward, recomputed, its gradient
                    + (2 * trained if gpus == 1 and e == 2 else 0))  # autocast's bf16 copies of float32 weights
@@ -181,8 +196,7 @@ def estimate(config: TrainConfig, gpus: int = 1, prompt_tokens: int = 256, gpu_b
     generated = min(rows, s.generation_batch_size)
     parts = {"weights": (frozen + (trained if sharded else 0)) * e,
              "trained": 4 * trained // gpus, "gradients": 4 * trained // gpus, "optimizer": 8 * trained // gpus,
-             "rollout_cache": generated * rollout_bytes_per_row(shapes.text, e, prompt_tokens, s.max_new_tokens)
-             + prefill_bytes(shapes, e, generated * prompt_tokens),
+             "rollout_cache": generated * cache_per_row + prefill_bytes(shapes, e, generated * prompt_tokens),
              "activations": int(activations),
              "buffers": largest_unit * (3 * e + 4) if sharded else 0}
     resident = parts["weights"] + parts["trained"] + parts["optimizer"]
@@ -263,9 +277,6 @@ def _count(n: int) -> str:
                 if n >= scale or scale == 1)
 
 
-HELD = ("weights", "trained", "gradients", "optimizer")  # what a run holds whatever its batch
-
-
 def available_host_bytes() -> int | None:
     """The memory a new process can take without swapping (``MemAvailable``; Linux), None where unknown."""
     try:
@@ -282,13 +293,14 @@ def check_fits_host(config: TrainConfig, available: float) -> int:
     """On a CPU: the bytes ``config`` holds whatever its batch (weights, its trained float32 copy, gradients and
     Adam's moments; rollouts and activations come on top), or a one-line error when even that exceeds
     ``available``: the kernel would kill the run partway through loading, without a word."""
-    from dataclasses import replace
-
-    cpu = replace(config, dtype="fp32" if config.dtype == "auto" else config.dtype)  # auto is fp32 on a CPU
-    found = estimate(cpu, 1, prompt_tokens=1)
-    held = sum(found.parts[k] for k in HELD)
+    trained, frozen, _, _ = _split(config, model_shapes(config.model, config.attention))
+    element = 4 if config.dtype in ("auto", "fp32") else 2  # auto is fp32 on a CPU
+    # only parameter counts: this holds for architectures whose attention the full estimate cannot read
+    held_parts = {"weights": frozen * element, "trained": 4 * trained, "gradients": 4 * trained,
+                  "optimizer": 8 * trained}
+    held = sum(held_parts.values())
     if held > available:
-        parts = ", ".join(f"{k} {found.parts[k] / GB:.1f}" for k in HELD if found.parts[k])
+        parts = ", ".join(f"{k} {v / GB:.1f}" for k, v in held_parts.items() if v)
         raise OneLayerError(f"layers '{config.layers}' of {config.model} need at least {held / GB:.1f} GB on a CPU "
                             f"({parts} GB), more than the {available / GB:.1f} GB of memory available: train on a "
                             "GPU, or a smaller model or fewer layers (--no-memory-check tries anyway)")

@@ -169,7 +169,7 @@ def run_widths(config: ScanConfig, plan: list[PlannedRun]) -> dict[str, int]:
 def plan_lines(config: ScanConfig, processes: int) -> list[str]:
     """What a scan would do, without training: its runs, which of them a group of GPUs trains together and
     which one GPU, and (for a GPU) the memory estimate of a full and a single-layer run."""
-    from ..memory import estimate, prompt_tokens
+    from ..memory import NoEstimate, estimate, prompt_tokens
     from .sharding import group_ranks
 
     plan = plan_scan(config, model_num_layers(config.recipe.model))
@@ -191,7 +191,11 @@ def plan_lines(config: ScanConfig, processes: int) -> list[str]:
         tokens, gpu = prompt_tokens(config.recipe), torch.cuda.get_device_properties(device).total_memory
         for kind in ("full", "layer"):
             run = kinds[kind][0]
-            found = estimate(_recipe_for(config, run, Path(".")), widths[run.name], tokens, gpu)
+            try:
+                found = estimate(_recipe_for(config, run, Path(".")), widths[run.name], tokens, gpu)
+            except NoEstimate as err:
+                lines.append(f"{run.name}: {err}")
+                continue
             lines.append(f"{run.name} on {widths[run.name]} GPU(s): {found.line()}, "
                          f"{'fits' if found.fits(gpu) else 'does NOT fit'} {gpu / 2**30:.0f} GB")
     return lines

@@ -152,10 +152,13 @@ def run_width(recipe: TrainConfig, group_gpus: int, large: bool) -> int:
     device = torch.device(recipe.device) if recipe.device else default_device()
     if device.type != "cuda" or not recipe.memory_check:
         return 1
-    from ..memory import check_fits, fewest_gpus, prompt_tokens
+    from ..memory import NoEstimate, check_fits, fewest_gpus, prompt_tokens
 
     tokens, gpu = prompt_tokens(recipe), torch.cuda.get_device_properties(device).total_memory
-    width = fewest_gpus(recipe, tokens, gpu)
+    try:
+        width = fewest_gpus(recipe, tokens, gpu)
+    except NoEstimate:
+        return 1  # the run's own check says so when it starts
     if width is None:
         check_fits(recipe, 1, tokens, gpu, GROUP_OVER)  # raises, naming what would make it fit
     return width or 1

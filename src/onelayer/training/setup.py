@@ -22,7 +22,7 @@ from ..config import RESUMABLE, TrainConfig, check_out_dir, flat, from_dict, to_
 from ..errors import OneLayerError
 from ..jsonl import gz_twin, read_jsonl, resolve, write_jsonl
 from ..layers import LayerSelection, apply_selection, lr_scales_from_profile, select_layers
-from ..memory import TRAIN_OVER, available_host_bytes, check_fits, check_fits_host, prompt_tokens
+from ..memory import TRAIN_OVER, NoEstimate, available_host_bytes, check_fits, check_fits_host, prompt_tokens
 from ..models import default_device, load_model, load_tokenizer
 from ..profile import read_profile
 from ..tasks import AgentTask, Example, Task, get_task
@@ -285,7 +285,11 @@ def check_memory(config: TrainConfig, world: World = SOLO, task: Task | None = N
     if not config.memory_check:
         return
     if device.type == "cuda":
-        check_fits(config, world.size, prompt_tokens(config, task), total_memory(device), over)
+        try:
+            check_fits(config, world.size, prompt_tokens(config, task), total_memory(device), over)
+        except NoEstimate as err:
+            if world.is_main:
+                print(f"warning: {err}; training without the check", file=sys.stderr)
     elif device.type == "cpu" and (available := available_host_bytes()) is not None:
         check_fits_host(config, available)
 
