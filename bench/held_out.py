@@ -6,7 +6,7 @@
 For each family, a tiny random model is built from transformers' own config class (4 layers, width 32), saved
 with the tests' character tokenizer, and trained for 2 GRPO steps of ``toy:repeat``: once on layer 1 alone and
 once on every layer, each in a process of its own (a crash or a kill costs one family, not the sweep). A
-single-layer run passes when its checkpoint holds tensors of layer 1 only, and they moved (a tensor that no
+single-layer run passes when its checkpoint holds every tensor of layer 1 and nothing else, and they moved (a tensor that no
 gradient reached in 2 steps, such as an MoE expert no token was routed to, is counted, not failed). Written:
 OUT/results.jsonl (a row per family) and OUT/results.md (the table). This checks wiring (layer discovery,
 selection, log-probs, the update, the checkpoint), not speed or numerics: the fast engine runs only on the
@@ -100,9 +100,10 @@ def one(family: str, work: Path) -> dict:
         layer_of = parameter_layers(model)
         row["layer_1_tensors"] = len(saved)
         row["other_layers"] = sorted({str(layer_of.get(n)) for n in saved} - {"1"})
+        row["missing"] = sorted(n for n in before if layer_of[n] == 1 and n not in saved)
         row["unmoved"] = [n for n, t in saved.items() if torch.equal(t.float(), before[n].float())]
         # a tensor no gradient reached in 2 steps stays (an MoE expert no token was routed to, a gate at zero)
-        row["ok"] = not row["other_layers"] and len(row["unmoved"]) < len(saved)
+        row["ok"] = not row["other_layers"] and not row["missing"] and len(row["unmoved"]) < len(saved)
     except OneLayerError as error:
         row.update(ok=False, error=f"onelayer: {error}")
     except Exception as error:  # the point of the sweep: what breaks, and where
@@ -145,6 +146,7 @@ def main() -> None:
         if "unmoved" in r:
             check = f"{r['layer_1_tensors']} tensors" + (f", of other layers too: {r['other_layers']}"
                                                          if r["other_layers"] else ", all of layer 1")
+            check += f"; {len(r['missing'])} of layer 1 missing" if r["missing"] else ""
             check += f"; {len(r['unmoved'])} not moved" if r["unmoved"] else "; all moved"
         table.append(f"| {r['family']} | {r.get('engine', '')} | {r.get('1', 'no')} | {r.get('all', 'no')} | {check} "
                      f"| {r.get('error', '')} |")

@@ -141,6 +141,12 @@ def test_strategies_trained_together_give_the_runs_they_give_one_at_a_time(tmp_p
     assert {run for run, w in widths.items() if w != [1, 1]} == {
         f"{n}-s{s}" for n in ("top_2", "middle_1", "random_1", "2-3") for s in (0, 1)}
     assert sorted(w[0] for w in widths.values() if w != [1, 1]) == [2, 2, 3, 3, 3, 3, 3, 3]
+    # an impossible --concurrent fails before anything trains
+    plain = replace(together, recipe=replace(fast, out=str(tmp_path / "plain"), sampling=replace(
+        fast.sampling, engine="plain")))
+    with pytest.raises(OneLayerError, match="concurrent variants need the fast rollout engine"):
+        run_comparison(plain, progress=False)
+    assert not list((tmp_path / "plain").glob("runs/*/result.json"))
     # what auto concurrency reserves per run: the largest trained set (top:2, 2-3: two layers of 9280), 16 B each
     runs = [r for r in plan_comparison(parse_strategies(together, 4, 2), [0, 1]) if r.strategy]
     assert trained_state_bytes(together, runs[2:4], tmp_path) == 16 * 2 * 9280  # top:2

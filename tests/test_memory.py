@@ -186,7 +186,41 @@ def test_a_family_whose_config_has_no_attention_shapes_is_held_but_not_estimated
     with pytest.raises(NoEstimate, match="no memory estimate for .*mamba: its config does not give attention shapes"):
         estimate(run, 1, 100)
     assert check_fits_host(run, 1 * GB) > 0  # what it holds needs parameter counts only
+    # Gemma 4 names head_dim per layer: reading the global one raises (a RuntimeError)
+    gemma4 = tmp_path / "gemma4"
+    tf.Gemma4TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8).save_pretrained(gemma4)
+    with pytest.raises(NoEstimate, match="no memory estimate for .*gemma4"):
+        estimate(replace(run, model=str(gemma4)), 1, 100)
     # on a GPU the check says why it cannot be made, and the run goes on
     monkeypatch.setattr(setup, "total_memory", lambda device: 80 * GB)
     check_memory(replace(run, device="cuda"))
     assert "warning: no memory estimate for" in capsys.readouterr().err
+
+
+def test_the_memory_a_cpu_run_can_take_is_the_smaller_of_the_machines_and_its_cgroups(tmp_path):
+    from onelayer.memory import available_host_bytes, cgroup_free
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       25000000 kB\nMemAvailable:   20000000 kB\n")
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    # v1: the job's own cgroup (8 GiB, 3 GiB used) under the controller's root, which has no limit
+    (v1 / "memory" / "job" / "7").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("1000\n")
+    (v1 / "memory" / "job" / "7" / "memory.limit_in_bytes").write_text(f"{8 * GB}\n")
+    (v1 / "memory" / "job" / "7" / "memory.usage_in_bytes").write_text(f"{3 * GB}\n")
+    (tmp_path / "cgroup-v1").write_text("5:devices:/\n4:memory:/job/7\n0::/\n")
+    assert cgroup_free(str(tmp_path / "cgroup-v1"), str(v1)) == 5 * GB
+    assert available_host_bytes(str(meminfo), str(tmp_path / "cgroup-v1"), str(v1)) == 5 * GB
+    # v2, seen from inside a container: its own cgroup at the root; "max" is no limit
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{16 * GB}\n")
+    (v2 / "memory.current").write_text(f"{1 * GB}\n")
+    (tmp_path / "cgroup-v2").write_text("0::/\n")
+    assert cgroup_free(str(tmp_path / "cgroup-v2"), str(v2)) == 15 * GB
+    assert available_host_bytes(str(meminfo), str(tmp_path / "cgroup-v2"), str(v2)) == 15 * GB  # < 19.1 GiB free
+    (v2 / "memory.max").write_text("max\n")
+    assert cgroup_free(str(tmp_path / "cgroup-v2"), str(v2)) is None
+    assert available_host_bytes(str(meminfo), str(tmp_path / "cgroup-v2"), str(v2)) == 20000000 * 1024
+    assert available_host_bytes(str(tmp_path / "none"), str(tmp_path / "none"), str(v2)) is None

@@ -380,8 +380,8 @@ def test_a_failed_variant_is_recorded_alone_and_the_group_retried(tmp_path, save
     run_scan(config, progress=True, execute=_fake_execute([], {**SCORES, ("layer", 0): [0] * 40,
                                                                 ("layer", 2): [0] * 40}))
     assert calls == [["0", "1"], ["2", "3"]]
-    board = [x for x in capsys.readouterr().out.splitlines() + capsys.readouterr().err.splitlines()
-             if x.startswith("scan: layer")]
+    shown = capsys.readouterr()
+    board = [x for x in (shown.out + shown.err).splitlines() if x.startswith("scan: layer")]
     # one line a group, its lone failure counted
     assert [x.split("; base")[0] for x in board] == [
         "scan: layer000-s0 and 1 more finished (1 failed); runs done 2 of 4 (1 failed)",

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import compat
 from .config import TrainConfig
@@ -183,24 +184,25 @@ def estimate(config: TrainConfig, gpus: int = 1, prompt_tokens: int = 256, gpu_b
     s = config.sampling
     sequence = prompt_tokens + s.max_new_tokens
     tokens = min(config.micro_batch_size, rows) * sequence
+    generated = min(rows, s.generation_batch_size)
     try:
         per_token = _activation_bytes_per_token(shapes, e, sequence)
-        cache_per_row = rollout_bytes_per_row(shapes.text, e, prompt_tokens, s.max_new_tokens)
-    except (AttributeError, TypeError) as err:
+        cache = (generated * rollout_bytes_per_row(shapes.text, e, prompt_tokens, s.max_new_tokens)
+                 + prefill_bytes(shapes, e, generated * prompt_tokens))
+    except (AttributeError, TypeError, RuntimeError) as err:  # Gemma 4's per-layer head_dim: a RuntimeError
         raise NoEstimate(f"no memory estimate for {config.model}: its config does not give attention shapes as "
-                         f"the estimate reads them ({first_line(err)})") from err
+                         f"the estimate reads them ({first_line(err)}); train and scan go on without the "
+                         "check") from err
     activations = (tokens * per_token * (shapes.layers - lowest + 1)  # the layers from the lowest trained up, + one
                    + 3 * DEFAULT_LOGIT_BYTES  # the head's chunk of logits: forward, recomputed, its gradient
                    + (2 * trained if gpus == 1 and e == 2 else 0))  # autocast's bf16 copies of float32 weights
     sharded = gpus > 1
-    generated = min(rows, s.generation_batch_size)
     parts = {"weights": (frozen + (trained if sharded else 0)) * e,
              "trained": 4 * trained // gpus, "gradients": 4 * trained // gpus, "optimizer": 8 * trained // gpus,
-             "rollout_cache": generated * cache_per_row + prefill_bytes(shapes, e, generated * prompt_tokens),
+             "rollout_cache": cache,
              "activations": int(activations),
              "buffers": largest_unit * (3 * e + 4) if sharded else 0}
     resident = parts["weights"] + parts["trained"] + parts["optimizer"]
-    cache = parts["rollout_cache"]
     update = resident + parts["gradients"] + parts["activations"] + parts["buffers"]
     if gpu_bytes is not None and cache <= RELEASE_FRACTION * gpu_bytes:
         update += cache
@@ -277,16 +279,47 @@ def _count(n: int) -> str:
                 if n >= scale or scale == 1)
 
 
-def available_host_bytes() -> int | None:
-    """The memory a new process can take without swapping (``MemAvailable``; Linux), None where unknown."""
+def available_host_bytes(meminfo: str = "/proc/meminfo", cgroup: str = "/proc/self/cgroup",
+                         root: str = "/sys/fs/cgroup") -> int | None:
+    """The memory this process can still take (Linux): the machine's ``MemAvailable``, or less where its memory
+    cgroup (a container's, a batch job's) allows less; None where neither is known."""
+    known = []
     try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+        with open(meminfo) as lines:
+            known += [int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
         pass
-    return None
+    free = cgroup_free(cgroup, root)
+    return min(known + ([free] if free is not None else []), default=None)
+
+
+def cgroup_free(cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """What this process's memory cgroup still allows: its limit less its usage (v2 ``memory.max`` and
+    ``memory.current``, v1 ``memory.limit_in_bytes`` and ``memory.usage_in_bytes``), read at its path and at the
+    controller's root (a container sees its own cgroup there); None without a limit."""
+    try:
+        lines = Path(cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    places = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            base, files = Path(root), ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            base, files = Path(root) / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        places += [(base / path.lstrip("/"), files), (base, files)]
+    free = []
+    for folder, (limit, usage) in places:
+        try:
+            cap, used = (folder / limit).read_text().strip(), int((folder / usage).read_text())
+        except (OSError, ValueError):
+            continue
+        if cap != "max" and int(cap) < 2**60:  # v1 writes a huge number for no limit
+            free.append(int(cap) - used)
+    return min(free, default=None)
 
 
 def check_fits_host(config: TrainConfig, available: float) -> int:

@@ -25,6 +25,18 @@ from .errors import OneLayerError
 PROTOCOLS = ("study", "best")
 
 
+def interpolate(measured: Mapping[int, float], num_layers: int) -> list[tuple[float, bool]]:
+    """Values for layers ``0..num_layers-1`` from the measured ones: linear between measured layers,
+    the nearest measured value beyond the ends; the flag marks interpolated layers."""
+    if not measured:
+        raise OneLayerError("cannot interpolate a profile with no measured layer")
+    xs = sorted(measured)
+    if xs[0] < 0 or xs[-1] >= num_layers:
+        raise OneLayerError(f"measured layers {xs} fall outside 0-{num_layers - 1}")
+    values = np.interp(np.arange(num_layers), xs, [measured[x] for x in xs])
+    return [(float(v), layer not in measured) for layer, v in enumerate(values)]
+
+
 @dataclass(frozen=True)
 class Estimate:
     value: float
@@ -138,14 +150,10 @@ class Profile:
                                 "cannot rank layers, and this profile (from an older onelayer) has no per-layer "
                                 "gains: rerun onelayer profile SCAN")
         measured = {g.layer: g for g in self.layer_gains}
-        xs = sorted(measured)
-
-        def between(name: str, layer: int) -> float:
-            return float(np.interp(layer, xs, [getattr(measured[x], name) for x in xs]))
-
-        points = tuple(measured.get(p.layer) or LayerPoint(p.layer, between("contribution", p.layer),
-                                                           between("low", p.layer), between("high", p.layer),
-                                                           True, p.lr_scale)
+        value, low, high = (interpolate({k: getattr(g, name) for k, g in measured.items()}, len(self.points))
+                            for name in ("contribution", "low", "high"))
+        points = tuple(measured.get(p.layer) or LayerPoint(p.layer, value[p.layer][0], low[p.layer][0],
+                                                           high[p.layer][0], True, p.lr_scale)
                        for p in self.points)
         return points, (f"full training did not gain over the base model ({gain:+.4f}): layers are ranked by "
                         "their own gain over it, S_l - S_base, not by contribution")

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import OneLayerError
-from ..profile import Estimate, LayerDifference, LayerPoint, Profile, RateChoice, RateRobustness
+from ..profile import Estimate, LayerDifference, LayerPoint, Profile, RateChoice, RateRobustness, interpolate
 from .rank import layer_ranks, rank_correlation
 
 #: one configuration's runs: {seed: per-example scores}, or a list of per-example scores (seeds by position)
@@ -168,18 +168,6 @@ def at_rates(by_rate: Mapping[float, Resampled], rate: float, per_resample: np.n
         chosen = per_resample == r
         samples[chosen] = scores.samples[chosen]
     return Resampled(by_rate[rate].value, samples)
-
-
-def interpolate(measured: Mapping[int, float], num_layers: int) -> list[tuple[float, bool]]:
-    """Values for layers ``0..num_layers-1`` from the measured ones: linear between measured layers,
-    the nearest measured value beyond the ends; the flag marks interpolated layers."""
-    if not measured:
-        raise OneLayerError("cannot interpolate a profile with no measured layer")
-    xs = sorted(measured)
-    if xs[0] < 0 or xs[-1] >= num_layers:
-        raise OneLayerError(f"measured layers {xs} fall outside 0-{num_layers - 1}")
-    values = np.interp(np.arange(num_layers), xs, [measured[x] for x in xs])
-    return [(float(v), layer not in measured) for layer, v in enumerate(values)]
 
 
 def area_under_curve(steps: Sequence[int], scores: Sequence[Sequence[float]]) -> np.ndarray:

@@ -71,8 +71,8 @@ def estimates_at(scan_dir: Path, plan: list, step: int, layers: set[int], num_la
         target[r.seed] = example_scores(path)
     if not full or not found:
         raise OneLayerError(f"{scan_dir}: no full run and single-layer runs evaluated at step {step} to decide on")
-    profile = contribution_profile(base, full, found, num_layers)
-    return {p.layer: Estimate(p.contribution, p.low, p.high) for p in profile.points if p.layer in found
+    points, _ = contribution_profile(base, full, found, num_layers).ranking()  # by gain where full training lost
+    return {p.layer: Estimate(p.contribution, p.low, p.high) for p in points if p.layer in found
             and not p.interpolated}
 
 

@@ -50,11 +50,11 @@ from ..config import (
 )
 from ..errors import OneLayerError
 from ..layers import parse_layer_spec
-from ..models import load_skeleton, model_num_layers, parameter_layers
+from ..models import load_skeleton, model_num_layers
 from ..profile import Estimate, read_profile, reference_path
 from .rundir import example_scores, examples_file, read_result, run_dir, run_status
 from .scan import evaluation_schedule, load_plan
-from .sharding import Shard, run_groups, run_share, run_width, trains_many_layers
+from .sharding import RunGroup, Shard, run_groups, run_share, run_width, trains_many_layers
 
 
 @dataclass(frozen=True)
@@ -207,20 +207,18 @@ def groupable(config: CompareConfig, run: StrategyRun, out: Path, n_layers: int)
     s = run.strategy
     if s is None or s.layers == "all" or s.lr_from or s.lora_rank:
         return False
-    return not parse_layer_spec(recipe_for(config, run, out).layers, n_layers).extras
+    selection = parse_layer_spec(recipe_for(config, run, out).layers, n_layers)
+    return bool(selection.layers) and not selection.extras
 
 
 def trained_state_bytes(config: CompareConfig, runs: list[StrategyRun], out: Path) -> int:
     """The most that one run of ``runs`` holds for its trained layers: a float32 copy, its gradient and Adam's
     two moments (16 bytes a parameter)."""
-    skeleton = load_skeleton(config.recipe.model)
-    layer_of = parameter_layers(skeleton)
-    sizes: dict[int, int] = {}
-    for name, p in skeleton.named_parameters():
-        if isinstance(layer := layer_of[name], int):
-            sizes[layer] = sizes.get(layer, 0) + p.numel()
-    n_layers = model_num_layers(config.recipe.model)
-    return max((16 * sum(sizes.get(i, 0) for i in parse_layer_spec(recipe_for(config, r, out).layers, n_layers).layers)
+    from ..memory import model_shapes
+
+    shapes = model_shapes(config.recipe.model, config.recipe.attention)
+    return max((16 * sum(shapes.per_id[i] for i in parse_layer_spec(recipe_for(config, r, out).layers,
+                                                                    shapes.layers).layers)
                 for r in runs), default=0)
 
 
@@ -295,24 +293,32 @@ def run_comparison(config: CompareConfig, progress: bool = True) -> list[Strateg
                  # which runs a group of GPUs trains together, and how many (recomputed when it resumes)
                  "placement": {name: width for name, width in widths.items() if width > 1}}
         (out / "compare.json").write_text(json.dumps(saved, indent=2))
+    narrow = [r for r in plan if widths[r.name] == 1]
+    together = [r for r in narrow if groupable(config, r, out, n_layers)]
+    size = together_size(config, together, out)
     for width in sorted({w for w in widths.values() if w > 1}, reverse=True):
         run_groups([r for r in plan if widths[r.name] == width], width,
                    lambda r, world: execute(config, r, out, world=world), out, shard, progress, "compare",
                    config.recipe.prompts_per_step, config.recipe.device)
-    from ..training.concurrent import group_size  # training loads only to run
-
-    narrow = [r for r in plan if widths[r.name] == 1]
-    together = [r for r in narrow if groupable(config, r, out, n_layers)]
-    size = (group_size(recipe_for(config, together[0], out), config.concurrent, trained_state_bytes(config, together, out))
-            if together else 1)
-    together = together if size > 1 else []
     run_share([r for r in narrow if r not in together], lambda r: execute(config, r, out), out, shard, progress,
               "compare")
-    if together:
-        if shard.rank == 0:
-            print(f"compare: {len(together)} runs of decoder layers, up to {size} trained together", file=sys.stderr)
-        run_share(together, lambda g: execute_group(config, list(g.runs), out), out, shard, progress, "compare", size)
+    pending = [r for r in together if run_status(out, r) != "done"]
+    if size > 1 and pending and shard.rank == 0:
+        print(f"compare: {len(pending)} runs of decoder layers, up to {size} trained together", file=sys.stderr)
+    # every rank deals out the same list, whatever its own GPU's free memory made of the size
+    run_share(together, lambda g: execute_group(config, list(g.runs), out) if isinstance(g, RunGroup)
+              else execute(config, g, out), out, shard, progress, "compare", size)
     return plan
+
+
+def together_size(config: CompareConfig, together: list[StrategyRun], out: Path) -> int:
+    """How many of ``together`` to train at once (:func:`onelayer.training.concurrent.group_size`), decided before
+    any training, so that an impossible ``--concurrent`` fails at once."""
+    if not together:
+        return 1
+    from ..training.concurrent import group_size  # training loads only to run
+
+    return group_size(recipe_for(config, together[0], out), config.concurrent, trained_state_bytes(config, together, out))
 
 
 @dataclass(frozen=True)

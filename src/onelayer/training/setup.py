@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -289,9 +290,10 @@ def check_memory(config: TrainConfig, world: World = SOLO, task: Task | None = N
             check_fits(config, world.size, prompt_tokens(config, task), total_memory(device), over)
         except NoEstimate as err:
             if world.is_main:
-                print(f"warning: {err}; training without the check", file=sys.stderr)
+                print(f"warning: {err}", file=sys.stderr)
     elif device.type == "cpu" and (available := available_host_bytes()) is not None:
-        check_fits_host(config, available)
+        # the processes of one machine each hold the frozen weights
+        check_fits_host(config, available / int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def open_run(config: TrainConfig, model: nn.Module, task: Task, algorithm: Algorithm, world: World = SOLO) -> Run:
