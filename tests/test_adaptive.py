@@ -2,6 +2,7 @@
 the top, and the replay of the rule on an exhaustive scan."""
 
 import json
+import sys
 
 import pytest
 
@@ -114,3 +115,19 @@ def test_replaying_the_rule_on_an_exhaustive_scan_by_hand(tmp_path, saved_tiny, 
     assert replayed["exhaustive_top"] == replayed["adaptive_top"] == [2] and replayed["same_top"]
     two = replay_adaptive(tmp_path / "scan", 2)  # top 2 exhaustive: layers 2 and 3; layer 3 was stopped early
     assert two["exhaustive_top"] == [2, 3] and two["adaptive_top"] == [1, 2] and not two["same_top"]
+
+
+def test_where_full_training_lost_at_a_rung_the_layers_are_judged_by_their_own_gain(tmp_path, saved_tiny,
+                                                                                     monkeypatch):
+    from onelayer.experiments.adaptive import estimates_at
+    from onelayer.experiments.scan import load_plan
+
+    # base 20 of 40 right; full training at step 2: 10 (lost 0.25); layer 0 gains +0.25, layer 1 loses 0.375
+    monkeypatch.setattr(sys.modules[__name__], "CURVES", {
+        ("base", None): {0: 20}, ("full", None): {2: 10}, ("layer", 0): {2: 30}, ("layer", 1): {2: 5}})
+    config = scan_config(tmp_path / "scan", saved_tiny, layers="0-1", steps=2, eval_every=2)
+    run_scan(config, progress=False, execute=_fake_training([]))
+    found = estimates_at(tmp_path / "scan", load_plan(tmp_path / "scan")[1], 2, {0, 1}, 4)
+    # contributions would be -1 and +1.5 (the layer that hurt most first); the gains rank them the right way
+    assert found[0].value == pytest.approx(0.25) and found[1].value == pytest.approx(-0.375)
+    assert could_be_top(found, 1) == {0}
