@@ -162,6 +162,10 @@ def test_a_cpu_run_that_cannot_hold_its_weights_is_refused_before_loading(qwen8b
     run = TrainConfig(model=qwen8b, task="toy:repeat", layers="middle:1", device="cpu", out=str(tmp_path / "run"))
     with pytest.raises(OneLayerError, match="on a CPU"):
         train(run, progress=False)
+    from onelayer.experiments.recipes import train_and_evaluate_variants
+
+    with pytest.raises(OneLayerError, match="on a CPU"):  # runs trained together check as one does
+        train_and_evaluate_variants([run, replace(run, layers="0", out=str(tmp_path / "run0"))])
     with pytest.raises(Exception) as loading:  # --no-memory-check goes on, to the missing weights
         train(replace(run, memory_check=False), progress=False)
     assert "on a CPU" not in str(loading.value)

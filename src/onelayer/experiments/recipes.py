@@ -92,6 +92,7 @@ def _solo(recipe: TrainConfig, progress: bool) -> dict | Exception:
 def train_and_evaluate_variants(recipes: list[TrainConfig], progress: bool = False) -> list[dict | Exception]:
     """:func:`train_and_evaluate` for single-layer runs of one model trained together
     (:func:`onelayer.concurrent.train_variants`); each run's summary, or the exception that stopped it."""
+    check_memory(recipes[0], over=GROUP_OVER)  # before loading: what one of them needs alone, as a solo run checks
     _, model, tokenizer = model_for(recipes[0], None, None)
     before = [_initial_values(model, r) for r in recipes]
     try:
