@@ -132,7 +132,7 @@ def top_layers(profile, k: int) -> tuple[list[int], list[str]]:
     chosen = order[:k]
     if len(chosen) < k:
         raise OneLayerError(f"the profile has only {len(chosen)} layers with a finite contribution, {k} asked: "
-                            f"measure more layers (onelayer scan --layers) or ask for fewer")
+                            "measure more layers (onelayer scan --layers) or ask for fewer")
     notes = [ranked_by] if ranked_by else []
     if not profile.reliable and not ranked_by:  # the warning speaks of contributions
         notes.append(f"the profile is unreliable: {profile.warning}")

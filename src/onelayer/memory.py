@@ -172,6 +172,13 @@ def _split(config: TrainConfig, shapes: Shapes) -> tuple[int, int, int, int]:
     return trained, total - trained, lowest, max((shapes.per_id[w] for w in wanted if w in shapes.per_id), default=0)
 
 
+def _held(trained: int, frozen: int, element: int, gpus: int = 1) -> dict:
+    """What a run holds per GPU whatever its batch: the frozen weights (over several GPUs also a copy of the
+    trained ones), and its share of the trained tensors' float32 copy, gradients and Adam's two moments."""
+    return {"weights": (frozen + (trained if gpus > 1 else 0)) * element,
+            "trained": 4 * trained // gpus, "gradients": 4 * trained // gpus, "optimizer": 8 * trained // gpus}
+
+
 def estimate(config: TrainConfig, gpus: int = 1, prompt_tokens: int = 256, gpu_bytes: float | None = None
              ) -> MemoryEstimate:
     """The memory per GPU of ``config`` trained over ``gpus`` GPUs with prompts of ``prompt_tokens``; on GPUs
@@ -196,12 +203,8 @@ def estimate(config: TrainConfig, gpus: int = 1, prompt_tokens: int = 256, gpu_b
     activations = (tokens * per_token * (shapes.layers - lowest + 1)  # the layers from the lowest trained up, + one
                    + 3 * DEFAULT_LOGIT_BYTES  # the head's chunk of logits: forward, recomputed, its gradient
                    + (2 * trained if gpus == 1 and e == 2 else 0))  # autocast's bf16 copies of float32 weights
-    sharded = gpus > 1
-    parts = {"weights": (frozen + (trained if sharded else 0)) * e,
-             "trained": 4 * trained // gpus, "gradients": 4 * trained // gpus, "optimizer": 8 * trained // gpus,
-             "rollout_cache": cache,
-             "activations": int(activations),
-             "buffers": largest_unit * (3 * e + 4) if sharded else 0}
+    parts = {**_held(trained, frozen, e, gpus), "rollout_cache": cache, "activations": int(activations),
+             "buffers": largest_unit * (3 * e + 4) if gpus > 1 else 0}  # FSDP's gathered unit and its gradient
     resident = parts["weights"] + parts["trained"] + parts["optimizer"]
     update = resident + parts["gradients"] + parts["activations"] + parts["buffers"]
     if gpu_bytes is not None and cache <= RELEASE_FRACTION * gpu_bytes:
@@ -329,8 +332,7 @@ def check_fits_host(config: TrainConfig, available: float) -> int:
     trained, frozen, _, _ = _split(config, model_shapes(config.model, config.attention))
     element = 4 if config.dtype in ("auto", "fp32") else 2  # auto is fp32 on a CPU
     # only parameter counts: this holds for architectures whose attention the full estimate cannot read
-    held_parts = {"weights": frozen * element, "trained": 4 * trained, "gradients": 4 * trained,
-                  "optimizer": 8 * trained}
+    held_parts = _held(trained, frozen, element)
     held = sum(held_parts.values())
     if held > available:
         parts = ", ".join(f"{k} {v / GB:.1f}" for k, v in held_parts.items() if v)

@@ -102,8 +102,7 @@ def group_size(config: TrainConfig, concurrent: int, state_bytes: int = 0) -> in
         return concurrent
     if reason or agentic or config.lora_rank or config.sampling.engine == "plain":
         return 1
-    element = 4 if config.dtype == "fp32" else 2
-    weights = sum(p.numel() for p in skeleton.parameters()) * element
+    weights = sum(p.numel() for p in skeleton.parameters()) * element_bytes(config.dtype)
     return auto_concurrency(config, torch.cuda.mem_get_info(device)[0] - 2 * weights, prompt_tokens(config, task, 64),
                             state_bytes)
 
