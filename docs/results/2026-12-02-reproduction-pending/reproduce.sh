@@ -12,10 +12,12 @@
 #   code              code:synth difficulty 2, every third layer, 1 seed (needs bubblewrap, prlimit, libseccomp)
 #   ood               every third layer, 1 seed, on the main task, then evaluated on chain_sum in the same session
 #                     (out-of-domain evaluation needs checkpoints, and checkpoints do not come back)
-#   strategies        onelayer compare on the main scan, 2 seeds, under the study protocol and at own best rates
-#   ensemble          the top-7 specialists' vote vs self-consistency of the best one at k = 7 (the vote reuses the
+#   strategies [P]    onelayer compare on the main scan, 2 seeds, under the study protocol (P=study) and at own best
+#                     rates (P=best); both without P (the two are independent and can run side by side)
+#   ensemble [P]      the top-7 specialists' vote vs self-consistency of the best one at k = 7 (the vote reuses the
 #                     members' final evaluations; self-consistency samples the best one, trained again alone where
-#                     its checkpoint did not come back)
+#                     its checkpoint did not come back); P=study (default: members at full training's rate) or best
+#                     (each layer at its own best rate)
 #   claims            the claims table (CPU is enough)
 # SMOKE=1 runs a stage at toy size (2 steps of 2 x 4, 8 held-out problems, 16 new tokens) in its own $W on a CPU,
 # with full training's rate fixed (LR, default 1e-5): it checks a stage's wiring before the stage costs GPU time, and
@@ -99,27 +101,39 @@ case "${1:?stage: restore, sweep, lr, main LAYERS, edge [LAYERS], passk, second 
       --lr "$(lr)" --lr-grid 1,3 --seeds 1 --concurrent $CONCURRENT --out $W/scans/ood
     ol analyze ood $W/scans/ood --tasks "rg:chain_sum?min_terms=2&max_terms=3&min_digits=1&max_digits=1&eval_size=500" ;;
   strategies)
-    # the study protocol: every strategy at full training's tuned rate, the layers ranked at that rate; the runs of
-    # decoder layers (top:k, middle:10, random:10: 10 of 16) train together, full, lr-guided and LoRA one at a time
-    ol compare $W/scans/main --strategies full,top:1,top:3,top:10,lr-guided,middle:10,random:10,lora --seeds 2 \
-      --concurrent $CONCURRENT --out $W/compare
-    # each at its own best rate: the layers ranked by their contribution at theirs, the layer strategies trained at
-    # BEST x (every layer's best rate in parts 1-2 was 3x), full training at its own (the profile's full_lr_scale)
-    FULL=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["full_lr_scale"])' \
-      $W/scans/main/profile-best.json)
-    ol compare "$W/scans/main?protocol=best" --seeds 2 --concurrent $CONCURRENT --out $W/compare-best \
-      --strategies "full*$FULL,top:1*$BEST,top:3*$BEST,top:10*$BEST,lr-guided*$BEST,middle:10*$BEST,random:10*$BEST" ;;
+    case ${2:-both} in study|best|both) ;; *) echo "strategies: study, best or neither, not $2" >&2; exit 2 ;; esac
+    if [ "${2:-study}" = study ]; then
+      # the study protocol: every strategy at full training's tuned rate, the layers ranked at that rate; the runs of
+      # decoder layers (top:k, middle:10, random:10: 10 of 16) train together, full, lr-guided and LoRA one at a time
+      ol compare $W/scans/main --strategies full,top:1,top:3,top:10,lr-guided,middle:10,random:10,lora --seeds 2 \
+        --concurrent $CONCURRENT --out $W/compare
+    fi
+    if [ "${2:-best}" = best ]; then
+      # each at its own best rate: the layers ranked by their contribution at theirs, the layer strategies trained at
+      # BEST x (every layer's best rate in parts 1-3 was 3x), full training at its own (the profile's full_lr_scale)
+      FULL=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["full_lr_scale"])' \
+        $W/scans/main/profile-best.json)
+      ol compare "$W/scans/main?protocol=best" --seeds 2 --concurrent $CONCURRENT --out $W/compare-best \
+        --strategies "full*$FULL,top:1*$BEST,top:3*$BEST,top:10*$BEST,lr-guided*$BEST,middle:10*$BEST,random:10*$BEST"
+    fi ;;
   ensemble)
-    # the seven layers of highest contribution, as run directories at the rate the study protocol reads
-    mapfile -t MEMBERS < <(python3 - "$W/scans/main" <<'EOF'
+    # the seven layers of highest contribution, as run directories at the rate the protocol reads: full training's
+    # (study) or each layer's own best (best)
+    P=${2:-study}
+    case $P in
+      study) PROFILE=profile.json; E=$W/ensemble ;;
+      best) PROFILE=profile-best.json; E=$W/ensemble-best ;;
+      *) echo "ensemble: study or best, not $P" >&2; exit 2 ;;
+    esac
+    mapfile -t MEMBERS < <(python3 - "$W/scans/main" $PROFILE <<'EOF'
 import json, sys
 from pathlib import Path
 scan = Path(sys.argv[1])
-profile = json.loads((scan / "profile.json").read_text())
+profile = json.loads((scan / sys.argv[2]).read_text())
 points = sorted((p for p in profile["points"] if not p["interpolated"]), key=lambda p: (-p["contribution"], p["layer"]))
-rate = profile["full_lr_scale"]
-tag = "" if rate == 1 else f"-lr{rate:g}x"
 for p in points[:7]:
+    rate = p.get("lr_scale") or profile["full_lr_scale"]  # the best protocol names each layer's own rate
+    tag = "" if rate == 1 else f"-lr{rate:g}x"
     print(scan / "runs" / f"layer{p['layer']:03d}{tag}-s0")
 EOF
 )
@@ -130,16 +144,16 @@ EOF
       read -r L RATE SEED < <(python3 -c 'import json, sys; c = json.load(open(sys.argv[1])); print(c["layers"], c["lr"], c["seed"])' \
         "$BEST_RUN/config.json")
       ol train --model smollm2 --task rg:basic_arithmetic "${TO[@]}" "${PROTOCOL[@]}" --layers "$L" --lr "$RATE" \
-        --seed "$SEED" --out $W/ensemble-best-member
-      BEST_RUN=$W/ensemble-best-member
+        --seed "$SEED" --out $E-best-member
+      BEST_RUN=$E-best-member
     fi
     # the scans' evaluation settings (EVAL), so that the vote reuses each member's final evaluation (no checkpoint needed)
-    ol ensemble "${MEMBERS[@]}" "${EVAL[@]}" --out $W/ensemble
-    ol ensemble --self-consistency "$BEST_RUN" --k 7 "${EVAL[@]}" --out $W/ensemble ;;
+    ol ensemble "${MEMBERS[@]}" "${EVAL[@]}" --out $E
+    ol ensemble --self-consistency "$BEST_RUN" --k 7 "${EVAL[@]}" --out $E ;;
   claims)
     ol claims $W/scans/main --math $W/scans/chain-sum --code $W/scans/code --ood $W/scans/ood --compare $W/compare \
       --ensemble $W/ensemble
     ol claims "$W/scans/main?protocol=best" --math $W/scans/chain-sum --code $W/scans/code --ood $W/scans/ood \
-      --compare $W/compare-best ;;
+      --compare $W/compare-best --ensemble $W/ensemble-best ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac

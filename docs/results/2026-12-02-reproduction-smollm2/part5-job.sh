@@ -1,0 +1,17 @@
+# issue 23, part 5: the strategies under both protocols, the edge stage and both ensembles, as three jobs side by
+# side on one GPU (each is launch-bound at this model size, so sharing the GPU costs each less than it saves)
+cd /root/repo
+export PYTHONPATH=/root/repo/src:/root/repo:$PYTHONPATH OMP_NUM_THREADS=4
+W=/root/w; mkdir -p $W
+R=docs/results/2026-12-02-reproduction-pending/reproduce.sh
+echo "start $(date -u +%FT%TZ)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > $W/env-part5.txt
+python3 -c "import sys, torch, transformers, triton; print(sys.version.split()[0], torch.__version__, transformers.__version__, triton.__version__)" >> $W/env-part5.txt
+echo "commit COMMIT" >> $W/env-part5.txt
+bash $R restore
+stage() { echo "$* start $(date -u +%FT%TZ)"; bash $R "$@" > "$W/log-${*// /-}.txt" 2>&1; echo "$* rc $? $(date -u +%FT%TZ)"; }
+stage strategies study &
+stage strategies best &
+(stage edge; stage ensemble best; stage ensemble study) &
+wait
+echo "end $(date -u +%FT%TZ)"
