@@ -175,7 +175,17 @@ def test_ensemble_row_is_a_paired_difference_and_refuses_unequal_k(tmp_path):
     [c] = ensemble_claims(str(tmp_path))
     # the vote is right wherever self-consistency is, and on a quarter more: every resample gains > 0
     assert c.estimate.value == pytest.approx(0.25) and c.estimate.low > 0 and c.verdict == REPRODUCED
-    assert "best single specialist layer015-s0 0.600" in c.why
+    assert "best single specialist layer015-s0 0.600" in c.why and "the vote minus it" not in c.why
+    # with the best member's own answers, the vote is also set against it, paired; self-consistency's temperature
+    # is named where its summary gives it
+    (tmp_path / "members" / "layer015-s0").mkdir(parents=True)
+    (tmp_path / "members" / "layer015-s0" / "eval.examples.jsonl").write_text(
+        "".join(json.dumps({"correct": [c]}) + "\n" for c in [True, True, True, False] * 25))
+    (tmp_path / "self_consistency.json").write_text(json.dumps({"temperature": 0.7}))
+    [c] = ensemble_claims(str(tmp_path))
+    # the vote is right on examples 0, 1, 3 of every four, the member on 0, 1, 2: the same accuracy, a paired 0
+    assert "(the vote minus it: +0.00 points [" in c.why and "self-consistency sampled at temperature 0.7" in c.why
+    assert c.estimate.value == pytest.approx(0.25)  # the claim itself is still against self-consistency
     md = write_claims([c], tmp_path / "out").read_text()
     assert "+25.00 points [" in md and "| reproduced |" in md
     _votes(tmp_path / "self_consistency.examples.jsonl", [True, False, False, True] * 25, 5)

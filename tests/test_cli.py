@@ -87,6 +87,15 @@ def test_ensemble_and_self_consistency_from_the_command_line(tmp_path, saved_tin
     assert [r["answers"]["l1"] for r in rows] == [m["extracted"][0] for m in member]
     sc = [json.loads(x) for x in (out / "self_consistency.examples.jsonl").read_text().splitlines()]
     assert len(sc) == 5 and len(sc[0]["answers"]) == 3
+    # evaluation's greedy default would make every sample agree: self-consistency samples at 1 then, and at the
+    # temperature asked for otherwise (it used to ignore --temperature)
+    assert json.loads((out / "self_consistency.json").read_text())["temperature"] == 1.0
+    assert "(k=3, temperature 1)" in stdout
+    cooler = tmp_path / "vote-cool"
+    assert main(["ensemble", "--self-consistency", str(tmp_path / "l1"), "--k", "2", "--n", "3", "--temperature",
+                 "0.5", "--out", str(cooler), *common]) == 0
+    assert json.loads((cooler / "self_consistency.json").read_text())["temperature"] == 0.5
+    assert "(k=2, temperature 0.5)" in capsys.readouterr().out
     assert main(["ensemble", str(tmp_path / "l1"), *common]) == 2  # one member is not an ensemble
 
 

@@ -526,7 +526,13 @@ def cmd_claims(args: argparse.Namespace) -> None:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> None:
-    from .experiments.specialists import ensemble_task_line, run_ensemble, run_self_consistency, summary_lines
+    from .experiments.specialists import (
+        ensemble_task_line,
+        run_ensemble,
+        run_self_consistency,
+        self_consistency_temperature,
+        summary_lines,
+    )
 
     base = config_from_args(EvalConfig, args)
     out = Path(args.out or "ensemble-out")
@@ -537,7 +543,8 @@ def cmd_ensemble(args: argparse.Namespace) -> None:
     if args.self_consistency:
         print(ensemble_task_line(args.self_consistency, base))
         summary = run_self_consistency(args.self_consistency, args.k, base, out)
-        print("\n".join(summary_lines(f"self-consistency of {args.self_consistency} (k={args.k})", summary)))
+        title = f"self-consistency of {args.self_consistency} (k={args.k}, temperature {self_consistency_temperature(base):g})"
+        print("\n".join(summary_lines(title, summary)))
         written.append("self_consistency.json, self_consistency.examples.jsonl, samples/")
     if args.runs:
         print(ensemble_task_line(args.runs[0], base))

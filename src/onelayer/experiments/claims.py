@@ -169,6 +169,16 @@ def ensemble_claims(ensemble: str | None, self_consistency: str | None = None) -
     summary = json.loads((folder / "ensemble.json").read_text()) if (folder / "ensemble.json").is_file() else {}
     best, accuracy = summary.get("best_member"), summary.get("member_accuracy") or {}
     single = f"best single specialist {best} {accuracy[best]:.3f}" if best in accuracy else ""
+    member = read_jsonl(folder / "members" / str(best) / "eval.examples.jsonl") if single else []
+    if len(member) == votes.size:  # the stricter comparison: does the vote beat its own best member?
+        over = gain_estimate(np.asarray([float(r["correct"][0]) for r in member]), votes,
+                             bootstrap_indices(votes.size, 2000, 1))
+        single += (f" (the vote minus it: {over.value * 100:+.2f} points [{over.low * 100:+.2f}, "
+                   f"{over.high * 100:+.2f}])")
+    sc_summary = Path(self_consistency or folder) / "self_consistency.json"
+    temperature = json.loads(sc_summary.read_text()).get("temperature") if sc_summary.is_file() else None
+    if temperature is not None:
+        single = "; ".join(filter(None, [single, f"self-consistency sampled at temperature {temperature:g}"]))
     source = str(folder) + (f" vs {self_consistency}" if self_consistency else "")
     row = ensemble_claim(gain, float(votes.mean()), float(samples.mean()), k, single, source)
     if k != k_sc:  # not like for like: say so, and claim nothing

@@ -140,6 +140,12 @@ def run_ensemble(members: list[str], base: EvalConfig, out: str | Path) -> Ensem
     return summary
 
 
+def self_consistency_temperature(base: EvalConfig) -> float:
+    """The temperature self-consistency samples at: the one asked for, or 1 where evaluation's greedy default
+    (0) is left, since greedy samples would all agree."""
+    return base.sampling.temperature if base.sampling.temperature > 0 else 1.0
+
+
 def run_self_consistency(model_or_run: str, k: int, base: EvalConfig, out: str | Path) -> EnsembleSummary:
     """``k`` samples per example from one model (a run directory or a model name), voted."""
     if k < 2:
@@ -151,21 +157,21 @@ def run_self_consistency(model_or_run: str, k: int, base: EvalConfig, out: str |
                             "so it needs the checkpoint (train the run again with its command, or pass another run)")
     config, _ = resolve_task(replace(base, checkpoint=model_or_run if is_run else "",
                                      model="" if is_run else model_or_run, samples=k, out=str(out / "samples"),
-                                     sampling=replace(base.sampling, temperature=1.0)))
+                                     sampling=replace(base.sampling, temperature=self_consistency_temperature(base))))
     task = get_task(config.task, config.task_options)
     rows = _answers(config)
     table = {f"sample{j}": ([r["extracted"][j] for r in rows], [r["correct"][j] for r in rows]) for j in range(k)}
     summary = ensemble(table, task.same_answer)
-    _write(out, "self_consistency", summary, table)
+    _write(out, "self_consistency", summary, table, temperature=config.sampling.temperature)
     return summary
 
 
-def _write(out: Path, stem: str, summary: EnsembleSummary, table: dict) -> None:
+def _write(out: Path, stem: str, summary: EnsembleSummary, table: dict, **extra) -> None:
     out.mkdir(parents=True, exist_ok=True)
     data = {"vote_accuracy": summary.vote_accuracy, "member_accuracy": summary.member_accuracy,
             "best_member": summary.best_member, "oracle": summary.oracle, "ties": summary.ties,
             "overlap": {f"{a} | {b}": v for (a, b), v in summary.overlap.items()},
-            "tie_rule": "ties go to the answer of the earliest listed member"}
+            "tie_rule": "ties go to the answer of the earliest listed member", **extra}
     (out / f"{stem}.json").write_text(json.dumps(data, indent=2))
     with open(out / f"{stem}.examples.jsonl", "w") as f:
         for i, vote in enumerate(summary.votes):
