@@ -9,7 +9,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 python3 -c "import sys, torch, transformers, triton; print(sys.version.split()[0], torch.__version__, transformers.__version__, triton.__version__)" >> $W/env-part5.txt
 echo "commit COMMIT" >> $W/env-part5.txt
 bash $R restore
-stage() { echo "$* start $(date -u +%FT%TZ)"; bash $R "$@" > "$W/log-${*// /-}.txt" 2>&1; echo "$* rc $? $(date -u +%FT%TZ)"; }
+stage() { local n="$*"; echo "$n start $(date -u +%FT%TZ)"; bash $R "$@" > "$W/log-${n// /-}.txt" 2>&1; echo "$n rc $? $(date -u +%FT%TZ)"; }
 stage strategies study &
 stage strategies best &
 (stage edge; stage ensemble best; stage ensemble study) &
