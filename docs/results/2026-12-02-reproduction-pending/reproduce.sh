@@ -76,7 +76,7 @@ EOF
 }
 
 case "${1:?stage: restore, sweep, lr, main LAYERS, edge [LAYERS], passk, second LAYERS, code, ood, strategies, ensemble or claims}" in
-  restore) cp -rn "$RESULTS"/sweep "$RESULTS"/scans "$RESULTS"/passk-chain-sum "$W"/ && ls "$W"/scans/main/runs | wc -l ;;
+  restore) cp -rn "$RESULTS"/sweep "$RESULTS"/scans "$RESULTS"/passk-chain-sum "$RESULTS"/compare "$W"/ && ls "$W"/scans/main/runs | wc -l ;;
   sweep) W=$W bash "$HERE/sweep.sh" ;;
   lr) lr ;;
   main)
