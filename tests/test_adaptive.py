@@ -3,10 +3,12 @@ the top, and the replay of the rule on an exhaustive scan."""
 
 import json
 import sys
+from dataclasses import replace
 
 import pytest
 
 import onelayer.experiments.scan as scan_module
+from onelayer.config import to_dict
 from onelayer.errors import OneLayerError
 from onelayer.experiments.adaptive import could_be_top
 from onelayer.experiments.rundir import run_dir
@@ -48,6 +50,9 @@ def _fake_training(calls):
         steps = config.recipe.steps
         calls.append((run.name, steps, final))
         directory = run_dir(scan_dir, run)
+        if run.kind != "base":  # the recipe it trained with, as training saves it (a rung's: its steps)
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "config.json").write_text(json.dumps(to_dict(scan_module._recipe_for(config, run, scan_dir))))
         curve = CURVES[run.kind, run.layer]
         for step in curve:
             if 0 < step <= steps or run.kind == "base":
@@ -93,6 +98,10 @@ def test_an_interrupted_adaptive_scan_keeps_its_decisions(tmp_path, saved_tiny, 
     calls.clear()
     run_scan(config, progress=False, execute=lambda c, r, d: fake(c, r, d))
     assert calls == []  # every run finished or stopped: nothing is trained again
+    # a stopped run's recipe names its rung's steps, which is no change of recipe; other steps are
+    with pytest.raises(OneLayerError, match="full-s0 finished with another steps \\(4, now 6\\)"):
+        run_scan(replace(config, recipe=replace(config.recipe, steps=6)), progress=False,
+                 execute=lambda c, r, d: fake(c, r, d))
 
 
 def test_adaptive_scans_need_evaluations_to_decide_at(tmp_path, saved_tiny):

@@ -185,6 +185,20 @@ def test_compare_takes_the_scans_recipe_and_copies_its_base_and_full_runs(tmp_pa
     assert code == 0
     assert "copied_from" not in json.loads((tmp_path / "other" / "runs" / "full-s0" / "result.json").read_text())
     assert json.loads((tmp_path / "other" / "compare.json").read_text())["config"]["recipe"]["steps"] == 1
+    # resumed with another recipe, its finished runs would mix two experiments in one table: refused, by name
+    capsys.readouterr()
+    code = main(["compare", str(scan_dir), "--strategies", "full", "--seeds", "1", "--steps", "2",
+                 "--out", str(tmp_path / "other"), "--no-progress"])
+    assert code == 2 and "full-s0 finished with another steps (1, now 2)" in capsys.readouterr().err
+    # results moved elsewhere (off the GPU machine) resume: top:1@SCAN names the scan by its new path
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(scan_dir, moved)
+    kept = moved / "compare-protocol-best" / "runs" / "top_1-lr3x-s0" / "result.json"
+    before = kept.stat().st_mtime_ns
+    code = main(["compare", f"{moved}?protocol=best", "--strategies", "top:1*3", "--seeds", "1", "--no-progress"])
+    assert code == 0 and kept.stat().st_mtime_ns == before  # kept, not trained again
 
 
 def test_ensemble_members_from_a_scan_reuse_their_final_evaluation(tmp_path, saved_tiny, monkeypatch):

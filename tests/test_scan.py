@@ -1,4 +1,6 @@
 import json
+import re
+from dataclasses import replace
 
 import pytest
 
@@ -11,6 +13,7 @@ from onelayer.experiments.scan import (
     ScanConfig,
     evaluated_steps,
     parse_lr_grid,
+    plan_lines,
     plan_scan,
     run_scan,
     scan_profile,
@@ -419,3 +422,27 @@ def test_a_scan_grows_by_more_layers_and_trains_only_the_new_ones(tmp_path, save
     assert calls == ["layer003-s0"]
     c = {p.layer: p.contribution for p in read_profile(tmp_path / "scan").points if not p.interpolated}
     assert c == {1: pytest.approx(0.5), 3: pytest.approx(1.0)}
+
+
+def test_a_scan_resumed_with_another_recipe_is_refused_and_one_grown_is_not(tmp_path, saved_tiny, capsys):
+    config = scan_config(tmp_path / "scan", saved_tiny, layers="1", steps=1)
+    run_scan(config, progress=False)
+    layer1 = run_dir(tmp_path / "scan", PlannedRun("layer001-s0", "layer", 0, 1))
+    before = (layer1 / "result.json").stat().st_mtime_ns
+    # finished runs are kept and skipped: with other flags they would mix two experiments in one profile
+    for change, named in (({"steps": 2}, "steps (1, now 2)"), ({"lr": 5e-3}, "lr (0.01, now 0.005)"),
+                          ({"group_size": 2}, "group_size (4, now 2)")):
+        other = replace(config, recipe=replace(config.recipe, **change))
+        with pytest.raises(OneLayerError, match=f"full-s0 finished with another {re.escape(named)}: resume with"):
+            run_scan(other, progress=False)
+        with pytest.raises(OneLayerError, match="finished with another"):  # a dry run says so as well
+            plan_lines(other, 1)
+    # what a run may be resumed with (its evaluation schedule, device) and more layers grow the same scan
+    grown = replace(config, recipe=replace(config.recipe, layers="1,2", eval_every=1, save_every=5))
+    run_scan(grown, progress=False)
+    assert (layer1 / "result.json").stat().st_mtime_ns == before  # kept, not trained again
+    assert run_status(tmp_path / "scan", PlannedRun("layer002-s0", "layer", 0, 2)) == "done"
+    code = main(["scan", "--model", str(saved_tiny), "--task", "toy:repeat", "--layers", "1,2", "--steps", "3",
+                 "--prompts-per-step", "2", "--group-size", "4", "--lr", "1e-2", "--max-new-tokens", "6",
+                 "--eval-n", "6", "--device", "cpu", "--out", str(tmp_path / "scan"), "--no-progress"])
+    assert code == 2 and "finished with another steps (1, now 3)" in capsys.readouterr().err

@@ -234,6 +234,19 @@ SHARED = names_where(TrainConfig, "shared")
 NOT_SCIENCE = frozenset(name for name, f in config_fields(TrainConfig) if not f.metadata.get("science", True))
 
 
+def recipe_difference(saved: dict, now: TrainConfig, ignore: frozenset[str] = RESUMABLE,
+                      normalise=None) -> tuple[str, object, object] | None:
+    """The first field (dotted name) where a saved recipe (a run's ``config.json``) and ``now`` differ, with the
+    saved and the current value, or None. Fields in ``ignore`` are left out; ``normalise(name, value)``, where
+    given, maps both values before they are compared."""
+    old, new = flat(to_dict(from_dict(TrainConfig, saved))), flat(to_dict(now))
+    same = normalise or (lambda name, value: value)
+    for name, value in new.items():
+        if name not in ignore and same(name, value) != same(name, old.get(name)):
+            return name, old.get(name), value
+    return None
+
+
 @dataclass
 class EvalConfig:
     """Evaluate a base model, or a base model plus a onelayer checkpoint, on a task's eval split."""

@@ -52,7 +52,7 @@ from ..errors import OneLayerError
 from ..layers import parse_layer_spec
 from ..models import load_skeleton, model_num_layers
 from ..profile import Estimate, read_profile, reference_path
-from .rundir import example_scores, examples_file, read_result, run_dir, run_status
+from .rundir import check_finished, example_scores, examples_file, read_result, run_dir, run_status
 from .scan import evaluation_schedule, load_plan
 from .sharding import RunGroup, Shard, run_groups, run_share, run_width, trains_many_layers
 
@@ -285,6 +285,9 @@ def run_comparison(config: CompareConfig, progress: bool = True) -> list[Strateg
     plan = plan_comparison(strategies, [config.recipe.seed + i for i in range(config.seeds)])
     out.mkdir(parents=True, exist_ok=True)
     widths = run_widths(config, plan, out, n_layers)
+    for run in plan:  # a comparison resumed with flags that change what its finished runs computed fails now
+        if run.strategy is not None and run_status(out, run) == "done":
+            check_finished(run_dir(out, run), recipe_for(config, run, out))
     if shard.rank == 0:
         saved = {"config": to_dict(replace(config, recipe=replace(config.recipe, device=""))),
                  "strategies": [s.__dict__ for s in strategies],

@@ -14,6 +14,8 @@ import traceback
 from pathlib import Path
 from typing import Protocol
 
+from ..config import RESUMABLE, TrainConfig, recipe_difference
+from ..errors import OneLayerError
 from ..jsonl import exists, read_jsonl
 
 
@@ -72,3 +74,32 @@ def write_error(path: Path, err: BaseException) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     trace = "".join(traceback.format_exception(err))
     path.write_text(f"{type(err).__name__}: {err}\n\n{trace}")
+
+
+def _moved(name: str, value):
+    """A profile reference (``top:10@SCAN``, ``--lr-from SCAN?protocol=best``) without its scan's path, which
+    changes when results are copied off the machine that made them or their folder is renamed; the protocol it
+    reads stays. (Which scan a comparison reads is its own argument, the same for all its runs.)"""
+    if name == "layers" and isinstance(value, str) and "@" in value:
+        spec, _, scan = value.partition("@")
+        return f"{spec}@{_moved('lr_from', scan)}"
+    if name == "lr_from" and isinstance(value, str) and value:
+        return "SCAN" + value.partition("?")[1] + value.partition("?")[2]
+    return value
+
+
+def check_finished(directory: Path, recipe: TrainConfig) -> None:
+    """A finished run is kept (and skipped) only if it ran the recipe the command asks for now: a scan or
+    comparison resumed with other flags would otherwise mix two experiments in one profile without a word. Fields
+    a run may be resumed with are left out, except ``steps`` (a finished run stopped at its own), unless an
+    adaptive scan stopped it early on purpose. Runs without a saved recipe (the base model's) are not checked."""
+    saved = Path(directory) / "config.json"
+    if not saved.is_file():
+        return
+    stopped = "stopped_at" in json.loads((Path(directory) / "result.json").read_text())
+    differs = recipe_difference(json.loads(saved.read_text()), recipe,
+                                RESUMABLE if stopped else RESUMABLE - {"steps"}, _moved)
+    if differs:
+        name, old, new = differs
+        raise OneLayerError(f"{directory} finished with another {name} ({old!r}, now {new!r}): resume with the "
+                            f"flags it was made with, or pass another --out for a new experiment")

@@ -33,8 +33,8 @@ from ..models import default_device, model_num_layers
 from ..profile import Profile, profile_file
 from ..tracking import open_tracker
 from . import adaptive
-from .rundir import evaluated_steps as run_steps
 from .rundir import (
+    check_finished,
     example_scores,
     examples_file,
     read_result,
@@ -42,6 +42,7 @@ from .rundir import (
     run_status,
     step_examples,
 )
+from .rundir import evaluated_steps as run_steps
 from .sharding import Shard, run_groups, run_share, run_width, trains_many_layers
 
 
@@ -166,6 +167,14 @@ def run_widths(config: ScanConfig, plan: list[PlannedRun]) -> dict[str, int]:
     return widths
 
 
+def check_kept_runs(config: ScanConfig, plan: list[PlannedRun], scan_dir: Path) -> None:
+    """The finished runs a resumed scan keeps must have run the recipe it asks for now (see
+    :func:`onelayer.experiments.rundir.check_finished`)."""
+    for run in plan:
+        if run.kind != "base" and run_status(scan_dir, run) == "done":
+            check_finished(run_dir(scan_dir, run), _recipe_for(config, run, scan_dir))
+
+
 def plan_lines(config: ScanConfig, processes: int) -> list[str]:
     """What a scan would do, without training: its runs, which of them a group of GPUs trains together and
     which one GPU, and (for a GPU) the memory estimate of a full and a single-layer run."""
@@ -173,6 +182,7 @@ def plan_lines(config: ScanConfig, processes: int) -> list[str]:
     from .sharding import group_ranks
 
     plan = plan_scan(config, model_num_layers(config.recipe.model))
+    check_kept_runs(config, plan, Path(config.recipe.out))
     widths = run_widths(config, plan)
     kinds = {kind: [r for r in plan if r.kind == kind] for kind in ("base", "full", "layer")}
     lines = [f"scan of {config.recipe.model}: {len(plan)} runs ({len(kinds['full'])} full, {len(kinds['layer'])} "
@@ -226,6 +236,7 @@ def run_scan(config: ScanConfig, progress: bool = True,
     if config.adaptive_top:
         adaptive.rungs(config)  # and an adaptive scan without evaluations to decide at
     widths = run_widths(config, plan)  # and a run that fits no GPUs
+    check_kept_runs(config, plan, scan_dir)  # and a resumed scan whose flags changed what its runs computed
     if shard.rank == 0:
         _save_plan(config, plan, scan_dir, widths)
     execute = execute or (lambda c, r, d: execute_run(c, r, d))

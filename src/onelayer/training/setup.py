@@ -19,7 +19,7 @@ from torch import nn
 from ..adapters import add_lora
 from ..algorithms import Algorithm, get_algorithm
 from ..checkpoint import apply_checkpoint, find_checkpoint, load_optimizer_state, read_meta
-from ..config import RESUMABLE, TrainConfig, check_out_dir, flat, from_dict, to_dict
+from ..config import TrainConfig, check_out_dir, recipe_difference, to_dict
 from ..errors import OneLayerError
 from ..jsonl import gz_twin, read_jsonl, resolve, write_jsonl
 from ..layers import LayerSelection, apply_selection, lr_scales_from_profile, select_layers
@@ -128,12 +128,10 @@ def _check_resumable(out: Path, config: TrainConfig) -> None:
     saved_path = out / "config.json"
     if not saved_path.is_file() or not started(out):
         return
-    saved = flat(to_dict(from_dict(TrainConfig, json.loads(saved_path.read_text()))))
-    now = flat(to_dict(config))
-    diffs = [k for k in now if k not in RESUMABLE and now[k] != saved.get(k)]
-    if diffs:
-        k = diffs[0]
-        raise OneLayerError(f"{out} holds a run with another {k} ({saved.get(k)!r}, now {now[k]!r}): "
+    differs = recipe_difference(json.loads(saved_path.read_text()), config)
+    if differs:
+        k, old, new = differs
+        raise OneLayerError(f"{out} holds a run with another {k} ({old!r}, now {new!r}): "
                             "pass another --out, or delete that directory to start over")
 
 
