@@ -96,6 +96,11 @@ def test_ensemble_and_self_consistency_from_the_command_line(tmp_path, saved_tin
                  "0.5", "--out", str(cooler), *common]) == 0
     assert json.loads((cooler / "self_consistency.json").read_text())["temperature"] == 0.5
     assert "(k=2, temperature 0.5)" in capsys.readouterr().out
+    # into the same folder at another temperature: drawn again, not the cached samples of the first
+    cached = (cooler / "samples" / "eval.examples.jsonl").stat().st_mtime_ns
+    assert main(["ensemble", "--self-consistency", str(tmp_path / "l1"), "--k", "2", "--n", "3", "--temperature",
+                 "0.9", "--out", str(cooler), *common]) == 0
+    assert (cooler / "samples" / "eval.examples.jsonl").stat().st_mtime_ns != cached
     assert main(["ensemble", str(tmp_path / "l1"), *common]) == 2  # one member is not an ensemble
 
 

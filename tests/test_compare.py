@@ -199,6 +199,14 @@ def test_compare_takes_the_scans_recipe_and_copies_its_base_and_full_runs(tmp_pa
     before = kept.stat().st_mtime_ns
     code = main(["compare", f"{moved}?protocol=best", "--strategies", "top:1*3", "--seeds", "1", "--no-progress"])
     assert code == 0 and kept.stat().st_mtime_ns == before  # kept, not trained again
+    # a profile that now ranks another layer first: the kept top:1 run trained the old one, refused
+    profile = json.loads((moved / "profile-best.json").read_text())
+    for p in profile["points"]:
+        p["contribution"] = 5.0 if p["layer"] != top["layer"] and not p["interpolated"] else -5.0
+    (moved / "profile-best.json").write_text(json.dumps(profile))
+    capsys.readouterr()
+    code = main(["compare", f"{moved}?protocol=best", "--strategies", "top:1*3", "--seeds", "1", "--no-progress"])
+    assert code == 2 and "the profile now picks" in capsys.readouterr().err
 
 
 def test_ensemble_members_from_a_scan_reuse_their_final_evaluation(tmp_path, saved_tiny, monkeypatch):

@@ -287,7 +287,15 @@ def run_comparison(config: CompareConfig, progress: bool = True) -> list[Strateg
     widths = run_widths(config, plan, out, n_layers)
     for run in plan:  # a comparison resumed with flags that change what its finished runs computed fails now
         if run.strategy is not None and run_status(out, run) == "done":
-            check_finished(run_dir(out, run), recipe_for(config, run, out))
+            recipe = recipe_for(config, run, out)
+            check_finished(run_dir(out, run), recipe)
+            kept = read_result(out, run).get("layers")
+            if "@" in recipe.layers and kept is not None:  # top:k picks from the profile as it is now
+                now = parse_layer_spec(recipe.layers, n_layers).layers
+                if list(kept) != list(now):
+                    raise OneLayerError(f"{run_dir(out, run)} trained layers {kept}, but {run.strategy.label} of "
+                                        f"the profile now picks {list(now)}: the profile changed since; pass another "
+                                        "--out to compare with the new one")
     if shard.rank == 0:
         saved = {"config": to_dict(replace(config, recipe=replace(config.recipe, device=""))),
                  "strategies": [s.__dict__ for s in strategies],

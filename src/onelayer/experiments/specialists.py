@@ -56,6 +56,9 @@ def _source(config: EvalConfig) -> dict:
     # the answers are those of one evaluation: another task, options, cap or size is another one
     evaluation = {"task": config.task, "task_options": config.task_options, "n": config.n,
                   "max_new_tokens": config.sampling.max_new_tokens}
+    if config.samples > 1:  # sampled answers (self-consistency): another temperature, k or seed is another draw
+        evaluation |= {"samples": config.samples, "temperature": config.sampling.temperature,
+                       "top_p": config.sampling.top_p, "seed": config.seed}
     if not config.checkpoint:
         return {"model": config.model, **evaluation}
     result = Path(config.checkpoint) / "result.json"
