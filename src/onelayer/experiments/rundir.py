@@ -84,7 +84,8 @@ def _moved(name: str, value):
         spec, _, scan = value.partition("@")
         return f"{spec}@{_moved('lr_from', scan)}"
     if name == "lr_from" and isinstance(value, str) and value:
-        return "SCAN" + value.partition("?")[1] + value.partition("?")[2]
+        _, query, rest = value.partition("?")
+        return "SCAN" + query + rest
     return value
 
 
@@ -92,13 +93,14 @@ def check_finished(directory: Path, recipe: TrainConfig) -> None:
     """A finished run is kept (and skipped) only if it ran the recipe the command asks for now: a scan or
     comparison resumed with other flags would otherwise mix two experiments in one profile without a word. Fields
     a run may be resumed with are left out, except ``steps`` (a finished run stopped at its own; unless an
-    adaptive scan stopped it early on purpose) and ``eval_n`` (profiles pair the runs' final evaluations). Runs without a saved recipe (the base model's) are not checked."""
+    adaptive scan stopped it early on purpose) and ``eval_n`` (profiles pair the runs' final evaluations). Runs
+    without a saved recipe (the base model's) are not checked."""
     saved = Path(directory) / "config.json"
     if not saved.is_file():
         return
     stopped = "stopped_at" in json.loads((Path(directory) / "result.json").read_text())
-    differs = recipe_difference(json.loads(saved.read_text()), recipe,
-                                RESUMABLE - {"eval_n"} if stopped else RESUMABLE - {"steps", "eval_n"}, _moved)
+    checked = {"eval_n"} if stopped else {"steps", "eval_n"}
+    differs = recipe_difference(json.loads(saved.read_text()), recipe, RESUMABLE - checked, _moved)
     if differs:
         name, old, new = differs
         raise OneLayerError(f"{directory} finished with another {name} ({old!r}, now {new!r}): resume with the "
