@@ -99,7 +99,7 @@ def test_an_interrupted_adaptive_scan_keeps_its_decisions(tmp_path, saved_tiny, 
     run_scan(config, progress=False, execute=lambda c, r, d: fake(c, r, d))
     assert calls == []  # every run finished or stopped: nothing is trained again
     # a stopped run's recipe names its rung's steps, which is no change of recipe; other steps are
-    with pytest.raises(OneLayerError, match="full-s0 finished with another steps \\(4, now 6\\)"):
+    with pytest.raises(OneLayerError, match="full-s0 finished with another --steps \\(4, now 6\\)"):
         run_scan(replace(config, recipe=replace(config.recipe, steps=6)), progress=False,
                  execute=lambda c, r, d: fake(c, r, d))
 

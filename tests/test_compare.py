@@ -189,7 +189,7 @@ def test_compare_takes_the_scans_recipe_and_copies_its_base_and_full_runs(tmp_pa
     capsys.readouterr()
     code = main(["compare", str(scan_dir), "--strategies", "full", "--seeds", "1", "--steps", "2",
                  "--out", str(tmp_path / "other"), "--no-progress"])
-    assert code == 2 and "full-s0 finished with another steps (1, now 2)" in capsys.readouterr().err
+    assert code == 2 and "full-s0 finished with another --steps (1, now 2)" in capsys.readouterr().err
     # results moved elsewhere (off the GPU machine) resume: top:1@SCAN names the scan by its new path
     import shutil
 

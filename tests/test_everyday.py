@@ -427,7 +427,7 @@ def test_a_run_that_never_started_is_no_experiment_but_one_that_did_is(capsys, s
     code, _, err = run(capsys, *train_args(saved_tiny, out))
     assert code == 0, err
     code, _, err = run(capsys, *train_args(saved_tiny, out, "--lr", 0.5))
-    assert code == 2 and "holds a run with another lr" in err
+    assert code == 2 and "holds a run with another --lr" in err
 
 
 def test_resuming_says_so_and_keep_optimizer_none_drops_the_state_of_finished_runs(capsys, saved_tiny, tmp_path,

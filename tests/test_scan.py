@@ -431,9 +431,9 @@ def test_a_scan_resumed_with_another_recipe_is_refused_and_one_grown_is_not(tmp_
     before = (layer1 / "result.json").stat().st_mtime_ns
     # finished runs are kept and skipped: with other flags they would mix two experiments in one profile
     for change, named in (({"steps": 2}, "steps (1, now 2)"), ({"lr": 5e-3}, "lr (0.01, now 0.005)"),
-                          ({"group_size": 2}, "group_size (4, now 2)"), ({"eval_n": 4}, "eval_n (6, now 4)")):
+                          ({"group_size": 2}, "group-size (4, now 2)"), ({"eval_n": 4}, "eval-n (6, now 4)")):
         other = replace(config, recipe=replace(config.recipe, **change))
-        with pytest.raises(OneLayerError, match=f"full-s0 finished with another {re.escape(named)}: resume with"):
+        with pytest.raises(OneLayerError, match=f"full-s0 finished with another --{re.escape(named)}: resume with"):
             run_scan(other, progress=False)
         with pytest.raises(OneLayerError, match="finished with another"):  # a dry run says so as well
             plan_lines(other, 1)
@@ -445,4 +445,4 @@ def test_a_scan_resumed_with_another_recipe_is_refused_and_one_grown_is_not(tmp_
     code = main(["scan", "--model", str(saved_tiny), "--task", "toy:repeat", "--layers", "1,2", "--steps", "3",
                  "--prompts-per-step", "2", "--group-size", "4", "--lr", "1e-2", "--max-new-tokens", "6",
                  "--eval-n", "6", "--device", "cpu", "--out", str(tmp_path / "scan"), "--no-progress"])
-    assert code == 2 and "finished with another steps (1, now 3)" in capsys.readouterr().err
+    assert code == 2 and "finished with another --steps (1, now 3)" in capsys.readouterr().err

@@ -1,3 +1,4 @@
+import importlib
 import json
 import math
 
@@ -82,6 +83,46 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, tokenizer, monkeypatc
         assert torch.equal(p, q), name
 
 
+def test_out_of_memory_names_the_phases_knob_and_the_run_resumes_with_a_smaller_one(tmp_path, tokenizer, monkeypatch,
+                                                                                    capsys, saved_tiny):
+    import onelayer.training.step as train_module
+    from onelayer.cli import main
+
+    whole = train(config(tmp_path / "a", steps=4, save_every=2), tiny_model("llama"), tokenizer, progress=False)
+    real_update = train_module.policy_update
+
+    def too_big_at_step_3(*args, **kwargs):
+        if args[6] == 2 and args[4].micro_batch_size > 8:  # step index 2: the third step
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "policy_update", too_big_at_step_3)
+    with pytest.raises(OneLayerError, match=r"^out of GPU memory updating step 3: rerun with a smaller "
+                       r"--micro-batch-size \(now 16, e\.g\. 8\) and the same --out: it resumes from its checkpoint at "
+                       r"step 2 \(onelayer plan"):
+        train(config(tmp_path / "b", steps=4, save_every=2), tiny_model("llama"), tokenizer, progress=False)
+    # the advice works: the same run with half the micro-batch (and generation batch) resumes, to the same rewards
+    # (the gradient is the whole batch's either way; float order aside)
+    train(config(tmp_path / "b", steps=4, save_every=2, micro_batch_size=8,
+                 sampling=SamplingConfig(max_new_tokens=12, generation_batch_size=128)),
+          tiny_model("llama"), tokenizer, progress=False)
+    assert read_meta(tmp_path / "b" / "run")["step"] == 4
+    assert rewards(tmp_path / "b" / "run") == pytest.approx(rewards(whole.out), abs=1e-6)
+
+    def no_room_to_generate(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    # from the CLI, a fresh run out of memory while generating: one line naming the other knob, nothing saved yet
+    capsys.readouterr()
+    monkeypatch.setattr(importlib.import_module("onelayer.training.train"), "step_rollouts", no_room_to_generate)
+    code = main(["train", "--model", str(saved_tiny), "--task", "toy:repeat", "--layers", "3", "--steps", "2",
+                 "--device", "cpu", "--out", str(tmp_path / "c"), "--no-progress", "--generation-batch-size", "64"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines()[-1].startswith("error: out of GPU memory generating step 1's rollouts: rerun with a smaller "
+                                        "--generation-batch-size (now 64, e.g. 32) and the same --out: nothing was "
+                                        "checkpointed yet")
+
+
 def test_a_run_restored_compressed_without_its_checkpoint_starts_over_with_no_stale_log(tmp_path, tokenizer):
     # committed results keep logs gzipped and drop checkpoints: the rerun must not mix the old steps in
     import gzip
@@ -112,7 +153,7 @@ def test_extending_a_finished_run_continues_it(tmp_path, tokenizer):
 
 def test_a_different_experiment_in_the_same_directory_is_refused(tmp_path, tokenizer):
     train(config(tmp_path, steps=1, save_every=1), tiny_model("llama"), tokenizer, progress=False)
-    with pytest.raises(OneLayerError, match=r"holds a run with another lr \(0.03, now 0.01\)"):
+    with pytest.raises(OneLayerError, match=r"holds a run with another --lr \(0.03, now 0.01\)"):
         train(config(tmp_path, steps=1, lr=1e-2), tiny_model("llama"), tokenizer, progress=False)
 
 
@@ -122,7 +163,7 @@ def test_resuming_may_switch_the_rollout_engine_but_not_the_sampling(tmp_path, t
     train(config(tmp_path, steps=2, save_every=1, sampling=SamplingConfig(max_new_tokens=12, engine="fast")),
           tiny_model("llama"), tokenizer, progress=False)
     assert read_meta(tmp_path / "run")["step"] == 2
-    with pytest.raises(OneLayerError, match=r"another sampling.top_p \(1.0, now 0.9\)"):
+    with pytest.raises(OneLayerError, match=r"another --top-p \(1.0, now 0.9\)"):
         train(config(tmp_path, steps=3, sampling=SamplingConfig(max_new_tokens=12, top_p=0.9)),
               tiny_model("llama"), tokenizer, progress=False)
     with pytest.raises(OneLayerError, match="unknown --engine 'vllm': use auto, fast, plain"):

@@ -24,12 +24,9 @@ from .config import (
     TrainConfig,
     check_out_dir,
     config_fields,
+    flag,
 )
 from .errors import OneLayerError
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _parse_option(text: str) -> tuple[str, object]:
@@ -64,14 +61,13 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None, only_g
         default = argparse.SUPPRESS if only_given else value
         shown = f" (default: {_from}, else {value})" if _from else f" (default: {value})"
         if isinstance(value, bool):
-            section.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+            section.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                  help=help_text + shown)
         elif isinstance(value, dict):
-            singular = f.name[:-1] if f.name.endswith("s") else f.name
-            section.add_argument(_flag(singular), dest=f.name, action="append", type=_parse_option,
+            section.add_argument(flag(f.name, repeatable=True), dest=f.name, action="append", type=_parse_option,
                                  default=argparse.SUPPRESS if only_given else [], metavar="KEY=VALUE", help=help_text)
         else:
-            section.add_argument(_flag(f.name), dest=f.name, type=type(value), default=default, metavar=metavar,
+            section.add_argument(flag(f.name), dest=f.name, type=type(value), default=default, metavar=metavar,
                                  help=help_text + shown)
 
 

@@ -66,9 +66,13 @@ def flat(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def flag(name: str) -> str:
-    """The CLI flag of a (dotted) field name: ``sampling.max_new_tokens`` -> ``--max-new-tokens``."""
-    return "--" + name.rsplit(".", 1)[-1].replace("_", "-")
+def flag(name: str, repeatable: bool = False) -> str:
+    """The CLI flag of a (dotted) field name: ``sampling.max_new_tokens`` -> ``--max-new-tokens``; a dict-valued
+    field (``repeatable``) takes one KEY=VALUE per flag, named in the singular: ``task_options`` -> ``--task-option``."""
+    leaf = name.rsplit(".", 1)[-1]
+    if repeatable and leaf.endswith("s"):
+        leaf = leaf[:-1]
+    return "--" + leaf.replace("_", "-")
 
 
 def check_choices(config) -> None:
@@ -113,7 +117,8 @@ class SamplingConfig:
     max_new_tokens: int = option(256, group="rollouts", shared=True, help="completion length cap in tokens")
     temperature: float = option(1.0, group="rollouts", shared=True, help="sampling temperature; 0 = greedy")
     top_p: float = option(1.0, group="rollouts", shared=True, help="nucleus sampling mass")
-    generation_batch_size: int = option(256, group="rollouts", help="rows per generate() call")
+    # memory knobs (the out-of-memory advice names them): a killed run resumes with a smaller one
+    generation_batch_size: int = option(256, group="rollouts", resumable=True, help="rows per generate() call")
     engine: str = option("auto", group="speed", choices=ENGINES, resumable=True, help=(
         "rollout engine: auto (fast on CUDA where the architecture allows), fast (static KV cache, CUDA graphs on "
         "CUDA) or plain (transformers generate)"))
@@ -154,7 +159,8 @@ class TrainConfig:
     warmup_steps: int = option(0, group="optimisation", help="linear warm-up steps")
     weight_decay: float = option(0.0, group="optimisation", help="AdamW weight decay (matrices only)")
     max_grad_norm: float = option(1.0, group="optimisation", help="gradient clipping norm; 0 = off")
-    micro_batch_size: int = option(32, group="batch", help="rows per forward/backward (accumulated)")
+    micro_batch_size: int = option(32, group="batch", resumable=True, help=(
+        "rows per forward/backward, accumulated: the gradient is the whole batch's whatever the size"))
     compile_layers: bool = option(False, group="speed", resumable=True, help=(
         "update through torch.compile'd decoder layers (fused norms, rotary, activations): faster updates on a GPU "
         "after about a minute of compilation per process"))
@@ -235,15 +241,15 @@ NOT_SCIENCE = frozenset(name for name, f in config_fields(TrainConfig) if not f.
 
 
 def recipe_difference(saved: dict, now: TrainConfig, ignore: frozenset[str] = RESUMABLE,
-                      normalise=None) -> tuple[str, object, object] | None:
-    """The first field (dotted name) where a saved recipe (a run's ``config.json``) and ``now`` differ, with the
-    saved and the current value, or None. Fields in ``ignore`` are left out; ``normalise(name, value)``, where
-    given, maps both values before they are compared."""
+                      normalise=None) -> str | None:
+    """Where a saved recipe (a run's ``config.json``) and ``now`` first differ, as the flag with the saved and the
+    current value (``--lr (1e-05, now 2e-05)``), or None. Fields in ``ignore`` (dotted names) are left out;
+    ``normalise(name, value)``, where given, maps both values before they are compared."""
     old, new = flat(to_dict(from_dict(TrainConfig, saved))), flat(to_dict(now))
     same = normalise or (lambda name, value: value)
     for name, value in new.items():
         if name not in ignore and same(name, value) != same(name, old.get(name)):
-            return name, old.get(name), value
+            return f"{flag(name, isinstance(value, dict))} ({old.get(name)!r}, now {value!r})"
     return None
 
 

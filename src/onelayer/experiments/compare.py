@@ -44,8 +44,8 @@ from ..config import (
     CompareConfig,
     TrainConfig,
     check_out_dir,
-    flat,
     from_dict,
+    recipe_difference,
     to_dict,
 )
 from ..errors import OneLayerError
@@ -157,13 +157,6 @@ def recipe_for(config: CompareConfig, run: StrategyRun, out: Path) -> TrainConfi
                    **evaluation_schedule(config.recipe))
 
 
-def _science(recipe: dict) -> dict:
-    """What a run computes. A scan's saved recipe names its scanned layers, not those of its full run, so
-    ``layers`` is left out too (the caller matches the kind of run)."""
-    normal = flat(to_dict(from_dict(TrainConfig, recipe)))  # older saved recipes lack newer fields
-    return {k: v for k, v in normal.items() if k not in NOT_SCIENCE and k != "layers"}
-
-
 def reuse_from_scan(config: CompareConfig, run: StrategyRun, out: Path) -> bool:
     """Copy the scan's base run, or its full run of the same seed, when the scan used the same recipe
     (a full run only with its checkpoint, which ensembles and out-of-domain evaluation need)."""
@@ -173,7 +166,7 @@ def reuse_from_scan(config: CompareConfig, run: StrategyRun, out: Path) -> bool:
     if run.strategy is not None and (run.strategy.layers != "all" or run.strategy.lr_from or run.strategy.lora_rank):
         return False  # only full training (at any rate) is in a scan
     saved, plan = load_plan(scan)
-    mine = to_dict(recipe_for(config, run, out))
+    mine = recipe_for(config, run, out)
     kind = "base" if run.strategy is None else "full"
     for scan_run in plan:
         source = run_dir(scan, scan_run)
@@ -181,8 +174,10 @@ def reuse_from_scan(config: CompareConfig, run: StrategyRun, out: Path) -> bool:
                 or (kind == "full" and (scan_run.seed != run.seed or not (source / "checkpoint").is_dir()))):
             continue
         theirs = {**saved["recipe"], "seed": scan_run.seed, "lr": saved["recipe"]["lr"] * scan_run.lr_scale}
-        if _science(theirs) != _science(mine):
-            continue  # with --lr-grid, the scan's full run at another rate may be the same computation
+        # what the run computes; a scan's saved recipe names its scanned layers, not its full run's (the kind of
+        # run is matched above). With --lr-grid, the scan's full run at another rate may be the same computation.
+        if recipe_difference(theirs, mine, NOT_SCIENCE | {"layers"}):
+            continue
         target = run_dir(out, run)
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(source, target)

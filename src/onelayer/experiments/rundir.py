@@ -102,6 +102,5 @@ def check_finished(directory: Path, recipe: TrainConfig) -> None:
     checked = {"eval_n"} if stopped else {"steps", "eval_n"}
     differs = recipe_difference(json.loads(saved.read_text()), recipe, RESUMABLE - checked, _moved)
     if differs:
-        name, old, new = differs
-        raise OneLayerError(f"{directory} finished with another {name} ({old!r}, now {new!r}): resume with the "
+        raise OneLayerError(f"{directory} finished with another {differs}: resume with the "
                             f"flags it was made with, or pass another --out for a new experiment")

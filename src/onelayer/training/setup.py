@@ -130,8 +130,7 @@ def _check_resumable(out: Path, config: TrainConfig) -> None:
         return
     differs = recipe_difference(json.loads(saved_path.read_text()), config)
     if differs:
-        k, old, new = differs
-        raise OneLayerError(f"{out} holds a run with another {k} ({old!r}, now {new!r}): "
+        raise OneLayerError(f"{out} holds a run with another {differs}: "
                             "pass another --out, or delete that directory to start over")
 
 
@@ -274,6 +273,21 @@ def check_run(config: TrainConfig, task: Task | None = None, world: World = SOLO
     if agentic and config.mini_batches > 1:
         raise OneLayerError("agent tasks have a varying number of turns per step: use --mini-batches 1")
     return task, algorithm
+
+
+def out_of_memory(config: TrainConfig, doing: str) -> OneLayerError:
+    """The one-line error for a run that ran out of GPU memory ``doing`` something ("updating step 3",
+    "generating ...", "evaluating ..."): the knob of that phase, with its value, and where a rerun with the same
+    ``--out`` resumes (both knobs change how a step is computed, not what, so a run may resume with smaller ones)."""
+    if doing.startswith("updating"):
+        knob, now = "--micro-batch-size", config.micro_batch_size
+    else:
+        knob, now = "--generation-batch-size", config.sampling.generation_batch_size
+    saved = find_checkpoint(config.out)
+    resumes = (f"it resumes from its checkpoint at step {read_meta(saved)['step']}" if saved is not None
+               else "nothing was checkpointed yet")
+    return OneLayerError(f"out of GPU memory {doing}: rerun with a smaller {knob} (now {now}, e.g. "
+                         f"{max(1, now // 2)}) and the same --out: {resumes} (onelayer plan shows the estimate)")
 
 
 def check_memory(config: TrainConfig, world: World = SOLO, task: Task | None = None, over: str = TRAIN_OVER) -> None:

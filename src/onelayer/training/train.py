@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
 from torch import nn
 
 from ..config import TrainConfig
@@ -14,7 +15,16 @@ from ..models import precision_context
 from ..progress import progress_bar
 from ..rollout import make_generator
 from .distributed import World, torchrun_world
-from .setup import TrainResult, check_memory, check_run, model_for, open_run, peak_memory, total_memory
+from .setup import (
+    TrainResult,
+    check_memory,
+    check_run,
+    model_for,
+    open_run,
+    out_of_memory,
+    peak_memory,
+    total_memory,
+)
 from .step import (
     eval_before_first_step,
     eval_due,
@@ -54,27 +64,34 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             record_eval(run, step, result)
         world.barrier()
 
+    doing = f"evaluating after step {run.start}"  # what an out-of-memory error names, with its knob
     peak_memory(device)  # reset the counter
-    if eval_before_first_step(run):
-        run_eval(run.start)
-    with (progress_bar(f"layers {run.selection.describe()}", progress and world.is_main, info=True) as bar,
-          stall_reports() as rearm):
-        task_id = bar.add_task("train", total=config.steps, completed=run.start, info="")
-        for step in range(run.start, config.steps):
-            rearm()
-            with precision:
-                rollouts = step_rollouts(run, tokenizer, generator, step)
-            peak_rollout = peak_memory(device)
-            if getattr(generator, "state_bytes", 0) > RELEASE_FRACTION * total_memory(device):
-                generator.release()  # a large model's cache would crowd out the update's activations
-            row = update_and_log(learner, run, rollouts, precision, step, peak_rollout)
-            if run.sharded:
-                run.sharded.refresh()  # the next rollouts and evaluations see the updated weights
-            # checkpoint first: an evaluation that fails (out of memory, say) costs no training
-            save_due(run, learner, step + 1)
-            if eval_due(config, step + 1):
-                run_eval(step + 1)
-            bar.update(task_id, completed=step + 1,
-                       info=f"reward {row['reward']:.3f} acc {row['accuracy']:.3f} {row['seconds_step']:.1f}s/step")
+    try:
+        if eval_before_first_step(run):
+            run_eval(run.start)
+        with (progress_bar(f"layers {run.selection.describe()}", progress and world.is_main, info=True) as bar,
+              stall_reports() as rearm):
+            task_id = bar.add_task("train", total=config.steps, completed=run.start, info="")
+            for step in range(run.start, config.steps):
+                rearm()
+                doing = f"generating step {step + 1}'s rollouts"
+                with precision:
+                    rollouts = step_rollouts(run, tokenizer, generator, step)
+                peak_rollout = peak_memory(device)
+                if getattr(generator, "state_bytes", 0) > RELEASE_FRACTION * total_memory(device):
+                    generator.release()  # a large model's cache would crowd out the update's activations
+                doing = f"updating step {step + 1}"
+                row = update_and_log(learner, run, rollouts, precision, step, peak_rollout)
+                if run.sharded:
+                    run.sharded.refresh()  # the next rollouts and evaluations see the updated weights
+                # checkpoint first: an evaluation that fails (out of memory, say) costs no training
+                save_due(run, learner, step + 1)
+                doing = f"evaluating after step {step + 1}"
+                if eval_due(config, step + 1):
+                    run_eval(step + 1)
+                bar.update(task_id, completed=step + 1,
+                           info=f"reward {row['reward']:.3f} acc {row['accuracy']:.3f} {row['seconds_step']:.1f}s/step")
+    except torch.OutOfMemoryError:
+        raise out_of_memory(config, doing) from None
     run.tracker.close()
     return run.result(device)
