@@ -15,7 +15,7 @@ STAMP := $(VENV)/.onelayer-installed
 CUDA_BUILD := torch triton cuda-bindings cuda-pathfinder cuda-toolkit nvidia-cublas nvidia-cuda-cupti \
 	nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand \
 	nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 \
-	nvidia-nvtx
+	nvidia-nvtx nvidia-cuda-cccl
 COMPILE := $(VENV)/bin/uv pip compile pyproject.toml --extra test --universal --python-version 3.10 -q \
 	$(addprefix --no-emit-package ,$(CUDA_BUILD))
 

@@ -328,3 +328,22 @@ def test_comparison_runs_evaluate_every_eval_every_steps(tmp_path):
     assert (recipe.eval_every, recipe.eval_at_start) == (10, False)
     config.recipe.eval_at_start = True
     assert recipe_for(config, plan[1], tmp_path).eval_at_start is True
+
+
+def test_a_kept_run_reads_its_profile_by_file_wherever_the_scan_now_lies(tmp_path):
+    from onelayer.config import TrainConfig, to_dict
+    from onelayer.experiments.rundir import check_finished
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "result.json").write_text("{}")
+    made = TrainConfig(layers="top:3@/gpu/w/scans/main?protocol=best", lr_from="/gpu/w/scans/main?protocol=best")
+    (run / "config.json").write_text(json.dumps(to_dict(made)))
+    here = str(tmp_path / "results" / "main")
+    for layers, lr_from in ((f"top:3@{here}?protocol=best", f"{here}/profile-best.json"),
+                            (f"top:3@{here}/profile-best.json", f"{here}?protocol=best")):
+        check_finished(run, TrainConfig(layers=layers, lr_from=lr_from))  # the same profile: kept
+    with pytest.raises(OneLayerError, match=r"another --layers \('top:3@/gpu/w/scans/main\?protocol=best', now 'top:3@/"):
+        check_finished(run, TrainConfig(layers=f"top:3@{here}", lr_from=f"{here}?protocol=best"))
+    with pytest.raises(OneLayerError, match=r"another --lr-from \('/gpu/w/scans/main\?protocol=best', now '/.*\?protocol=best&auc'\)"):
+        check_finished(run, TrainConfig(layers=f"top:3@{here}?protocol=best", lr_from=f"{here}?protocol=best&auc"))

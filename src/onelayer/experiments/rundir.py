@@ -17,6 +17,7 @@ from typing import Protocol
 from ..config import RESUMABLE, TrainConfig, recipe_difference
 from ..errors import OneLayerError
 from ..jsonl import exists, read_jsonl
+from ..profile import parse_reference, profile_file
 
 
 class NamedRun(Protocol):
@@ -77,15 +78,16 @@ def write_error(path: Path, err: BaseException) -> None:
 
 
 def _moved(name: str, value):
-    """A profile reference (``top:10@SCAN``, ``--lr-from SCAN?protocol=best``) without its scan's path, which
-    changes when results are copied off the machine that made them or their folder is renamed; the protocol it
-    reads stays. (Which scan a comparison reads is its own argument, the same for all its runs.)"""
+    """A profile reference (``top:10@SCAN``, ``--lr-from SCAN?protocol=best``) as the profile file it reads, without
+    its scan's path, which changes when results are copied off the machine that made them or their folder is
+    renamed: ``SCAN?protocol=best`` and ``SCAN/profile-best.json`` are one profile, ``SCAN/profile.json`` another.
+    (Which scan a comparison reads is its own argument, the same for all its runs.)"""
     if name == "layers" and isinstance(value, str) and "@" in value:
         spec, _, scan = value.partition("@")
         return f"{spec}@{_moved('lr_from', scan)}"
     if name == "lr_from" and isinstance(value, str) and value:
-        _, query, rest = value.partition("?")
-        return "SCAN" + query + rest
+        path, protocol, step, auc = parse_reference(value)
+        return path.name if path.suffix == ".json" else profile_file("", protocol, step, auc).name
     return value
 
 
