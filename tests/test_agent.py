@@ -64,6 +64,15 @@ def test_parse_action_format_and_invalid_actions():
     assert parse_action("take coin or go north", admissible) is None and parse_action("", admissible) is None
     assert parse_action("<action>open door</action>", None) == "open door"  # no list: any tagged command
     assert parse_action("open door", None) is None
+    assert parse_action("<ACTION>go north</Action>", admissible) == "go north"  # tags in any case
+
+
+@pytest.mark.timeout(10)
+def test_a_reply_of_repeated_tags_parses_in_linear_time():
+    # the lazy regex this replaces took 28 s on 160k characters of "<action>", the square of the length
+    admissible = ("go north", "take coin")
+    for reply in ("<action>" * 200_000, "<action>" * 200_000 + "go north</action>", "</action>" * 200_000):
+        assert parse_action(reply, admissible) == ("go north" if reply.endswith("north</action>") else None)
 
 
 def test_agent_task_seeds_and_prompts():

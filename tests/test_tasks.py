@@ -103,10 +103,60 @@ def test_an_integer_reference_is_matched_exactly_and_an_empty_answer_phrase_is_n
     assert answers_match("0.333333", "1/3") and answers_match("5", "5.0000001")  # non-integers keep it
     # decorated integer references too; a sequence of digits is not one number; a pair is not its last element
     assert not answers_match("1000001", "1,\\!000,\\!000") and not answers_match("131073100", "$131073014$")
-    assert numeric_value("0 3 0 0 0 1", final=False) is None and numeric_value("2 3/4") is None
-    assert numeric_value("(2,500)", final=False) is None and numeric_value("x = (-4)") == -4
+    assert numeric_value("0 3 0 0 0 1", reference=True) is None and numeric_value("2 3/4") is None
+    assert numeric_value("(2,500)", reference=True) is None and numeric_value("x = (-4)") == -4
     # "answer:" or "answer is" with nothing after: the last number, never the ":" or "is"
     assert extract_answer("9 + 9 = 18. The answer:") == "18" and extract_answer("so 7. The answer is") == "7"
+
+
+@pytest.mark.parametrize("pred,ref", [
+    # a reference that is not a number is not compared by its digits: a board point, a base-16 numeral, a complex
+    # number, a duration, an assignment (each paid a constant answer on 15-44% of a generator's problems)
+    ("3", "D3"), ("A3", "D3"), ("34zz", "34a"), ("6.00", "6.00i"), ("5 seconds", "5 days"), ("5", "5 days"),
+    ("5", "C=3,E=0,Y=5"), ("Z=5", "C=3,E=0,Y=5"),
+    # a short decimal's digits are what it says: no tolerance relative to its size, no rounding of a less precise
+    # answer, trailing zeros exact
+    ("569204311.663", "569204296.88"), ("569,204,311.663", "569204296.88"), ("1000001", "1000000.5"),
+    ("11.96", "12.0"), ("0.04", "0.0"), ("-0.049", "0.0"), ("1.01", "1.0"),
+    # symbolic references: math-verify reads both as LaTeX, not as their last number
+    ("5", "5\\sqrt{2}"), ("2", "2^{10}"), ("2", "\\pm 2"), ("2", "(-\\infty, 2)"), ("2", "\\{1, 2\\}"),
+    ("5", "x = 2, y = 5"),
+])
+def test_answers_that_share_a_number_with_the_reference_are_not_its_answer(pred, ref):
+    assert answers_match(pred, ref) is False
+
+
+@pytest.mark.parametrize("pred,ref", [
+    ("5 days", "5 days"), ("D3", "D3"), ("569204296.88", "569,204,296.88"), ("12", "12.0"), ("0.333", "0.33"),
+    ("\\sqrt{50}", "5\\sqrt{2}"), ("1024", "2^{10}"), ("\\{2,1\\}", "\\{1, 2\\}"), ("x^2+1", "1+x^2"),
+    ("\\frac{1}{2}\\sqrt{3}", "\\frac{\\sqrt{3}}{2}"), ("2\\text{ cm}", "2\\text{ cm}"), ("90", "90^\\circ"),
+])
+def test_the_same_answer_in_another_form_still_matches(pred, ref):
+    assert answers_match(pred, ref) is True
+
+
+def test_a_generators_numbers_are_exact_and_its_other_answers_go_to_its_verifier():
+    assert answers_match("0.333", "0.33") and not answers_match("0.333", "0.33", rounded=False)
+    assert answers_match("0.333333", "0.3333333333333333", rounded=False)  # a computed float's noise
+    for name, wrong in (("rg:tsumego", lambda a: "".join(c for c in a if c.isdigit())),
+                        ("rg:base_conversion", lambda a: a[:-1] + "zz"),
+                        ("rg:cryptarithm", lambda a: a.rsplit("=", 1)[-1]),
+                        # one more digit rounds to a short decimal: a generator's reference is exact
+                        ("rg:number_format", lambda a: a + "1" if 0 < len(a.partition(".")[2]) < 6 else a)):
+        task = get_task(name, {"train_size": 10, "eval_size": 40})
+        held = task.examples("eval")
+        assert all(task.score(f"\\boxed{{{e.answer}}}", e).correct for e in held), name
+        changed = [e for e in held if wrong(e.answer) != e.answer]
+        assert changed, name
+        assert not any(task.score(f"\\boxed{{{wrong(e.answer)}}}", e).correct for e in changed), name
+
+
+def test_a_generator_whose_verifier_pays_any_answer_is_refused():
+    # reasoning-gym's game_of_life_halting compares bool(answer): any text is "correct"
+    task = get_task("rg:game_of_life_halting", {"train_size": 4, "eval_size": 8})
+    with pytest.raises(OneLayerError, match="rg:game_of_life_halting: its verifier marks the non-answer 'zq' correct "
+                                            "on 8 of 8 held-out problems .*train on another task"):
+        task.examples("train")
 
 
 def test_numeric_references_never_reach_math_verify(monkeypatch):

@@ -9,16 +9,19 @@ Extraction rule, first that applies:
 Equivalence. A numeric reference (an integer, decimal or fraction) is matched only by a numeric final answer: an
 integer, a decimal or a fraction in lowest terms (``3/4``, ``\\frac{3}{4}``), with sign, thousands separators,
 ``$...$``, ``\\text{...}``, brackets, leading words or a trailing unit around it (``dollars``, ``\\mathrm{cm}``,
-``\\%``, ``^\\circ``); of an equation (``9 + 9 = 18``) the side after the last ``=`` counts. An integer
-reference is matched only by its exact value (a tolerance would let ``-131073145`` answer ``-131073014``);
-another must be equalled exactly, within 1e-6 of it (relative to max(1, |reference|)), or once rounded to the
-reference's decimals (``1/3`` for ``0.33``). Digits apart (``0 3 0 1``) are a sequence, not a number, and a
+``\\%``, ``^\\circ``); of an equation (``9 + 9 = 18``) the side after the last ``=`` counts. A reference is a
+number only as written (LaTeX units at most: ``D3``, ``34a``, ``6.00i``, ``5 days`` are not). An integer
+reference is matched only by its exact value (a tolerance would let ``-131073145`` answer ``-131073014``), a short
+decimal by its digits (no tolerance relative to its size: ``569204311.663`` is not ``569204296.88``), or, where it
+may be rounded (a dataset's, not a generator's), by a more precise answer once rounded to its decimals (``1/3``
+for ``0.33``; ``12.0`` is exact); a fraction or a computed float (six decimals or more) within 1e-6 of it
+(relative to max(1, |reference|)). Digits apart (``0 3 0 1``) are a sequence, not a number, and a
 number too long for Python to convert (over 4,300 digits) is no answer. An expression that still has to be
 computed (``4 - 1``, ``2 \\times 3``, ``\\frac{12}{2}``) is not an answer: a symbolic checker evaluates it, and
 a policy trained on that reward learns to box the question itself (SmolLM2 under full training, 2026-12-02: 500
 of 500 "correct" answers of the form ``\\boxed{4 - 1}``). Other references (expressions, sets, words) are
-compared by math-verify's symbolic equivalence or, failing that, as normalised text (case, surrounding ``$``,
-spaces and a trailing period removed).
+compared as normalised text (case, surrounding ``$``, spaces and a trailing period removed) or, without words,
+by math-verify's symbolic equivalence with both sides read as LaTeX (bare, it reads ``5\\sqrt{2}`` as 5).
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ UNIT_WORDS = re.compile(r"[A-Za-z ]*")  # inside a trailing \text{...}
 UNIT_COMMANDS = ("\\text{", "\\mathrm{", "\\textrm{", "\\mbox{")
 UNIT_MARKS = ("\\%", "%", "^\\circ", "^{\\circ}", "\u00b0")
 TOLERANCE = 1e-6  # relative to max(1, |reference|), as math-verify's numeric comparison
+# a word of three letters or more (not a product like 2xy), neither a LaTeX command (\\sqrt) nor right inside
+# one's braces
+WORD = re.compile(r"(?<![\\A-Za-z{])[A-Za-z]{3,}")
+FLOAT_NOISE_PLACES = 6  # a reference with this many decimals or more is a computed float: the tolerance applies
 # each part of the phrase starts with what the one before cannot match, so that a run of whitespace after
 # "answer" backtracks in linear, not quadratic, time; an "is", ":" or "=" is taken whenever it is there (it is
 # never the answer)
@@ -90,17 +97,21 @@ def unwrapped(text: str) -> str:
     return text
 
 
-def numeric_value(answer: str, final: bool = True) -> Fraction | None:
-    """The value of ``answer`` if it is written as a number (module docstring), else None. ``final``
-    requires a fraction in lowest terms: ``12/2`` restates a division rather than answering it."""
+def numeric_value(answer: str, reference: bool = False) -> Fraction | None:
+    """The value of ``answer`` if it is written as a number (module docstring), else None. A model's answer must
+    give a fraction in lowest terms (``12/2`` restates a division rather than answering it), and may have leading
+    words, an equation or unit words around its number. A ``reference`` is read as written: any fraction, LaTeX
+    units (``\\text{ cm}``, ``\\%``) at most; ``D3``, ``34a``, ``6.00i``, ``5 days`` or ``C=3,Y=5`` are not numbers
+    (comparing their digits would pay ``3`` for a board point, ``5 seconds`` for ``5 days``)."""
     text = THOUSANDS_SPACE.sub("", answer)  # "1 234"
     if DIGITS_APART.search(text):  # "0 3 0 1" (a sequence, a grid), "2 3/4": not one number
         return None
     text = re.sub(r"\s+|\\[,!; ]|\\left|\\right", "", text.replace("\u2212", "-").replace("{,}", ","))
     text = unwrapped(text.strip("$").rstrip(".").replace("\\$", ""))
-    text = unwrapped(LEAD.sub("", text.rsplit("=", 1)[-1]))  # "x = (3)", "9 + 9 = 18": the value after the last "="
+    if not reference:  # "x = (3)", "9 + 9 = 18": the value after the last "="
+        text = unwrapped(LEAD.sub("", text.rsplit("=", 1)[-1]))
     if NUMERAL.match(text) and not NUMERAL.fullmatch(text):
-        text = without_unit(text)
+        text = without_unit(text, words=not reference)
     if NUMERAL.fullmatch(text):
         try:
             return Fraction(text.replace(",", ""))
@@ -115,23 +126,23 @@ def numeric_value(answer: str, final: bool = True) -> Fraction | None:
         denominator = int(fraction[3] or fraction[5] or fraction[7])
     except ValueError:  # more digits than Python converts
         return None
-    if denominator == 0 or (final and (denominator == 1 or math.gcd(numerator, denominator) != 1)):
+    if denominator == 0 or (not reference and (denominator == 1 or math.gcd(numerator, denominator) != 1)):
         return None
     return Fraction(-numerator if sign == "-" else numerator, denominator)
 
 
-def without_unit(text: str) -> str:
+def without_unit(text: str, words: bool = True) -> str:
     """``text`` without the unit words and marks at its end (``18dollars``, ``18\\text{ dollars}``,
-    ``12\\mathrm{cm}``, ``50\\%``, ``90^\\circ``), read right to left in linear time: the regex this replaces, a
-    repetition of repetitions, backtracked exponentially on a run of letters followed by anything else, and a
-    model's ``\\boxed{3 and...2}`` hung a scan's scoring."""
+    ``12\\mathrm{cm}``, ``50\\%``, ``90^\\circ``; bare letters only with ``words``), read right to left in linear
+    time: the regex this replaces, a repetition of repetitions, backtracked exponentially on a run of letters
+    followed by anything else, and a model's ``\\boxed{3 and...2}`` hung a scan's scoring."""
     end = len(text)
     while end:
         mark = next((m for m in UNIT_MARKS if text.endswith(m, 0, end)), None)  # before letters: ^\circ
         if mark:
             end -= len(mark)
             continue
-        if text[end - 1] in string.ascii_letters:
+        if words and text[end - 1] in string.ascii_letters:
             end -= 1
             continue
         word = next((start for command in UNIT_COMMANDS if text[end - 1] == "}"
@@ -143,30 +154,42 @@ def without_unit(text: str) -> str:
     return text[:end]
 
 
-def numbers_match(value: Fraction, reference: Fraction, reference_text: str) -> bool:
-    """Whether a numeric answer equals a numeric reference (module docstring)."""
-    if reference.denominator == 1 and "." not in reference_text.rstrip("."):  # an integer ($5$, 1,\!000): exactly
-        return value == reference
-    if abs(value - reference) <= TOLERANCE * max(1, abs(reference)):
+def numbers_match(value: Fraction, reference: Fraction, reference_text: str, rounded: bool = True) -> bool:
+    """Whether a numeric answer equals a numeric reference (module docstring). ``rounded``: the reference may be a
+    rounded value (a dataset's ``0.33`` for 1/3), which an answer more precise than it matches once rounded to
+    its decimals; a generator's references (Python floats) are exact."""
+    if value == reference:
         return True
     decimals = re.search(r"\.(\d+)", reference_text)
-    return decimals is not None and round(value, len(decimals[1])) == reference
+    places = len(decimals[1]) if decimals else 0
+    if reference.denominator == 1 and not places:  # an integer ($5$, 1,\!000): exactly
+        return False
+    if (not decimals and "." not in reference_text) or places >= FLOAT_NOISE_PLACES:
+        # 1/3, or a computed float's last digits (0.30000000000000004): within the tolerance
+        return abs(value - reference) <= TOLERANCE * max(1, abs(reference))
+    # a short decimal's digits are what it says (569204296.88 is not 569204311.663, 12.0 not 11.96)
+    more_precise = (value * 10 ** places).denominator != 1
+    return rounded and more_precise and set(decimals[1]) != {"0"} and round(value, places) == reference
 
 
-def answers_match(predicted: str | None, reference: str) -> bool:
-    """Whether ``predicted`` is the answer ``reference`` (module docstring)."""
+def answers_match(predicted: str | None, reference: str, rounded: bool = True) -> bool:
+    """Whether ``predicted`` is the answer ``reference`` (module docstring); ``rounded`` as in
+    :func:`numbers_match`."""
     if predicted is None:
         return False
-    reference_value = numeric_value(reference, final=False)
+    reference_value = numeric_value(reference, reference=True)
     if reference_value is not None:
         value = numeric_value(predicted)
-        return value is not None and numbers_match(value, reference_value, reference)
+        return value is not None and numbers_match(value, reference_value, reference, rounded)
     if normalize(predicted) == normalize(reference):
         return True
+    if WORD.search(reference):  # "5 days", "yes": text, which math-verify would read as its number or drop
+        return False
     try:
         from math_verify import parse, verify
 
-        gold, pred = parse(reference), parse(predicted)
+        # as LaTeX: bare, math-verify falls back to a string's last number (5\sqrt{2} would be 5, \{1, 2\} 2)
+        gold, pred = parse(f"${reference.strip().strip('$')}$"), parse(f"${predicted.strip().strip('$')}$")
         return bool(gold and pred and verify(gold, pred))
     except Exception:  # math-verify raises on odd input or a timeout; that is simply "no match"
         return False

@@ -107,6 +107,11 @@ def check_generator_options(generator: str, options: dict, own: tuple[str, ...] 
                                 + ("" if default is dataclasses.MISSING else f" (default {json.dumps(default)})"))
 
 
+# answers no problem has: a verifier that pays one of them pays anything (checked on this many held-out problems)
+NON_ANSWERS = ("zq", "-987654321.125")
+PROBED = 16
+
+
 class ReasoningGymTask(MathTask):
     """``rg:NAME``: any reasoning-gym generator. Options other than those below go to its config.
 
@@ -141,8 +146,10 @@ class ReasoningGymTask(MathTask):
 
     def is_correct(self, extracted: str | None, example: Example) -> bool:
         entry = example.meta.get("entry")
-        if entry is None or numeric_value(example.answer, final=False) is not None:
+        if entry is None:
             return super().is_correct(extracted, example)
+        if numeric_value(example.answer, reference=True) is not None:  # a generator's numbers are exact
+            return answers_match(extracted, example.answer, rounded=False)
         try:
             return extracted is not None and self._verifier.score_answer(extracted, entry) >= 1.0
         except Exception:  # some verifiers raise on an answer they cannot parse: a wrong answer
@@ -153,7 +160,19 @@ class ReasoningGymTask(MathTask):
             held_out = self._generate(self.eval_size, self.seed + 1, "eval")
             self._splits["eval"] = held_out
             self._splits["train"] = dedup_against(self._generate(self.train_size, self.seed, "train"), held_out)
+            self._check_no_free_reward(held_out[:PROBED])
         return self._splits[check_split(split)]
+
+    def _check_no_free_reward(self, examples: list[Example]) -> None:
+        """Refuse a generator whose verifier pays an answer that answers nothing: a policy would learn to give
+        it (reasoning-gym 0.1.25's game_of_life_halting compares ``bool(answer)``, true for any text)."""
+        for answer in NON_ANSWERS:
+            paid = [e for e in examples if self.is_correct(answer, e)]
+            if paid:
+                raise OneLayerError(
+                    f"{self.name}: its verifier marks the non-answer '{answer}' correct on {len(paid)} of "
+                    f"{len(examples)} held-out problems (e.g. {paid[0].id}, whose answer is '{paid[0].answer}'): a "
+                    "reward the policy can get without solving the task; train on another task")
 
 
 def reference_answer(answer) -> str:
