@@ -193,6 +193,7 @@ def test_format_reward_and_messages():
     assert task.score(f"\\boxed{{{ex.answer}}}", ex).reward == pytest.approx(1.1)
     assert task.score(f"it is {ex.answer}", ex).reward == pytest.approx(1.0)
     assert task.score("\\boxed{nope}", ex).reward == pytest.approx(0.1)
+    assert task.score("\\boxed{} \\boxed{ }", ex).reward == 0.0  # an empty box formats no answer
     messages = task.messages(ex)
     assert messages[0]["role"] == "system" and "boxed" in messages[0]["content"]
     assert messages[1] == {"role": "user", "content": ex.question}

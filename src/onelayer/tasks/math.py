@@ -32,7 +32,7 @@ class MathTask(Task):
     def score(self, completion: str, example: Example) -> Score:
         extracted = extract_answer(completion)
         correct = self.is_correct(extracted, example)
-        formatted = last_boxed(completion) is not None
+        formatted = bool((last_boxed(completion) or "").strip())  # an empty \boxed{} is no answer to format
         return Score(float(correct) + self.format_weight * formatted, correct, extracted)
 
     def is_correct(self, extracted: str | None, example: Example) -> bool:
