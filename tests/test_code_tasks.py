@@ -179,6 +179,16 @@ def test_synth_splits_are_disjoint_deterministic_and_references_pass():
     assert not any(s.correct for s in task.score_all(mutated, sample))
 
 
+def test_no_synth_problem_pays_a_constant_program():
+    # tests that all expect one value paid `return 0` in full (4 of 5000 difficulty-3 problems had tests too weak
+    # to tell their function from a constant, 58 more a function constant in practice): neither is kept
+    for difficulty in (2, 3):
+        task = get_task("code:synth", {"difficulty": difficulty})
+        for split in ("train", "eval"):
+            suites = [e.meta["suite"] for e in task.examples(split)]
+            assert suites and all(len({repr(c.expected) for c in suite.calls}) > 1 for suite in suites)
+
+
 def test_synth_difficulty_sets_the_number_of_steps():
     one = get_task("code:synth", {"difficulty": 1, "families": "int"}).examples("train")
     three = get_task("code:synth", {"difficulty": 3, "families": "int", "train_size": 50}).examples("train")

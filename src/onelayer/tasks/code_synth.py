@@ -161,6 +161,9 @@ def _chain_problems(difficulty: int, kind: str) -> list[Problem]:
     return problems
 
 
+CONSTANT_DRAWS = 200  # inputs tried for one on which a function whose tests all expect one value differs
+
+
 def _draw_input(kind: str, rng: random.Random):
     if kind == "list":
         return [rng.randint(-20, 20) for _ in range(rng.randint(0, 8))]
@@ -196,11 +199,12 @@ class SynthCodeTask(CodeTask):
             for family in families:
                 problems += _list_problems(level) if family == "list" else _chain_problems(level, family)
         random.Random(seed).shuffle(problems)
-        held = [p for p in problems if hash_percent(p.name) < eval_percent][:eval_size]
-        kept = [p for p in problems if hash_percent(p.name) >= eval_percent][:train_size]
-        self._splits = {"train": [self._example(p) for p in kept], "eval": [self._example(p) for p in held]}
+        made = [(p, e) for p in problems if (e := self._example(p)) is not None]
+        held = [e for p, e in made if hash_percent(p.name) < eval_percent][:eval_size]
+        kept = [e for p, e in made if hash_percent(p.name) >= eval_percent][:train_size]
+        self._splits = {"train": kept, "eval": held}
 
-    def _example(self, problem: Problem) -> Example:
+    def _example(self, problem: Problem) -> Example | None:
         source = f"def {problem.name}({problem.argument}):\n{problem.source}\n"
         if "math." in source:
             source = "import math\n\n" + source
@@ -211,6 +215,14 @@ class SynthCodeTask(CodeTask):
         shown = _draw_input(problem.kind, rng)
         edge = {"list": [], "int": 0, "str": ""}[problem.kind]  # the empty case is always tested
         inputs = [edge] + [_draw_input(problem.kind, rng) for _ in range(self.tests - 1)]
+        if self.tests > 1 and len({repr(reference(v)) for v in inputs}) == 1:
+            # tests that all expect one value pay a constant program: one input more that tells them apart; a
+            # function that has none (constant in practice) is no problem to learn from
+            other = next((v for v in (_draw_input(problem.kind, rng) for _ in range(CONSTANT_DRAWS))
+                          if repr(reference(v)) != repr(reference(inputs[0]))), None)
+            if other is None:
+                return None
+            inputs[-1] = other
         calls = tuple(Call(f"candidate({value!r})", reference(value)) for value in inputs[:self.tests])
         question = (f"Write a Python function `{problem.name}({problem.argument})` that {problem.description}.\n"
                     f"For example, `{problem.name}({shown!r})` returns `{reference(shown)!r}`.")
