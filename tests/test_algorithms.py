@@ -78,6 +78,18 @@ def test_asymmetric_clip():
     assert loss.item() == pytest.approx(-1.28 * 2)
 
 
+def test_the_lower_clip_bound_binds_a_negative_advantage_below_one():
+    # ratio 0.5, A = -1: min(-0.5, -(1 - 0.2)) = -0.8 -> loss +0.8, clipped; ratio 0.5, A = +1: min(0.5, 0.8) = 0.5
+    new = torch.log(torch.tensor([[0.5], [0.5]]))
+    loss, stats = policy_loss(new, torch.zeros(2, 1), torch.tensor([-1.0, 1.0]), torch.ones(2, 1), "token-mean",
+                              clip_low=0.2, clip_high=0.28)
+    assert loss.item() == pytest.approx((0.8 - 0.5) / 2)
+    assert stats["clip_fraction"].item() == 0.5
+    loss, _ = policy_loss(new[:1], torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1), "token-mean",
+                          clip_low=0.4)
+    assert loss.item() == pytest.approx(0.6)
+
+
 def test_one_update_has_ratio_one_and_the_policy_gradient():
     logits = torch.tensor([[0.3, -0.2, 0.9]], requires_grad=True)
     logp = torch.log_softmax(logits, -1)  # treat the 3 entries as 3 tokens of one sequence

@@ -73,3 +73,14 @@ def test_groups_without_spread_get_exactly_zero():
     assert episode_advantages(flat.double(), "std").abs().max().item() == 0.0
     same = [[0.1, 0.2], [0.1, 0.2]]
     assert gigpo_advantages(same, [["a", "b"], ["a", "b"]]) == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_turn_advantages_count_only_turns_that_share_their_state():
+    from onelayer.algorithms.gigpo import turn_advantages
+
+    # A is seen by all three episodes, B by two, C and D once: 5 of the 7 turns are anchored; the second group (a
+    # copy) adds as many; without step-level advantages nothing is counted
+    advantages, anchored = turn_advantages(REWARDS * 2, OBS * 2, 3, step_level=True, gamma=0.5, normalize="mean")
+    assert anchored == 10
+    assert advantages[:3] == advantages[3:] == gigpo_advantages(REWARDS, ANCHORS, 0.5, 1.0, "mean")
+    assert turn_advantages(REWARDS, OBS, 3, step_level=False)[1] == 0

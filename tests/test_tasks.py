@@ -19,6 +19,7 @@ from onelayer.tasks.base import Score, Task
     ("no numbers here", None),
     ("nothing \\boxed{unclosed", None),
     ("5 + 3 = 8. The answer is \n\n", "8"),
+    ("The answer is 3.\nWait, the answer is 5.", "5"),  # the last phrase: a model corrects itself
     ("The answer is **", None),
 ])
 def test_extract_answer(text, expected):
@@ -59,7 +60,8 @@ def test_a_number_in_its_usual_forms_is_the_answer(pred, ref):
     assert answers_match(pred, ref) is True
 
 
-@pytest.mark.parametrize("pred,ref", [("0.3", "0.33"), ("5", "5.00001"), ("1000002", "1000000"), ("0.34", "1/3")])
+@pytest.mark.parametrize("pred,ref", [("0.3", "0.33"), ("5", "5.00001"), ("1000002", "1000000"), ("0.34", "1/3"),
+                                     ("0.33334", "1/3"), ("0.333336", "0.3333333333333333")])
 def test_numbers_close_but_not_within_the_tolerance_or_rounding_differ(pred, ref):
     # 1e-6 of max(1, |reference|), or equal once rounded to the reference's own decimals
     assert answers_match(pred, ref) is False

@@ -291,6 +291,67 @@ def test_the_update_is_the_gradient_of_the_loss_written_by_hand(tokenizer, algo)
         torch.testing.assert_close(before[name] - after[name].detach(), grad, rtol=1e-4, atol=1e-7)
 
 
+def _hand_update(tokenizer, cfg, advantages):
+    """Layer 2 of a tiny llama updated by :func:`policy_update` with SGD at lr 1 on the hand batch: the model, the
+    weights before and the batch."""
+    from onelayer.algorithms import get_algorithm
+    from onelayer.layers import apply_selection, select_layers
+    from onelayer.training.step import policy_update
+
+    batch, _ = _hand_batch(tokenizer)
+    model = tiny_model("llama")
+    groups = apply_selection(model, select_layers(model, "2"), 0.0, {})
+    before = {n: p.detach().clone() for g in groups for n, p in zip(g["names"], g["params"], strict=True)}
+    policy_update(model, torch.optim.SGD(groups, lr=1.0), batch, advantages, cfg,
+                  cfg.loss_aggregation or get_algorithm(cfg.algo).default_aggregation, step=0)
+    return model, before, batch
+
+
+def test_each_mini_batch_is_normalised_by_its_own_tokens(tokenizer):
+    """Two mini-batches, token-mean: each optimizer step divides by its own mini-batch's completion tokens (not the
+    whole step's), and the second is taken at the weights the first left, against the step's old log-probs."""
+    from onelayer.rollout import completion_logprobs
+
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    cfg = TrainConfig(algo="grpo", loss_aggregation="token-mean", lr=1.0, max_grad_norm=0.0, mini_batches=2,
+                      micro_batch_size=1, clip_low=0.99, clip_high=1e3, sampling=SamplingConfig(max_new_tokens=12))
+    model, before, batch = _hand_update(tokenizer, cfg, advantages)
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(0))  # policy_update's, for seed 0, step 0
+    reference = tiny_model("llama")
+    trained = {n: p for n, p in reference.named_parameters() if n in before}
+    old = completion_logprobs(reference, batch.input_ids, batch.attention_mask, 3, batch.completion_mask).detach()
+    for rows in (order[:2], order[2:]):
+        part = batch.rows(rows)
+        logp = completion_logprobs(reference, part.input_ids, part.attention_mask, 3, part.completion_mask)
+        width = logp.shape[1]
+        ratio = torch.exp(logp - old[rows, :width])
+        mask = part.completion_mask[:, :width]
+        loss = -(ratio * advantages[rows, None] * mask).sum() / mask.sum()  # this mini-batch's tokens
+        grads = torch.autograd.grad(loss, list(trained.values()))
+        with torch.no_grad():
+            for p, g in zip(trained.values(), grads, strict=True):
+                p -= g
+    after = dict(model.named_parameters())
+    for name, p in trained.items():
+        torch.testing.assert_close(after[name].detach(), p.detach(), rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(after[n], before[n]) for n in before)
+
+
+def test_gradient_clipping_scales_the_update_to_the_norm(tokenizer):
+    """max_grad_norm 1e-3 with SGD at lr 1: the update is the gradient, scaled to a global norm of exactly 1e-3."""
+    base = dict(algo="dr_grpo", lr=1.0, micro_batch_size=3, sampling=SamplingConfig(max_new_tokens=12))
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    free, before, _ = _hand_update(tokenizer, TrainConfig(**base, max_grad_norm=0.0), advantages)
+    clipped, _, _ = _hand_update(tokenizer, TrainConfig(**base, max_grad_norm=1e-3), advantages)
+    gradient = {n: before[n] - p.detach() for n, p in free.named_parameters() if n in before}
+    update = {n: before[n] - p.detach() for n, p in clipped.named_parameters() if n in before}
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in gradient.values()))
+    assert norm > 1e-2  # clipping binds
+    assert torch.sqrt(sum((u.double() ** 2).sum() for u in update.values())) == pytest.approx(1e-3, rel=1e-4)
+    for name, g in gradient.items():
+        torch.testing.assert_close(update[name], g * (1e-3 / norm).float(), rtol=1e-3, atol=1e-7)  # weights round at ~3e-8
+
+
 def test_the_optimizer_follows_warm_up_then_the_cosine_schedule_between_its_endpoints(tmp_path, tokenizer,
                                                                                      monkeypatch):
     seen = []
