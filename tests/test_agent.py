@@ -65,6 +65,10 @@ def test_parse_action_format_and_invalid_actions():
     assert parse_action("<action>open door</action>", None) == "open door"  # no list: any tagged command
     assert parse_action("open door", None) is None
     assert parse_action("<ACTION>go north</Action>", admissible) == "go north"  # tags in any case
+    # the last complete pair: a stray closing tag after it, an unclosed opening one, an opening one inside it
+    assert parse_action("<action>go north</action> I wrap my choice in </action> tags.", admissible) == "go north"
+    assert parse_action("<action>take coin</action> or <action>go north", admissible) == "take coin"
+    assert parse_action("<action>take coin<action>go north</action>", admissible) == "go north"
 
 
 @pytest.mark.timeout(10)

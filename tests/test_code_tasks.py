@@ -1,6 +1,7 @@
 """Code tasks: extraction, test conversion, HumanEval, datasets and the procedural task."""
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -181,12 +182,14 @@ def test_synth_splits_are_disjoint_deterministic_and_references_pass():
 
 def test_no_synth_problem_pays_a_constant_program():
     # tests that all expect one value paid `return 0` in full (4 of 5000 difficulty-3 problems had tests too weak
-    # to tell their function from a constant, 58 more a function constant in practice): neither is kept
+    # to tell their function from a constant, 58 more a function constant in practice), and 7 of 8 on 46 more
     for difficulty in (2, 3):
         task = get_task("code:synth", {"difficulty": difficulty})
         for split in ("train", "eval"):
             suites = [e.meta["suite"] for e in task.examples(split)]
-            assert suites and all(len({repr(c.expected) for c in suite.calls}) > 1 for suite in suites)
+            # no expected value is shared by more than half of a problem's tests: a constant earns at most half
+            assert suites and all(Counter(repr(c.expected) for c in suite.calls).most_common(1)[0][1] <= 4
+                                  for suite in suites)
 
 
 def test_synth_difficulty_sets_the_number_of_steps():

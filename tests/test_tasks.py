@@ -122,7 +122,7 @@ def test_an_integer_reference_is_matched_exactly_and_an_empty_answer_phrase_is_n
     ("11.96", "12.0"), ("0.04", "0.0"), ("-0.049", "0.0"), ("1.01", "1.0"),
     # symbolic references: math-verify reads both as LaTeX, not as their last number
     ("5", "5\\sqrt{2}"), ("2", "2^{10}"), ("2", "\\pm 2"), ("2", "(-\\infty, 2)"), ("2", "\\{1, 2\\}"),
-    ("5", "x = 2, y = 5"),
+    ("5", "x = 2, y = 5"), ("3", "3\\sqrt{2}\\text{ inches}"), ("0.4", "1/2."), ("0.4", "\\frac{1}{2}."),
 ])
 def test_answers_that_share_a_number_with_the_reference_are_not_its_answer(pred, ref):
     assert answers_match(pred, ref) is False
@@ -132,6 +132,9 @@ def test_answers_that_share_a_number_with_the_reference_are_not_its_answer(pred,
     ("5 days", "5 days"), ("D3", "D3"), ("569204296.88", "569,204,296.88"), ("12", "12.0"), ("0.333", "0.33"),
     ("\\sqrt{50}", "5\\sqrt{2}"), ("1024", "2^{10}"), ("\\{2,1\\}", "\\{1, 2\\}"), ("x^2+1", "1+x^2"),
     ("\\frac{1}{2}\\sqrt{3}", "\\frac{\\sqrt{3}}{2}"), ("2\\text{ cm}", "2\\text{ cm}"), ("90", "90^\\circ"),
+    # a unit in LaTeX text is not a word of the answer; text answers may be wrapped
+    ("1/4", "\\frac{1}{4}\\text{ inches}"), ("3\\sqrt{2}", "3\\sqrt{2}\\text{ inches}"), ("12\\pi", "12\\pi \\text{ square units}"),
+    ("yes", "\\text{yes}"), ("\\text{Even}", "even"), ("0.5", "1/2."),
 ])
 def test_the_same_answer_in_another_form_still_matches(pred, ref):
     assert answers_match(pred, ref) is True

@@ -117,7 +117,8 @@ class SamplingConfig:
     max_new_tokens: int = option(256, group="rollouts", shared=True, help="completion length cap in tokens")
     temperature: float = option(1.0, group="rollouts", shared=True, help="sampling temperature; 0 = greedy")
     top_p: float = option(1.0, group="rollouts", shared=True, help="nucleus sampling mass")
-    # memory knobs (the out-of-memory advice names them): a killed run resumes with a smaller one
+    # a memory knob (the out-of-memory advice names it): a killed run may resume with a smaller one, whose rollouts
+    # are another draw from the same policy, as with another --engine
     generation_batch_size: int = option(256, group="rollouts", resumable=True, help="rows per generate() call")
     engine: str = option("auto", group="speed", choices=ENGINES, resumable=True, help=(
         "rollout engine: auto (fast on CUDA where the architecture allows), fast (static KV cache, CUDA graphs on "

@@ -13,6 +13,7 @@ turn is a no-op (the state does not change) and costs ``invalid_penalty``.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Callable
 
@@ -31,11 +32,16 @@ def _plain_words(text: str) -> str:
 
 
 def last_tagged(text: str, tag: str) -> str | None:
-    """The content of the last ``<tag>...</tag>`` (case-insensitive), found in linear time: a lazy regex over
-    a reply of repeated opening tags took the square of its length (160k characters: 28 s)."""
-    close = next(reversed([*re.finditer(f"</{tag}>", text, re.IGNORECASE)]), None)
-    opening = next(reversed([*re.finditer(f"<{tag}>", text[:close.start()], re.IGNORECASE)]), None) if close else None
-    return text[opening.end():close.start()] if opening else None
+    """The content of the last complete ``<tag>...</tag>`` (case-insensitive): from the last opening tag that a
+    closing one follows, to the first closing tag after it. Found in linear time: a lazy regex over a reply of
+    repeated opening tags took the square of its length (160k characters: 28 s)."""
+    closes = [m.start() for m in re.finditer(f"</{re.escape(tag)}>", text, re.IGNORECASE)]
+    if not closes:
+        return None
+    opening = next(reversed([*re.finditer(f"<{re.escape(tag)}>", text[:closes[-1]], re.IGNORECASE)]), None)
+    if opening is None:
+        return None
+    return text[opening.end():closes[bisect.bisect_left(closes, opening.end())]]
 
 
 def parse_action(text: str, admissible: tuple[str, ...] | None) -> str | None:

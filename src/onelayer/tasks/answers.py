@@ -46,6 +46,7 @@ TOLERANCE = 1e-6  # relative to max(1, |reference|), as math-verify's numeric co
 # a word of three letters or more (not a product like 2xy), neither a LaTeX command (\\sqrt) nor right inside
 # one's braces
 WORD = re.compile(r"(?<![\\A-Za-z{])[A-Za-z]{3,}")
+TEXT_COMMAND = re.compile(r"\\(?:text|textrm|textbf|mathrm|mbox|operatorname)\{[^{}]*\}")
 FLOAT_NOISE_PLACES = 6  # a reference with this many decimals or more is a computed float: the tolerance applies
 # each part of the phrase starts with what the one before cannot match, so that a run of whitespace after
 # "answer" backtracks in linear, not quadratic, time; an "is", ":" or "=" is taken whenever it is there (it is
@@ -83,7 +84,7 @@ def extract_answer(text: str) -> str | None:
 
 
 def normalize(answer: str) -> str:
-    text = answer.strip().strip("$").strip().rstrip(".").lower()
+    text = unwrapped(answer.strip().strip("$").strip()).rstrip(".").lower()  # \text{yes} is yes
     return re.sub(r"\s+", "", text.replace(",", "") if NUMBER.fullmatch(text) else text)
 
 
@@ -164,7 +165,7 @@ def numbers_match(value: Fraction, reference: Fraction, reference_text: str, rou
     places = len(decimals[1]) if decimals else 0
     if reference.denominator == 1 and not places:  # an integer ($5$, 1,\!000): exactly
         return False
-    if (not decimals and "." not in reference_text) or places >= FLOAT_NOISE_PLACES:
+    if decimals is None or places >= FLOAT_NOISE_PLACES:
         # 1/3, or a computed float's last digits (0.30000000000000004): within the tolerance
         return abs(value - reference) <= TOLERANCE * max(1, abs(reference))
     # a short decimal's digits are what it says (569204296.88 is not 569204311.663, 12.0 not 11.96)
@@ -183,8 +184,8 @@ def answers_match(predicted: str | None, reference: str, rounded: bool = True) -
         return value is not None and numbers_match(value, reference_value, reference, rounded)
     if normalize(predicted) == normalize(reference):
         return True
-    if WORD.search(reference):  # "5 days", "yes": text, which math-verify would read as its number or drop
-        return False
+    if WORD.search(TEXT_COMMAND.sub("", reference)):  # "5 days", "yes": text, which math-verify would read as
+        return False                                      # its number or drop (a \text{ cm} unit is LaTeX's)
     try:
         from math_verify import parse, verify
 

@@ -22,6 +22,7 @@ split hashes each problem's name (one name per problem).
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 from itertools import product
 
@@ -161,7 +162,28 @@ def _chain_problems(difficulty: int, kind: str) -> list[Problem]:
     return problems
 
 
-CONSTANT_DRAWS = 200  # inputs tried for one on which a function whose tests all expect one value differs
+CONSTANT_DRAWS = 200  # inputs tried to vary the expected values of a problem's tests
+
+
+def _varied(inputs: list, reference, draw) -> list | None:
+    """``inputs`` with no expected value shared by more than half of them, which a constant program would pass:
+    inputs of the commonest value (after the first, the empty case) swapped for drawn ones of another value. None
+    when ``CONSTANT_DRAWS`` draws do not get there: a function constant in practice is no problem to learn from."""
+    inputs, draws = list(inputs), 0
+    while True:
+        values = [repr(reference(v)) for v in inputs]
+        common, count = Counter(values).most_common(1)[0]
+        if count <= len(inputs) // 2:
+            return inputs
+        spot = max(i for i, v in enumerate(values) if v == common and i > 0)  # count >= 2: there is one
+        while draws < CONSTANT_DRAWS:
+            draws += 1
+            candidate = draw()
+            if repr(reference(candidate)) != common:
+                inputs[spot] = candidate
+                break
+        else:
+            return None
 
 
 def _draw_input(kind: str, rng: random.Random):
@@ -215,14 +237,10 @@ class SynthCodeTask(CodeTask):
         shown = _draw_input(problem.kind, rng)
         edge = {"list": [], "int": 0, "str": ""}[problem.kind]  # the empty case is always tested
         inputs = [edge] + [_draw_input(problem.kind, rng) for _ in range(self.tests - 1)]
-        if self.tests > 1 and len({repr(reference(v)) for v in inputs}) == 1:
-            # tests that all expect one value pay a constant program: one input more that tells them apart; a
-            # function that has none (constant in practice) is no problem to learn from
-            other = next((v for v in (_draw_input(problem.kind, rng) for _ in range(CONSTANT_DRAWS))
-                          if repr(reference(v)) != repr(reference(inputs[0]))), None)
-            if other is None:
+        if self.tests > 1:
+            inputs = _varied(inputs, reference, lambda: _draw_input(problem.kind, rng))
+            if inputs is None:
                 return None
-            inputs[-1] = other
         calls = tuple(Call(f"candidate({value!r})", reference(value)) for value in inputs[:self.tests])
         question = (f"Write a Python function `{problem.name}({problem.argument})` that {problem.description}.\n"
                     f"For example, `{problem.name}({shown!r})` returns `{reference(shown)!r}`.")

@@ -278,7 +278,8 @@ def check_run(config: TrainConfig, task: Task | None = None, world: World = SOLO
 def out_of_memory(config: TrainConfig, doing: str) -> OneLayerError:
     """The one-line error for a run that ran out of GPU memory ``doing`` something ("updating step 3",
     "generating ...", "evaluating ..."): the knob of that phase, with its value, and where a rerun with the same
-    ``--out`` resumes (both knobs change how a step is computed, not what, so a run may resume with smaller ones)."""
+    ``--out`` resumes (a run may resume with smaller knobs: the update is the same at any micro-batch size, and
+    rollouts in smaller batches are another draw from the same policy)."""
     if doing.startswith("updating"):
         knob, now = "--micro-batch-size", config.micro_batch_size
     else:
@@ -286,8 +287,9 @@ def out_of_memory(config: TrainConfig, doing: str) -> OneLayerError:
     saved = find_checkpoint(config.out)
     resumes = (f"it resumes from its checkpoint at step {read_meta(saved)['step']}" if saved is not None
                else "nothing was checkpointed yet")
-    return OneLayerError(f"out of GPU memory {doing}: rerun with a smaller {knob} (now {now}, e.g. "
-                         f"{max(1, now // 2)}) and the same --out: {resumes} (onelayer plan shows the estimate)")
+    fix = (f"rerun with a smaller {knob} (now {now}, e.g. {now // 2}) and the same --out" if now > 1 else
+           f"{knob} is 1 already: train fewer layers or spread the run over GPUs, with the same --out")
+    return OneLayerError(f"out of GPU memory {doing}: {fix}: {resumes} (onelayer plan shows the estimate)")
 
 
 def check_memory(config: TrainConfig, world: World = SOLO, task: Task | None = None, over: str = TRAIN_OVER) -> None:

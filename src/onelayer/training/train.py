@@ -64,7 +64,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             record_eval(run, step, result)
         world.barrier()
 
-    doing = f"evaluating after step {run.start}"  # what an out-of-memory error names, with its knob
+    doing = f"evaluating at step {run.start}"  # what an out-of-memory error names, with its knob
     peak_memory(device)  # reset the counter
     try:
         if eval_before_first_step(run):
