@@ -489,6 +489,33 @@ def test_a_non_finite_gradient_skips_that_update_and_says_where(tmp_path, tokeni
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_skipped_update_leaves_the_logged_statistics_those_of_the_applied_ones(tokenizer, monkeypatch):
+    """Two PPO epochs; the first update's gradient is NaN and skipped. The step logs the second update's loss (at the
+    unchanged weights, ratio 1: Dr. GRPO's minus the advantage-weighted tokens over 4 x 12), not half of it."""
+    import onelayer.training.step as step_module
+    from onelayer.algorithms import get_algorithm
+    from onelayer.layers import apply_selection, select_layers
+
+    real, calls = step_module.completion_logprobs, {"grad": 0}
+
+    def logprobs(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if torch.is_grad_enabled():
+            calls["grad"] += 1
+            return _NanGrad.apply(out) if calls["grad"] == 1 else out
+        return out
+
+    monkeypatch.setattr(step_module, "completion_logprobs", logprobs)
+    batch, _ = _hand_batch(tokenizer)
+    model = tiny_model("llama")
+    groups = apply_selection(model, select_layers(model, "2"), 0.0, {})
+    cfg = TrainConfig(algo="dr_grpo", lr=1e-3, ppo_epochs=2, micro_batch_size=4, sampling=SamplingConfig(max_new_tokens=12))
+    stats = step_module.policy_update(model, torch.optim.SGD(groups, lr=1e-3), batch, torch.tensor([1.0, -1.0, 0.5, -0.5]),
+                                      cfg, get_algorithm("dr_grpo").default_aggregation, step=0)
+    assert calls["grad"] == 2 and stats["skipped_updates"] == 1
+    assert stats["loss"] == pytest.approx(-(1 * 2 - 1 * 5 + 0.5 * 7 - 0.5 * 3) / 48, abs=1e-7)
+
+
 def test_non_finite_gradients_three_steps_running_stop_the_run(tmp_path, tokenizer, monkeypatch):
     _nan_grads_in_steps(monkeypatch, {2, 3, 4, 5})
     with pytest.raises(OneLayerError, match=r"not finite in 3 steps in a row \(last: step 4, tensors model.layers.3"):
