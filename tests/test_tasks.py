@@ -162,6 +162,8 @@ def test_a_generator_whose_verifier_pays_any_answer_is_refused():
     with pytest.raises(OneLayerError, match="rg:game_of_life_halting: its verifier marks the non-answer 'zq' correct "
                                             "on 8 of 8 held-out problems .*train on another task"):
         task.examples("train")
+    with pytest.raises(OneLayerError, match="non-answer"):  # and again: nothing of it was kept
+        task.examples("eval")
 
 
 def test_numeric_references_never_reach_math_verify(monkeypatch):

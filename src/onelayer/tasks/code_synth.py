@@ -169,9 +169,8 @@ def _varied(inputs: list, reference, draw) -> list | None:
     """``inputs`` with no expected value shared by more than half of them, which a constant program would pass:
     inputs of the commonest value (after the first, the empty case) swapped for drawn ones of another value. None
     when ``CONSTANT_DRAWS`` draws do not get there: a function constant in practice is no problem to learn from."""
-    inputs, draws = list(inputs), 0
+    inputs, values, draws = list(inputs), [repr(reference(v)) for v in inputs], 0
     while True:
-        values = [repr(reference(v)) for v in inputs]
         common, count = Counter(values).most_common(1)[0]
         if count <= len(inputs) // 2:
             return inputs
@@ -179,8 +178,8 @@ def _varied(inputs: list, reference, draw) -> list | None:
         while draws < CONSTANT_DRAWS:
             draws += 1
             candidate = draw()
-            if repr(reference(candidate)) != common:
-                inputs[spot] = candidate
+            if (value := repr(reference(candidate))) != common:
+                inputs[spot], values[spot] = candidate, value
                 break
         else:
             return None

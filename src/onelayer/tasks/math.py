@@ -158,9 +158,9 @@ class ReasoningGymTask(MathTask):
     def examples(self, split: str) -> list[Example]:
         if split not in self._splits:
             held_out = self._generate(self.eval_size, self.seed + 1, "eval")
+            self._check_no_free_reward(held_out[:PROBED])  # before the train split is made, or kept for a retry
             self._splits["eval"] = held_out
             self._splits["train"] = dedup_against(self._generate(self.train_size, self.seed, "train"), held_out)
-            self._check_no_free_reward(held_out[:PROBED])
         return self._splits[check_split(split)]
 
     def _check_no_free_reward(self, examples: list[Example]) -> None:
