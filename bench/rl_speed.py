@@ -902,7 +902,7 @@ def demo_phases(scan_dir: Path) -> dict:
     per variant), scoring, updates; and how many single-layer variant-steps it made."""
     totals = {"generation": 0.0, "reward": 0.0, "update": 0.0, "variant_steps": 0, "full_steps": 0,
               "completion_tokens_single_layer": []}
-    for log in sorted(scan_dir.glob("*/log.jsonl")):
+    for log in sorted(scan_dir.glob("runs/*/log.jsonl")):
         for line in log.read_text().splitlines():
             r = json.loads(line)
             together = r.get("concurrent_variants", 1)

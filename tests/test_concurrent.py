@@ -9,6 +9,7 @@ from onelayer.checkpoint import find_checkpoint, read_meta
 from onelayer.config import SamplingConfig, TrainConfig
 from onelayer.errors import OneLayerError
 from onelayer.models import parameter_layers
+from onelayer.rollout.selfcheck import fast_engine_problem
 from onelayer.training import train
 from onelayer.training.concurrent import auto_concurrency, check_group, train_variants
 from onelayer.variants import LayerVariants
@@ -197,11 +198,13 @@ def test_the_joint_rollout_cache_is_kept_between_steps(tmp_path, tokenizer, monk
     # as if the device had 1 byte: a solo run would free any rollout cache before its update (the module,
     # not the function the package exports under the same name)
     monkeypatch.setattr(importlib.import_module("onelayer.training.train"), "total_memory", lambda device: 1.0)
+    model = tiny_model("llama")
+    fast_engine_problem(model, tokenizer)  # the engine's once-a-process check builds a state of its own first
     built = []
     original = DecodeState.__init__
     monkeypatch.setattr(DecodeState, "__init__", lambda self, *a, **k: built.append(a[1]) or original(self, *a, **k))
     configs = [config(tmp_path / f"v{k}", str(k), steps=3, eval_every=0) for k in range(2)]
-    train_variants(configs, tiny_model("llama"), tokenizer, progress=False)
+    train_variants(configs, model, tokenizer, progress=False)
     assert built == [2 * 3 * 4]  # one state for the 2 x 3 prompts x 4 samples, reused by all three steps
 
 
@@ -238,10 +241,36 @@ def test_a_joint_evaluation_out_of_memory_is_made_in_halves(tmp_path, tokenizer,
         assert results[k].final_eval == reference[k].final_eval
 
 
+def test_a_joint_rollout_out_of_memory_names_the_group_size_and_the_runs_resume(tmp_path, tokenizer, monkeypatch):
+    from onelayer.rollout import FastGenerator
+
+    original = FastGenerator.generate
+    calls = []
+
+    def generate(self, prompts, num_samples, max_new_tokens, temperature=1.0, *args, **kwargs):
+        if temperature > 0:
+            calls.append(len(prompts))
+            if len(calls) == 3:  # step 3's joint rollouts
+                raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return original(self, prompts, num_samples, max_new_tokens, temperature, *args, **kwargs)
+
+    monkeypatch.setattr(FastGenerator, "generate", generate)
+    configs = [config(tmp_path / f"v{k}", str(k), steps=3, eval_every=0, save_every=1) for k in range(2)]
+    with pytest.raises(OneLayerError, match=r"^out of GPU memory generating for 2 variants at once: rerun with a "
+                       r"smaller --concurrent \(now 2, e.g. 1\) and the same --out: the runs resume from their "
+                       r"checkpoints"):
+        train_variants(configs, tiny_model("llama"), tokenizer, progress=False)
+    assert calls == [6, 6, 6]  # 2 variants x 3 prompts a step, jointly
+    assert [read_meta(tmp_path / f"v{k}")["step"] for k in range(2)] == [2, 2]
+
+
 def test_a_failed_final_evaluation_costs_no_training(tmp_path, tokenizer, monkeypatch):
     configs = [config(tmp_path / f"v{k}", str(k), steps=3, eval_at_start=False) for k in range(2)]
     _greedy_calls_fail(monkeypatch, lambda prompts: len(prompts) >= 6)
-    with pytest.raises(OneLayerError, match="out of GPU memory evaluating .*v0 on 6 prompts: use a smaller --concurrent"):
+    # one variant's evaluation alone does not fit: its batch is the knob, not the group
+    with pytest.raises(OneLayerError, match=r"^out of GPU memory evaluating .*v0 on 6 prompts: rerun with a smaller "
+                       r"--generation-batch-size \(now 256, e.g. 3\) and the same --out: the runs resume from their "
+                       r"checkpoints \(onelayer plan"):
         train_variants(configs, tiny_model("llama"), tokenizer, progress=False)
     # each variant's step-3 checkpoint was written before the evaluation
     assert [read_meta(tmp_path / f"v{k}")["step"] for k in range(2)] == [3, 3]

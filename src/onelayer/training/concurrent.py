@@ -30,7 +30,7 @@ from ..rollout.fast import unsupported_reason
 from ..rollout.selfcheck import fast_engine_problem
 from ..tasks import AgentTask
 from ..variants import LayerVariants
-from .setup import Run, TrainResult, check_run, model_for, open_run, peak_memory
+from .setup import Run, TrainResult, check_run, model_for, open_run, out_of_memory, peak_memory
 from .step import (
     Rollouts,
     eval_before_first_step,
@@ -45,6 +45,8 @@ from .step import (
 
 # Share of free GPU memory the joint rollout cache may take (the rest: updates, logits, fragmentation).
 CACHE_FRACTION = 0.45
+# where a group stopped by running out of memory resumes (each run from its own last checkpoint)
+RESUMES = "the runs resume from their checkpoints"
 
 
 def check_group(configs: list[TrainConfig]) -> None:
@@ -107,10 +109,6 @@ def group_size(config: TrainConfig, concurrent: int, state_bytes: int = 0) -> in
                             state_bytes)
 
 
-def _out_of_memory(doing: str) -> OneLayerError:
-    return OneLayerError(f"out of GPU memory {doing}: use a smaller --concurrent (runs resume from their checkpoints)")
-
-
 def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, tokenizer=None,
                    progress: bool = True) -> list[TrainResult | Exception]:
     """Train (or resume) the runs ``configs``, each training its own decoder layers of the same base
@@ -169,7 +167,10 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
         evals.release()
         if batch is None:
             if len(members) == 1:
-                raise _out_of_memory(f"evaluating {runs[members[0]].out} on {len(prompts)} prompts")
+                # one variant's evaluation alone: its batch is what is too large
+                raise out_of_memory(f"evaluating {runs[members[0]].out} on {len(prompts)} prompts",
+                                    "--generation-batch-size", first.sampling.generation_batch_size, len(prompts),
+                                    RESUMES)
             gc.collect()
             torch.cuda.empty_cache()
             half = len(members) // 2
@@ -204,7 +205,8 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
                     batch = rollouts.generate(prompts, first.group_size, sampling.max_new_tokens, sampling.temperature,
                                               sampling.top_p, seeds=[sample_seed(runs[k].config, steps[k]) for k in active])
             except torch.OutOfMemoryError:
-                raise _out_of_memory(f"generating for {len(active)} variants at once") from None
+                raise out_of_memory(f"generating for {len(active)} variants at once", "--concurrent", len(active),
+                                    len(active), RESUMES) from None
             seconds_generation = time.perf_counter() - t0
             peak_rollout = peak_memory(device)
             stepped = []
@@ -229,7 +231,8 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
                 except OneLayerError as err:
                     fail(k, err)
                 except torch.OutOfMemoryError:
-                    raise _out_of_memory(f"updating one of {len(active)} variants next to their rollout cache") from None
+                    raise out_of_memory(f"updating one of {len(active)} variants next to their rollout cache",
+                                        "--concurrent", len(active), len(active), RESUMES) from None
                 bar.advance(task_id)
             # as a solo run does: checkpoint, then evaluate (the evaluation of all that are due at once), so
             # that an evaluation that fails costs no training

@@ -275,21 +275,30 @@ def check_run(config: TrainConfig, task: Task | None = None, world: World = SOLO
     return task, algorithm
 
 
-def out_of_memory(config: TrainConfig, doing: str) -> OneLayerError:
-    """The one-line error for a run that ran out of GPU memory ``doing`` something ("updating step 3",
-    "generating ...", "evaluating ..."): the knob of that phase, with its value, and where a rerun with the same
-    ``--out`` resumes (a run may resume with smaller knobs: the update is the same at any micro-batch size, and
-    rollouts in smaller batches are another draw from the same policy)."""
-    if doing.startswith("updating"):
+def out_of_memory(doing: str, knob: str, now: int, rows: int, resumes: str) -> OneLayerError:
+    """The one-line error for running out of GPU memory ``doing`` something ("updating step 3", "generating
+    ..."): the knob that shrinks that phase (``now`` its value; the phase has ``rows`` rows, or variants, so a
+    suggestion is at most half of those) and where a rerun with the same ``--out`` resumes (``resumes``). Every
+    knob it names is resumable: the update is the same at any micro-batch size, rollouts in smaller batches are
+    another draw from the same policy, and a scan's runs resume in any group."""
+    fix = (f"rerun with a smaller {knob} (now {now}, e.g. {max(1, min(now, rows) // 2)}) and the same --out"
+           if min(now, rows) > 1 else
+           f"{knob} is 1 already: train fewer layers or spread the run over GPUs, with the same --out")
+    return OneLayerError(f"out of GPU memory {doing}: {fix}: {resumes} (onelayer plan shows the estimate)")
+
+
+def run_out_of_memory(config: TrainConfig, doing: str, phase: str) -> OneLayerError:
+    """:func:`out_of_memory` for one run in ``phase`` ("update", "rollouts" or "evaluation"): that phase's knob,
+    and the run's last checkpoint."""
+    if phase == "update":
         knob, now = "--micro-batch-size", config.micro_batch_size
     else:
         knob, now = "--generation-batch-size", config.sampling.generation_batch_size
+    rows = config.eval_n if phase == "evaluation" else config.prompts_per_step * config.group_size
     saved = find_checkpoint(config.out)
     resumes = (f"it resumes from its checkpoint at step {read_meta(saved)['step']}" if saved is not None
                else "nothing was checkpointed yet")
-    fix = (f"rerun with a smaller {knob} (now {now}, e.g. {now // 2}) and the same --out" if now > 1 else
-           f"{knob} is 1 already: train fewer layers or spread the run over GPUs, with the same --out")
-    return OneLayerError(f"out of GPU memory {doing}: {fix}: {resumes} (onelayer plan shows the estimate)")
+    return out_of_memory(doing, knob, now, rows, resumes)
 
 
 def check_memory(config: TrainConfig, world: World = SOLO, task: Task | None = None, over: str = TRAIN_OVER) -> None:

@@ -21,8 +21,8 @@ from .setup import (
     check_run,
     model_for,
     open_run,
-    out_of_memory,
     peak_memory,
+    run_out_of_memory,
     total_memory,
 )
 from .step import (
@@ -64,7 +64,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             record_eval(run, step, result)
         world.barrier()
 
-    doing = f"evaluating at step {run.start}"  # what an out-of-memory error names, with its knob
+    # what an out-of-memory error names, and the phase whose knob it names
+    doing, phase = f"evaluating at step {run.start}", "evaluation"
     peak_memory(device)  # reset the counter
     try:
         if eval_before_first_step(run):
@@ -74,24 +75,24 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None, p
             task_id = bar.add_task("train", total=config.steps, completed=run.start, info="")
             for step in range(run.start, config.steps):
                 rearm()
-                doing = f"generating step {step + 1}'s rollouts"
+                doing, phase = f"generating step {step + 1}'s rollouts", "rollouts"
                 with precision:
                     rollouts = step_rollouts(run, tokenizer, generator, step)
                 peak_rollout = peak_memory(device)
                 if getattr(generator, "state_bytes", 0) > RELEASE_FRACTION * total_memory(device):
                     generator.release()  # a large model's cache would crowd out the update's activations
-                doing = f"updating step {step + 1}"
+                doing, phase = f"updating step {step + 1}", "update"
                 row = update_and_log(learner, run, rollouts, precision, step, peak_rollout)
                 if run.sharded:
                     run.sharded.refresh()  # the next rollouts and evaluations see the updated weights
                 # checkpoint first: an evaluation that fails (out of memory, say) costs no training
                 save_due(run, learner, step + 1)
-                doing = f"evaluating after step {step + 1}"
+                doing, phase = f"evaluating after step {step + 1}", "evaluation"
                 if eval_due(config, step + 1):
                     run_eval(step + 1)
                 bar.update(task_id, completed=step + 1,
                            info=f"reward {row['reward']:.3f} acc {row['accuracy']:.3f} {row['seconds_step']:.1f}s/step")
     except torch.OutOfMemoryError:
-        raise out_of_memory(config, doing) from None
+        raise run_out_of_memory(config, doing, phase) from None
     run.tracker.close()
     return run.result(device)
