@@ -1,10 +1,11 @@
 import json
+import re
 
 import pytest
 
 from onelayer.errors import OneLayerError
 from onelayer.tasks import Example, get_task
-from onelayer.tasks.answers import answers_match, extract_answer, last_boxed, numeric_value
+from onelayer.tasks.answers import answers_match, extract_answer, last_boxed, numeric_value, units_differ
 from onelayer.tasks.base import Score, Task
 
 
@@ -154,6 +155,20 @@ def test_a_generators_numbers_are_exact_and_its_other_answers_go_to_its_verifier
         changed = [e for e in held if wrong(e.answer) != e.answer]
         assert changed, name
         assert not any(task.score(f"\\boxed{{{wrong(e.answer)}}}", e).correct for e in changed), name
+
+
+def test_a_quantity_in_another_unit_is_wrong_even_where_the_generators_verifier_reads_only_its_number():
+    assert units_differ("34 seconds", "34 days") and units_differ("34 Days ago", "34 days")
+    assert not any(units_differ(p, "34 days") for p in ("34 days", "34 Days.", "34 day", "34", "34 days, 01:00:00"))
+    # reasoning-gym 0.1.25's time_intervals reads the number before the space, whatever follows it
+    task = get_task("rg:time_intervals", {"train_size": 10, "eval_size": 60})
+    days = [e for e in task.examples("eval") if re.fullmatch(r"\d+ days", e.answer)]
+    assert days
+    for e in days:
+        n = e.answer.split()[0]
+        assert task._verifier.score_answer(f"{n} seconds", e.meta["entry"]) == 1.0  # the verifier alone pays it
+        assert [task.score(f"\\boxed{{{a}}}", e).correct for a in (f"{n} days", n, f"{n} seconds", f"{n} weeks")] == \
+            [True, True, False, False]
 
 
 def test_a_generator_whose_verifier_pays_any_answer_is_refused():

@@ -51,6 +51,8 @@ FLOAT_NOISE_PLACES = 6  # a reference with this many decimals or more is a compu
 # each part of the phrase starts with what the one before cannot match, so that a run of whitespace after
 # "answer" backtracks in linear, not quadratic, time; an "is", ":" or "=" is taken whenever it is there (it is
 # never the answer)
+# a number and the unit words after it ("34 days", "2.5 square metres"): what units_differ compares
+QUANTITY = re.compile(r"\s*[-+]?\d[\d,]*(?:\.\d+)?\s*([A-Za-z]+(?:\s+[A-Za-z]+)*)\s*\.?\s*")
 ANSWER_PHRASE = re.compile(r"answer(?:\s+is|(?!\s+is))(?:\s*[:=]|(?!\s*[:=]))\s*(\S.*)", re.IGNORECASE)
 
 
@@ -153,6 +155,20 @@ def without_unit(text: str, words: bool = True) -> str:
             break
         end = word
     return text[:end]
+
+
+def units_differ(predicted: str, reference: str) -> bool:
+    """Whether ``predicted`` and ``reference`` are each a number with unit words and the words differ (singular
+    and plural, and case, aside): ``34 seconds`` for ``34 days``. A generator's verifier may read only the number
+    (reasoning-gym 0.1.25's time_intervals), which would pay the wrong unit; an answer without a unit is left to it."""
+    ours, theirs = QUANTITY.fullmatch(predicted), QUANTITY.fullmatch(reference)
+    if ours is None or theirs is None:
+        return False
+
+    def unit(match: re.Match) -> list[str]:
+        return [w[:-1] if w.endswith("s") and len(w) > 3 else w for w in match[1].lower().split()]
+
+    return unit(ours) != unit(theirs)
 
 
 def numbers_match(value: Fraction, reference: Fraction, reference_text: str, rounded: bool = True) -> bool:

@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 
 from ..errors import OneLayerError, did_you_mean, first_line
-from .answers import answers_match, extract_answer, last_boxed, numeric_value
+from .answers import answers_match, extract_answer, last_boxed, numeric_value, units_differ
 from .base import Example, Score, Task, dedup_against
 from .sources import check_split, dataset_splits, file_splits, read_jsonl
 
@@ -150,8 +150,10 @@ class ReasoningGymTask(MathTask):
             return super().is_correct(extracted, example)
         if numeric_value(example.answer, reference=True) is not None:  # a generator's numbers are exact
             return answers_match(extracted, example.answer, rounded=False)
+        if extracted is None or units_differ(extracted, example.answer):
+            return False
         try:
-            return extracted is not None and self._verifier.score_answer(extracted, entry) >= 1.0
+            return self._verifier.score_answer(extracted, entry) >= 1.0
         except Exception:  # some verifiers raise on an answer they cannot parse: a wrong answer
             return False
 
