@@ -1,7 +1,9 @@
+
 """onelayer compare: strategies parsed into exact runs, run under one budget, reported with costs."""
 
 import json
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -178,6 +180,11 @@ def test_compare_takes_the_scans_recipe_and_copies_its_base_and_full_runs(tmp_pa
     assert code == 0  # into a folder of its own: the study comparison's top:k trained other layers
     meta = read_meta(scan_dir / "compare-protocol-best" / "runs" / "top_1-lr3x-s0")
     assert meta["layers"] == [top["layer"]] and meta["config"]["lr"] == pytest.approx(3e-2)
+    capsys.readouterr()
+    code = main(["compare", f"{scan_dir}?protocol=best", "--strategies", "top:1*3", "--seeds", "1", "--lr", "0.02",
+                 "--no-progress"])
+    assert code == 2 and re.search(r"top_1-lr3x-s0 finished with another --lr \(0\.03\d*, now 0\.06\d*\) \(its rate "
+                                   r"is 3x --lr\)", capsys.readouterr().err)
 
     # another recipe is another experiment: nothing is copied
     code = main(["compare", str(scan_dir), "--strategies", "full", "--seeds", "1", "--steps", "1",

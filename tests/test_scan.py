@@ -437,6 +437,12 @@ def test_a_scan_resumed_with_another_recipe_is_refused_and_one_grown_is_not(tmp_
             run_scan(other, progress=False)
         with pytest.raises(OneLayerError, match="finished with another"):  # a dry run says so as well
             plan_lines(other, 1)
+    # a run of a learning-rate grid: its rate is a multiple of --lr, which the error says
+    grid = scan_config(tmp_path / "grid", saved_tiny, lr_grid="3", layers="1", steps=1)
+    run_scan(grid, progress=False)
+    with pytest.raises(OneLayerError, match=r"full-lr3x-s0 finished with another --lr \(0\.03, now 0\.015\) \(its "
+                                            r"rate is 3x --lr\): resume with"):
+        run_scan(replace(grid, recipe=replace(grid.recipe, lr=5e-3)), progress=False)
     # what a run may be resumed with (its evaluation schedule, device) and more layers grow the same scan
     grown = replace(config, recipe=replace(config.recipe, layers="1,2", eval_every=1, save_every=5))
     run_scan(grown, progress=False)

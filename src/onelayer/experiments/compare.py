@@ -283,7 +283,7 @@ def run_comparison(config: CompareConfig, progress: bool = True) -> list[Strateg
     for run in plan:  # a comparison resumed with flags that change what its finished runs computed fails now
         if run.strategy is not None and run_status(out, run) == "done":
             recipe = recipe_for(config, run, out)
-            check_finished(run_dir(out, run), recipe)
+            check_finished(run_dir(out, run), recipe, run.strategy.lr_scale)
             kept = read_result(out, run).get("layers")
             if "@" in recipe.layers and kept is not None:  # top:k picks from the profile as it is now
                 now = parse_layer_spec(recipe.layers, n_layers).layers

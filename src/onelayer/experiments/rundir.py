@@ -91,12 +91,13 @@ def _moved(name: str, value):
     return value
 
 
-def check_finished(directory: Path, recipe: TrainConfig) -> None:
+def check_finished(directory: Path, recipe: TrainConfig, lr_scale: float = 1.0) -> None:
     """A finished run is kept (and skipped) only if it ran the recipe the command asks for now: a scan or
     comparison resumed with other flags would otherwise mix two experiments in one profile without a word. Fields
     a run may be resumed with are left out, except ``steps`` (a finished run stopped at its own; unless an
     adaptive scan stopped it early on purpose) and ``eval_n`` (profiles pair the runs' final evaluations). Runs
-    without a saved recipe (the base model's) are not checked."""
+    without a saved recipe (the base model's) are not checked. ``lr_scale``: the run trains at that multiple of the
+    command's ``--lr`` (a learning-rate grid, a strategy's ``*k``), which an error about ``--lr`` says."""
     saved = Path(directory) / "config.json"
     if not saved.is_file():
         return
@@ -104,5 +105,6 @@ def check_finished(directory: Path, recipe: TrainConfig) -> None:
     checked = {"eval_n"} if stopped else {"steps", "eval_n"}
     differs = recipe_difference(json.loads(saved.read_text()), recipe, RESUMABLE - checked, _moved)
     if differs:
-        raise OneLayerError(f"{directory} finished with another {differs}: resume with the "
+        scaled = f" (its rate is {lr_scale:g}x --lr)" if differs.startswith("--lr ") and lr_scale != 1 else ""
+        raise OneLayerError(f"{directory} finished with another {differs}{scaled}: resume with the "
                             f"flags it was made with, or pass another --out for a new experiment")

@@ -172,7 +172,7 @@ def check_kept_runs(config: ScanConfig, plan: list[PlannedRun], scan_dir: Path) 
     :func:`onelayer.experiments.rundir.check_finished`)."""
     for run in plan:
         if run.kind != "base" and run_status(scan_dir, run) == "done":
-            check_finished(run_dir(scan_dir, run), _recipe_for(config, run, scan_dir))
+            check_finished(run_dir(scan_dir, run), _recipe_for(config, run, scan_dir), run.lr_scale)
 
 
 def plan_lines(config: ScanConfig, processes: int) -> list[str]:
