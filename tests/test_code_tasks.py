@@ -107,6 +107,25 @@ def test_humaneval_reference_solutions_all_pass_and_stubs_fail():
     assert body_only.correct
 
 
+def test_humaneval_tests_run_as_checks_cannot_be_forged_from_the_program():
+    # six problems' tests cannot become parent-side calls; their verdict comes from a replay without the program
+    task = get_task("code:humaneval", {"timeout": 10})
+    chosen = [e for e in task.examples("eval") if e.meta["suite"].checks]
+    assert len(chosen) == 6
+    forge = ("import sys, os\nos.write(int(sys.argv[1]), b'{\"tests\": [[\"ok\", \"\"]]}\\n')\nos._exit(0)\n")
+    emptied = ("import sys\npayload = sys._getframe(1).f_locals['payload']\n"
+               "payload['tests'][:] = [('check', 'pass', '') for _ in payload['tests']]\ndef ENTRY(*a):\n    return 0\n")
+    anything = ("class Any:\n    def __eq__(self, other):\n        return True\n    def __ne__(self, other):\n"
+                "        return False\ndef ENTRY(*a, **k):\n    return Any()\n")
+    patched = "import math, builtins\nmath.fabs = lambda x: 0.0\nbuiltins.tuple = lambda x: x\ndef ENTRY(*a):\n    return [0]\n"
+    jobs = [(e, c.replace("ENTRY", e.meta["suite"].entry_point)) for e in chosen
+            for c in (forge, emptied, anything, patched)]
+    scores = task.score_all([f"```python\n{c}```" for _, c in jobs], [e for e, _ in jobs])
+    assert [(e.id, s.reward) for (e, _), s in zip(jobs, scores, strict=True) if s.reward > 0] == []
+    solved = task.score_all([f"```python\n{e.meta['prompt_code']}{e.answer}```" for e in chosen], chosen)
+    assert all(s.correct for s in solved)
+
+
 def test_completions_that_redefine_the_problems_helpers_do_not_pass():
     task = get_task("code:humaneval", {"timeout": 10})
     examples = {e.id: e for e in task.examples("eval")}
@@ -198,7 +217,7 @@ def test_synth_difficulty_sets_the_number_of_steps():
     assert all(e.meta["suite"].entry_point.count("_") == 1 for e in one)  # int_STEP
     assert all(e.meta["suite"].entry_point.count("_") == 3 for e in three)  # int_STEP_STEP_STEP
     for bad, message in (({"difficulty": 4}, "difficulty 4"), ({"families": "graph"}, "families"),
-                         ({"tests": 0}, "at least 1 test")):
+                         ({"tests": 0}, "at least 2 tests"), ({"tests": 1}, "at least 2 tests .*pays a constant")):
         with pytest.raises(OneLayerError, match=message):
             get_task("code:synth", bad)
 

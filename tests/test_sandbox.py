@@ -105,12 +105,63 @@ def test_expected_values_never_reach_the_child():
     assert "candidate(1)" in payload and "SECRET-EXPECTED-VALUE" not in payload
 
 
-def test_check_tests_run_in_the_child():
+def test_check_tests_pass_on_their_replay():
     suite = TestSuite("add", checks=(Check("def check(c):\n    for i in range(5):\n        assert c(i, i) == 2 * i\n",
                                            "check(candidate)"), Check("assert add(1, 1) == 3")))
     result = outcome(GOOD, suite)
     assert (result.status, result.passed, result.total) == ("failed", 1, 2)
     assert result.errors == ["AssertionError: "]
+
+
+ROOT_CHECK = Check("import math\ndef check(c):\n    for x in (1.0, 4.0, 9.0):\n"
+                   "        assert math.fabs(c(x) - math.sqrt(x)) < 1e-9\n", "check(candidate)")
+
+
+def test_a_checks_verdict_in_the_programs_run_is_not_trusted():
+    # the check runs again without the program, on the answers it recorded: forging its verdict, its answers,
+    # patching a module it uses, an answer that subtracts to zero or a check emptied through the frame all fail
+    suite = TestSuite("root", checks=(ROOT_CHECK,))
+    assert outcome("import math\ndef root(x):\n    return math.sqrt(x)\n", suite).status == "passed"
+    forged = CHANNEL + "os.write(FD, (json.dumps({'tests': [['ok', ANSWERS]]}) + '\\n').encode())\nos._exit(0)\n"
+    results = all_zero({
+        "forged verdict": forged.replace("ANSWERS", "''"),
+        "forged answers": forged.replace("ANSWERS", "json.dumps([['value', '0.0']] * 3)"),
+        "forged answers, too few": forged.replace("ANSWERS", "json.dumps([['value', '1.0']])"),
+        "forged answers, one too many": forged.replace("ANSWERS", "json.dumps([['value', '1.0'], ['value', '2.0'], "
+                                                                  "['value', '3.0'], ['value', '4.0']])"),
+        "patched module": "import math\nmath.fabs = lambda x: 0.0\ndef root(x):\n    return 0.0\n",
+        "an answer that subtracts to 0": "class Zero:\n    def __sub__(self, other):\n        return 0.0\n"
+                                         "def root(x):\n    return Zero()\n",
+        "check emptied": "import sys\npayload = sys._getframe(1).f_locals['payload']\n"
+                         "payload['tests'][:] = [('check', 'pass', '') for _ in payload['tests']]\n"
+                         "def root(x):\n    return 0.0\n",
+    }, suite=suite)
+    assert "called the function more often" in results["check emptied"].detail
+    assert "unsupported result type Zero" in results["an answer that subtracts to 0"].detail
+
+
+def test_a_replayed_check_uses_the_problems_own_helpers_not_the_programs():
+    suite = TestSuite("zero", checks=(Check("def check(c):\n    assert abs(poly([1, -2], c([1, -2]))) < 1e-9\n",
+                                            "check(candidate)"),),
+                      trusted="def poly(xs, x):\n    return sum(a * x ** i for i, a in enumerate(xs))\n")
+    helper = suite.trusted
+    assert outcome(helper + "def zero(xs):\n    return -xs[0] / xs[1]\n", suite).status == "passed"
+    cheat = outcome("def poly(xs, x):\n    return 0\ndef zero(xs):\n    return 123\n", suite)
+    assert cheat.reward() == 0.0 and cheat.detail == "on replay: AssertionError: "
+
+
+def test_a_replayed_check_sees_the_same_random_inputs_recursion_and_errors():
+    # the check draws its inputs at random and wants a ValueError; the function recurses through its own name and
+    # draws from the same generator: its inner calls are not the check's, and the check's draws stay the same
+    check = Check("import random\ndef check(c):\n    for _ in range(20):\n        n = random.randint(0, 15)\n"
+                  "        assert c(n) == FIB[n]\n    try:\n        c(-1)\n    except ValueError:\n        pass\n"
+                  "    else:\n        raise AssertionError('no error')\n", "check(candidate)")
+    suite = TestSuite("fib", checks=(check,), setup="FIB = [0, 1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610]")
+    good = ("import random\ndef fib(n):\n    random.random()\n    if n < 0:\n        raise ValueError(n)\n"
+            "    return n if n < 2 else fib(n - 1) + fib(n - 2)\n")
+    results = [outcome(p, suite) for p in (good, good.replace("raise ValueError(n)", "return 0"),
+                                             good.replace("n if n < 2", "1 if n < 2"))]
+    assert [r.status for r in results] == ["passed", "failed", "failed"], results
 
 
 def test_forged_reports_never_score():

@@ -23,9 +23,13 @@ child returns (plain built-in types only). The child writes its results on their
 parent requires exactly one final report with exactly one well-formed result per test sent, in
 order, and scores anything else (extra, missing, malformed, oversized or unparseable reports)
 ``invalid``. A program that forges a report can therefore only claim values, as its function
-could return them. A :class:`Check` test (test code that is not a call compared with a constant)
-runs in the child and passes when it raises nothing: a hostile program can forge that result, so
-tasks turn every test they can into Calls.
+could return them. A :class:`Check` test (test code that is not a call compared with a constant: a
+property, inputs drawn at random) cannot be judged in the child, where the program could forge its
+verdict or patch what it uses. There it only records what the function under test answered, call by
+call; the check then runs again in a second sandbox without the program, on the problem's trusted
+code (:attr:`TestSuite.trusted`), against a stand-in that gives those answers back in order, and
+passes only there. So a program can still only claim values. Tasks turn every test they can into
+Calls, which need one run.
 
 Where bubblewrap, prlimit, ldd or libseccomp are missing, or user namespaces are not allowed,
 :func:`check_isolation` raises a one-line error naming the fix. ``isolation="none"`` is the
@@ -101,8 +105,8 @@ class Call:
 
 @dataclass(frozen=True)
 class Check:
-    """Test code run in the child after the program; it passes if it raises nothing. ``call`` is
-    run after ``code`` (e.g. ``check(candidate)``). The program can forge this result."""
+    """Test code (``code``, then ``call``, e.g. ``check(candidate)``) that passes if it raises nothing, when
+    run on the program's recorded answers without the program (module docstring)."""
 
     code: str
     call: str = ""
@@ -111,7 +115,9 @@ class Check:
 @dataclass(frozen=True)
 class TestSuite:
     """The tests of one problem. ``setup`` runs in the child before the tests (imports, helpers);
-    ``entry_point`` is the function under test, bound to the name ``candidate`` as well."""
+    ``entry_point`` is the function under test, bound to the name ``candidate`` as well. ``trusted`` is the
+    problem's own code that its checks may use (the prompt's helpers), run before ``setup`` when the checks
+    are replayed without the program."""
 
     __test__ = False  # not a pytest class despite the name
 
@@ -119,6 +125,7 @@ class TestSuite:
     calls: tuple[Call, ...] = ()
     checks: tuple[Check, ...] = ()
     setup: str = ""
+    trusted: str = ""
 
     @property
     def total(self) -> int:
@@ -307,13 +314,15 @@ def _harness() -> str:
     return Path(__file__).with_name("sandbox_harness.py").read_text()
 
 
-def child_payload(program: str, suite: TestSuite, limits: Limits, isolation: str = "bwrap") -> dict:
+def child_payload(program: str, suite: TestSuite, limits: Limits, isolation: str = "bwrap",
+                  replays: list | None = None) -> dict:
     """What the child reads from stdin: the program and the tests' code, never the expected values
-    of :class:`Call` tests."""
+    of :class:`Call` tests; with ``replays`` (each check's recorded answers), the replay of the checks."""
     tests = [("call", c.expr, "") for c in suite.calls] + [("check", c.code, c.call) for c in suite.checks]
     return {"program": program, "setup": suite.setup, "entry_point": suite.entry_point, "tests": tests,
             "path": [_SITE] if isolation == "bwrap" else [], "result_chars": limits.result_kb << 10,
-            "rlimits": [] if isolation == "bwrap" else _rlimits(limits)}
+            "rlimits": [] if isolation == "bwrap" else _rlimits(limits),
+            "mode": "record" if replays is None else "replay", "replays": replays or []}
 
 
 _ENV = {"PATH": "/nonexistent", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
@@ -322,8 +331,35 @@ _ENV = {"PATH": "/nonexistent", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF
 
 def run_program(program: str, suite: TestSuite, limits: Limits = Limits(), isolation: str = "bwrap",
                 packages: Sequence[str] = PACKAGES) -> Outcome:
-    """Run ``program`` and then ``suite``'s tests in a sandbox; see the module docstring. Call
-    :func:`check_isolation` first: this function does not check that bwrap works."""
+    """Run ``program`` and then ``suite``'s tests in a sandbox, and its checks' replay in another; see the module
+    docstring. Call :func:`check_isolation` first: this function does not check that bwrap works."""
+    run = functools.partial(_run_child, limits=limits, isolation=isolation, packages=packages)
+    output, results, stopped, signal_number, seconds = run(program, suite)
+
+    def replayed(answers: list[list]) -> tuple[list[bool], list[str], float]:
+        """Which checks pass when replayed on ``answers`` (each check's records, or None: it failed already),
+        why the others failed there, and the replay's seconds."""
+        todo = [j for j, records in enumerate(answers) if records is not None]
+        passed = [False] * len(answers)
+        if not todo:
+            return passed, [], 0.0
+        replay = TestSuite(suite.entry_point, checks=tuple(suite.checks[j] for j in todo), setup=suite.setup)
+        _, report, stopped, _, seconds = run(suite.trusted, replay, replays=[answers[j] for j in todo])
+        violations, final, invalid = parse_report(report, len(todo))
+        if stopped or violations or invalid or type(final) is not list:
+            why = stopped or (violations and violations[0]) or invalid or final or "no report"
+            return passed, [f"replay of the checks: {why}"], seconds
+        for j, (status, _) in zip(todo, final, strict=True):
+            passed[j] = status == "ok"
+        return passed, [f"on replay: {text}" for status, text in final if status == "error"], seconds
+
+    return _outcome(output, results, stopped, signal_number, suite, seconds, replayed)
+
+
+def _run_child(program: str, suite: TestSuite, limits: Limits, isolation: str, packages: Sequence[str],
+               replays: list | None = None) -> tuple[bytes, bytes, str | None, int | None, float]:
+    """One sandboxed child: its output, its results channel, why the parent stopped it (or None), the signal it
+    ended by and its seconds."""
     with contextlib.ExitStack() as cleanup:
         fds = _Descriptors()
         cleanup.callback(fds.close_all)
@@ -338,7 +374,7 @@ def run_program(program: str, suite: TestSuite, limits: Limits = Limits(), isola
             info_r, scratch = None, cleanup.enter_context(tempfile.TemporaryDirectory(prefix="onelayer-sandbox-"))
             command, keep, cwd, own_session = [sys.executable], (results_w,), scratch, True
             env = {**_ENV, "HOME": scratch, "TMPDIR": scratch}
-        payload = json.dumps(child_payload(program, suite, limits, isolation)).encode()
+        payload = json.dumps(child_payload(program, suite, limits, isolation, replays)).encode()
         start = time.monotonic()
         process = subprocess.Popen([*command, "-I", "-c", _harness(), str(results_w)], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env,
@@ -364,8 +400,7 @@ def run_program(program: str, suite: TestSuite, limits: Limits = Limits(), isola
             sandbox_pidfd = _pidfd(read.get("info", b""))
         finally:
             _end(process, sandbox_pidfd, own_session)
-    return _outcome(read["output"], read["results"], stopped, _signal_of(process.returncode, isolation), suite,
-                    time.monotonic() - start)
+    return read["output"], read["results"], stopped, _signal_of(process.returncode, isolation), time.monotonic() - start
 
 
 _READY = b"ready\n"  # sandbox_harness.READY
@@ -536,8 +571,23 @@ def parse_report(results: bytes, total: int) -> tuple[list[str], object, str]:
     return violations, finals[0] if finals else None, ""
 
 
+def _records(status: str, text: str) -> list | None:
+    """A check's recorded answers from the program's run (``[["value", REPR] | ["raise", NAME], ...]``), or None
+    when the check failed there or its record is malformed."""
+    if status != "ok":
+        return None
+    try:
+        records = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    good = type(records) is list and all(type(r) is list and len(r) == 2 and r[0] in ("value", "raise")
+                                         and type(r[1]) is str for r in records)
+    return records if good else None
+
+
 def _outcome(output: bytes, results: bytes, stopped: str | None, signal_number: int | None, suite: TestSuite,
-             seconds: float) -> Outcome:
+             seconds: float, replayed=None) -> Outcome:
+    """The outcome of the program's run; ``replayed(answers)`` judges its checks (see :func:`run_program`)."""
     total = suite.total
     violations, final, invalid = parse_report(results, total)
     if violations:  # checked first: a refused operation scores 0 however the run ended
@@ -561,8 +611,10 @@ def _outcome(output: bytes, results: bytes, stopped: str | None, signal_number: 
             return Outcome(status, 0, total, next(e for e in errors if e.startswith(prefix)), seconds, errors)
     if type(final) is str:
         return Outcome("error", 0, total, final, seconds, errors)
-    passed = sum(status == "ok" and (i >= len(suite.calls) or _compare(suite.calls[i], text))
-                 for i, (status, text) in enumerate(final))
+    passed = sum(status == "ok" and _compare(call, text) for call, (status, text) in zip(suite.calls, final[:len(suite.calls)], strict=True))
+    if suite.checks:
+        checks, why, more = replayed([_records(*result) for result in final[len(suite.calls):]])
+        passed, errors, seconds = passed + sum(checks), errors + why, seconds + more
     status = "passed" if passed == total else "failed"
     return Outcome(status, passed, total, errors[0] if errors else "", seconds, errors)
 

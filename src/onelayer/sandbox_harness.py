@@ -9,10 +9,18 @@ a second layer only; the operating system (namespaces, seccomp, limits) is the f
 
 Protocol: argv[1] is the results descriptor, on which the harness first writes ``ready``; then
 stdin is one JSON object (program, setup, entry
-point, tests, extra ``sys.path`` entries, rlimits to set when the parent could not). Results are
-JSON lines on the descriptor: ``{"violation": WHAT}`` for each refused operation, then exactly
-one final ``{"program": ERROR}`` (the program or its setup failed) or ``{"tests": [[STATUS, TEXT],
-...]}`` with one ``["ok", REPR]`` or ``["error", MESSAGE]`` per test, in order.
+point, tests, extra ``sys.path`` entries, rlimits to set when the parent could not, and the mode).
+Results are JSON lines on the descriptor: ``{"violation": WHAT}`` for each refused operation, then
+exactly one final ``{"program": ERROR}`` (the program or its setup failed) or ``{"tests": [[STATUS,
+TEXT], ...]}`` with one ``["ok", TEXT]`` or ``["error", MESSAGE]`` per test, in order.
+
+A call test's TEXT is the ``repr`` of its value. Test code (a "check") cannot be trusted to have
+passed here, so in ``record`` mode (the program's run) a check's TEXT is what the function under
+test returned to it, call by call (JSON: ``["value", REPR]`` or ``["raise", EXCEPTION NAME]``), and
+the parent runs the check again in ``replay`` mode, in a sandbox without the program: the trusted
+code of the problem, the same check, and a stand-in that gives the recorded answers back in order.
+A check passes only there. Both runs seed ``random`` with 0 before each check, and a recorded call
+leaves ``random`` as it found it, so that a check drawing its inputs at random draws the same ones.
 """
 
 import json
@@ -45,6 +53,62 @@ def is_plain(value, depth=0) -> bool:
     return True
 
 
+def plain_value(value, plain=is_plain, type_of=type, module_of=getattr):
+    """``value`` if the parent can read its ``repr`` back (a numpy scalar as its Python value, as ``==`` in a
+    test would compare it), else None with the reason."""
+    if not plain(value) and type_of(value).__module__ == "numpy" and module_of(value, "shape", 1) == ():
+        value = value.item()
+    if not plain(value):
+        return None, "unsupported result type " + type_of(value).__name__
+    return value, ""
+
+
+def recorder(function, records, get_state, set_state, represent=repr, type_of=type, to_plain=plain_value):
+    """``function`` as a check sees it in record mode: each outermost call's answer (its value's ``repr``, or the
+    name of what it raised) appended to ``records``; calls made inside it (recursion through its own name) are
+    not the check's and pass straight through. ``random`` is left as the call found it."""
+    depth = [0]
+
+    def stand_in(*args, **kwargs):
+        if depth[0]:
+            return function(*args, **kwargs)
+        depth[0] += 1
+        state = get_state()
+        try:
+            value = function(*args, **kwargs)
+        except BaseException as err:
+            records.append(["raise", type_of(err).__name__])
+            raise
+        finally:
+            depth[0] -= 1
+            set_state(state)
+        value, problem = to_plain(value)
+        if problem:
+            raise TypeError(problem)
+        records.append(["value", represent(value)])
+        return value
+
+    return stand_in
+
+
+def replayer(records, literal, builtin_names):
+    """The function under test as a check sees it in replay mode: the recorded answers, in order. Returns the
+    stand-in and a function telling how many answers are left."""
+    position = [0]
+
+    def stand_in(*args, **kwargs):
+        if position[0] >= len(records):
+            raise AssertionError("the check called the function more often than when the program ran")
+        kind, text = records[position[0]]
+        position[0] += 1
+        if kind == "raise":
+            error = builtin_names.get(text)
+            raise error() if isinstance(error, type) and issubclass(error, BaseException) else Exception(text)
+        return literal(text)
+
+    return stand_in, lambda: len(records) - position[0]
+
+
 def describe(err: BaseException) -> str:
     try:
         return type(err).__name__ + ": " + str(err)[:200]
@@ -75,10 +139,18 @@ def main() -> None:
     for name, value in payload["rlimits"]:
         resource.setrlimit(getattr(resource, name), (value, value))
     sys.path.extend(payload["path"])
+    import ast
+    import builtins
+    import random
+
     # Bound before the program runs: it may replace module globals and built-ins afterwards.
-    write, dumps, encode, represent, plain, exit_now = os.write, json.dumps, str.encode, repr, is_plain, os._exit
-    run, evaluate, compile_source, length, type_of = exec, eval, compile, len, type
-    result_chars = payload["result_chars"]
+    write, dumps, encode, represent, exit_now = os.write, json.dumps, str.encode, repr, os._exit
+    run, evaluate, compile_source, length = exec, eval, compile, len
+    seed, get_state, set_state, literal = random.seed, random.getstate, random.setstate, ast.literal_eval
+    to_plain, record, replay = plain_value, recorder, replayer
+    builtin_names = dict(vars(builtins))
+    result_chars, replaying = payload["result_chars"], payload["mode"] == "replay"
+    replays = payload.get("replays", [])
 
     def report(kind, body):
         data = encode(dumps({kind: body}) + "\n")
@@ -99,29 +171,43 @@ def main() -> None:
     try:
         run(compile_source(payload.pop("program"), "<program>", "exec"), namespace)
         run(compile_source(payload.pop("setup"), "<setup>", "exec"), namespace)
-        if payload["entry_point"] not in namespace:
-            raise NameError("the program defines no '" + payload["entry_point"] + "'")
-        namespace["candidate"] = namespace[payload["entry_point"]]
+        entry = payload["entry_point"]
+        if entry not in namespace and not replaying:  # a replay's stand-in is the function
+            raise NameError("the program defines no '" + entry + "'")
+        namespace["candidate"] = namespace.get(entry)
     except BaseException as err:
         finish("program", describe(err))
-    results = []
+    function, results, checks = namespace["candidate"], [], 0
     for kind, source, call in payload.pop("tests"):
         try:
             if kind == "call":
-                value = evaluate(compile_source(source, "<test>", "eval"), namespace)
-                if not plain(value) and type_of(value).__module__ == "numpy" and getattr(value, "shape", 1) == ():
-                    value = value.item()  # a numpy scalar, as `==` in the test would have compared it
-                if not plain(value):
-                    results.append(["error", "unsupported result type " + type_of(value).__name__])
+                value, problem = to_plain(evaluate(compile_source(source, "<test>", "eval"), namespace))
+                if problem:
+                    results.append(["error", problem])
                     continue
                 text = represent(value)
                 results.append(["ok", text] if length(text) <= result_chars
                                else ["error", f"result longer than {result_chars} characters"])
+                continue
+            records = []
+            if replaying:
+                stand_in, left = replay(replays[checks], literal, builtin_names)
             else:
+                stand_in = record(function, records, get_state, set_state)
+            checks += 1
+            namespace["candidate"] = namespace[entry] = stand_in  # also where the check calls it by its name
+            try:
+                seed(0)
                 run(compile_source(source, "<test>", "exec"), namespace)
                 if call:
                     evaluate(compile_source(call, "<test>", "eval"), namespace)
-                results.append(["ok", ""])
+            finally:
+                namespace["candidate"] = namespace[entry] = function
+            if replaying and left():
+                raise AssertionError("the check called the function less often than when the program ran")
+            text = "" if replaying else dumps(records)
+            results.append(["ok", text] if length(text) <= result_chars
+                           else ["error", f"answers longer than {result_chars} characters"])
         except BaseException as err:
             results.append(["error", describe(err)])
     finish("tests", results)

@@ -25,6 +25,7 @@ import json
 import operator
 import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import OneLayerError
@@ -379,7 +380,7 @@ class HumanEvalTask(CodeTask):
             rows = [json.loads(line) for line in f if line.strip()]
         self._eval = [Example(row["task_id"], _question(row["prompt"], row["entry_point"], True),
                               row["canonical_solution"],
-                              {"suite": suite_from_check(row["test"], row["entry_point"]),
+                              {"suite": replace(suite_from_check(row["test"], row["entry_point"]), trusted=row["prompt"]),
                                "prompt_code": row["prompt"]}) for row in rows]
 
     def examples(self, split: str) -> list[Example]:
@@ -428,6 +429,7 @@ class CodeDatasetTask(CodeTask):
                 entry_point = str(row.get(self.keys["entry_point"]) or entry_point_of(lines))
                 suite = suite_from_asserts(lines, entry_point, setup)
             is_code = defines(prompt, entry_point)
+            suite = replace(suite, trusted=prompt if is_code else "")  # the helpers a replayed check may use
             question = _question(prompt, entry_point, is_code)
             if not is_code:  # a prompt in words names the function the tests call
                 question += f"\nThe function must be named `{entry_point}`."

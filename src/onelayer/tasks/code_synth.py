@@ -197,7 +197,7 @@ def _draw_input(kind: str, rng: random.Random):
 
 class SynthCodeTask(CodeTask):
     """``code:synth``. Options: ``difficulty`` (1, 2, 3 or a list of them: steps per problem),
-    ``families`` (``list``, ``int``, ``str``), ``tests`` (hidden tests per problem), ``seed``,
+    ``families`` (``list``, ``int``, ``str``), ``tests`` (hidden tests per problem, at least 2), ``seed``,
     ``train_size``/``eval_size`` (caps), ``eval_percent`` (share of problems held out), and the
     :class:`CodeTask` options (``reward``, ``timeout``, ...)."""
 
@@ -211,8 +211,9 @@ class SynthCodeTask(CodeTask):
         unknown = set(families) - {"list", "int", "str"}
         if unknown or not families:
             raise OneLayerError(f"code:synth families {families!r}: use list, int and/or str")
-        if int(tests) < 1:
-            raise OneLayerError(f"code:synth needs at least 1 test per problem, got tests={tests}")
+        if int(tests) < 2:  # the one test would be the empty input, whose answer the description gives away
+            raise OneLayerError(f"code:synth needs at least 2 tests per problem (alone, the always-tested empty input "
+                                f"pays a constant answer), got tests={tests}")
         super().__init__(f"code:synth:d{'-'.join(map(str, levels))}", **options)
         self.tests, self.seed = int(tests), int(seed)
         problems = []
@@ -235,11 +236,10 @@ class SynthCodeTask(CodeTask):
         rng = random.Random(f"{self.seed}/{problem.name}")
         shown = _draw_input(problem.kind, rng)
         edge = {"list": [], "int": 0, "str": ""}[problem.kind]  # the empty case is always tested
-        inputs = [edge] + [_draw_input(problem.kind, rng) for _ in range(self.tests - 1)]
-        if self.tests > 1:
-            inputs = _varied(inputs, reference, lambda: _draw_input(problem.kind, rng))
-            if inputs is None:
-                return None
+        inputs = _varied([edge] + [_draw_input(problem.kind, rng) for _ in range(self.tests - 1)], reference,
+                         lambda: _draw_input(problem.kind, rng))
+        if inputs is None:
+            return None
         calls = tuple(Call(f"candidate({value!r})", reference(value)) for value in inputs[:self.tests])
         question = (f"Write a Python function `{problem.name}({problem.argument})` that {problem.description}.\n"
                     f"For example, `{problem.name}({shown!r})` returns `{reference(shown)!r}`.")
