@@ -150,6 +150,24 @@ def test_a_replayed_check_uses_the_problems_own_helpers_not_the_programs():
     assert cheat.reward() == 0.0 and cheat.detail == "on replay: AssertionError: "
 
 
+def test_checks_that_read_the_programs_modules_or_classes_still_pass_correct_programs():
+    from onelayer.sandbox import replay_plan
+    from onelayer.tasks.code import suite_from_asserts
+
+    # MBPP-style lines: math imported by the program, a class the solution defines, an error's subclass
+    suite = suite_from_asserts(["assert math.isclose(area(2), 12.566, rel_tol=1e-3)",
+                                "assert chain([Pair(5, 24), Pair(15, 25)]) == 1",
+                                "try:\n    area(-1)\nexcept ValueError:\n    pass\nelse:\n    raise AssertionError"],
+                               "area")
+    assert len(suite.checks) == 3 and replay_plan(suite) == [["math"], None, []]
+    program = ("import json, math\nclass Pair:\n    def __init__(self, a, b):\n        self.a, self.b = a, b\n"
+               "def chain(pairs):\n    return len(pairs) - 1\n"
+               "def area(r):\n    if r < 0:\n        json.loads('not json')\n    return math.pi * r * r\n")
+    result = outcome(program, suite)
+    assert (result.status, result.passed) == ("passed", 3), result
+    assert outcome(program.replace("math.pi * r * r", "3 * r * r"), suite).passed == 2
+
+
 def test_a_replayed_check_sees_the_same_random_inputs_recursion_and_errors():
     # the check draws its inputs at random and wants a ValueError; the function recurses through its own name and
     # draws from the same generator: its inner calls are not the check's, and the check's draws stay the same

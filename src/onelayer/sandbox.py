@@ -28,8 +28,10 @@ property, inputs drawn at random) cannot be judged in the child, where the progr
 verdict or patch what it uses. There it only records what the function under test answered, call by
 call; the check then runs again in a second sandbox without the program, on the problem's trusted
 code (:attr:`TestSuite.trusted`), against a stand-in that gives those answers back in order, and
-passes only there. So a program can still only claim values. Tasks turn every test they can into
-Calls, which need one run.
+passes only there. Tasks turn every test they can into Calls, which need one run. Not closed yet: the
+recording runs the check in the program's process, where the program can run it itself (say against a spy
+that captures the expected values) and answer with what it learned; a check that only calls the program
+over a pipe from the trusted sandbox would close that (README, "Known hole").
 
 Where bubblewrap, prlimit, ldd or libseccomp are missing, or user namespaces are not allowed,
 :func:`check_isolation` raises a one-line error naming the fix. ``isolation="none"`` is the
@@ -41,6 +43,7 @@ and a wall-clock deadline, then kills the sandbox and waits until its PID namesp
 from __future__ import annotations
 
 import ast
+import builtins
 import contextlib
 import errno
 import functools
@@ -309,6 +312,55 @@ def check_isolation(isolation: str = "bwrap") -> None:
 
 # --------------------------------------------------------------------------- running one program
 
+#: A check's recorded answers may take this many times a call's result cap (a check makes many calls).
+CHECK_RESULT_FACTOR = 16
+
+
+def _free_names(code: str) -> set[str]:
+    """Names ``code`` reads that nothing in it binds (a parse error: none, the check then fails on its own)."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError):
+        return set()
+    read, bound = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (read if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+    return read - bound - set(dir(builtins))
+
+
+def replay_plan(suite: TestSuite, packages: Sequence[str] = PACKAGES) -> list[list[str] | None]:
+    """For each check of ``suite``, the modules its replay imports first (names it reads that are modules, as
+    ``math`` in ``assert math.isclose(...)`` when the program imported it), or None when it cannot be replayed
+    without the program: it reads a name that only the program defines (a class of the solution's). That depends
+    on the tests and the problem's code alone, never on the program; such a check keeps the program's own verdict,
+    which a hostile program can forge."""
+    defined = _free_names("") | {"candidate", suite.entry_point}
+    for code in (suite.trusted, suite.setup):
+        try:
+            defined |= {n.id for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Name)}
+            defined |= {n.name for n in ast.walk(ast.parse(code))
+                        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+            defined |= {(a.asname or a.name).split(".")[0] for n in ast.walk(ast.parse(code))
+                        if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+        except (SyntaxError, ValueError, RecursionError):
+            pass
+    importable = set(sys.stdlib_module_names) | set(packages)
+    plans = []
+    for check in suite.checks:
+        free = _free_names(check.code + "\n" + check.call) - defined
+        plans.append(None if free - importable else sorted(free))
+    return plans
+
+
 @functools.lru_cache(maxsize=1)
 def _harness() -> str:
     return Path(__file__).with_name("sandbox_harness.py").read_text()
@@ -317,10 +369,12 @@ def _harness() -> str:
 def child_payload(program: str, suite: TestSuite, limits: Limits, isolation: str = "bwrap",
                   replays: list | None = None) -> dict:
     """What the child reads from stdin: the program and the tests' code, never the expected values
-    of :class:`Call` tests; with ``replays`` (each check's recorded answers), the replay of the checks."""
+    of :class:`Call` tests; with ``replays`` (each check's ``[modules to import, recorded answers]``), the
+    replay of the checks."""
     tests = [("call", c.expr, "") for c in suite.calls] + [("check", c.code, c.call) for c in suite.checks]
     return {"program": program, "setup": suite.setup, "entry_point": suite.entry_point, "tests": tests,
             "path": [_SITE] if isolation == "bwrap" else [], "result_chars": limits.result_kb << 10,
+            "check_factor": CHECK_RESULT_FACTOR,
             "rlimits": [] if isolation == "bwrap" else _rlimits(limits),
             "mode": "record" if replays is None else "replay", "replays": replays or []}
 
@@ -339,12 +393,15 @@ def run_program(program: str, suite: TestSuite, limits: Limits = Limits(), isola
     def replayed(answers: list[list]) -> tuple[list[bool], list[str], float]:
         """Which checks pass when replayed on ``answers`` (each check's records, or None: it failed already),
         why the others failed there, and the replay's seconds."""
-        todo = [j for j, records in enumerate(answers) if records is not None]
-        passed = [False] * len(answers)
+        plans = replay_plan(suite, packages)
+        # a check that cannot be replayed keeps the program's verdict (its answers were recorded: it ran through)
+        passed = [records is not None and plans[j] is None for j, records in enumerate(answers)]
+        todo = [j for j, records in enumerate(answers) if records is not None and plans[j] is not None]
         if not todo:
             return passed, [], 0.0
         replay = TestSuite(suite.entry_point, checks=tuple(suite.checks[j] for j in todo), setup=suite.setup)
-        _, report, stopped, _, seconds = run(suite.trusted, replay, replays=[answers[j] for j in todo])
+        _, report, stopped, _, seconds = run(suite.trusted, replay,
+                                             replays=[[plans[j], answers[j]] for j in todo])
         violations, final, invalid = parse_report(report, len(todo))
         if stopped or violations or invalid or type(final) is not list:
             why = stopped or (violations and violations[0]) or invalid or final or "no report"
@@ -401,7 +458,8 @@ def _run_child(program: str, suite: TestSuite, limits: Limits, isolation: str, p
             except BrokenPipeError:
                 pass
             streams = {"output": (process.stdout.fileno(), limits.output_kb << 10),
-                       "results": (results_r, (suite.total + 1) * ((limits.result_kb << 10) + 1024) + 65536)}
+                       "results": (results_r, (len(suite.calls) + CHECK_RESULT_FACTOR * len(suite.checks) + 1)
+                                   * ((limits.result_kb << 10) + 1024) + 65536)}
             if info_r is not None:
                 streams["info"] = (info_r, 65536)
             read, stopped = _read_streams(streams, start + limits.seconds)
