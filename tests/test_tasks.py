@@ -1,5 +1,6 @@
 import json
 import re
+import time
 
 import pytest
 
@@ -160,6 +161,10 @@ def test_a_generators_numbers_are_exact_and_its_other_answers_go_to_its_verifier
 def test_a_quantity_in_another_unit_is_wrong_even_where_the_generators_verifier_reads_only_its_number():
     assert units_differ("34 seconds", "34 days") and units_differ("34 Days ago", "34 days")
     assert not any(units_differ(p, "34 days") for p in ("34 days", "34 Days.", "34 day", "34", "34 days, 01:00:00"))
+    assert units_differ("34weeks", "34 days") and not units_differ("34days", "34 days")
+    start = time.perf_counter()  # read word by word: a regex for this backtracked quadratically on runs of blanks
+    assert not any(units_differ(t, "34 days") for t in ("1 a" + " " * 100_000 + "!", "1 a" + " \t" * 50_000 + ".!"))
+    assert time.perf_counter() - start < 5.0  # the regex took about 45 s here
     # reasoning-gym 0.1.25's time_intervals reads the number before the space, whatever follows it
     task = get_task("rg:time_intervals", {"train_size": 10, "eval_size": 60})
     days = [e for e in task.examples("eval") if re.fullmatch(r"\d+ days", e.answer)]

@@ -48,11 +48,11 @@ TOLERANCE = 1e-6  # relative to max(1, |reference|), as math-verify's numeric co
 WORD = re.compile(r"(?<![\\A-Za-z{])[A-Za-z]{3,}")
 TEXT_COMMAND = re.compile(r"\\(?:text|textrm|textbf|mathrm|mbox|operatorname)\{[^{}]*\}")
 FLOAT_NOISE_PLACES = 6  # a reference with this many decimals or more is a computed float: the tolerance applies
+# the first word of a quantity: a number, and a unit written against it ("34days"); no nested repetition
+QUANTITY_HEAD = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?([A-Za-z]*)")
 # each part of the phrase starts with what the one before cannot match, so that a run of whitespace after
 # "answer" backtracks in linear, not quadratic, time; an "is", ":" or "=" is taken whenever it is there (it is
 # never the answer)
-# a number and the unit words after it ("34 days", "2.5 square metres"): what units_differ compares
-QUANTITY = re.compile(r"\s*[-+]?\d[\d,]*(?:\.\d+)?\s*([A-Za-z]+(?:\s+[A-Za-z]+)*)\s*\.?\s*")
 ANSWER_PHRASE = re.compile(r"answer(?:\s+is|(?!\s+is))(?:\s*[:=]|(?!\s*[:=]))\s*(\S.*)", re.IGNORECASE)
 
 
@@ -161,14 +161,21 @@ def units_differ(predicted: str, reference: str) -> bool:
     """Whether ``predicted`` and ``reference`` are each a number with unit words and the words differ (singular
     and plural, and case, aside): ``34 seconds`` for ``34 days``. A generator's verifier may read only the number
     (reasoning-gym 0.1.25's time_intervals), which would pay the wrong unit; an answer without a unit is left to it."""
-    ours, theirs = QUANTITY.fullmatch(predicted), QUANTITY.fullmatch(reference)
-    if ours is None or theirs is None:
-        return False
+    ours, theirs = _unit_words(predicted), _unit_words(reference)
+    return ours is not None and theirs is not None and ours != theirs
 
-    def unit(match: re.Match) -> list[str]:
-        return [w[:-1] if w.endswith("s") and len(w) > 3 else w for w in match[1].lower().split()]
 
-    return unit(ours) != unit(theirs)
+def _unit_words(text: str) -> list[str] | None:
+    """The unit words of a quantity ("34 days" -> ["day"], "2.5 square metres." -> ["square", "metre"]), or None
+    when ``text`` is not a number followed by words (read word by word: linear time on any text)."""
+    words = text.strip().rstrip(".").split()
+    head = QUANTITY_HEAD.fullmatch(words[0]) if words else None
+    if head is None:
+        return None
+    units = ([head[1]] if head[1] else []) + words[1:]
+    if not units or not all(w.isascii() and w.isalpha() for w in units):
+        return None
+    return [w[:-1] if w.endswith("s") and len(w) > 3 else w for w in map(str.lower, units)]
 
 
 def numbers_match(value: Fraction, reference: Fraction, reference_text: str, rounded: bool = True) -> bool:
