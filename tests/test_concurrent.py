@@ -267,10 +267,10 @@ def test_a_joint_rollout_out_of_memory_names_the_group_size_and_the_runs_resume(
 def test_a_failed_final_evaluation_costs_no_training(tmp_path, tokenizer, monkeypatch):
     configs = [config(tmp_path / f"v{k}", str(k), steps=3, eval_at_start=False) for k in range(2)]
     _greedy_calls_fail(monkeypatch, lambda prompts: len(prompts) >= 6)
-    # one variant's evaluation alone does not fit: its batch is the knob, not the group
-    with pytest.raises(OneLayerError, match=r"^out of GPU memory evaluating .*v0 on 6 prompts: rerun with a smaller "
-                       r"--generation-batch-size \(now 256, e.g. 3\) and the same --out: the runs resume from their "
-                       r"checkpoints \(onelayer plan"):
+    # one variant's evaluation alone does not fit: a group decodes it in one batch, so only running alone helps
+    with pytest.raises(OneLayerError, match=r"^out of GPU memory evaluating .*v0 on 6 prompts, which a group decodes "
+                       r"in one batch: rerun with --concurrent 1 and the same --out .*: the runs resume from their "
+                       r"checkpoints$"):
         train_variants(configs, tiny_model("llama"), tokenizer, progress=False)
     # each variant's step-3 checkpoint was written before the evaluation
     assert [read_meta(tmp_path / f"v{k}")["step"] for k in range(2)] == [3, 3]

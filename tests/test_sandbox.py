@@ -117,6 +117,11 @@ ROOT_CHECK = Check("import math\ndef check(c):\n    for x in (1.0, 4.0, 9.0):\n"
                    "        assert math.fabs(c(x) - math.sqrt(x)) < 1e-9\n", "check(candidate)")
 
 
+ROOT_ARGS = [repr(((x,), {})) for x in (1.0, 4.0, 9.0)]  # how a recorded call's arguments are written
+ROOT_RIGHT = [["value", repr(x ** 0.5), a] for x, a in zip((1.0, 4.0, 9.0), ROOT_ARGS, strict=True)]
+ROOT_OTHER = [["value", repr(x ** 0.5), repr(((x,), {}))] for x in (16.0, 25.0, 36.0)]
+
+
 def test_a_checks_verdict_in_the_programs_run_is_not_trusted():
     # the check runs again without the program, on the answers it recorded: forging its verdict, its answers,
     # patching a module it uses, an answer that subtracts to zero or a check emptied through the frame all fail
@@ -125,10 +130,11 @@ def test_a_checks_verdict_in_the_programs_run_is_not_trusted():
     forged = CHANNEL + "os.write(FD, (json.dumps({'tests': [['ok', ANSWERS]]}) + '\\n').encode())\nos._exit(0)\n"
     results = all_zero({
         "forged verdict": forged.replace("ANSWERS", "''"),
-        "forged answers": forged.replace("ANSWERS", "json.dumps([['value', '0.0']] * 3)"),
-        "forged answers, too few": forged.replace("ANSWERS", "json.dumps([['value', '1.0']])"),
-        "forged answers, one too many": forged.replace("ANSWERS", "json.dumps([['value', '1.0'], ['value', '2.0'], "
-                                                                  "['value', '3.0'], ['value', '4.0']])"),
+        "forged answers": forged.replace("ANSWERS", f"json.dumps({[['value', '0.0', a] for a in ROOT_ARGS]})"),
+        "forged answers, too few": forged.replace("ANSWERS", f"json.dumps({[['value', '1.0', ROOT_ARGS[0]]]})"),
+        "forged answers, one too many": forged.replace("ANSWERS", f"json.dumps({ROOT_RIGHT + [['value', '4.0', ROOT_ARGS[0]]]})"),
+        # the right answers to other questions than the check asks
+        "forged answers, other arguments": forged.replace("ANSWERS", f"json.dumps({ROOT_OTHER})"),
         "patched module": "import math\nmath.fabs = lambda x: 0.0\ndef root(x):\n    return 0.0\n",
         "an answer that subtracts to 0": "class Zero:\n    def __sub__(self, other):\n        return 0.0\n"
                                          "def root(x):\n    return Zero()\n",
@@ -137,7 +143,26 @@ def test_a_checks_verdict_in_the_programs_run_is_not_trusted():
                          "def root(x):\n    return 0.0\n",
     }, suite=suite)
     assert "called the function more often" in results["check emptied"].detail
+    assert "other arguments" in results["forged answers, other arguments"].detail
+    # the right answers, claimed: as a call's values, they are what solving gives
+    assert outcome(forged.replace("ANSWERS", f"json.dumps({ROOT_RIGHT})"), suite).status == "passed"
     assert "unsupported result type Zero" in results["an answer that subtracts to 0"].detail
+
+
+def test_a_program_that_changes_the_checks_inputs_while_recording_fails():
+    # the check squares its inputs with math.pow; a program that makes pow return its base is asked 1, 2, 3 instead
+    # of 1, 4, 9 while recording, and the identity answers them: the replay asks 1, 4, 9 and refuses those answers
+    suite = TestSuite("root", checks=(Check("import math\nfor x in (1.0, 2.0, 3.0):\n    assert candidate(math.pow(x, 2)) == x\n"),))
+    assert outcome("def root(y):\n    return y ** 0.5\n", suite).status == "passed"
+    cheat = outcome("import math\nmath.pow = lambda a, b: a\ndef root(y):\n    return y\n", suite)
+    assert cheat.reward() == 0.0 and "other arguments" in cheat.detail, cheat
+
+
+def test_a_check_over_a_set_of_strings_replays_in_the_same_order():
+    # each child hashes strings alike (one hash seed), so a set is iterated in the same order in both runs
+    suite = TestSuite("rev", checks=(Check("for s in {'abc', 'xyz', 'hello', 'world', 'a', 'bb'}:\n"
+                                           "    assert candidate(s) == s[::-1]\n"),))
+    assert [outcome("def rev(s):\n    return s[::-1]\n", suite).status for _ in range(3)] == ["passed"] * 3
 
 
 def test_a_replayed_check_uses_the_problems_own_helpers_not_the_programs():

@@ -320,7 +320,7 @@ def _free_names(code: str) -> set[str]:
     """Names ``code`` reads that nothing in it binds (a parse error: none, the check then fails on its own)."""
     try:
         tree = ast.parse(code)
-    except (SyntaxError, ValueError, RecursionError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return set()
     read, bound = set(), set()
     for node in ast.walk(tree):
@@ -343,22 +343,35 @@ def replay_plan(suite: TestSuite, packages: Sequence[str] = PACKAGES) -> list[li
     without the program: it reads a name that only the program defines (a class of the solution's). That depends
     on the tests and the problem's code alone, never on the program; such a check keeps the program's own verdict,
     which a hostile program can forge."""
-    defined = _free_names("") | {"candidate", suite.entry_point}
+    defined = {"candidate", suite.entry_point}
     for code in (suite.trusted, suite.setup):
         try:
-            defined |= {n.id for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Name)}
-            defined |= {n.name for n in ast.walk(ast.parse(code))
-                        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
-            defined |= {(a.asname or a.name).split(".")[0] for n in ast.walk(ast.parse(code))
-                        if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
-        except (SyntaxError, ValueError, RecursionError):
-            pass
+            nodes = list(ast.walk(ast.parse(code)))
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            # the problem's code does not run alone (a bare signature as its prompt): no replay can
+            return [None] * len(suite.checks)
+        defined |= {n.id for n in nodes if isinstance(n, ast.Name)}
+        defined |= {n.name for n in nodes if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+        defined |= {(a.asname or a.name).split(".")[0] for n in nodes if isinstance(n, (ast.Import, ast.ImportFrom))
+                    for a in n.names}
     importable = set(sys.stdlib_module_names) | set(packages)
     plans = []
     for check in suite.checks:
-        free = _free_names(check.code + "\n" + check.call) - defined
-        plans.append(None if free - importable else sorted(free))
+        code = check.code + "\n" + check.call
+        free = _free_names(code) - defined
+        # a module only where the check reads an attribute of it (math.isclose), not a helper named like one (copy)
+        modules = free & importable & _attribute_bases(code)
+        plans.append(None if free - modules else sorted(modules))
     return plans
+
+
+def _attribute_bases(code: str) -> set[str]:
+    """Names whose attributes ``code`` reads (``math`` in ``math.isclose``)."""
+    try:
+        return {n.value.id for n in ast.walk(ast.parse(code))
+                if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return set()
 
 
 @functools.lru_cache(maxsize=1)
@@ -379,8 +392,9 @@ def child_payload(program: str, suite: TestSuite, limits: Limits, isolation: str
             "mode": "record" if replays is None else "replay", "replays": replays or []}
 
 
+# PYTHONHASHSEED: a check replayed in another process iterates a set of strings in the same order
 _ENV = {"PATH": "/nonexistent", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
 def run_program(program: str, suite: TestSuite, limits: Limits = Limits(), isolation: str = "bwrap",
@@ -442,7 +456,9 @@ def _run_child(program: str, suite: TestSuite, limits: Limits, isolation: str, p
             payload["path"] = [str(site)]
         payload = json.dumps(payload).encode()
         start = time.monotonic()
-        process = subprocess.Popen([*command, "-I", "-c", _harness(), str(results_w)], stdin=subprocess.PIPE,
+        # -s -P: no user site-packages, no script folder on sys.path (-I would also ignore PYTHONHASHSEED; the
+        # environment is ours alone)
+        process = subprocess.Popen([*command, "-s", "-P", "-c", _harness(), str(results_w)], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env,
                                    pass_fds=keep, start_new_session=own_session)
         fds.close(*keep, *((seccomp_w,) if isolation == "bwrap" else ()))  # the child's ends: its exit is EOF here
@@ -639,7 +655,8 @@ def parse_report(results: bytes, total: int) -> tuple[list[str], object, str]:
 
 
 def _records(status: str, text: str) -> list | None:
-    """A check's recorded answers from the program's run (``[["value", REPR] | ["raise", NAME], ...]``), or None
+    """A check's recorded answers from the program's run (``[["value", REPR, ARGUMENTS] | ["raise", NAME,
+    ARGUMENTS], ...]``, ARGUMENTS the ``repr`` of the call's positional and keyword arguments), or None
     when the check failed there or its record is malformed."""
     if status != "ok":
         return None
@@ -647,8 +664,8 @@ def _records(status: str, text: str) -> list | None:
         records = json.loads(text)
     except (ValueError, RecursionError):
         return None
-    good = type(records) is list and all(type(r) is list and len(r) == 2 and r[0] in ("value", "raise")
-                                         and type(r[1]) is str for r in records)
+    good = type(records) is list and all(type(r) is list and len(r) == 3 and r[0] in ("value", "raise")
+                                         and type(r[1]) is str and type(r[2]) is str for r in records)
     return records if good else None
 
 

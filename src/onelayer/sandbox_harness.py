@@ -76,11 +76,12 @@ def recorder(function, records, get_state, set_state, builtin_names, represent=r
         depth[0] += 1
         state = get_state()
         try:
+            called = represent((args, kwargs))  # before the call, which may change its arguments
             value = function(*args, **kwargs)
         except BaseException as err:
             # the nearest built-in class, which the replay can raise (json's JSONDecodeError is a ValueError)
             records.append(["raise", next((c.__name__ for c in type_of(err).__mro__ if builtin_names.get(c.__name__) is c),
-                                          "Exception")])
+                                          "Exception"), called])
             raise
         finally:
             depth[0] -= 1
@@ -88,22 +89,25 @@ def recorder(function, records, get_state, set_state, builtin_names, represent=r
         value, problem = to_plain(value)
         if problem:
             raise TypeError(problem)
-        records.append(["value", represent(value)])
+        records.append(["value", represent(value), called])
         return value
 
     return stand_in
 
 
-def replayer(records, literal, builtin_names):
-    """The function under test as a check sees it in replay mode: the recorded answers, in order. Returns the
-    stand-in and a function telling how many answers are left."""
+def replayer(records, literal, builtin_names, represent=repr):
+    """The function under test as a check sees it in replay mode: the recorded answers, in order, each only for
+    the arguments it was recorded with (a program that changed what the check computed, say by patching
+    ``len``, answered other questions). Returns the stand-in and a function telling how many answers are left."""
     position = [0]
 
     def stand_in(*args, **kwargs):
         if position[0] >= len(records):
             raise AssertionError("the check called the function more often than when the program ran")
-        kind, text = records[position[0]]
+        kind, text, called = records[position[0]]
         position[0] += 1
+        if represent((args, kwargs)) != called:
+            raise AssertionError("the check called the function with other arguments than when the program ran")
         if kind == "raise":
             error = builtin_names.get(text)
             raise error() if isinstance(error, type) and issubclass(error, BaseException) else Exception(text)

@@ -167,10 +167,11 @@ def train_variants(configs: list[TrainConfig], model: nn.Module | None = None, t
         evals.release()
         if batch is None:
             if len(members) == 1:
-                # one variant's evaluation alone: its batch is what is too large
-                raise out_of_memory(f"evaluating {runs[members[0]].out} on {len(prompts)} prompts",
-                                    "--generation-batch-size", first.sampling.generation_batch_size, len(prompts),
-                                    RESUMES)
+                # one variant's evaluation alone: a group decodes all its rows in one batch (the routing of its
+                # captured steps), so only training the runs alone, in batches of --generation-batch-size, helps
+                raise OneLayerError(f"out of GPU memory evaluating {runs[members[0]].out} on {len(prompts)} prompts, "
+                                    "which a group decodes in one batch: rerun with --concurrent 1 and the same --out "
+                                    f"(alone, a run evaluates in batches of --generation-batch-size): {RESUMES}")
             gc.collect()
             torch.cuda.empty_cache()
             half = len(members) // 2
