@@ -117,9 +117,15 @@ ROOT_CHECK = Check("import math\ndef check(c):\n    for x in (1.0, 4.0, 9.0):\n"
                    "        assert math.fabs(c(x) - math.sqrt(x)) < 1e-9\n", "check(candidate)")
 
 
-ROOT_ARGS = [repr(((x,), {})) for x in (1.0, 4.0, 9.0)]  # how a recorded call's arguments are written
+def _digest(x) -> str:  # how a recorded call's arguments are written (sandbox_harness.arguments_digest)
+    import hashlib
+
+    return hashlib.sha256(repr(((x,), {})).encode()).hexdigest()[:32]
+
+
+ROOT_ARGS = [_digest(x) for x in (1.0, 4.0, 9.0)]
 ROOT_RIGHT = [["value", repr(x ** 0.5), a] for x, a in zip((1.0, 4.0, 9.0), ROOT_ARGS, strict=True)]
-ROOT_OTHER = [["value", repr(x ** 0.5), repr(((x,), {}))] for x in (16.0, 25.0, 36.0)]
+ROOT_OTHER = [["value", repr(x ** 0.5), _digest(x)] for x in (16.0, 25.0, 36.0)]
 
 
 def test_a_checks_verdict_in_the_programs_run_is_not_trusted():
@@ -156,6 +162,15 @@ def test_a_program_that_changes_the_checks_inputs_while_recording_fails():
     assert outcome("def root(y):\n    return y ** 0.5\n", suite).status == "passed"
     cheat = outcome("import math\nmath.pow = lambda a, b: a\ndef root(y):\n    return y\n", suite)
     assert cheat.reward() == 0.0 and "other arguments" in cheat.detail, cheat
+
+
+def test_a_check_may_pass_large_inputs_and_functions():
+    # arguments are compared by a digest (a 300,000-element list fits), and not at all where the check passes
+    # something without a plain repr (a function prints its address, which differs between the two runs)
+    suite = TestSuite("measure", checks=(Check("big = list(range(300_000))\nassert candidate(big) == 300_000\n"
+                                               "assert candidate(big, lambda v: v[0]) == 0\n"),))
+    assert outcome("def measure(xs, f=len):\n    return f(xs)\n", suite).status == "passed"
+    assert outcome("def measure(xs, f=len):\n    return f(xs) + 1\n", suite).status == "failed"
 
 
 def test_a_check_over_a_set_of_strings_replays_in_the_same_order():
