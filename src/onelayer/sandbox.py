@@ -316,25 +316,42 @@ def check_isolation(isolation: str = "bwrap") -> None:
 CHECK_RESULT_FACTOR = 16
 
 
-def _free_names(code: str) -> set[str]:
-    """Names ``code`` reads that nothing in it binds (a parse error: none, the check then fails on its own)."""
+def _names(code: str) -> dict[str, set[str]] | None:
+    """What ``code`` names, by kind, from one walk of its tree: ``read`` and ``stored`` plain names, ``defined``
+    (functions and classes), ``imported``, ``bound`` elsewhere (arguments, ``except ... as``) and ``attribute_bases``
+    (``math`` in ``math.isclose``); None when it does not parse."""
     try:
         tree = ast.parse(code)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return set()
-    read, bound = set(), set()
+        return None
+    found = {kind: set() for kind in ("read", "stored", "defined", "imported", "bound", "attribute_bases")}
     for node in ast.walk(tree):
         if isinstance(node, ast.Name):
-            (read if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+            found["read" if isinstance(node.ctx, ast.Load) else "stored"].add(node.id)
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            bound.add(node.name)
+            found["defined"].add(node.name)
         elif isinstance(node, ast.arg):
-            bound.add(node.arg)
+            found["bound"].add(node.arg)
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            bound.update((a.asname or a.name).split(".")[0] for a in node.names)
+            found["imported"].update((a.asname or a.name).split(".")[0] for a in node.names)
         elif isinstance(node, ast.ExceptHandler) and node.name:
-            bound.add(node.name)
-    return read - bound - set(dir(builtins))
+            found["bound"].add(node.name)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            found["attribute_bases"].add(node.value.id)
+    return found
+
+
+@functools.lru_cache(maxsize=256)
+def _problem_names(trusted: str, setup: str) -> frozenset[str] | None:
+    """The names a problem's own code (its prompt's helpers, the tests' setup) gives a replay, or None when that
+    code does not parse alone (a bare signature as its prompt). Cached: every program of a problem asks."""
+    defined = set()
+    for code in (trusted, setup):
+        names = _names(code)
+        if names is None:
+            return None
+        defined |= names["read"] | names["stored"] | names["defined"] | names["imported"]
+    return frozenset(defined)
 
 
 def replay_plan(suite: TestSuite, packages: Sequence[str] = PACKAGES) -> list[list[str] | None]:
@@ -343,35 +360,23 @@ def replay_plan(suite: TestSuite, packages: Sequence[str] = PACKAGES) -> list[li
     without the program: it reads a name that only the program defines (a class of the solution's). That depends
     on the tests and the problem's code alone, never on the program; such a check keeps the program's own verdict,
     which a hostile program can forge."""
-    defined = {"candidate", suite.entry_point}
-    for code in (suite.trusted, suite.setup):
-        try:
-            nodes = list(ast.walk(ast.parse(code)))
-        except (SyntaxError, ValueError, RecursionError, MemoryError):
-            # the problem's code does not run alone (a bare signature as its prompt): no replay can
-            return [None] * len(suite.checks)
-        defined |= {n.id for n in nodes if isinstance(n, ast.Name)}
-        defined |= {n.name for n in nodes if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
-        defined |= {(a.asname or a.name).split(".")[0] for n in nodes if isinstance(n, (ast.Import, ast.ImportFrom))
-                    for a in n.names}
+    problem = _problem_names(suite.trusted, suite.setup)
+    if problem is None:  # no replay can run the problem's code
+        return [None] * len(suite.checks)
+    defined = problem | {"candidate", suite.entry_point}
     importable = set(sys.stdlib_module_names) | set(packages)
     plans = []
     for check in suite.checks:
-        code = check.code + "\n" + check.call
-        free = _free_names(code) - defined
+        names = _names(check.code + "\n" + check.call)
+        if names is None:  # the check fails on its own in the replay
+            plans.append([])
+            continue
+        bound = names["stored"] | names["defined"] | names["imported"] | names["bound"]
+        free = names["read"] - bound - set(dir(builtins)) - defined
         # a module only where the check reads an attribute of it (math.isclose), not a helper named like one (copy)
-        modules = free & importable & _attribute_bases(code)
+        modules = free & importable & names["attribute_bases"]
         plans.append(None if free - modules else sorted(modules))
     return plans
-
-
-def _attribute_bases(code: str) -> set[str]:
-    """Names whose attributes ``code`` reads (``math`` in ``math.isclose``)."""
-    try:
-        return {n.value.id for n in ast.walk(ast.parse(code))
-                if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return set()
 
 
 @functools.lru_cache(maxsize=1)
@@ -380,13 +385,13 @@ def _harness() -> str:
 
 
 def child_payload(program: str, suite: TestSuite, limits: Limits, isolation: str = "bwrap",
-                  replays: list | None = None) -> dict:
+                  replays: list | None = None, site: str = "") -> dict:
     """What the child reads from stdin: the program and the tests' code, never the expected values
     of :class:`Call` tests; with ``replays`` (each check's ``[modules to import, recorded answers]``), the
-    replay of the checks."""
+    replay of the checks; ``site``: the folder of allowed packages without OS isolation."""
     tests = [("call", c.expr, "") for c in suite.calls] + [("check", c.code, c.call) for c in suite.checks]
     return {"program": program, "setup": suite.setup, "entry_point": suite.entry_point, "tests": tests,
-            "path": [_SITE] if isolation == "bwrap" else [], "result_chars": limits.result_kb << 10,
+            "path": [_SITE] if isolation == "bwrap" else [site] if site else [], "result_chars": limits.result_kb << 10,
             "check_factor": CHECK_RESULT_FACTOR,
             "rlimits": [] if isolation == "bwrap" else _rlimits(limits),
             "mode": "record" if replays is None else "replay", "replays": replays or []}
@@ -451,10 +456,8 @@ def _run_child(program: str, suite: TestSuite, limits: Limits, isolation: str, p
                 Path(site, name).symlink_to(root, target_is_directory=True)
             command, keep, cwd, own_session = [_interpreter(), "-S"], (results_w,), scratch, True
             env = {**_ENV, "HOME": scratch, "TMPDIR": scratch}
-        payload = child_payload(program, suite, limits, isolation, replays)
-        if isolation != "bwrap":
-            payload["path"] = [str(site)]
-        payload = json.dumps(payload).encode()
+        payload = json.dumps(child_payload(program, suite, limits, isolation, replays,
+                                           "" if isolation == "bwrap" else str(site))).encode()
         start = time.monotonic()
         # -s -P: no user site-packages, no script folder on sys.path (-I would also ignore PYTHONHASHSEED; the
         # environment is ours alone)
@@ -656,7 +659,7 @@ def parse_report(results: bytes, total: int) -> tuple[list[str], object, str]:
 
 def _records(status: str, text: str) -> list | None:
     """A check's recorded answers from the program's run (``[["value", REPR, ARGUMENTS] | ["raise", NAME,
-    ARGUMENTS], ...]``, ARGUMENTS the ``repr`` of the call's positional and keyword arguments), or None
+    ARGUMENTS], ...]``, ARGUMENTS the digest of the call's arguments' ``repr``), or None
     when the check failed there or its record is malformed."""
     if status != "ok":
         return None
@@ -670,7 +673,7 @@ def _records(status: str, text: str) -> list | None:
 
 
 def _outcome(output: bytes, results: bytes, stopped: str | None, signal_number: int | None, suite: TestSuite,
-             seconds: float, replayed=None) -> Outcome:
+             seconds: float, replayed) -> Outcome:
     """The outcome of the program's run; ``replayed(answers)`` judges its checks (see :func:`run_program`)."""
     total = suite.total
     violations, final, invalid = parse_report(results, total)

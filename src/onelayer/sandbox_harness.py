@@ -16,13 +16,15 @@ TEXT], ...]}`` with one ``["ok", TEXT]`` or ``["error", MESSAGE]`` per test, in 
 
 A call test's TEXT is the ``repr`` of its value. Test code (a "check") cannot be trusted to have
 passed here, so in ``record`` mode (the program's run) a check's TEXT is what the function under
-test returned to it, call by call (JSON: ``["value", REPR]`` or ``["raise", EXCEPTION NAME]``), and
+test returned to it, call by call (JSON: ``["value", REPR, ARGUMENTS]`` or ``["raise", EXCEPTION NAME,
+ARGUMENTS]``, ARGUMENTS a digest of the call's arguments), and
 the parent runs the check again in ``replay`` mode, in a sandbox without the program: the trusted
 code of the problem, the same check, and a stand-in that gives the recorded answers back in order.
 A check passes only there. Both runs seed ``random`` with 0 before each check, and a recorded call
 leaves ``random`` as it found it, so that a check drawing its inputs at random draws the same ones.
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -65,8 +67,6 @@ def plain_value(value, plain=is_plain, type_of=type, module_of=getattr):
 
 def arguments_digest(text: str) -> str:
     """A short fingerprint of a call's arguments as ``repr`` writes them (a check may pass large inputs)."""
-    import hashlib
-
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
@@ -105,7 +105,8 @@ def recorder(function, records, get_state, set_state, builtin_names, represent=r
 def replayer(records, literal, builtin_names, represent=repr, digest=arguments_digest, plain=is_plain):
     """The function under test as a check sees it in replay mode: the recorded answers, in order, each only for
     the arguments it was recorded with (a program that changed what the check computed, say by patching
-    ``len``, answered other questions; arguments are compared by :func:`arguments_digest`). Returns the stand-in and a function telling how many answers are left."""
+    ``len``, answered other questions; arguments are compared by :func:`arguments_digest`). Returns the
+    stand-in and a function telling how many answers are left."""
     position = [0]
 
     def stand_in(*args, **kwargs):
@@ -157,6 +158,7 @@ def main() -> None:
     import ast
     import builtins
     import random
+    from importlib import import_module
 
     # Bound before the program runs: it may replace module globals and built-ins afterwards.
     write, dumps, encode, represent, exit_now = os.write, json.dumps, str.encode, repr, os._exit
@@ -165,7 +167,6 @@ def main() -> None:
     to_plain, record, replay = plain_value, recorder, replayer
     builtin_names = dict(vars(builtins))
     result_chars, check_factor, replaying = payload["result_chars"], payload["check_factor"], payload["mode"] == "replay"
-    from importlib import import_module
     replays = payload.get("replays", [])
 
     def report(kind, body):
