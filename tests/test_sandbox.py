@@ -105,7 +105,7 @@ def test_expected_values_never_reach_the_child():
     assert "candidate(1)" in payload and "SECRET-EXPECTED-VALUE" not in payload
 
 
-def test_check_tests_pass_on_their_replay():
+def test_check_tests_run_without_the_program():
     suite = TestSuite("add", checks=(Check("def check(c):\n    for i in range(5):\n        assert c(i, i) == 2 * i\n",
                                            "check(candidate)"), Check("assert add(1, 1) == 3")))
     result = outcome(GOOD, suite)
@@ -113,85 +113,114 @@ def test_check_tests_pass_on_their_replay():
     assert result.errors == ["AssertionError: "]
 
 
+def test_a_checks_code_never_reaches_the_programs_sandbox():
+    suite = TestSuite("f", calls=(Call("candidate(1)", 1),),
+                      checks=(Check("SECRET = 'THE-CHECKS-OWN-CONSTANT'\nassert candidate(2) == 2\n"),))
+    payloads = []
+    real = sandbox.child_payload
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sandbox, "child_payload", lambda *a, **k: payloads.append(real(*a, **k)) or payloads[-1])
+        assert outcome("def f(x):\n    return x\n", suite).status == "passed"
+    program, checks = payloads
+    assert (program["mode"], checks["mode"]) == ("program", "checks")
+    assert "THE-CHECKS-OWN-CONSTANT" not in json.dumps(program) and "candidate(1)" in json.dumps(program)
+    assert "THE-CHECKS-OWN-CONSTANT" in json.dumps(checks) and checks["program"] == suite.trusted
+
+
 ROOT_CHECK = Check("import math\ndef check(c):\n    for x in (1.0, 4.0, 9.0):\n"
                    "        assert math.fabs(c(x) - math.sqrt(x)) < 1e-9\n", "check(candidate)")
+# the function, on its first call, runs the check itself against a spy that captures the expected values (the
+# attack that scored 1.0 on 5 of HumanEval's 6 checks while checks ran in the program's process)
+ORACLE = ("import math\nclass Spy:\n    def __init__(self, box):\n        self.box = box\n"
+          "    def __sub__(self, other):\n        self.box.append(other)\n        return 0.0\n"
+          "answers = None\ndef root(x):\n    global answers\n    if answers is None:\n        boxes = []\n"
+          "        def spy(*a):\n            boxes.append([])\n            return Spy(boxes[-1])\n"
+          "        for name in ('check', 'ROOT'):\n            if name in globals():\n"
+          "                globals()[name](spy)\n        answers = [b[0] for b in boxes]\n"
+          "    return answers.pop(0) if answers else -1.0\n")
 
 
-def _digest(x) -> str:  # how a recorded call's arguments are written (sandbox_harness.arguments_digest)
-    import hashlib
-
-    return hashlib.sha256(repr(((x,), {})).encode()).hexdigest()[:32]
-
-
-ROOT_ARGS = [_digest(x) for x in (1.0, 4.0, 9.0)]
-ROOT_RIGHT = [["value", repr(x ** 0.5), a] for x, a in zip((1.0, 4.0, 9.0), ROOT_ARGS, strict=True)]
-ROOT_OTHER = [["value", repr(x ** 0.5), _digest(x)] for x in (16.0, 25.0, 36.0)]
-
-
-def test_a_checks_verdict_in_the_programs_run_is_not_trusted():
-    # the check runs again without the program, on the answers it recorded: forging its verdict, its answers,
-    # patching a module it uses, an answer that subtracts to zero or a check emptied through the frame all fail
+def test_a_check_cannot_be_forged_spied_on_or_patched_by_the_program():
     suite = TestSuite("root", checks=(ROOT_CHECK,))
     assert outcome("import math\ndef root(x):\n    return math.sqrt(x)\n", suite).status == "passed"
-    forged = CHANNEL + "os.write(FD, (json.dumps({'tests': [['ok', ANSWERS]]}) + '\\n').encode())\nos._exit(0)\n"
+    # the oracle works where it can see the check: with the check in its own code, it scores 1
+    assert outcome(ORACLE + ROOT_CHECK.code.replace("def check", "def ROOT"), suite).status == "passed"
+    forged = CHANNEL + "os.write(FD, (json.dumps({'tests': [['ok', '']]}) + '\\n').encode())\nos._exit(0)\n"
+    answers = "import json, os, sys\nANSWERS = int(sys.argv[3])  # the pipe to the checks' sandbox\n"
     results = all_zero({
-        "forged verdict": forged.replace("ANSWERS", "''"),
-        "forged answers": forged.replace("ANSWERS", f"json.dumps({[['value', '0.0', a] for a in ROOT_ARGS]})"),
-        "forged answers, too few": forged.replace("ANSWERS", f"json.dumps({[['value', '1.0', ROOT_ARGS[0]]]})"),
-        "forged answers, one too many": forged.replace("ANSWERS", f"json.dumps({ROOT_RIGHT + [['value', '4.0', ROOT_ARGS[0]]]})"),
-        # the right answers to other questions than the check asks
-        "forged answers, other arguments": forged.replace("ANSWERS", f"json.dumps({ROOT_OTHER})"),
-        "patched module": "import math\nmath.fabs = lambda x: 0.0\ndef root(x):\n    return 0.0\n",
+        "the oracle": ORACLE,
+        "a forged verdict": forged,
+        # answers written before any question, then the program's own, wrong, function answers too
+        "forged answers": answers + "for v in (0.0, 0.0, 0.0):\n"
+                          "    os.write(ANSWERS, (json.dumps(['value', repr(v), '']) + '\\n').encode())\n"
+                          "def root(x):\n    return -1.0\n",
+        "a patched module": "import math\nmath.fabs = lambda x: 0.0\ndef root(x):\n    return 0.0\n",
         "an answer that subtracts to 0": "class Zero:\n    def __sub__(self, other):\n        return 0.0\n"
                                          "def root(x):\n    return Zero()\n",
-        "check emptied": "import sys\npayload = sys._getframe(1).f_locals['payload']\n"
-                         "payload['tests'][:] = [('check', 'pass', '') for _ in payload['tests']]\n"
-                         "def root(x):\n    return 0.0\n",
+        "tests emptied through the frame": "import sys\npayload = sys._getframe(1).f_locals['payload']\n"
+                                           "payload['tests'][:] = []\ndef root(x):\n    return 0.0\n",
     }, suite=suite)
-    assert "called the function more often" in results["check emptied"].detail
-    assert "other arguments" in results["forged answers, other arguments"].detail
-    # the right answers, claimed: as a call's values, they are what solving gives
-    assert outcome(forged.replace("ANSWERS", f"json.dumps({ROOT_RIGHT})"), suite).status == "passed"
+    assert results["a forged verdict"].status == "invalid"
     assert "unsupported result type Zero" in results["an answer that subtracts to 0"].detail
 
 
-def test_a_program_that_changes_the_checks_inputs_while_recording_fails():
-    # the check squares its inputs with math.pow; a program that makes pow return its base is asked 1, 2, 3 instead
-    # of 1, 4, 9 while recording, and the identity answers them: the replay asks 1, 4, 9 and refuses those answers
+def test_a_program_that_changes_what_the_check_computes_changes_nothing():
+    # the check squares its inputs with math.pow; a program that makes pow return its base patches only its own
+    # sandbox, so it is still asked 1, 4, 9, and the identity answers them wrongly
     suite = TestSuite("root", checks=(Check("import math\nfor x in (1.0, 2.0, 3.0):\n    assert candidate(math.pow(x, 2)) == x\n"),))
     assert outcome("def root(y):\n    return y ** 0.5\n", suite).status == "passed"
     cheat = outcome("import math\nmath.pow = lambda a, b: a\ndef root(y):\n    return y\n", suite)
-    assert cheat.reward() == 0.0 and "other arguments" in cheat.detail, cheat
+    assert cheat.reward() == 0.0 and cheat.detail == "AssertionError: ", cheat
 
 
-def test_a_check_may_pass_large_inputs_and_functions():
-    # arguments are compared by a digest (a 300,000-element list fits), and not at all where the check passes
-    # something without a plain repr (a function prints its address, which differs between the two runs)
-    suite = TestSuite("measure", checks=(Check("big = list(range(300_000))\nassert candidate(big) == 300_000\n"
-                                               "assert candidate(big, lambda v: v[0]) == 0\n"),))
-    assert outcome("def measure(xs, f=len):\n    return f(xs)\n", suite).status == "passed"
-    assert outcome("def measure(xs, f=len):\n    return f(xs) + 1\n", suite).status == "failed"
+def test_a_check_may_pass_large_inputs_change_them_in_place_and_read_error_messages():
+    suite = TestSuite("measure", checks=(Check("big = list(range(300_000))\nassert candidate(big) == 300_000\n"),))
+    assert outcome("def measure(xs):\n    return len(xs)\n", suite).status == "passed"
+    assert outcome("def measure(xs):\n    return len(xs) + 1\n", suite).status == "failed"
+    inplace = TestSuite("srt", checks=(Check("xs, seen = [3, 1, 2], {'a': 1}\nassert candidate(xs, seen) is None\n"
+                                             "assert xs == [1, 2, 3] and seen == {'a': 1, 'n': 3}\n"),))
+    assert outcome("def srt(xs, seen):\n    xs.sort()\n    seen['n'] = len(xs)\n", inplace).status == "passed"
+    assert outcome("def srt(xs, seen):\n    return None\n", inplace).status == "failed"
+    message = TestSuite("f", checks=(Check("try:\n    candidate(-1)\nexcept ValueError as err:\n"
+                                           "    assert 'negative' in str(err)\nelse:\n    raise AssertionError\n"),))
+    assert outcome("def f(x):\n    raise ValueError('negative input')\n", message).status == "passed"
+    assert outcome("def f(x):\n    raise ValueError('bad')\n", message).status == "failed"
 
 
-def test_a_check_over_a_set_of_strings_replays_in_the_same_order():
-    # each child hashes strings alike (one hash seed), so a set is iterated in the same order in both runs
+def test_a_check_that_passes_a_function_fails_with_a_reason():
+    # only plain values cross to the program's sandbox: a lambda cannot
+    suite = TestSuite("apply", checks=(Check("assert candidate([1, 2], lambda v: v * 2) == [2, 4]\n"),))
+    result = outcome("def apply(xs, f):\n    return [f(x) for x in xs]\n", suite)
+    assert result.status == "failed" and "plain values" in result.detail, result
+
+
+def test_a_check_over_a_set_of_strings_passes_every_time():
     suite = TestSuite("rev", checks=(Check("for s in {'abc', 'xyz', 'hello', 'world', 'a', 'bb'}:\n"
                                            "    assert candidate(s) == s[::-1]\n"),))
     assert [outcome("def rev(s):\n    return s[::-1]\n", suite).status for _ in range(3)] == ["passed"] * 3
 
 
-def test_a_replayed_check_uses_the_problems_own_helpers_not_the_programs():
+def test_a_check_draws_its_random_inputs_from_seed_0():
+    # so that a problem's reward is the same in every run
+    import random
+
+    suite = TestSuite("f", checks=(Check("import random\nassert candidate() == random.random()\n"),))
+    seeded = repr(random.Random(0).random())
+    assert [outcome(f"def f():\n    return {seeded}\n", suite).status for _ in range(2)] == ["passed"] * 2
+
+
+def test_a_check_uses_the_problems_own_helpers_not_the_programs():
     suite = TestSuite("zero", checks=(Check("def check(c):\n    assert abs(poly([1, -2], c([1, -2]))) < 1e-9\n",
                                             "check(candidate)"),),
                       trusted="def poly(xs, x):\n    return sum(a * x ** i for i, a in enumerate(xs))\n")
     helper = suite.trusted
     assert outcome(helper + "def zero(xs):\n    return -xs[0] / xs[1]\n", suite).status == "passed"
     cheat = outcome("def poly(xs, x):\n    return 0\ndef zero(xs):\n    return 123\n", suite)
-    assert cheat.reward() == 0.0 and cheat.detail == "on replay: AssertionError: "
+    assert cheat.reward() == 0.0 and cheat.detail == "AssertionError: "
 
 
 def test_checks_that_read_the_programs_modules_or_classes_still_pass_correct_programs():
-    from onelayer.sandbox import replay_plan
+    from onelayer.sandbox import check_plan
     from onelayer.tasks.code import suite_from_asserts
 
     # MBPP-style lines: math imported by the program, a class the solution defines, an error's subclass
@@ -199,7 +228,7 @@ def test_checks_that_read_the_programs_modules_or_classes_still_pass_correct_pro
                                 "assert chain([Pair(5, 24), Pair(15, 25)]) == 1",
                                 "try:\n    area(-1)\nexcept ValueError:\n    pass\nelse:\n    raise AssertionError"],
                                "area")
-    assert len(suite.checks) == 3 and replay_plan(suite) == [["math"], None, []]
+    assert len(suite.checks) == 3 and check_plan(suite) == [["math"], None, []]
     program = ("import json, math\nclass Pair:\n    def __init__(self, a, b):\n        self.a, self.b = a, b\n"
                "def chain(pairs):\n    return len(pairs) - 1\n"
                "def area(r):\n    if r < 0:\n        json.loads('not json')\n    return math.pi * r * r\n")
@@ -208,9 +237,9 @@ def test_checks_that_read_the_programs_modules_or_classes_still_pass_correct_pro
     assert outcome(program.replace("math.pi * r * r", "3 * r * r"), suite).passed == 2
 
 
-def test_a_replayed_check_sees_the_same_random_inputs_recursion_and_errors():
+def test_a_check_sees_the_same_random_inputs_recursion_and_errors():
     # the check draws its inputs at random and wants a ValueError; the function recurses through its own name and
-    # draws from the same generator: its inner calls are not the check's, and the check's draws stay the same
+    # draws from its own generator
     check = Check("import random\ndef check(c):\n    for _ in range(20):\n        n = random.randint(0, 15)\n"
                   "        assert c(n) == FIB[n]\n    try:\n        c(-1)\n    except ValueError:\n        pass\n"
                   "    else:\n        raise AssertionError('no error')\n", "check(candidate)")

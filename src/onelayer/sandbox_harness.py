@@ -8,23 +8,25 @@ and order of the results, holds the expected values and compares them itself. Th
 a second layer only; the operating system (namespaces, seccomp, limits) is the first.
 
 Protocol: argv[1] is the results descriptor, on which the harness first writes ``ready``; then
-stdin is one JSON object (program, setup, entry
-point, tests, extra ``sys.path`` entries, rlimits to set when the parent could not, and the mode).
-Results are JSON lines on the descriptor: ``{"violation": WHAT}`` for each refused operation, then
-exactly one final ``{"program": ERROR}`` (the program or its setup failed) or ``{"tests": [[STATUS,
-TEXT], ...]}`` with one ``["ok", TEXT]`` or ``["error", MESSAGE]`` per test, in order.
+stdin is one JSON object (program, setup, entry point, tests, extra ``sys.path`` entries, rlimits to
+set when the parent could not, and the mode). Results are JSON lines on the descriptor:
+``{"violation": WHAT}`` for each refused operation, then exactly one final ``{"program": ERROR}`` (the
+program or its setup failed) or ``{"tests": [[STATUS, TEXT], ...]}`` with one ``["ok", TEXT]`` or
+``["error", MESSAGE]`` per test, in order. A call test's TEXT is the ``repr`` of its value.
 
-A call test's TEXT is the ``repr`` of its value. Test code (a "check") cannot be trusted to have
-passed here, so in ``record`` mode (the program's run) a check's TEXT is what the function under
-test returned to it, call by call (JSON: ``["value", REPR, ARGUMENTS]`` or ``["raise", EXCEPTION NAME,
-ARGUMENTS]``, ARGUMENTS a digest of the call's arguments), and
-the parent runs the check again in ``replay`` mode, in a sandbox without the program: the trusted
-code of the problem, the same check, and a stand-in that gives the recorded answers back in order.
-A check passes only there. Both runs seed ``random`` with 0 before each check, and a recorded call
-leaves ``random`` as it found it, so that a check drawing its inputs at random draws the same ones.
+Test code (a "check") is not judged where the program runs, which could forge its verdict, patch what it
+uses, or run it itself against a spy. Two sandboxes take part (argv[2] and argv[3] are the two ends of the
+pipes that join them):
+
+- ``program`` mode, the program's: after its tests it *serves* calls of its function. Each request is one
+  JSON line holding the ``repr`` of ``(args, kwargs)``; each answer one JSON line ``["value", REPR, AFTER]``
+  (AFTER: the arguments' ``repr`` after the call where the call changed them, else ``""``) or ``["raise",
+  BUILT-IN CLASS NAME, MESSAGE]``. It serves until the requests end.
+- ``checks`` mode, without the program: the problem's own trusted code, then each check, against a stand-in
+  for the function that sends each call to the program's sandbox and returns, or raises, its answer. Only
+  values cross: the program never sees a check's code.
 """
 
-import hashlib
 import json
 import os
 import sys
@@ -65,64 +67,119 @@ def plain_value(value, plain=is_plain, type_of=type, module_of=getattr):
     return value, ""
 
 
-def arguments_digest(text: str) -> str:
-    """A short fingerprint of a call's arguments as ``repr`` writes them (a check may pass large inputs)."""
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+def nearest_builtin(err: BaseException, builtin_names: dict, type_of=type) -> str:
+    """The name of the nearest built-in class of ``err`` (json's JSONDecodeError is a ValueError), which the other
+    sandbox can raise."""
+    return next((c.__name__ for c in type_of(err).__mro__ if builtin_names.get(c.__name__) is c), "Exception")
 
 
-def recorder(function, records, get_state, set_state, builtin_names, represent=repr, type_of=type,
-             to_plain=plain_value, digest=arguments_digest):
-    """``function`` as a check sees it in record mode: each outermost call's answer (its value's ``repr``, or the
-    name of what it raised) appended to ``records``; calls made inside it (recursion through its own name) are
-    not the check's and pass straight through. ``random`` is left as the call found it."""
-    depth = [0]
+def line_reader(fd: int, read=os.read):
+    """A function returning the next line from ``fd`` (without its newline), at most ``cap`` bytes, or None at
+    end of input."""
+    buffer = bytearray()
+
+    def next_line(cap: int):
+        while b"\n" not in buffer:
+            if len(buffer) > cap:
+                raise ValueError(f"a line longer than {cap} bytes")
+            chunk = read(fd, 65536)
+            if not chunk:
+                return None
+            buffer.extend(chunk)
+        end = buffer.index(b"\n")
+        line = bytes(buffer[:end])
+        del buffer[:end + 1]
+        return line
+
+    return next_line
+
+
+def send_line(fd: int, text: str, write=os.write, encode=str.encode) -> None:
+    data = encode(text + "\n", "utf-8", "surrogatepass")
+    while data:
+        data = data[write(fd, data):]
+
+
+def serve(function, requests: int, answers: int, builtin_names: dict, literal, result_chars: int,
+          represent=repr, to_plain=plain_value, dumps=json.dumps, loads=json.loads, type_of=type, length=len) -> None:
+    """Answer the checks' calls of ``function`` (module docstring) until the requests end."""
+    next_request = line_reader(requests)
+    while True:
+        line = next_request(1 << 62)  # the checks' sandbox is trusted: its requests are as long as its arguments
+        if line is None:
+            return
+        try:
+            args, kwargs = literal(loads(line))
+            before = represent((args, kwargs))
+        except BaseException as err:
+            send_line(answers, dumps(["raise", "ValueError", "the arguments could not be read: " + describe(err)]))
+            continue
+        try:
+            value = function(*args, **kwargs)
+            value, problem = to_plain(value)
+            if problem:
+                raise TypeError(problem)
+            text = represent(value)
+            if length(text) > result_chars:
+                raise ValueError(f"result longer than {result_chars} characters")
+            after = represent((args, kwargs))
+            answer = ["value", text, "" if after == before else after]
+        except BaseException as err:
+            answer = ["raise", nearest_builtin(err, builtin_names, type_of), describe(err)]
+        send_line(answers, dumps(answer))
+
+
+def caller(requests: int, answers: int, builtin_names: dict, literal, result_chars: int, represent=repr,
+           plain=is_plain, dumps=json.dumps, loads=json.loads):
+    """The function under test as a check sees it in ``checks`` mode: each call goes to the program's sandbox;
+    what comes back is a plain value, arguments changed in place, or a built-in error."""
+    next_answer = line_reader(answers)
 
     def stand_in(*args, **kwargs):
-        if depth[0]:
-            return function(*args, **kwargs)
-        depth[0] += 1
-        state = get_state()
+        if not plain((args, kwargs)):
+            raise TypeError("the check passes the function something other than plain values, which cannot reach "
+                            "the program's sandbox")
+        request = represent((args, kwargs))
         try:
-            called = digest(represent((args, kwargs)))  # before the call, which may change its arguments
-            value = function(*args, **kwargs)
-        except BaseException as err:
-            # the nearest built-in class, which the replay can raise (json's JSONDecodeError is a ValueError)
-            records.append(["raise", next((c.__name__ for c in type_of(err).__mro__ if builtin_names.get(c.__name__) is c),
-                                          "Exception"), called])
-            raise
-        finally:
-            depth[0] -= 1
-            set_state(state)
-        value, problem = to_plain(value)
-        if problem:
-            raise TypeError(problem)
-        records.append(["value", represent(value), called])
+            send_line(requests, dumps(request))
+        except OSError:
+            raise AssertionError("the program's sandbox ended before the check's call") from None
+        try:
+            line = next_answer(2 * len(request) + result_chars + 65536)
+        except ValueError:
+            raise AssertionError("the program's answer is longer than its result cap") from None
+        if line is None:
+            raise AssertionError("the program's sandbox ended before answering the check's call")
+        try:
+            answer = loads(line)
+        except ValueError:
+            raise AssertionError("an unreadable answer from the program's sandbox") from None
+        if type(answer) is not list or len(answer) != 3 or answer[0] not in ("value", "raise") or \
+                any(type(part) is not str for part in answer[1:]):
+            raise AssertionError("a malformed answer from the program's sandbox")
+        kind, text, extra = answer
+        if kind == "raise":
+            error = builtin_names.get(text)
+            if not (type(error) is type and issubclass(error, BaseException)):
+                raise Exception(extra[:200])
+            try:
+                raised = error(extra[:200])
+            except BaseException:  # a built-in whose constructor wants other arguments (UnicodeDecodeError)
+                raised = Exception(text + ": " + extra[:200])
+            raise raised
+        value = literal(text)
+        if extra:  # the arguments the function changed in place: lists, dicts and sets take their new contents
+            new_args, new_kwargs = literal(extra)
+            pairs = list(zip(args, new_args, strict=False)) + [(kwargs[k], new_kwargs[k]) for k in kwargs if k in new_kwargs]
+            for old, new in pairs:
+                if type(old) is list and type(new) is list:
+                    old[:] = new
+                elif type(old) in (dict, set) and type(old) is type(new):
+                    old.clear()
+                    old.update(new)
         return value
 
     return stand_in
-
-
-def replayer(records, literal, builtin_names, represent=repr, digest=arguments_digest, plain=is_plain):
-    """The function under test as a check sees it in replay mode: the recorded answers, in order, each only for
-    the arguments it was recorded with (a program that changed what the check computed, say by patching
-    ``len``, answered other questions; arguments are compared by :func:`arguments_digest`). Returns the
-    stand-in and a function telling how many answers are left."""
-    position = [0]
-
-    def stand_in(*args, **kwargs):
-        if position[0] >= len(records):
-            raise AssertionError("the check called the function more often than when the program ran")
-        kind, text, called = records[position[0]]
-        position[0] += 1
-        # arguments that are not plain values (a function, an object) print their addresses: not compared
-        if plain((args, kwargs)) and digest(represent((args, kwargs))) != called:
-            raise AssertionError("the check called the function with other arguments than when the program ran")
-        if kind == "raise":
-            error = builtin_names.get(text)
-            raise error() if isinstance(error, type) and issubclass(error, BaseException) else Exception(text)
-        return literal(text)
-
-    return stand_in, lambda: len(records) - position[0]
 
 
 def describe(err: BaseException) -> str:
@@ -163,11 +220,11 @@ def main() -> None:
     # Bound before the program runs: it may replace module globals and built-ins afterwards.
     write, dumps, encode, represent, exit_now = os.write, json.dumps, str.encode, repr, os._exit
     run, evaluate, compile_source, length = exec, eval, compile, len
-    seed, get_state, set_state, literal = random.seed, random.getstate, random.setstate, ast.literal_eval
-    to_plain, record, replay = plain_value, recorder, replayer
+    seed, literal, to_plain, answer_calls = random.seed, ast.literal_eval, plain_value, serve
     builtin_names = dict(vars(builtins))
-    result_chars, check_factor, replaying = payload["result_chars"], payload["check_factor"], payload["mode"] == "replay"
-    replays = payload.get("replays", [])
+    result_chars, checking = payload["result_chars"], payload["mode"] == "checks"
+    # the pipes between the two sandboxes: requests, answers (absent when the problem has no checks to serve)
+    link = [int(fd) for fd in sys.argv[2:4]]
 
     def report(kind, body):
         data = encode(dumps({kind: body}) + "\n")
@@ -181,6 +238,8 @@ def main() -> None:
             except BaseException:
                 pass
         report(kind, body)
+        if link and not checking and kind == "tests":
+            answer_calls(function, *link, builtin_names, literal, result_chars)
         exit_now(0)  # no atexit handlers or finalizers of the program run after the report
 
     install_audit_hook(lambda what: report("violation", what))
@@ -189,13 +248,15 @@ def main() -> None:
         run(compile_source(payload.pop("program"), "<program>", "exec"), namespace)
         run(compile_source(payload.pop("setup"), "<setup>", "exec"), namespace)
         entry = payload["entry_point"]
-        if entry not in namespace and not replaying:  # a replay's stand-in is the function
+        if checking:  # the function is the program's, in the other sandbox
+            namespace[entry] = caller(*link, builtin_names, literal, result_chars)
+        elif entry not in namespace:
             raise NameError("the program defines no '" + entry + "'")
-        namespace["candidate"] = namespace.get(entry)
+        namespace["candidate"] = function = namespace[entry]
     except BaseException as err:
         finish("program", describe(err))
-    function, results, checks = namespace["candidate"], [], 0
-    for kind, source, call in payload.pop("tests"):
+    results, modules = [], payload.get("modules", [])
+    for index, (kind, source, call) in enumerate(payload.pop("tests")):
         try:
             if kind == "call":
                 value, problem = to_plain(evaluate(compile_source(source, "<test>", "eval"), namespace))
@@ -206,31 +267,17 @@ def main() -> None:
                 results.append(["ok", text] if length(text) <= result_chars
                                else ["error", f"result longer than {result_chars} characters"])
                 continue
-            records = []
-            if replaying:
-                modules, answers = replays[checks]
-                for name in modules:  # modules the check reads that the program had imported
-                    try:
-                        namespace[name] = import_module(name)
-                    except ImportError:
-                        pass
-                stand_in, left = replay(answers, literal, builtin_names)
-            else:
-                stand_in = record(function, records, get_state, set_state, builtin_names)
-            checks += 1
-            namespace["candidate"] = namespace[entry] = stand_in  # also where the check calls it by its name
-            try:
-                seed(0)
-                run(compile_source(source, "<test>", "exec"), namespace)
-                if call:
-                    evaluate(compile_source(call, "<test>", "eval"), namespace)
-            finally:
-                namespace["candidate"] = namespace[entry] = function
-            if replaying and left():
-                raise AssertionError("the check called the function less often than when the program ran")
-            text = "" if replaying else dumps(records)
-            results.append(["ok", text] if length(text) <= result_chars * check_factor
-                           else ["error", f"answers longer than {result_chars * check_factor} characters"])
+            for name in modules[index] if checking else ():  # modules the check reads that the program imports
+                try:
+                    namespace[name] = import_module(name)
+                except ImportError:
+                    pass
+            namespace["candidate"] = namespace[entry] = function  # as a check that rebinds them left them
+            seed(0)  # a check drawing its inputs at random draws the same ones every time
+            run(compile_source(source, "<test>", "exec"), namespace)
+            if call:
+                evaluate(compile_source(call, "<test>", "eval"), namespace)
+            results.append(["ok", ""])
         except BaseException as err:
             results.append(["error", describe(err)])
     finish("tests", results)

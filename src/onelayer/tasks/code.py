@@ -431,7 +431,7 @@ class CodeDatasetTask(CodeTask):
                 entry_point = str(row.get(self.keys["entry_point"]) or entry_point_of(lines))
                 suite = suite_from_asserts(lines, entry_point, setup)
             is_code = defines(prompt, entry_point)
-            suite = replace(suite, trusted=prompt if is_code else "")  # the helpers a replayed check may use
+            suite = replace(suite, trusted=prompt if is_code else "")  # the helpers a check may use
             question = _question(prompt, entry_point, is_code)
             if not is_code:  # a prompt in words names the function the tests call
                 question += f"\nThe function must be named `{entry_point}`."
