@@ -187,6 +187,17 @@ def test_a_check_may_pass_large_inputs_change_them_in_place_and_read_error_messa
     assert outcome("def f(x):\n    raise ValueError('bad')\n", message).status == "failed"
 
 
+def test_a_function_cannot_end_the_checks_iteration_or_the_check():
+    # all(map(...)) stops early on a StopIteration from the function: it comes back as a RuntimeError
+    suite = TestSuite("even", checks=(Check("assert all(map(candidate, [2, 4, 5, 6]))\n"),
+                                     Check("try:\n    candidate(3)\nexcept BaseException:\n    pass\n"
+                                           "assert candidate(4)\n")))
+    assert outcome("def even(n):\n    return n % 2 == 0\n", suite).passed == 1
+    for error in ("StopIteration", "SystemExit", "KeyboardInterrupt", "GeneratorExit"):
+        cheat = outcome(f"def even(n):\n    raise {error}\n", suite)
+        assert cheat.passed == 0 and "RuntimeError" in cheat.detail, (error, cheat)
+
+
 def test_a_check_that_passes_a_function_fails_with_a_reason():
     # only plain values cross to the program's sandbox: a lambda cannot
     suite = TestSuite("apply", checks=(Check("assert candidate([1, 2], lambda v: v * 2) == [2, 4]\n"),))
